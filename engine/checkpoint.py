@@ -1,0 +1,232 @@
+"""Opening model files: safetensors (memory-mapped) or, on request, pickled .ckpt; family detection; hashes.
+
+Nothing here builds a network; :mod:`engine.models` does that from the state dicts opened here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+# A safetensors header is JSON of a few hundred KB even for SDXL; anything huge means "not a safetensors file".
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be used, with the file (and key, where one is to blame) in the message."""
+
+    def __init__(self, path: str | os.PathLike[str], message: str, key: str | None = None):
+        self.path = str(path)
+        self.key = key
+        where = f"{self.path}" + (f" [key {key!r}]" if key else "")
+        super().__init__(f"{where}: {message}")
+
+
+class StateDict(Mapping[str, torch.Tensor]):
+    """Read-only tensor mapping over an opened file; safetensors tensors are loaded lazily from the mmap."""
+
+    def __init__(self, path: Path, tensors: Mapping[str, torch.Tensor] | None, handle=None, metadata=None):
+        self.path = path
+        self._tensors = tensors
+        self._handle = handle
+        self._keys = list(handle.keys()) if handle is not None else list(tensors or {})
+        self._key_set = set(self._keys)
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._key_set:
+            raise KeyError(key)
+        if self._handle is not None:
+            try:
+                return self._handle.get_tensor(key)
+            except (SafetensorError, RuntimeError, OSError) as exc:
+                raise CheckpointError(self.path, f"tensor cannot be read ({exc}); the file may be truncated", key) from exc
+        return self._tensors[key]  # type: ignore[index]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._key_set
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if self._handle is not None:
+            return tuple(self._handle.get_slice(key).get_shape())
+        return tuple(self[key].shape)
+
+
+class ShapeView(Mapping[str, torch.Tensor]):
+    """A prefix-stripped view that hands out meta tensors of the right shape: config inference without I/O."""
+
+    def __init__(self, sd: StateDict, prefix: str):
+        self._sd = sd
+        self._prefix = prefix
+        self._keys = [k[len(prefix):] for k in sd if k.startswith(prefix)]
+        self._set = set(self._keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._set:
+            raise KeyError(key)
+        return torch.empty(self._sd.shape(self._prefix + key), device="meta")
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._set
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Fail with a plain-words error before handing a non-safetensors or truncated file to the parser."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(path, f"not a safetensors file: only {size} bytes")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(path, "not a safetensors file (no valid header); is it a .ckpt renamed, or a download error page?")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(path, f"corrupt safetensors header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(path, "corrupt safetensors header (not a JSON object)")
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError) as exc:
+            raise CheckpointError(path, "corrupt safetensors header entry", key) from exc
+    if 8 + n + end > size:
+        raise CheckpointError(
+            path, f"file is truncated: the header describes {8 + n + end} bytes but the file has {size}; download it again"
+        )
+
+
+def open_state_dict(path: str | os.PathLike[str], allow_pickle: bool = False) -> StateDict:
+    """Open a model file without reading its tensors (safetensors) or with weights-only unpickling (.ckpt)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(p, "file not found")
+    if p.is_dir():
+        raise CheckpointError(p, "is a directory; give the single-file checkpoint (.safetensors)")
+    suffix = p.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise CheckpointError(
+                p,
+                f"{suffix} files are Python pickles that can run code when loaded; convert it to .safetensors, "
+                "or pass --allow-pickle if you trust its source",
+            )
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # torch raises many types for bad pickles
+            raise CheckpointError(p, f"cannot be read as a weights-only checkpoint ({exc})") from exc
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise CheckpointError(p, "does not hold a state dict of tensors")
+        return StateDict(p, obj)
+    _check_safetensors_header(p)
+    try:
+        handle = safe_open(str(p), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(p, f"cannot be opened as safetensors ({exc})") from exc
+    return StateDict(p, None, handle=handle, metadata=handle.metadata())
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a checkpoint is; only ``sd1`` and ``sd1-inpaint`` are rendered today."""
+
+    name: str
+    supported: bool
+    reason: str = ""
+
+
+def detect_family(sd: StateDict) -> Family:
+    keys = sd
+    if any(k.startswith("conditioner.embedders.") for k in keys) or f"{UNET_PREFIX}label_emb.0.0.weight" in keys:
+        return Family("sdxl", False, "SDXL checkpoints are not supported yet (SD 1.x only)")
+    if not any(k.startswith(UNET_PREFIX) for k in keys):
+        if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
+            return Family("lora", False, "this is a LoRA file, not a checkpoint; LoRA support is separate work")
+        if any(k.startswith(("encoder.", "decoder.")) for k in keys):
+            return Family("vae", False, "this is a standalone VAE; pass it with --vae alongside a checkpoint")
+        raise CheckpointError(sd.path, f"not a Stable Diffusion checkpoint: no '{UNET_PREFIX}*' tensors")
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return Family("sd2", False, "SD 2.x checkpoints (OpenCLIP text encoder) are not supported yet (SD 1.x only)")
+    attn = f"{UNET_PREFIX}middle_block.1.transformer_blocks.0.attn2.to_k.weight"
+    proj = f"{UNET_PREFIX}middle_block.1.proj_in.weight"
+    if attn not in keys or proj not in keys:
+        raise CheckpointError(sd.path, "U-Net has no cross-attention middle block: not an SD U-Net", attn)
+    if sd.shape(attn)[1] == 1024 or len(sd.shape(proj)) == 2:
+        return Family("sd2", False, "SD 2.x checkpoints are not supported yet (SD 1.x only)")
+    in_ch = sd.shape(f"{UNET_PREFIX}input_blocks.0.0.weight")[1]
+    if in_ch == 9:
+        return Family("sd1-inpaint", True)
+    if in_ch != 4:
+        return Family(f"sd1-{in_ch}ch", False, f"U-Net with {in_ch} input channels (e.g. instruct-pix2pix) is not supported")
+    return Family("sd1", True)
+
+
+# ---- hashes -------------------------------------------------------------------------------------------------
+
+def _cache_file() -> Path:
+    root = Path(os.environ.get("ADFORGE_CACHE_DIR") or Path.home() / ".cache" / "adforge")
+    return root / "hashes.json"
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of the whole file, cached by (absolute path, size, mtime) so a 4 GB model is hashed once."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    cache_path = _cache_file()
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    digest = hashlib.sha256()
+    with p.open("rb") as f:
+        for block in iter(lambda: f.read(8 * 1024 * 1024), b""):
+            digest.update(block)
+    value = digest.hexdigest()
+    cache[key] = value
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_path)
+    except OSError:
+        pass  # an unwritable cache only costs a re-hash next time
+    return value
+
+
+def a1111_short_hash(sha256: str) -> str:
+    """A1111's "Model hash": the first 10 hex characters of the file's sha256."""
+    return sha256[:10]

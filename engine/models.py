@@ -1,0 +1,224 @@
+"""Building the three networks of an SD 1.x checkpoint from an opened file, on a device, in a dtype.
+
+Networks are created on the meta device and then given the file's tensors with ``assign=True``: on the CPU in
+the file's own dtype the parameters *are* the memory-mapped tensors (no copy), so loading a checkpoint costs
+about one file size of memory, not two.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import CLIPTextModel
+
+from engine.checkpoint import (
+    CLIP_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    CheckpointError,
+    Family,
+    ShapeView,
+    StateDict,
+    a1111_short_hash,
+    detect_family,
+    file_sha256,
+    open_state_dict,
+)
+from engine.text_encoder import (
+    TextEncoderConfig,
+    build_text_encoder,
+    reset_position_ids,
+    text_encoder_config_from_state_dict,
+)
+from engine.tokenizer import ClipTokenizer, load_clip_tokenizer
+from engine.unet import SD1_NUM_HEADS, UNetConfig, UNetModel, unet_config_from_state_dict
+from engine.vae import AutoencoderKL, VAEConfig, normalize_vae_state_dict, vae_config_from_state_dict
+
+# Optional safetensors metadata of ours: head counts are the one architecture fact no tensor shape carries.
+META_UNET_HEADS = "adforge.unet.num_heads"
+META_TEXT_HEADS = "adforge.text_encoder.num_heads"
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """Identity of a model file as it goes into infotext and the audit trail."""
+
+    path: Path
+    name: str
+    sha256: str
+
+    @property
+    def short_hash(self) -> str:
+        return a1111_short_hash(self.sha256)
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str]) -> "ModelFile":
+        p = Path(path)
+        return cls(path=p, name=p.stem, sha256=file_sha256(p))
+
+
+@dataclass
+class SD1Models:
+    unet: UNetModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: ClipTokenizer
+    family: Family
+    checkpoint: ModelFile
+    vae_file: ModelFile | None
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def is_inpainting(self) -> bool:
+        return self.family.name == "sd1-inpaint"
+
+
+def _prefixed(sd: StateDict, prefix: str) -> Mapping[str, str]:
+    """Map of stripped name -> full key for one sub-model."""
+    return {k[len(prefix):]: k for k in sd if k.startswith(prefix)}
+
+
+def _materialize(
+    factory: Callable[[], nn.Module],
+    source: StateDict,
+    keys: Mapping[str, str],
+    device: torch.device,
+    dtype: torch.dtype,
+    transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    ignore: Callable[[str], bool] = lambda k: False,
+) -> nn.Module:
+    with torch.device("meta"):
+        module = factory()
+    expected = module.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for name in expected:
+        if name not in keys:
+            raise CheckpointError(source.path, "missing tensor", _full_key(keys, name))
+    for name, full in keys.items():
+        if name in expected or transform is not None:
+            tensors[name] = source[full]
+    if transform is not None:
+        tensors = transform(tensors)
+    state: dict[str, torch.Tensor] = {}
+    for name, want in expected.items():
+        t = tensors.get(name)
+        if t is None:
+            raise CheckpointError(source.path, "missing tensor", _full_key(keys, name))
+        if tuple(t.shape) != tuple(want.shape):
+            raise CheckpointError(
+                source.path, f"shape {tuple(t.shape)} does not match the architecture's {tuple(want.shape)}", keys.get(name, name)
+            )
+        target_dtype = dtype if t.is_floating_point() else t.dtype
+        state[name] = t.to(device=device, dtype=target_dtype)
+    unexpected = [n for n in tensors if n not in expected and not ignore(n)]
+    if unexpected:
+        raise CheckpointError(source.path, "unexpected tensor for this architecture", keys.get(unexpected[0], unexpected[0]))
+    module.load_state_dict(state, strict=True, assign=True)
+    module.eval().requires_grad_(False)
+    return module
+
+
+def _full_key(keys: Mapping[str, str], name: str) -> str:
+    if keys:
+        some_full, some_name = next(iter(keys.values())), next(iter(keys))
+        prefix = some_full[: len(some_full) - len(some_name)]
+        return prefix + name
+    return name
+
+
+def _heads(sd: StateDict, key: str, default: int | None) -> int | None:
+    raw = sd.metadata.get(key)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise CheckpointError(sd.path, f"metadata {key}={raw!r} is not an integer") from exc
+
+
+def _config(sd: StateDict, what: str, fn: Callable[[], object]):
+    try:
+        return fn()
+    except KeyError as exc:
+        raise CheckpointError(sd.path, f"missing tensor needed to read the {what} architecture", str(exc.args[0])) from exc
+    except ValueError as exc:
+        raise CheckpointError(sd.path, f"{what}: {exc}") from exc
+
+
+def load_unet(sd: StateDict, device: torch.device, dtype: torch.dtype) -> UNetModel:
+    view = ShapeView(sd, UNET_PREFIX)
+    heads = _heads(sd, META_UNET_HEADS, SD1_NUM_HEADS) or SD1_NUM_HEADS
+    cfg: UNetConfig = _config(sd, "U-Net", lambda: unet_config_from_state_dict(view, heads))
+    return _materialize(lambda: UNetModel(cfg), sd, _prefixed(sd, UNET_PREFIX), device, dtype)  # type: ignore[return-value]
+
+
+def _clip_keys(sd: StateDict) -> dict[str, str]:
+    # Newer files: cond_stage_model.transformer.text_model.X; older ones: cond_stage_model.transformer.X.
+    keys = _prefixed(sd, CLIP_PREFIX + "text_model.") or _prefixed(sd, CLIP_PREFIX)
+    return {k: v for k, v in keys.items() if k != "embeddings.position_ids"}
+
+
+def load_text_encoder(sd: StateDict, device: torch.device, dtype: torch.dtype) -> CLIPTextModel:
+    keys = _clip_keys(sd)
+    if not keys:
+        raise CheckpointError(sd.path, f"no CLIP text encoder ('{CLIP_PREFIX}*' tensors)")
+    shapes = {name: torch.empty(sd.shape(full), device="meta") for name, full in keys.items()}
+    cfg: TextEncoderConfig = _config(
+        sd, "text encoder", lambda: text_encoder_config_from_state_dict(shapes, _heads(sd, META_TEXT_HEADS, None))
+    )
+    model = _materialize(lambda: build_text_encoder(cfg), sd, keys, device, dtype, ignore=lambda n: n == "embeddings.position_ids")
+    reset_position_ids(model, device)  # type: ignore[arg-type]
+    return model  # type: ignore[return-value]
+
+
+def load_vae(sd: StateDict, prefix: str, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
+    keys = {k: v for k, v in _prefixed(sd, prefix).items() if k.split(".")[0] in {"encoder", "decoder", "quant_conv", "post_quant_conv"}}
+    if not keys:
+        raise CheckpointError(sd.path, f"no VAE tensors ('{prefix}encoder.*', '{prefix}decoder.*')")
+    shapes = normalize_vae_state_dict({n: torch.empty(sd.shape(f), device="meta") for n, f in keys.items()})
+    cfg: VAEConfig = _config(sd, "VAE", lambda: vae_config_from_state_dict(shapes))
+    return _materialize(  # type: ignore[return-value]
+        lambda: AutoencoderKL(cfg), sd, keys, device, dtype, transform=normalize_vae_state_dict
+    )
+
+
+def load_standalone_vae(path: str | os.PathLike[str], device: torch.device, dtype: torch.dtype, allow_pickle: bool) -> AutoencoderKL:
+    sd = open_state_dict(path, allow_pickle)
+    prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in sd) else ""
+    return load_vae(sd, prefix, device, dtype)
+
+
+def load_sd1(
+    path: str | os.PathLike[str],
+    *,
+    vae_path: str | os.PathLike[str] | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+) -> SD1Models:
+    """Load a single-file SD 1.x checkpoint (and optionally a separate VAE file)."""
+    device = torch.device(device)
+    sd = open_state_dict(path, allow_pickle)
+    family = detect_family(sd)
+    if not family.supported:
+        raise CheckpointError(sd.path, family.reason)
+    unet = load_unet(sd, device, dtype)
+    text_encoder = load_text_encoder(sd, device, dtype)
+    vae = load_standalone_vae(vae_path, device, dtype, allow_pickle) if vae_path else load_vae(sd, VAE_PREFIX, device, dtype)
+    return SD1Models(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=load_clip_tokenizer(),
+        family=family,
+        checkpoint=ModelFile.of(path),
+        vae_file=ModelFile.of(vae_path) if vae_path else None,
+        device=device,
+        dtype=dtype,
+    )

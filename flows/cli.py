@@ -1,0 +1,176 @@
+"""The ``adforge`` command line."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from PIL import Image, UnidentifiedImageError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Campaign briefs in, reviewed AI image variants out.")
+console = Console(stderr=True)
+
+
+@app.callback()
+def main() -> None:
+    """adforge: render, store and audit AI image variants."""
+
+
+def _open_image(path: Path, what: str) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise typer.BadParameter(f"{what} {path} not found") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise typer.BadParameter(f"{what} {path} is not a readable image ({exc})") from None
+
+
+def _next_index(out: Path) -> int:
+    """A1111-style running number: continue after the highest existing ``NNNNN-*.png``, never overwrite."""
+    highest = -1
+    if out.is_dir():
+        for p in out.iterdir():
+            m = re.match(r"^(\d{5,})-", p.name)
+            if m:
+                highest = max(highest, int(m.group(1)))
+    return highest + 1
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Prompt, with A1111 weights: (word), [word], (word:1.3), BREAK.")],
+    model: Annotated[
+        Path | None, typer.Option("--model", "-m", envvar="ADFORGE_MODEL", help="SD 1.x single-file checkpoint (.safetensors).")
+    ] = None,
+    negative: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "",
+    sampler: Annotated[str, typer.Option(help="Euler, Euler a, DPM++ 2M, DPM++ 2M Karras or DDIM.")] = "DPM++ 2M Karras",
+    steps: Annotated[int, typer.Option(min=1, max=500)] = 25,
+    cfg: Annotated[float, typer.Option("--cfg", min=0.0, help="Classifier-free guidance scale.")] = 7.0,
+    seed: Annotated[int, typer.Option(help="First seed; image i gets seed+i. -1 picks one at random.")] = -1,
+    width: Annotated[int | None, typer.Option(min=8, help="Default 512, or the init image's width.")] = None,
+    height: Annotated[int | None, typer.Option(min=8, help="Default 512, or the init image's height.")] = None,
+    n: Annotated[int, typer.Option("-n", "--n-images", min=1, help="Number of images (seeds seed..seed+n-1).")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per U-Net batch; results do not depend on it.")] = 4,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("out"),
+    init_image: Annotated[Path | None, typer.Option(help="img2img / inpaint source image.")] = None,
+    strength: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="Denoising strength (default 0.75; 1.0 when outpainting).")
+    ] = None,
+    mask: Annotated[Path | None, typer.Option(help="Inpainting mask: white = repaint. Needs --init-image.")] = None,
+    mask_blur: Annotated[int, typer.Option(min=0)] = 4,
+    outpaint: Annotated[
+        str | None, typer.Option(help="Extend the canvas of --init-image, e.g. left:128 or left:128,top:64.")
+    ] = None,
+    vae: Annotated[Path | None, typer.Option(help="Separate VAE file to use instead of the checkpoint's.")] = None,
+    clip_skip: Annotated[int, typer.Option(min=1, help="2 = penultimate CLIP layer, as many anime models want.")] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16.")] = "auto",
+    allow_pickle: Annotated[bool, typer.Option(help="Allow .ckpt pickles (weights-only unpickling); trust the source.")] = False,
+) -> None:
+    """Render images from a prompt (txt2img, img2img, inpaint, outpaint) into PNGs with A1111 infotext."""
+    # Imported here so `adforge --help` stays instant (torch takes seconds to import).
+    from engine.checkpoint import CheckpointError
+    from engine.image_ops import Outpaint, outpaint_canvas
+    from engine.pipeline import GenerationRequest, Pipeline, with_seeds
+    from storage.image_metadata import encode_png, format_infotext, write_atomic, xmp_packet
+
+    if model is None:
+        raise typer.BadParameter("no model given: pass --model PATH.safetensors or set ADFORGE_MODEL", param_hint="--model")
+    if mask is not None and init_image is None:
+        raise typer.BadParameter("--mask needs --init-image", param_hint="--mask")
+    if outpaint is not None and init_image is None:
+        raise typer.BadParameter("--outpaint needs --init-image", param_hint="--outpaint")
+    if outpaint is not None and mask is not None:
+        raise typer.BadParameter("--outpaint makes its own mask; drop --mask", param_hint="--outpaint")
+
+    init = _open_image(init_image, "init image") if init_image else None
+    mask_img = _open_image(mask, "mask") if mask else None
+    if init is not None and outpaint is not None:
+        try:
+            pad = Outpaint.parse(outpaint).rounded(init.size)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--outpaint") from None
+        init, mask_img = outpaint_canvas(init, pad)
+        width, height = init.size
+        strength = 1.0 if strength is None else strength
+    elif init is not None:
+        # img2img keeps the source's size unless told otherwise (rounded down to the VAE's multiple of 8).
+        width = width or max(8, init.width // 8 * 8)
+        height = height or max(8, init.height // 8 * 8)
+    width, height = width or 512, height or 512
+    if strength is None:
+        strength = 0.75
+    if init is not None and strength == 0.0:
+        raise typer.BadParameter("strength 0 would change nothing; use a value in (0, 1]", param_hint="--strength")
+    if seed < 0:
+        seed = secrets.randbelow(2**32)
+
+    base = GenerationRequest(
+        prompt=prompt,
+        negative_prompt=negative,
+        seed=seed,
+        width=width,
+        height=height,
+        steps=steps,
+        cfg_scale=cfg,
+        sampler=sampler,
+        clip_skip=clip_skip,
+        init_image=init,
+        strength=strength,
+        mask=mask_img,
+        mask_blur=mask_blur,
+    )
+    try:
+        base.validate()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+    try:
+        with console.status(f"loading {model.name}"):
+            pipe = Pipeline.load(model, vae=vae, device=device, dtype=dtype, allow_pickle=allow_pickle, max_batch_size=batch_size)
+    except (CheckpointError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+    requests = with_seeds(base, n)
+    with Progress(
+        TextColumn("[bold]rendering"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("render", total=None)
+
+        def on_step(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        results = pipe.generate(requests, progress=on_step)
+
+    out.mkdir(parents=True, exist_ok=True)
+    index = _next_index(out)
+    written: list[Path] = []
+    for result in results:
+        r = result.request
+        infotext = format_infotext(r.prompt, r.negative_prompt, result.parameters)
+        xmp = xmp_packet({"Model": pipe.models.checkpoint.name, "ModelSHA256": pipe.models.checkpoint.sha256})
+        path = out / f"{index:05d}-{r.seed}.png"
+        write_atomic(path, encode_png(result.image, infotext, xmp))
+        written.append(path)
+        index += 1
+    for path in written:
+        typer.echo(str(path))
+    console.print(f"[green]wrote {len(written)} image(s) to {out}/[/green]")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,119 @@
+"""Metadata written into every image file: A1111 ``parameters`` infotext and an XMP "AI-generated" mark.
+
+The infotext layout is what A1111 writes and what readers such as Civitai and sd-prompt-reader parse::
+
+    {prompt}
+    Negative prompt: {negative}
+    Steps: 25, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 42, Size: 512x512, Model hash: abcdef1234, Model: name
+
+A value holding ``,``, ``:`` or a newline is JSON-quoted so the line still splits unambiguously.
+The XMP packet carries IPTC ``DigitalSourceType = trainedAlgorithmicMedia``, the machine-readable mark that
+EU AI Act Art. 50 asks for. Files lose both when re-encoded elsewhere; the database row stays the record.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+from PIL import Image, PngImagePlugin
+
+TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+XMP_PNG_KEY = "XML:com.adobe.xmp"
+NEGATIVE_PREFIX = "Negative prompt: "
+
+
+def _quote(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",:\n") else value
+
+
+def format_infotext(prompt: str, negative_prompt: str, parameters: Mapping[str, str]) -> str:
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(NEGATIVE_PREFIX + negative_prompt)
+    lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in parameters.items()))
+    return "\n".join(lines)
+
+
+# One "Key: value" item of the last line; the value is a JSON string or runs to the next comma.
+_ITEM = re.compile(r'\s*([\w \-/+.()]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
+    """Inverse of :func:`format_infotext`: (prompt, negative prompt, parameters)."""
+    *head, last = text.split("\n")
+    if not _ITEM.match(last) or "Steps:" not in last:
+        head, last = [*head, last], ""
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    for line in head:
+        if line.startswith(NEGATIVE_PREFIX) and not negative_lines:
+            negative_lines.append(line[len(NEGATIVE_PREFIX):])
+        elif negative_lines:
+            negative_lines.append(line)
+        else:
+            prompt_lines.append(line)
+    params: dict[str, str] = {}
+    for m in _ITEM.finditer(last):
+        key, value = m.group(1).strip(), m.group(2).strip()
+        if value.startswith('"'):
+            value = json.loads(value)
+        params[key] = value
+    return "\n".join(prompt_lines), "\n".join(negative_lines), params
+
+
+def xmp_packet(extra: Mapping[str, str] | None = None) -> str:
+    """A minimal XMP packet marking the image as made by a trained algorithm (IPTC digital source type)."""
+    extra_xml = "".join(f"\n    <adforge:{k}>{escape(v)}</adforge:{k}>" for k, v in (extra or {}).items())
+    return (
+        '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/">\n'
+        ' <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n'
+        '  <rdf:Description rdf:about=""\n'
+        '    xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/"\n'
+        '    xmlns:adforge="https://adforge.invalid/ns/1.0/">\n'
+        f"    <Iptc4xmpExt:DigitalSourceType>{TRAINED_ALGORITHMIC_MEDIA}</Iptc4xmpExt:DigitalSourceType>"
+        f"{extra_xml}\n"
+        "  </rdf:Description>\n"
+        " </rdf:RDF>\n"
+        "</x:xmpmeta>\n"
+        '<?xpacket end="w"?>'
+    )
+
+
+def encode_png(image: Image.Image, infotext: str, xmp: str | None = None) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", infotext)  # tEXt if Latin-1 fits, else iTXt (PIL decides)
+    info.add_itxt(XMP_PNG_KEY, xmp or xmp_packet())
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write via a temporary file in the same folder and rename: readers never see half a file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_png_metadata(path: str | os.PathLike[str]) -> tuple[str | None, str | None]:
+    """(infotext, xmp) as stored in a PNG, None where absent."""
+    with Image.open(path) as im:
+        text = getattr(im, "text", {})
+        return text.get("parameters"), text.get(XMP_PNG_KEY)
