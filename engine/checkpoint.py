@@ -66,6 +66,8 @@ class StateDict(Mapping[str, torch.Tensor]):
         return len(self._keys)
 
     def shape(self, key: str) -> tuple[int, ...]:
+        if key not in self._key_set:
+            raise KeyError(key)
         if self._handle is not None:
             return tuple(self._handle.get_slice(key).get_shape())
         return tuple(self[key].shape)
@@ -103,8 +105,14 @@ def _check_safetensors_header(path: Path) -> None:
         if len(head) < 8:
             raise CheckpointError(path, f"not a safetensors file: only {size} bytes")
         (n,) = struct.unpack("<Q", head)
+        if 0 < n <= MAX_HEADER_BYTES and n > size - 8 and f.read(1) == b"{":
+            # A plausible header length and the start of a JSON header, but the file ends inside it.
+            raise CheckpointError(
+                path, f"file is truncated: the header alone needs {8 + n} bytes but the file has {size}; download it again"
+            )
         if n == 0 or n > min(MAX_HEADER_BYTES, size - 8):
             raise CheckpointError(path, "not a safetensors file (no valid header); is it a .ckpt renamed, or a download error page?")
+        f.seek(8)
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -141,7 +149,13 @@ def open_state_dict(path: str | os.PathLike[str], allow_pickle: bool = False) ->
                 "or pass --allow-pickle if you trust its source",
             )
         try:
-            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                # Pre-zipfile (legacy) torch.save format: cannot be memory-mapped, read it into memory.
+                obj = torch.load(p, map_location="cpu", weights_only=True, mmap=False)
         except Exception as exc:  # torch raises many types for bad pickles
             raise CheckpointError(p, f"cannot be read as a weights-only checkpoint ({exc})") from exc
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -173,18 +187,25 @@ def detect_family(sd: StateDict) -> Family:
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
             return Family("lora", False, "this is a LoRA file, not a checkpoint; LoRA support is separate work")
-        if any(k.startswith(("encoder.", "decoder.")) for k in keys):
+        if any(k.startswith(("encoder.", "decoder.", f"{VAE_PREFIX}encoder.", f"{VAE_PREFIX}decoder.")) for k in keys):
             return Family("vae", False, "this is a standalone VAE; pass it with --vae alongside a checkpoint")
         raise CheckpointError(sd.path, f"not a Stable Diffusion checkpoint: no '{UNET_PREFIX}*' tensors")
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         return Family("sd2", False, "SD 2.x checkpoints (OpenCLIP text encoder) are not supported yet (SD 1.x only)")
     attn = f"{UNET_PREFIX}middle_block.1.transformer_blocks.0.attn2.to_k.weight"
     proj = f"{UNET_PREFIX}middle_block.1.proj_in.weight"
-    if attn not in keys or proj not in keys:
-        raise CheckpointError(sd.path, "U-Net has no cross-attention middle block: not an SD U-Net", attn)
-    if sd.shape(attn)[1] == 1024 or len(sd.shape(proj)) == 2:
+    for key in (attn, proj):
+        if key not in keys:
+            raise CheckpointError(sd.path, "missing tensor of the U-Net's cross-attention middle block", key)
+    context_dim = sd.shape(attn)[1]
+    if context_dim == 2048:
+        return Family("sdxl", False, "SDXL checkpoints are not supported yet (SD 1.x only)")
+    if context_dim == 1024 or len(sd.shape(proj)) == 2:
         return Family("sd2", False, "SD 2.x checkpoints are not supported yet (SD 1.x only)")
-    in_ch = sd.shape(f"{UNET_PREFIX}input_blocks.0.0.weight")[1]
+    conv_in = f"{UNET_PREFIX}input_blocks.0.0.weight"
+    if conv_in not in keys:
+        raise CheckpointError(sd.path, "missing tensor", conv_in)
+    in_ch = sd.shape(conv_in)[1]
     if in_ch == 9:
         return Family("sd1-inpaint", True)
     if in_ch != 4:
@@ -208,6 +229,8 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     try:
         cache = json.loads(cache_path.read_text())
     except (OSError, ValueError):
+        cache = {}
+    if not isinstance(cache, dict):
         cache = {}
     if key in cache:
         return cache[key]

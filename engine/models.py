@@ -8,6 +8,7 @@ about one file size of memory, not two.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,12 +117,33 @@ def _materialize(
             )
         target_dtype = dtype if t.is_floating_point() else t.dtype
         state[name] = t.to(device=device, dtype=target_dtype)
-    unexpected = [n for n in tensors if n not in expected and not ignore(n)]
+    # Without a transform only the expected names were read: judge the file's own names, or extra tensors
+    # (e.g. a block the inferred architecture lacks) would be dropped silently.
+    unexpected = [n for n in (tensors if transform is not None else keys) if n not in expected and not ignore(n)]
     if unexpected:
         raise CheckpointError(source.path, "unexpected tensor for this architecture", keys.get(unexpected[0], unexpected[0]))
     module.load_state_dict(state, strict=True, assign=True)
     module.eval().requires_grad_(False)
     return module
+
+
+def _check_weight_bias_pairs(sd: StateDict, keys: Mapping[str, str]) -> None:
+    """Every ``X.bias`` of these networks comes with an ``X.weight`` of as many outputs (conv, linear, norm).
+
+    Checked on the header's shapes before config inference, which would otherwise misread the architecture
+    and blame some other tensor.
+    """
+    for name, full in keys.items():
+        if not name.endswith(".bias"):
+            continue
+        weight = name[: -len("bias")] + "weight"
+        if weight not in keys:
+            raise CheckpointError(sd.path, "missing tensor", full[: -len("bias")] + "weight")
+        w_shape, b_shape = sd.shape(keys[weight]), sd.shape(full)
+        if len(b_shape) != 1 or not w_shape or w_shape[0] != b_shape[0]:
+            raise CheckpointError(
+                sd.path, f"shape {w_shape} does not match its bias {full!r} of shape {b_shape}", keys[weight]
+            )
 
 
 def _full_key(keys: Mapping[str, str], name: str) -> str:
@@ -142,20 +164,27 @@ def _heads(sd: StateDict, key: str, default: int | None) -> int | None:
         raise CheckpointError(sd.path, f"metadata {key}={raw!r} is not an integer") from exc
 
 
-def _config(sd: StateDict, what: str, fn: Callable[[], object]):
+def _config(sd: StateDict, what: str, fn: Callable[[], object], keys: Mapping[str, str]):
+    """Run config inference over prefix-stripped names; errors name the file's full keys."""
     try:
         return fn()
     except KeyError as exc:
-        raise CheckpointError(sd.path, f"missing tensor needed to read the {what} architecture", str(exc.args[0])) from exc
+        raw = str(exc.args[0]) if exc.args else ""
+        # Some inference code raises KeyError with a sentence that quotes the stripped name.
+        quoted = re.search(r"'([^']+)'", raw) if " " in raw else None
+        name = quoted.group(1) if quoted else raw
+        raise CheckpointError(sd.path, f"missing tensor needed to read the {what} architecture", _full_key(keys, name)) from exc
     except ValueError as exc:
-        raise CheckpointError(sd.path, f"{what}: {exc}") from exc
+        raise CheckpointError(sd.path, f"{what} (tensors '{_full_key(keys, '')}*'): {exc}") from exc
 
 
 def load_unet(sd: StateDict, device: torch.device, dtype: torch.dtype) -> UNetModel:
     view = ShapeView(sd, UNET_PREFIX)
+    keys = _prefixed(sd, UNET_PREFIX)
+    _check_weight_bias_pairs(sd, keys)
     heads = _heads(sd, META_UNET_HEADS, SD1_NUM_HEADS) or SD1_NUM_HEADS
-    cfg: UNetConfig = _config(sd, "U-Net", lambda: unet_config_from_state_dict(view, heads))
-    return _materialize(lambda: UNetModel(cfg), sd, _prefixed(sd, UNET_PREFIX), device, dtype)  # type: ignore[return-value]
+    cfg: UNetConfig = _config(sd, "U-Net", lambda: unet_config_from_state_dict(view, heads), keys)
+    return _materialize(lambda: UNetModel(cfg), sd, keys, device, dtype)  # type: ignore[return-value]
 
 
 def _clip_keys(sd: StateDict) -> dict[str, str]:
@@ -168,9 +197,10 @@ def load_text_encoder(sd: StateDict, device: torch.device, dtype: torch.dtype) -
     keys = _clip_keys(sd)
     if not keys:
         raise CheckpointError(sd.path, f"no CLIP text encoder ('{CLIP_PREFIX}*' tensors)")
+    _check_weight_bias_pairs(sd, keys)
     shapes = {name: torch.empty(sd.shape(full), device="meta") for name, full in keys.items()}
     cfg: TextEncoderConfig = _config(
-        sd, "text encoder", lambda: text_encoder_config_from_state_dict(shapes, _heads(sd, META_TEXT_HEADS, None))
+        sd, "text encoder", lambda: text_encoder_config_from_state_dict(shapes, _heads(sd, META_TEXT_HEADS, None)), keys
     )
     model = _materialize(lambda: build_text_encoder(cfg), sd, keys, device, dtype, ignore=lambda n: n == "embeddings.position_ids")
     reset_position_ids(model, device)  # type: ignore[arg-type]
@@ -181,8 +211,9 @@ def load_vae(sd: StateDict, prefix: str, device: torch.device, dtype: torch.dtyp
     keys = {k: v for k, v in _prefixed(sd, prefix).items() if k.split(".")[0] in {"encoder", "decoder", "quant_conv", "post_quant_conv"}}
     if not keys:
         raise CheckpointError(sd.path, f"no VAE tensors ('{prefix}encoder.*', '{prefix}decoder.*')")
+    _check_weight_bias_pairs(sd, keys)
     shapes = normalize_vae_state_dict({n: torch.empty(sd.shape(f), device="meta") for n, f in keys.items()})
-    cfg: VAEConfig = _config(sd, "VAE", lambda: vae_config_from_state_dict(shapes))
+    cfg: VAEConfig = _config(sd, "VAE", lambda: vae_config_from_state_dict(shapes), keys)
     return _materialize(  # type: ignore[return-value]
         lambda: AutoencoderKL(cfg), sd, keys, device, dtype, transform=normalize_vae_state_dict
     )

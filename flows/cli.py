@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from PIL import Image, UnidentifiedImageError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Campaign briefs in, reviewed AI image variants out.")
@@ -136,7 +137,8 @@ def generate(
         with console.status(f"loading {model.name}"):
             pipe = Pipeline.load(model, vae=vae, device=device, dtype=dtype, allow_pickle=allow_pickle, max_batch_size=batch_size)
     except (CheckpointError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        # soft_wrap: keep paths and keys on one line; escape: key names look like Rich markup ("[key ...]").
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
 
     requests = with_seeds(base, n)
@@ -170,6 +172,52 @@ def generate(
     for path in written:
         typer.echo(str(path))
     console.print(f"[green]wrote {len(written)} image(s) to {out}/[/green]")
+
+
+models_app = typer.Typer(no_args_is_help=True, help="Model files: inspect, make random test checkpoints.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("init-random")
+def models_init_random(
+    path: Annotated[Path, typer.Argument(help="Where to write the .safetensors file.")],
+    preset: Annotated[str, typer.Option(help="tiny (a few MB, instant) or sd15 (real SD 1.5 shapes, ~4.3 GB).")] = "tiny",
+    seed: Annotated[int, typer.Option()] = 0,
+    inpaint: Annotated[bool, typer.Option(help="9-channel inpainting U-Net.")] = False,
+) -> None:
+    """Write a random-weight SD 1.x checkpoint in the real single-file layout.
+
+    It renders noise by design: use it to smoke-test a machine, the loader and the pipeline, or to benchmark
+    at real SD 1.5 shapes, without downloading anything."""
+    from engine.random_checkpoint import write_random_sd1
+
+    try:
+        write_random_sd1(path, preset, seed=seed, inpaint=inpaint)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--preset") from None
+    typer.echo(str(path))
+
+
+@models_app.command("inspect")
+def models_inspect(
+    path: Annotated[Path, typer.Argument(help="Checkpoint file.")],
+    allow_pickle: Annotated[bool, typer.Option(help="Allow .ckpt pickles (weights-only unpickling).")] = False,
+) -> None:
+    """Family, architecture read from the tensor shapes, and hashes of a checkpoint, without loading it."""
+    from engine.checkpoint import CheckpointError, a1111_short_hash, detect_family, file_sha256, open_state_dict
+
+    try:
+        sd = open_state_dict(path, allow_pickle)
+        family = detect_family(sd)
+    except CheckpointError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    sha = file_sha256(path)
+    typer.echo(f"file:        {path}")
+    typer.echo(f"family:      {family.name}" + ("" if family.supported else f" (unsupported: {family.reason})"))
+    typer.echo(f"tensors:     {len(sd)}")
+    typer.echo(f"sha256:      {sha}")
+    typer.echo(f"model hash:  {a1111_short_hash(sha)}")
 
 
 if __name__ == "__main__":

@@ -204,19 +204,6 @@ def test_transformers_file_loader_agrees(tok: ClipTokenizer) -> None:
         assert tok.encode(text) == other(text, add_special_tokens=False)["input_ids"], prompt
 
 
-def test_other_tokenizer_class_agrees(tok: ClipTokenizer) -> None:
-    """A second (slow, pure-Python) CLIP tokenizer class, if transformers still has one."""
-    import transformers
-
-    fast = getattr(transformers, "CLIPTokenizerFast", None)
-    slow = getattr(transformers, "CLIPTokenizer", None)
-    if fast is None or slow is None or fast is slow:
-        pytest.skip("transformers 5 has a single (tokenizers-backed) CLIPTokenizer class")
-    other = slow(vocab_file=str(DATA_DIR / "vocab.json"), merges_file=str(DATA_DIR / "merges.txt"))
-    for prompt in PROMPTS:
-        assert tok.encode(prompt) == other(prompt, add_special_tokens=False)["input_ids"], prompt
-
-
 def test_wrapper_rejects_a_tokenizer_without_the_vocab() -> None:
     # transformers 5's CLIPTokenizer accepts vocab_file=/merges_file= without
     # reading them (a 3-token vocab, every word -> <|endoftext|>); the wrapper

@@ -1,0 +1,524 @@
+"""Our SD 1.5 engine against diffusers 0.42.1: seconds per sampling step and peak RSS, same weights and inputs.
+
+How to run (from the repository root)::
+
+    .venv/bin/python bench/engine_vs_diffusers.py --small      # smoke run, tiny random model, ~1 minute
+    .venv/bin/python bench/engine_vs_diffusers.py              # SD 1.5 shapes at 256x256, several minutes
+    .venv/bin/python bench/engine_vs_diffusers.py --profile    # also: top ops of one U-Net call, each side
+
+Options: ``--steps N`` timed sampling steps (default 3; one more warm-up step runs first and is not timed),
+``--threads N`` torch threads on both sides (default: torch's default here), ``--cfg``, ``--seed``.
+
+What it does
+------------
+1. Once, writes a random-weight single-file checkpoint in the real SD 1.x layout (U-Net
+   ``model.diffusion_model.*`` + CLIP ViT-L text encoder + VAE, float32, ~4.3 GB for the full size) to
+   ``bench/_work/sd15-random.safetensors`` (``sd15-small-random.safetensors`` for ``--small``) and reuses it
+   while present. Delete it to make a new one.
+2. Runs each side in its own subprocess, so ``ru_maxrss`` (peak resident set, loading included) is that
+   side's alone:
+
+   - **ours**: ``engine.models.load_sd1`` -> ``engine.pipeline.Pipeline`` -> ``Pipeline.generate`` with one
+     256x256 ``DPM++ 2M Karras`` request at CFG 7 (cond + uncond in one U-Net batch of 2). The only
+     substitution: ``Pipeline._conditioning`` returns a fixed random conditioning tensor instead of
+     running the (random) CLIP model, so both sides see the same context. ``Pipeline._decode`` is wrapped
+     to time the VAE decode separately and to keep the final latent.
+   - **diffusers**: ``UNet2DConditionModel`` + ``AutoencoderKL`` with the SD 1.5 configs, weights read from
+     the same file (safetensors, memory-mapped, U-Net and VAE keys only) and converted with
+     ``convert_ldm_unet_checkpoint`` / ``convert_ldm_vae_checkpoint``, built on the meta device and given the
+     tensors with ``assign=True`` (what diffusers' own low-memory loading amounts to), then the standard
+     StableDiffusionPipeline denoising loop with ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++",
+     use_karras_sigmas=True)`` and SD 1.x betas, CFG batch 2, and ``vae.decode``.
+
+     Two deliberate, cost-free departures from diffusers' pipeline loop make the two final latents
+     comparable: the U-Net gets the *unrounded* timestep of each Karras sigma (diffusers rounds it to an
+     integer; k-diffusion, A1111 and our engine use the fractional one), and the initial latent is
+     ``noise * sigma_max / sqrt(sigma_max**2 + 1)`` (the exact VP-scaled start) rather than ``noise * 1.0``.
+     ``--diffusers-int-t`` restores diffusers' rounded timesteps (latents then differ by more).
+
+   Both sides: same torch thread count, ``torch.inference_mode()``, float32, CPU, same seeded noise.
+3. Prints a table. The numbers:
+
+   - ``s/step``: mean wall seconds of the N timed sampler steps (one U-Net call on the CFG pair plus the
+     sampler arithmetic); the warm-up step (first touch of the memory-mapped weights, allocator warm-up) is
+     shown separately and excluded.
+   - ``load``: seconds from "imports done" to "model ready to sample". Both sides memory-map the file, so
+     most page-in cost lands in the warm-up step, not here.
+   - ``peak RSS (sampling)``: ``ru_maxrss`` after the last sampling step, loading included;
+     ``peak RSS (+decode)``: the same after the VAE decode. ``RSS after imports`` is the interpreter +
+     library baseline inside that number. Memory-mapped weights count once touched, on both sides.
+   - ``ratio``: ours / diffusers. Target: <= 1.0 for s/step and for peak RSS.
+   - ``final latent``: max |ours - diffusers| of the sampled latent, also relative to max |diffusers|; it
+     should be ~1e-3 relative or better, which shows both sides ran the same computation.
+
+Files: everything goes under ``bench/_work/`` (git-ignored): the checkpoint, per-side outputs
+(``<size>-ours.pt``, ``<size>-diffusers.pt``), and the checkpoint hash cache (``ADFORGE_CACHE_DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "bench" / "_work"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SAMPLER = "DPM++ 2M Karras"
+
+# Plain data, so the diffusers worker never needs to import the engine (its RSS stays diffusers' own).
+PRESETS: dict[str, dict] = {
+    # SD 1.5: these equal engine.unet.UNetConfig(), TextEncoderConfig() (CLIP ViT-L/14) and VAEConfig() defaults.
+    "full": {
+        "unet": {
+            "in_channels": 4,
+            "out_channels": 4,
+            "model_channels": 320,
+            "channel_mult": (1, 2, 4, 4),
+            "num_res_blocks": 2,
+            "attention_levels": (0, 1, 2),
+            "num_heads": 8,
+            "context_dim": 768,
+        },
+        "text": {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_layers": 12, "num_heads": 12},
+        "vae": {"ch": 128, "ch_mult": (1, 2, 4, 4), "num_res_blocks": 2, "z_channels": 4},
+        "size": 256,
+        "file": "sd15-random.safetensors",
+    },
+    # Same topology, narrow: a smoke run in seconds per step.
+    "small": {
+        "unet": {
+            "in_channels": 4,
+            "out_channels": 4,
+            "model_channels": 32,
+            "channel_mult": (1, 2, 4, 4),
+            "num_res_blocks": 2,
+            "attention_levels": (0, 1, 2),
+            "num_heads": 8,
+            "context_dim": 64,
+        },
+        "text": {"vocab_size": 49408, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 2},
+        "vae": {"ch": 32, "ch_mult": (1, 1, 2, 2), "num_res_blocks": 1, "z_channels": 4},
+        "size": 128,
+        "file": "sd15-small-random.safetensors",
+    },
+}
+VAE_SCALE = 0.18215
+
+
+# ---- helpers shared by the workers -------------------------------------------------------------------------
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _inputs(preset: dict, seed: int):
+    """The shared inputs: (1, 4, h, w) noise from the image's own seeded CPU generator (as the engine draws
+    it) and a (2, 77, context) conditioning tensor, row 0 = prompt, row 1 = negative prompt."""
+    import torch
+
+    lat = preset["size"] // 8
+    noise = torch.randn((4, lat, lat), generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)[None]
+    ctx = preset["unet"]["context_dim"]
+    cond = torch.randn((2, 77, ctx), generator=torch.Generator("cpu").manual_seed(seed + 1), dtype=torch.float32)
+    return noise, cond
+
+
+def _setup_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _profile_table(fn, rows: int = 18) -> str:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+# ---- worker: write the random checkpoint ------------------------------------------------------------------
+
+def _make_checkpoint(preset: dict, path: Path, seed: int) -> dict:
+    import torch
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from engine.checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, file_sha256
+    from engine.models import META_TEXT_HEADS, META_UNET_HEADS
+    from engine.text_encoder import TextEncoderConfig, build_text_encoder
+    from engine.unet import UNetConfig, UNetModel
+    from engine.vae import AutoencoderKL, VAEConfig
+
+    ucfg = UNetConfig(**preset["unet"])
+    tcfg = TextEncoderConfig(**preset["text"])
+    vcfg = VAEConfig(**preset["vae"])
+    with torch.device("meta"):
+        nets = [
+            (UNET_PREFIX, UNetModel(ucfg)),
+            (CLIP_PREFIX + "text_model.", build_text_encoder(tcfg)),
+            (VAE_PREFIX, AutoencoderKL(vcfg)),
+        ]
+    gen = torch.Generator("cpu").manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, net in nets:
+        norm_params = {
+            f"{mod_name}.{p_name}"
+            for mod_name, mod in net.named_modules()
+            if isinstance(mod, (nn.GroupNorm, nn.LayerNorm))
+            for p_name, _ in mod.named_parameters(recurse=False)
+        }
+        for name, meta in net.state_dict().items():
+            if not meta.is_floating_point():
+                continue  # CLIP position_ids: rebuilt by the loader
+            shape = tuple(meta.shape)
+            value = torch.randn(shape, generator=gen, dtype=torch.float32)
+            if name in norm_params:
+                value = (1.0 if name.endswith("weight") else 0.0) + 0.1 * value
+            elif len(shape) >= 2:
+                value /= math.sqrt(math.prod(shape[1:]))  # unit-variance activations layer to layer
+            else:
+                value *= 0.05  # biases
+            tensors[prefix + name] = value
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={META_UNET_HEADS: str(ucfg.num_heads), META_TEXT_HEADS: str(tcfg.num_heads)})
+    n_params = sum(t.numel() for t in tensors.values())
+    del tensors
+    os.replace(tmp, path)
+    file_sha256(path)  # warm the hash cache, so the timed load does not hash 4 GB
+    return {"params": n_params, "bytes": path.stat().st_size}
+
+
+# ---- worker: our engine ------------------------------------------------------------------------------------
+
+def _run_ours(preset: dict, path: Path, args) -> dict:
+    import torch
+
+    _setup_threads(args.threads)
+    from engine.models import load_sd1
+    from engine.pipeline import GenerationRequest, Pipeline
+
+    rss_import = _maxrss_mb()
+    t0 = time.perf_counter()
+    models = load_sd1(path, device="cpu", dtype=torch.float32)
+    pipe = Pipeline(models)
+    load_s = time.perf_counter() - t0
+    rss_load, rss_load_now = _maxrss_mb(), _rss_mb()
+
+    noise, cond = _inputs(preset, args.seed)
+    size = preset["size"]
+    seen: dict = {}
+
+    # Same context on both sides: skip the random CLIP, hand the pipeline our fixed (cond, uncond) rows.
+    def conditioning(reqs):
+        seen["conditioning_calls"] = seen.get("conditioning_calls", 0) + 1
+        return cond.to(pipe.device, pipe.dtype)
+
+    real_decode = pipe._decode
+
+    def decode(latents):
+        seen["rss_sampling"] = _maxrss_mb()
+        seen["latents"] = latents.detach().clone()
+        t = time.perf_counter()
+        images = real_decode(latents)
+        seen["decode_s"] = time.perf_counter() - t
+        seen["images"] = images.detach().clone()
+        return images
+
+    pipe._conditioning = conditioning  # type: ignore[method-assign]
+    pipe._decode = decode  # type: ignore[method-assign]
+
+    req = GenerationRequest(
+        prompt="benchmark", negative_prompt="", seed=args.seed, width=size, height=size,
+        steps=args.steps + 1, cfg_scale=args.cfg, sampler=SAMPLER,
+    )
+    marks = [time.perf_counter()]
+    pipe.generate([req], progress=lambda done, total: marks.append(time.perf_counter()))
+    rss_decode = _maxrss_mb()
+    if seen.get("conditioning_calls") != 1 or "latents" not in seen:
+        raise RuntimeError("Pipeline internals changed: the bench's _conditioning/_decode hooks were not used")
+
+    # The same initial noise as the diffusers side (the pipeline drew it from the request's seed).
+    gen_noise = pipe._initial_noise([torch.Generator("cpu").manual_seed(args.seed)], tuple(noise.shape[1:]))
+    assert torch.equal(gen_noise, noise), "pipeline noise differs from the bench's"
+
+    out = {
+        "load_s": load_s,
+        "step_s": [b - a for a, b in zip(marks, marks[1:])],
+        "decode_s": seen["decode_s"],
+        "rss_import_mb": rss_import,
+        "rss_load_mb": rss_load,
+        "rss_load_now_mb": rss_load_now,
+        "rss_sampling_mb": seen["rss_sampling"],
+        "rss_decode_mb": rss_decode,
+    }
+    torch.save({"latents": seen["latents"], "images": seen["images"]}, args.out_tensors)
+
+    if args.profile:
+        from engine.samplers import get_sampler, sampler_sigmas
+
+        sigmas = sampler_sigmas(get_sampler(SAMPLER), pipe.schedule, args.steps + 1)
+        den = pipe._denoiser(cond, torch.tensor([args.cfg]), None, None, None)
+        x = noise * sigmas[1]
+        s = sigmas[1:2].expand(1).clone()
+        den(x, s)  # warm
+        out["profile"] = _profile_table(lambda: den(x, s))
+    return out
+
+
+# ---- worker: diffusers -------------------------------------------------------------------------------------
+
+def _diffusers_unet_config(u: dict) -> dict:
+    levels = range(len(u["channel_mult"]))
+    return {
+        "sample_size": 64,
+        "in_channels": u["in_channels"],
+        "out_channels": u["out_channels"],
+        "block_out_channels": [u["model_channels"] * m for m in u["channel_mult"]],
+        "layers_per_block": u["num_res_blocks"],
+        "down_block_types": ["CrossAttnDownBlock2D" if i in u["attention_levels"] else "DownBlock2D" for i in levels],
+        "up_block_types": ["CrossAttnUpBlock2D" if i in u["attention_levels"] else "UpBlock2D" for i in reversed(levels)],
+        "cross_attention_dim": u["context_dim"],
+        "attention_head_dim": u["num_heads"],  # diffusers' legacy name: for SD 1.x it is the head count
+        "use_linear_projection": False,
+        "norm_num_groups": 32,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+    }
+
+
+def _diffusers_vae_config(v: dict, size: int) -> dict:
+    n = len(v["ch_mult"])
+    return {
+        "sample_size": size,
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "block_out_channels": [v["ch"] * m for m in v["ch_mult"]],
+        "layers_per_block": v["num_res_blocks"],
+        "latent_channels": v["z_channels"],
+        "norm_num_groups": 32,
+        "scaling_factor": VAE_SCALE,
+    }
+
+
+def _run_diffusers(preset: dict, path: Path, args) -> dict:
+    import numpy as np
+    import torch
+
+    _setup_threads(args.threads)
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from diffusers.utils import logging as dlogging
+    from safetensors import safe_open
+
+    dlogging.set_verbosity_error()
+    rss_import = _maxrss_mb()
+    t0 = time.perf_counter()
+    handle = safe_open(str(path), framework="pt", device="cpu")
+    ckpt = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(("model.diffusion_model.", "first_stage_model."))}
+    ucfg = _diffusers_unet_config(preset["unet"])
+    vcfg = _diffusers_vae_config(preset["vae"], preset["size"])
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**ucfg)
+        vae = AutoencoderKL(**vcfg)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, ucfg), strict=True, assign=True)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, vcfg), strict=True, assign=True)
+    del ckpt
+    for m in (unet, vae):
+        m.eval().requires_grad_(False)
+        left = [n for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"{type(m).__name__}: tensors left on the meta device: {left[:5]}")
+    sched = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True,
+    )
+    load_s = time.perf_counter() - t0
+    rss_load, rss_load_now = _maxrss_mb(), _rss_mb()
+
+    noise, cond = _inputs(preset, args.seed)
+    # diffusers' pipeline order: uncond rows first, then text rows.
+    context = torch.cat([cond[1:2], cond[0:1]])
+    steps = args.steps + 1
+    sched.set_timesteps(steps, device="cpu")
+    sigma0 = float(sched.sigmas[0])
+    ac = sched.alphas_cumprod.double().numpy()
+    log_sigmas = np.log(((1 - ac) / ac) ** 0.5)
+    frac_t = [float(sched._sigma_to_t(np.array(float(s)), log_sigmas)) for s in sched.sigmas[:-1]]
+
+    def unet_eps(latents: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
+        latent_in = sched.scale_model_input(torch.cat([latents] * 2), t)
+        t_in = t if args.diffusers_int_t else torch.tensor(frac_t[i], dtype=torch.float32)
+        eps = unet(latent_in, t_in, encoder_hidden_states=context, return_dict=False)[0]
+        eps_u, eps_c = eps.chunk(2)
+        return eps_u + args.cfg * (eps_c - eps_u)
+
+    marks = [time.perf_counter()]
+    with torch.inference_mode():
+        latents = noise * (sigma0 / math.sqrt(sigma0**2 + 1.0))  # VP scale of x = sigma_max * noise
+        for i, t in enumerate(sched.timesteps):
+            eps = unet_eps(latents, i, t)
+            latents = sched.step(eps, t, latents, return_dict=False)[0]
+            marks.append(time.perf_counter())
+        rss_sampling = _maxrss_mb()
+        t1 = time.perf_counter()
+        images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        images = ((images + 1.0) / 2.0).clamp(0.0, 1.0)
+        decode_s = time.perf_counter() - t1
+    rss_decode = _maxrss_mb()
+
+    out = {
+        "load_s": load_s,
+        "step_s": [b - a for a, b in zip(marks, marks[1:])],
+        "decode_s": decode_s,
+        "rss_import_mb": rss_import,
+        "rss_load_mb": rss_load,
+        "rss_load_now_mb": rss_load_now,
+        "rss_sampling_mb": rss_sampling,
+        "rss_decode_mb": rss_decode,
+    }
+    torch.save({"latents": latents.clone(), "images": images.clone()}, args.out_tensors)
+
+    if args.profile:
+        sched.set_timesteps(steps, device="cpu")
+        t = sched.timesteps[1]
+        x = noise * float(sched.sigmas[1]) / math.sqrt(float(sched.sigmas[1]) ** 2 + 1.0)
+        with torch.inference_mode():
+            unet_eps(x, 1, t)  # warm
+        out["profile"] = _profile_table(lambda: unet_eps(x, 1, t))
+    return out
+
+
+# ---- parent ------------------------------------------------------------------------------------------------
+
+def _child(args, role: str, extra: list[str]) -> dict:
+    result = WORK / f"{args.size_name}-{role}.json"
+    result.unlink(missing_ok=True)
+    env = dict(os.environ)
+    env.setdefault("ADFORGE_CACHE_DIR", str(WORK / "adforge-cache"))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(args.threads)
+    cmd = [
+        sys.executable, str(Path(__file__).resolve()), "--worker", role, "--result", str(result),
+        "--threads", str(args.threads), "--steps", str(args.steps), "--cfg", str(args.cfg), "--seed", str(args.seed),
+        *(["--small"] if args.small else []), *(["--profile"] if args.profile else []),
+        *(["--diffusers-int-t"] if args.diffusers_int_t else []), *extra,
+    ]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=str(ROOT))
+    if proc.returncode != 0:
+        raise SystemExit(f"{role} worker failed with exit status {proc.returncode}")
+    data = json.loads(result.read_text())
+    data["wall_s"] = time.perf_counter() - t
+    return data
+
+
+def _fmt_ratio(a: float, b: float) -> str:
+    return f"{a / b:.3f}" if b else "n/a"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="tiny config (smoke run)")
+    p.add_argument("--steps", type=int, default=3, help="timed sampling steps (a warm-up step is added)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads, both sides")
+    p.add_argument("--cfg", type=float, default=7.0)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--profile", action="store_true", help="print the top ops of one CFG U-Net call, each side")
+    p.add_argument("--diffusers-int-t", action="store_true", help="feed diffusers' U-Net its rounded timesteps")
+    p.add_argument("--worker", choices=["ours", "diffusers", "checkpoint"], help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--out-tensors", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.size_name = "small" if args.small else "full"
+    preset = PRESETS[args.size_name]
+    ckpt = WORK / preset["file"]
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+
+    if args.worker:
+        fn = {"ours": _run_ours, "diffusers": _run_diffusers}.get(args.worker)
+        if args.worker == "checkpoint":
+            out = _make_checkpoint(preset, ckpt, args.seed)
+        else:
+            out = fn(preset, ckpt, args)
+        args.result.write_text(json.dumps(out))
+        return
+
+    import torch
+
+    if args.threads is None:
+        args.threads = torch.get_num_threads()
+    WORK.mkdir(parents=True, exist_ok=True)
+    if not ckpt.exists():
+        print(f"writing random-weight checkpoint {ckpt} (once) ...", flush=True)
+        info = _child(args, "checkpoint", [])
+        print(f"  {info['params'] / 1e6:.1f} M parameters, {info['bytes'] / 2**30:.2f} GiB, {info['wall_s']:.1f} s", flush=True)
+    outs = {}
+    for role in ("ours", "diffusers"):
+        print(f"running {role} ...", flush=True)
+        outs[role] = _child(args, role, ["--out-tensors", str(WORK / f"{args.size_name}-{role}.pt")])
+
+    o, d = outs["ours"], outs["diffusers"]
+    step_o, step_d = (sum(x["step_s"][1:]) / args.steps for x in (o, d))
+    size = preset["size"]
+    print()
+    print(f"SD 1.5-shaped U-Net ({args.size_name}: model_channels {preset['unet']['model_channels']}, "
+          f"mult {preset['unet']['channel_mult']}), {size}x{size} ({size // 8}x{size // 8} latents), CFG batch 2, "
+          f"{SAMPLER}, CPU float32, {args.threads} threads, {args.steps} timed steps + 1 warm-up")
+    rows = [
+        ("s/step (timed mean)", step_o, step_d, "{:.3f}"),
+        ("s/step min", min(o["step_s"][1:]), min(d["step_s"][1:]), "{:.3f}"),
+        ("warm-up step s", o["step_s"][0], d["step_s"][0], "{:.3f}"),
+        ("load s", o["load_s"], d["load_s"], "{:.2f}"),
+        ("VAE decode s", o["decode_s"], d["decode_s"], "{:.3f}"),
+        ("RSS after imports MB", o["rss_import_mb"], d["rss_import_mb"], "{:.0f}"),
+        ("RSS peak after load MB", o["rss_load_mb"], d["rss_load_mb"], "{:.0f}"),
+        ("peak RSS (load+sampling) MB", o["rss_sampling_mb"], d["rss_sampling_mb"], "{:.0f}"),
+        ("peak RSS (+VAE decode) MB", o["rss_decode_mb"], d["rss_decode_mb"], "{:.0f}"),
+    ]
+    print(f"{'':30s} {'ours':>10s} {'diffusers':>10s} {'ours/diff':>10s}")
+    for name, a, b, f in rows:
+        print(f"{name:30s} {f.format(a):>10s} {f.format(b):>10s} {_fmt_ratio(a, b):>10s}")
+    print(f"per-step s, ours:      {', '.join(f'{s:.3f}' for s in o['step_s'])}")
+    print(f"per-step s, diffusers: {', '.join(f'{s:.3f}' for s in d['step_s'])}")
+
+    ta = torch.load(WORK / f"{args.size_name}-ours.pt")
+    tb = torch.load(WORK / f"{args.size_name}-diffusers.pt")
+    lat_diff = (ta["latents"] - tb["latents"]).abs().max().item()
+    lat_ref = tb["latents"].abs().max().item()
+    img_diff = (ta["images"] - tb["images"]).abs().max().item()
+    rel = lat_diff / lat_ref if lat_ref else float("inf")
+    verdict = "same computation" if rel <= 1e-3 else "MISMATCH: the timings may not compare like with like"
+    print(f"final latent: max|ours - diffusers| = {lat_diff:.3g} (max|latent| {lat_ref:.3g}, relative {rel:.2e}) -> {verdict}")
+    print(f"decoded image [0,1]: max|ours - diffusers| = {img_diff:.3g}")
+    print(f"ratios (ours / diffusers, target <= 1.0): s/step {_fmt_ratio(step_o, step_d)}, "
+          f"peak RSS {_fmt_ratio(o['rss_sampling_mb'], d['rss_sampling_mb'])} "
+          f"(with decode {_fmt_ratio(o['rss_decode_mb'], d['rss_decode_mb'])})")
+    if args.profile:
+        for role in ("ours", "diffusers"):
+            print(f"\n== top ops, one CFG U-Net call, {role} ==\n{outs[role]['profile']}")
+
+
+if __name__ == "__main__":
+    main()
