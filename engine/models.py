@@ -113,7 +113,10 @@ def _materialize(
             raise CheckpointError(source.path, "missing tensor", _full_key(keys, name))
         if tuple(t.shape) != tuple(want.shape):
             raise CheckpointError(
-                source.path, f"shape {tuple(t.shape)} does not match the architecture's {tuple(want.shape)}", keys.get(name, name)
+                source.path,
+                f"shape {tuple(t.shape)} does not match the architecture's {tuple(want.shape)}"
+                + _pair_note(source, keys, name),
+                keys.get(name, name),
             )
         target_dtype = dtype if t.is_floating_point() else t.dtype
         state[name] = t.to(device=device, dtype=target_dtype)
@@ -127,23 +130,38 @@ def _materialize(
     return module
 
 
-def _check_weight_bias_pairs(sd: StateDict, keys: Mapping[str, str]) -> None:
-    """Every ``X.bias`` of these networks comes with an ``X.weight`` of as many outputs (conv, linear, norm).
+# Every ``X.bias`` of these networks (conv, linear, norm) comes with an ``X.weight`` of as many outputs. Weight
+# shapes define the inferred architecture, so a missing or damaged weight would otherwise be misread as another
+# architecture and the error would blame some other tensor.
 
-    Checked on the header's shapes before config inference, which would otherwise misread the architecture
-    and blame some other tensor.
-    """
+
+def _check_missing_weights(sd: StateDict, keys: Mapping[str, str]) -> None:
+    """Before config inference: a bias without its weight names the missing weight."""
     for name, full in keys.items():
-        if not name.endswith(".bias"):
-            continue
-        weight = name[: -len("bias")] + "weight"
-        if weight not in keys:
+        if name.endswith(".bias") and name[: -len("bias")] + "weight" not in keys:
             raise CheckpointError(sd.path, "missing tensor", full[: -len("bias")] + "weight")
-        w_shape, b_shape = sd.shape(keys[weight]), sd.shape(full)
-        if len(b_shape) != 1 or not w_shape or w_shape[0] != b_shape[0]:
-            raise CheckpointError(
-                sd.path, f"shape {w_shape} does not match its bias {full!r} of shape {b_shape}", keys[weight]
-            )
+
+
+def _pair_note(sd: StateDict, keys: Mapping[str, str], name: str) -> str:
+    """If ``name`` disagrees with its weight/bias partner, a note naming the partner (either may be damaged)."""
+    stem, _, last = name.rpartition(".")
+    partner = {"weight": f"{stem}.bias", "bias": f"{stem}.weight"}.get(last)
+    if partner is None or partner not in keys or name not in keys:
+        return ""
+    shape, other = sd.shape(keys[name]), sd.shape(keys[partner])
+    w, b = (shape, other) if last == "weight" else (other, shape)
+    if len(b) == 1 and w and w[0] == b[0]:
+        return ""
+    return f"; it disagrees with {keys[partner]!r} of shape {other}, so one of the two is damaged"
+
+
+def _check_pairs_consistent(sd: StateDict, keys: Mapping[str, str]) -> None:
+    """After config inference failed: name a weight whose shape disagrees with its bias, if there is one."""
+    for name, full in keys.items():
+        if name.endswith(".weight"):
+            note = _pair_note(sd, keys, name)
+            if note:
+                raise CheckpointError(sd.path, f"shape {sd.shape(full)}{note}", full)
 
 
 def _full_key(keys: Mapping[str, str], name: str) -> str:
@@ -169,19 +187,21 @@ def _config(sd: StateDict, what: str, fn: Callable[[], object], keys: Mapping[st
     try:
         return fn()
     except KeyError as exc:
+        _check_pairs_consistent(sd, keys)  # a damaged shape is the likelier cause: name it if it shows
         raw = str(exc.args[0]) if exc.args else ""
         # Some inference code raises KeyError with a sentence that quotes the stripped name.
         quoted = re.search(r"'([^']+)'", raw) if " " in raw else None
         name = quoted.group(1) if quoted else raw
         raise CheckpointError(sd.path, f"missing tensor needed to read the {what} architecture", _full_key(keys, name)) from exc
     except ValueError as exc:
+        _check_pairs_consistent(sd, keys)
         raise CheckpointError(sd.path, f"{what} (tensors '{_full_key(keys, '')}*'): {exc}") from exc
 
 
 def load_unet(sd: StateDict, device: torch.device, dtype: torch.dtype) -> UNetModel:
     view = ShapeView(sd, UNET_PREFIX)
     keys = _prefixed(sd, UNET_PREFIX)
-    _check_weight_bias_pairs(sd, keys)
+    _check_missing_weights(sd, keys)
     heads = _heads(sd, META_UNET_HEADS, SD1_NUM_HEADS) or SD1_NUM_HEADS
     cfg: UNetConfig = _config(sd, "U-Net", lambda: unet_config_from_state_dict(view, heads), keys)
     return _materialize(lambda: UNetModel(cfg), sd, keys, device, dtype)  # type: ignore[return-value]
@@ -197,7 +217,7 @@ def load_text_encoder(sd: StateDict, device: torch.device, dtype: torch.dtype) -
     keys = _clip_keys(sd)
     if not keys:
         raise CheckpointError(sd.path, f"no CLIP text encoder ('{CLIP_PREFIX}*' tensors)")
-    _check_weight_bias_pairs(sd, keys)
+    _check_missing_weights(sd, keys)
     shapes = {name: torch.empty(sd.shape(full), device="meta") for name, full in keys.items()}
     cfg: TextEncoderConfig = _config(
         sd, "text encoder", lambda: text_encoder_config_from_state_dict(shapes, _heads(sd, META_TEXT_HEADS, None)), keys
@@ -211,7 +231,7 @@ def load_vae(sd: StateDict, prefix: str, device: torch.device, dtype: torch.dtyp
     keys = {k: v for k, v in _prefixed(sd, prefix).items() if k.split(".")[0] in {"encoder", "decoder", "quant_conv", "post_quant_conv"}}
     if not keys:
         raise CheckpointError(sd.path, f"no VAE tensors ('{prefix}encoder.*', '{prefix}decoder.*')")
-    _check_weight_bias_pairs(sd, keys)
+    _check_missing_weights(sd, keys)
     shapes = normalize_vae_state_dict({n: torch.empty(sd.shape(f), device="meta") for n, f in keys.items()})
     cfg: VAEConfig = _config(sd, "VAE", lambda: vae_config_from_state_dict(shapes), keys)
     return _materialize(  # type: ignore[return-value]
@@ -241,6 +261,12 @@ def load_sd1(
         raise CheckpointError(sd.path, family.reason)
     unet = load_unet(sd, device, dtype)
     text_encoder = load_text_encoder(sd, device, dtype)
+    if text_encoder.config.hidden_size != unet.config.context_dim:
+        raise CheckpointError(
+            sd.path,
+            f"the text encoder is {text_encoder.config.hidden_size} wide but the U-Net's cross-attention expects "
+            f"{unet.config.context_dim}: the file mixes parts of different models",
+        )
     vae = load_standalone_vae(vae_path, device, dtype, allow_pickle) if vae_path else load_vae(sd, VAE_PREFIX, device, dtype)
     return SD1Models(
         unet=unet,
