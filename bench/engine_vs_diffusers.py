@@ -2,8 +2,10 @@
 
 How to run (from the repository root)::
 
-    .venv/bin/python bench/engine_vs_diffusers.py --small      # smoke run, tiny random model, ~1 minute
-    .venv/bin/python bench/engine_vs_diffusers.py              # SD 1.5 shapes at 256x256, several minutes
+    .venv/bin/python bench/engine_vs_diffusers.py --small      # smoke run: narrow model, 128x128, ~15 s
+    .venv/bin/python bench/engine_vs_diffusers.py              # SD 1.5 shapes at 256x256: ~1 min per side per
+                                                               # repeat on 2 cores, plus ~1 min once to write
+                                                               # the 4.3 GB checkpoint (needs ~5 GB free RAM)
     .venv/bin/python bench/engine_vs_diffusers.py --profile    # also: top ops of one U-Net call, each side
 
 Options: ``--steps N`` timed sampling steps (default 3; one more warm-up step runs first and is not timed),
@@ -45,6 +47,8 @@ What it does
      weights, allocator warm-up) is shown separately and excluded. ``s/step min, all runs``: the fastest
      single timed step over all runs, the figure least inflated by other work on a shared machine (the
      bench warns when the load average is already high before it starts; use ``--repeat``).
+     ``CPU s/step``: process CPU seconds per timed step (all threads), which other work on the machine
+     inflates less than wall time; with N threads fully busy it is about N x s/step.
    - ``load``: seconds from "imports done" to "model ready to sample". Both sides memory-map the file, so
      most page-in cost lands in the warm-up step, not here.
    - ``peak RSS (sampling)``: ``ru_maxrss`` after the last sampling step, loading included;
@@ -254,7 +258,13 @@ def _run_ours(preset: dict, path: Path, args) -> dict:
         steps=args.steps + 1, cfg_scale=args.cfg, sampler=SAMPLER,
     )
     marks = [time.perf_counter()]
-    pipe.generate([req], progress=lambda done, total: marks.append(time.perf_counter()))
+    cpu_marks = [time.process_time()]
+
+    def progress(done: int, total: int) -> None:
+        marks.append(time.perf_counter())
+        cpu_marks.append(time.process_time())
+
+    pipe.generate([req], progress=progress)
     rss_decode = _maxrss_mb()
     if seen.get("conditioning_calls") != 1 or "latents" not in seen:
         raise RuntimeError("Pipeline internals changed: the bench's _conditioning/_decode hooks were not used")
@@ -266,6 +276,7 @@ def _run_ours(preset: dict, path: Path, args) -> dict:
     out = {
         "load_s": load_s,
         "step_s": [b - a for a, b in zip(marks, marks[1:])],
+        "step_cpu_s": [b - a for a, b in zip(cpu_marks, cpu_marks[1:])],
         "decode_s": seen["decode_s"],
         "rss_import_mb": rss_import,
         "rss_load_mb": rss_load,
@@ -377,12 +388,14 @@ def _run_diffusers(preset: dict, path: Path, args) -> dict:
         return eps_u + args.cfg * (eps_c - eps_u)
 
     marks = [time.perf_counter()]
+    cpu_marks = [time.process_time()]
     with torch.inference_mode():
         latents = noise * (sigma0 / math.sqrt(sigma0**2 + 1.0))  # VP scale of x = sigma_max * noise
         for i, t in enumerate(sched.timesteps):
             eps = unet_eps(latents, i, t)
             latents = sched.step(eps, t, latents, return_dict=False)[0]
             marks.append(time.perf_counter())
+            cpu_marks.append(time.process_time())
         rss_sampling = _maxrss_mb()
         t1 = time.perf_counter()
         images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
@@ -393,6 +406,7 @@ def _run_diffusers(preset: dict, path: Path, args) -> dict:
     out = {
         "load_s": load_s,
         "step_s": [b - a for a, b in zip(marks, marks[1:])],
+        "step_cpu_s": [b - a for a, b in zip(cpu_marks, cpu_marks[1:])],
         "decode_s": decode_s,
         "rss_import_mb": rss_import,
         "rss_load_mb": rss_load,
@@ -462,13 +476,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
 
+    if args.worker == "checkpoint":
+        args.result.write_text(json.dumps(_make_checkpoint(preset, ckpt, args.seed)))
+        return
     if args.worker:
-        fn = {"ours": _run_ours, "diffusers": _run_diffusers}.get(args.worker)
-        if args.worker == "checkpoint":
-            out = _make_checkpoint(preset, ckpt, args.seed)
-        else:
-            out = fn(preset, ckpt, args)
-        args.result.write_text(json.dumps(out))
+        run = _run_ours if args.worker == "ours" else _run_diffusers
+        args.result.write_text(json.dumps(run(preset, ckpt, args)))
         return
 
     import torch
@@ -503,6 +516,7 @@ def main(argv: list[str] | None = None) -> None:
 
     o, d = outs["ours"], outs["diffusers"]
     step_o, step_d = o["mean_step_s"], d["mean_step_s"]
+    cpu_o, cpu_d = (sum(x["step_cpu_s"][1:]) / args.steps for x in (o, d))
     # The fastest single timed step of any run: the least disturbed figure on a shared machine.
     min_o, min_d = (min(s for x in runs[role] for s in x["step_s"][1:]) for role in ("ours", "diffusers"))
     size = preset["size"]
@@ -515,6 +529,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [
         ("s/step (timed mean)", step_o, step_d, "{:.3f}"),
         ("s/step min, all runs", min_o, min_d, "{:.3f}"),
+        ("CPU s/step (timed mean)", cpu_o, cpu_d, "{:.3f}"),
         ("warm-up step s", o["step_s"][0], d["step_s"][0], "{:.3f}"),
         ("load s", o["load_s"], d["load_s"], "{:.2f}"),
         ("VAE decode s", o["decode_s"], d["decode_s"], "{:.3f}"),

@@ -43,6 +43,8 @@ from engine.vae import AutoencoderKL, VAEConfig, normalize_vae_state_dict, vae_c
 # Optional safetensors metadata of ours: head counts are the one architecture fact no tensor shape carries.
 META_UNET_HEADS = "adforge.unet.num_heads"
 META_TEXT_HEADS = "adforge.text_encoder.num_heads"
+META_NATIVE_SIZE = "adforge.native_size"
+SD1_NATIVE_SIZE = 512
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class SD1Models:
     vae_file: ModelFile | None
     device: torch.device
     dtype: torch.dtype
+    # The resolution the model was trained at: 512 for SD 1.x, or what our own files record in metadata.
+    native_size: int = SD1_NATIVE_SIZE
 
     @property
     def is_inpainting(self) -> bool:
@@ -278,4 +282,5 @@ def load_sd1(
         vae_file=ModelFile.of(vae_path) if vae_path else None,
         device=device,
         dtype=dtype,
+        native_size=_heads(sd, META_NATIVE_SIZE, SD1_NATIVE_SIZE) or SD1_NATIVE_SIZE,
     )

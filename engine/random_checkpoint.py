@@ -10,9 +10,7 @@ import os
 from dataclasses import replace
 
 import torch
-from safetensors.torch import save_file
-
-from engine.checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from engine.checkpoint_writer import save_sd1_checkpoint, sd1_state_dict
 from engine.models import META_TEXT_HEADS, META_UNET_HEADS
 from engine.text_encoder import TextEncoderConfig, build_text_encoder
 from engine.unet import UNetConfig, UNetModel
@@ -41,6 +39,18 @@ def randomize_(module: torch.nn.Module, gen: torch.Generator) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) / max(fan_in, 1) ** 0.5)
 
 
+def random_sd1_models(
+    seed: int = 0, *, unet: UNetConfig = TINY_UNET, text: TextEncoderConfig = TINY_TEXT, vae: VAEConfig = TINY_VAE, inpaint: bool = False
+) -> tuple[UNetModel, torch.nn.Module, AutoencoderKL]:
+    gen = torch.Generator().manual_seed(seed)
+    if inpaint:
+        unet = replace(unet, in_channels=9)
+    modules = (UNetModel(unet), build_text_encoder(text), AutoencoderKL(vae))
+    for module in modules:
+        randomize_(module, gen)
+    return modules  # type: ignore[return-value]
+
+
 def random_sd1_state_dict(
     seed: int = 0,
     *,
@@ -52,16 +62,8 @@ def random_sd1_state_dict(
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
     """LDM-layout state dict; ``clip_text_model_level=False`` writes the older CLIP key layout."""
-    gen = torch.Generator().manual_seed(seed)
-    if inpaint:
-        unet = replace(unet, in_channels=9)
-    clip_prefix = CLIP_PREFIX + ("text_model." if clip_text_model_level else "")
-    parts: dict[str, torch.Tensor] = {}
-    for prefix, module in ((UNET_PREFIX, UNetModel(unet)), (clip_prefix, build_text_encoder(text)), (VAE_PREFIX, AutoencoderKL(vae))):
-        randomize_(module, gen)
-        parts.update({prefix + k: v.to(dtype).contiguous() for k, v in module.state_dict().items()})
-        del module
-    return parts
+    u, t, v = random_sd1_models(seed, unet=unet, text=text, vae=vae, inpaint=inpaint)
+    return sd1_state_dict(u, t, v, dtype, clip_text_model_level=clip_text_model_level)  # type: ignore[arg-type]
 
 
 def sd1_metadata(unet: UNetConfig = TINY_UNET, text: TextEncoderConfig = TINY_TEXT) -> dict[str, str]:
@@ -75,7 +77,5 @@ def write_random_sd1(
         unet, text, vae = PRESETS[preset]
     except KeyError:
         raise ValueError(f"unknown preset {preset!r}: {', '.join(PRESETS)}") from None
-    sd = random_sd1_state_dict(seed, unet=unet, text=text, vae=vae, inpaint=inpaint, dtype=dtype, **kw)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(sd, str(path), metadata=sd1_metadata(unet, text))
-    return str(path)
+    u, t, v = random_sd1_models(seed, unet=unet, text=text, vae=vae, inpaint=inpaint)
+    return save_sd1_checkpoint(path, u, t, v, dtype=dtype, **kw)  # type: ignore[arg-type]

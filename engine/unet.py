@@ -107,15 +107,13 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         b, n, c = x.shape
         h = self.heads
-        if context is None:
-            # Self-attention: one GEMM for q, k and v instead of three (fewer passes over x).
-            w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
-            q, k, v = F.linear(x, w).view(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)
-        else:
-            m = context.shape[1]
-            q = self.to_q(x).view(b, n, h, c // h).transpose(1, 2)
-            w = torch.cat([self.to_k.weight, self.to_v.weight])
-            k, v = F.linear(context, w).view(b, m, 2, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)
+        context = x if context is None else context
+        m = context.shape[1]
+        # Three separate projections, as the checkpoint stores them: fusing them needs either a weight copy per
+        # call or a cached fused copy (measured on SD 1.5 / CPU: no faster, ~150 MB more peak memory).
+        q = self.to_q(x).view(b, n, h, c // h).transpose(1, 2)
+        k = self.to_k(context).view(b, m, h, c // h).transpose(1, 2)
+        v = self.to_v(context).view(b, m, h, c // h).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(b, n, c)
         return self.to_out(out)
@@ -181,7 +179,9 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, c, hgt, wid)
+        # contiguous(): the transposed view is channels-last in memory; left so, every following 3x3 conv would
+        # re-layout its weights on each call (measured: ~20% of an SD 1.5 U-Net call on CPU).
+        x = x.transpose(1, 2).reshape(b, c, hgt, wid).contiguous()
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in

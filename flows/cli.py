@@ -48,15 +48,16 @@ def _next_index(out: Path) -> int:
 def generate(
     prompt: Annotated[str, typer.Argument(help="Prompt, with A1111 weights: (word), [word], (word:1.3), BREAK.")],
     model: Annotated[
-        Path | None, typer.Option("--model", "-m", envvar="ADFORGE_MODEL", help="SD 1.x single-file checkpoint (.safetensors).")
+        Path | None,
+        typer.Option("--model", "-m", envvar="ADFORGE_MODEL", help="SD 1.x single-file checkpoint; default: the bundled demo model."),
     ] = None,
     negative: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "",
     sampler: Annotated[str, typer.Option(help="Euler, Euler a, DPM++ 2M, DPM++ 2M Karras or DDIM.")] = "DPM++ 2M Karras",
     steps: Annotated[int, typer.Option(min=1, max=500)] = 25,
     cfg: Annotated[float, typer.Option("--cfg", min=0.0, help="Classifier-free guidance scale.")] = 7.0,
     seed: Annotated[int, typer.Option(help="First seed; image i gets seed+i. -1 picks one at random.")] = -1,
-    width: Annotated[int | None, typer.Option(min=8, help="Default 512, or the init image's width.")] = None,
-    height: Annotated[int | None, typer.Option(min=8, help="Default 512, or the init image's height.")] = None,
+    width: Annotated[int | None, typer.Option(min=8, help="Default: the init image's width, else the model's native size.")] = None,
+    height: Annotated[int | None, typer.Option(min=8, help="Default: the init image's height, else the model's native size.")] = None,
     n: Annotated[int, typer.Option("-n", "--n-images", min=1, help="Number of images (seeds seed..seed+n-1).")] = 1,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per U-Net batch; results do not depend on it.")] = 4,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("out"),
@@ -82,14 +83,30 @@ def generate(
     from engine.pipeline import GenerationRequest, Pipeline, with_seeds
     from storage.image_metadata import encode_png, format_infotext, write_atomic, xmp_packet
 
+    from engine.bundled import bundled_model_path
+
     if model is None:
-        raise typer.BadParameter("no model given: pass --model PATH.safetensors or set ADFORGE_MODEL", param_hint="--model")
+        model = bundled_model_path()
+        if not model.exists():
+            raise typer.BadParameter(
+                f"no model given and the bundled model {model} is missing: pass --model PATH.safetensors, set "
+                "ADFORGE_MODEL, or rebuild it with `adforge train demo`",
+                param_hint="--model",
+            )
     if mask is not None and init_image is None:
         raise typer.BadParameter("--mask needs --init-image", param_hint="--mask")
     if outpaint is not None and init_image is None:
         raise typer.BadParameter("--outpaint needs --init-image", param_hint="--outpaint")
     if outpaint is not None and mask is not None:
         raise typer.BadParameter("--outpaint makes its own mask; drop --mask", param_hint="--outpaint")
+
+    try:
+        with console.status(f"loading {model.name}"):
+            pipe = Pipeline.load(model, vae=vae, device=device, dtype=dtype, allow_pickle=allow_pickle, max_batch_size=batch_size)
+    except (CheckpointError, ValueError) as exc:
+        # soft_wrap: keep paths and keys on one line; escape: key names look like Rich markup ("[key ...]").
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
 
     init = _open_image(init_image, "init image") if init_image else None
     mask_img = _open_image(mask, "mask") if mask else None
@@ -105,7 +122,7 @@ def generate(
         # img2img keeps the source's size unless told otherwise (rounded down to the VAE's multiple of 8).
         width = width or max(8, init.width // 8 * 8)
         height = height or max(8, init.height // 8 * 8)
-    width, height = width or 512, height or 512
+    width, height = width or pipe.models.native_size, height or pipe.models.native_size
     if strength is None:
         strength = 0.75
     if init is not None and strength == 0.0:
@@ -132,14 +149,6 @@ def generate(
         base.validate()
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-
-    try:
-        with console.status(f"loading {model.name}"):
-            pipe = Pipeline.load(model, vae=vae, device=device, dtype=dtype, allow_pickle=allow_pickle, max_batch_size=batch_size)
-    except (CheckpointError, ValueError) as exc:
-        # soft_wrap: keep paths and keys on one line; escape: key names look like Rich markup ("[key ...]").
-        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
 
     requests = with_seeds(base, n)
     with Progress(
@@ -218,6 +227,32 @@ def models_inspect(
     typer.echo(f"tensors:     {len(sd)}")
     typer.echo(f"sha256:      {sha}")
     typer.echo(f"model hash:  {a1111_short_hash(sha)}")
+
+
+train_app = typer.Typer(no_args_is_help=True, help="Training: the bundled demo model.")
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("demo")
+def train_demo_command(
+    out: Annotated[Path, typer.Option(help="Where to write the checkpoint.")] = Path("models/adforge-demo.safetensors"),
+    work_dir: Annotated[
+        Path | None, typer.Option(help="Keeps each stage's result; a killed run started again continues. Default: OUT's folder/.demo-train")
+    ] = None,
+    scale: Annotated[float, typer.Option(min=0.0001, max=1.0, help="Fraction of the full recipe's steps and data (smoke runs).")] = 1.0,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch threads (default: torch's choice).")] = None,
+) -> None:
+    """Train the bundled demo model (VAE, text encoder, U-Net) from scratch on procedural scenes."""
+    from engine.demo.recipe import DemoRecipe, train_demo
+
+    recipe = DemoRecipe() if scale == 1.0 else DemoRecipe().scaled(scale)
+    work = work_dir or out.parent / (".demo-train" if scale == 1.0 else f".demo-train-{scale:g}")
+    try:
+        report = train_demo(recipe, out, work_dir=work, log=lambda m: console.print(m, soft_wrap=True, markup=False), threads=threads)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{out} ({report['total_seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

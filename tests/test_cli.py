@@ -67,7 +67,7 @@ def test_img2img_inpaint_and_outpaint_from_the_cli(tiny_checkpoint: Path, tmp_pa
     assert np.asarray(Image.open(inp))[0, 39].tolist() == [200, 30, 30]  # far from the mask: untouched
 
 
-def test_clear_errors(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_clear_errors(tiny_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
     missing = run("x", "--model", str(tmp_path / "nope.safetensors"))
     assert missing.exit_code == 2 and "nope.safetensors: file not found" in missing.output
     junk = tmp_path / "junk.safetensors"
@@ -78,8 +78,10 @@ def test_clear_errors(tiny_checkpoint: Path, tmp_path: Path) -> None:
     ckpt.write_bytes(b"\x80\x04")
     pickle = run("x", "--model", str(ckpt))
     assert pickle.exit_code == 2 and "--allow-pickle" in pickle.output
-    nomodel = runner.invoke(app, ["generate", "x"], env={"ADFORGE_MODEL": ""})
-    assert nomodel.exit_code == 2 and "--model" in nomodel.output
+    monkeypatch.delenv("ADFORGE_MODEL", raising=False)
+    monkeypatch.setattr("engine.bundled.bundled_model_path", lambda: tmp_path / "no-bundled.safetensors")
+    nomodel = runner.invoke(app, ["generate", "x"])
+    assert nomodel.exit_code == 2 and "--model" in nomodel.output and "no-bundled.safetensors" in nomodel.output
     size = run("x", "--model", str(tiny_checkpoint), "--width", "30")
     assert size.exit_code == 2 and "multiple of 8" in size.output
     mask_only = run("x", "--model", str(tiny_checkpoint), "--mask", str(junk))

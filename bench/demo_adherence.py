@@ -1,0 +1,111 @@
+"""How well the bundled demo model follows prompts, scored by pixel analysis (engine/demo/evaluate.py).
+
+Run from the repository root::
+
+    .venv/bin/python bench/demo_adherence.py                 # bundled model, 64 prompts per set
+    .venv/bin/python bench/demo_adherence.py --n 200 --cfg 7 --model models/adforge-demo.safetensors
+
+It renders one-object scenes (captions as in training) with 25-step DPM++ 2M Karras at the model's native
+size, and prints, per attribute (background colour, object colour, shape, position), the share scored right:
+for combinations seen in training, for the held-out (colour, shape) pairs never seen together, and the same
+prompts at CFG 1 (guidance off), which must score clearly lower. Then negative prompts: the share of red
+pixels with and without the negative prompt "red". Last, seconds for one 25-step image (batch 1), against the
+2 s target. Targets: background >= 95 %, object colour >= 90 %, shape >= 80 %, position >= 85 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from engine.bundled import bundled_model_path  # noqa: E402
+from engine.demo.evaluate import red_share, score_image  # noqa: E402
+from engine.demo.scenes import Scene, random_scene  # noqa: E402
+from engine.pipeline import GenerationRequest, Pipeline  # noqa: E402
+
+ATTRIBUTES = ("background", "object_color", "shape", "position")
+TARGETS = {"background": 0.95, "object_color": 0.90, "shape": 0.80, "position": 0.85}
+
+
+def scenes(seed: int, n: int, held_out: bool) -> list[Scene]:
+    rng = random.Random(seed)
+    return [random_scene(rng, held_out=held_out, n_objects=1) for _ in range(n)]
+
+
+def accuracy(pipe: Pipeline, items: list[Scene], cfg: float, steps: int, seed: int) -> dict[str, float]:
+    size = pipe.models.native_size
+    requests = [
+        GenerationRequest(s.caption, seed=seed + i, width=size, height=size, steps=steps, cfg_scale=cfg, sampler="DPM++ 2M Karras")
+        for i, s in enumerate(items)
+    ]
+    results = pipe.generate(requests)
+    hits = {a: 0 for a in ATTRIBUTES}
+    for scene, result in zip(items, results):
+        score = score_image(result.image, scene)
+        for a in ATTRIBUTES:
+            hits[a] += bool(getattr(score, a))
+    return {a: hits[a] / len(items) for a in ATTRIBUTES}
+
+
+def mean_red(pipe: Pipeline, prompts: list[str], negative: str, steps: int, cfg: float, seed: int) -> float:
+    size = pipe.models.native_size
+    requests = [
+        GenerationRequest(p, seed=seed + i, negative_prompt=negative, width=size, height=size, steps=steps, cfg_scale=cfg)
+        for i, p in enumerate(prompts)
+    ]
+    return sum(red_share(r.image) for r in pipe.generate(requests)) / len(prompts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=bundled_model_path())
+    ap.add_argument("--n", type=int, default=64, help="prompts per set")
+    ap.add_argument("--cfg", type=float, default=6.0)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--seed", type=int, default=1000)
+    args = ap.parse_args()
+
+    pipe = Pipeline.load(args.model, device="cpu", dtype="float32", max_batch_size=16)
+    print(f"model {args.model.name} ({pipe.models.checkpoint.short_hash}), native {pipe.models.native_size}px, "
+          f"{args.steps}-step DPM++ 2M Karras, {torch.get_num_threads()} threads")
+
+    rows = {
+        f"trained combos, CFG {args.cfg:g}": accuracy(pipe, scenes(args.seed, args.n, False), args.cfg, args.steps, args.seed),
+        f"held-out combos, CFG {args.cfg:g}": accuracy(pipe, scenes(args.seed + 1, args.n, True), args.cfg, args.steps, args.seed),
+        "trained combos, CFG 1": accuracy(pipe, scenes(args.seed, args.n, False), 1.0, args.steps, args.seed),
+    }
+    print(f"\n{'set':34s}" + "".join(f"{a:>14s}" for a in ATTRIBUTES))
+    for name, acc in rows.items():
+        print(f"{name:34s}" + "".join(f"{acc[a]:>13.1%} " for a in ATTRIBUTES))
+    print(f"{'target':34s}" + "".join(f"{TARGETS[a]:>13.0%} " for a in ATTRIBUTES))
+    guided, unguided = rows[f"trained combos, CFG {args.cfg:g}"], rows["trained combos, CFG 1"]
+    print("CFG effect (guided / CFG 1):", ", ".join(f"{a} {guided[a] / max(unguided[a], 1e-9):.2f}x" for a in ATTRIBUTES))
+
+    red_prompts = [s.caption for s in scenes(args.seed + 2, args.n // 2, False) if "red" in s.caption][: max(4, args.n // 4)]
+    free = ["a large circle in the center", "a small square on the left", "a star at the top", "a hexagon on the right"] * max(1, args.n // 16)
+    for label, prompts in (("prompts naming red", red_prompts), ("prompts naming no colour", free)):
+        plain = mean_red(pipe, prompts, "", args.steps, args.cfg, args.seed)
+        negative = mean_red(pipe, prompts, "red", args.steps, args.cfg, args.seed)
+        print(f"red pixel share, {label} ({len(prompts)}): no negative {plain:.3f}, negative 'red' {negative:.3f} "
+              f"(ratio {negative / max(plain, 1e-9):.2f})")
+
+    size = pipe.models.native_size
+    req = GenerationRequest("a large red circle in the center, blue background", seed=1, width=size, height=size, steps=25, cfg_scale=args.cfg)
+    pipe.generate([req])  # warm-up
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        pipe.generate([req])
+        times.append(time.perf_counter() - t)
+    print(f"one 25-step {size}x{size} image: {min(times):.2f} s (best of 3), {min(times) / 2.0:.2f}x the 2 s target")
+
+
+if __name__ == "__main__":
+    main()

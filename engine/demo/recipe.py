@@ -1,0 +1,172 @@
+"""The recipe of the bundled demo model: architecture, data, training stages, export.
+
+``adforge train demo --out models/adforge-demo.safetensors`` runs :func:`train_demo` and reproduces the shipped
+file (same seeds, same data; float arithmetic on another CPU may differ in the last bits).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.checkpoint_writer import save_sd1_checkpoint
+from engine.demo.scenes import NATIVE_SIZE, Scene, caption, random_scene, render
+from engine.text_encoder import TextEncoderConfig, build_text_encoder
+from engine.tokenizer import load_clip_tokenizer
+from engine.training.diffusion_trainer import DiffusionTrainingConfig, train_text_to_image
+from engine.training.vae_trainer import calibrate_latent_scale, train_vae
+from engine.unet import UNetConfig, UNetModel
+from engine.vae import AutoencoderKL, VAEConfig
+
+LogFn = Callable[[str], None]
+
+DEMO_MODEL_NAME = "adforge-demo"
+DEMO_LICENSE = "Apache-2.0"  # our own weights, trained from scratch on our own procedural data
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    size: int = NATIVE_SIZE
+    unet: UNetConfig = UNetConfig(
+        model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(0, 1, 2), num_heads=4, context_dim=64
+    )
+    text: TextEncoderConfig = TextEncoderConfig(hidden_size=64, intermediate_size=256, num_layers=3, num_heads=4)
+    vae: VAEConfig = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
+    vae_steps: int = 1200
+    vae_batch: int = 8
+    vae_crop: int = 64
+    vae_lr: float = 1e-3
+    dataset_size: int = 12000
+    diffusion: DiffusionTrainingConfig = field(
+        default_factory=lambda: DiffusionTrainingConfig(steps=4000, batch_size=32, lr=5e-4, ema_decay=0.999, warmup=200)
+    )
+    seed: int = 1234
+
+    def scaled(self, factor: float) -> "DemoRecipe":
+        """The same recipe with fewer steps and data, for smoke runs and tests."""
+        return replace(
+            self,
+            vae_steps=max(2, int(self.vae_steps * factor)),
+            dataset_size=max(16, int(self.dataset_size * factor)),
+            diffusion=replace(self.diffusion, steps=max(2, int(self.diffusion.steps * factor)), warmup=max(1, int(self.diffusion.warmup * factor))),
+        )
+
+
+def _image_tensor(scenes: list[Scene], size: int) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(render(s, size), dtype=np.float32).transpose(2, 0, 1) / 255.0 for s in scenes]))
+
+
+def _vae_batches(seed: int, batch: int, size: int, crop: int):
+    """Random ``crop``-pixel windows of full renders: the VAE is convolutional, so it learns edges and colours
+    from crops at a quarter of the cost (its one attention block sees fewer positions, which it tolerates)."""
+    rng = random.Random(seed)
+    while True:
+        # held_out=None: the VAE only learns to draw pixels; it never sees captions, so nothing leaks.
+        images = _image_tensor([random_scene(rng, held_out=None) for _ in range(batch)], size)
+        if crop < size:
+            y, x = rng.randrange(0, size - crop + 1, 8), rng.randrange(0, size - crop + 1, 8)
+            images = images[:, :, y : y + crop, x : x + crop]
+        yield images
+
+
+def train_demo(
+    recipe: DemoRecipe, out: str | Path, *, work_dir: str | Path | None = None, log: LogFn = print, threads: int | None = None
+) -> dict:
+    """Train the VAE, then the text encoder + U-Net, and save the single-file checkpoint. Returns a report.
+
+    ``work_dir`` keeps each stage's result (VAE, encoded dataset, diffusion training state): a run that is
+    killed and started again with the same work dir continues where it stopped."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(recipe.seed)
+    work = Path(work_dir) if work_dir else None
+    if work:
+        work.mkdir(parents=True, exist_ok=True)
+        stamp = work / "recipe.json"
+        text = json.dumps(_jsonable(asdict(recipe)), sort_keys=True)
+        if stamp.exists() and stamp.read_text() != text:
+            raise ValueError(f"{work} holds a run of a different recipe; use another --work-dir or delete it")
+        stamp.write_text(text)
+    report: dict = {"recipe": _jsonable(asdict(recipe))}
+    t0 = time.perf_counter()
+
+    vae = AutoencoderKL(recipe.vae)
+    vae_file = work / "vae.pt" if work else None
+    if vae_file and vae_file.exists():
+        saved = torch.load(vae_file, weights_only=True)
+        vae.load_state_dict(saved["weights"])
+        vae.eval().requires_grad_(False)
+        report["vae"] = saved["report"]
+        log(f"reusing the trained VAE from {vae_file}")
+    else:
+        batches = _vae_batches(recipe.seed, recipe.vae_batch, recipe.size, recipe.vae_crop)
+        vae_losses = train_vae(vae, batches, recipe.vae_steps, lr=recipe.vae_lr, seed=recipe.seed, log=log)
+        calib_rng = random.Random(recipe.seed + 1)
+        k = calibrate_latent_scale(vae, _image_tensor([random_scene(calib_rng, held_out=None) for _ in range(64)], recipe.size))
+        report["vae"] = {"first_loss": vae_losses[0], "last_loss": sum(vae_losses[-50:]) / len(vae_losses[-50:]),
+                         "latent_rescale": k, "seconds": time.perf_counter() - t0}
+        if vae_file:
+            torch.save({"weights": vae.state_dict(), "report": report["vae"]}, vae_file)
+        log(f"vae trained in {report['vae']['seconds']:.0f} s; latent rescale x{k:.3f}")
+
+    # Training set: scenes without the held-out (colour, shape) pairs, encoded once with the frozen VAE.
+    t1 = time.perf_counter()
+    rng = random.Random(recipe.seed + 2)
+    scenes = [random_scene(rng, held_out=False) for _ in range(recipe.dataset_size)]
+    latents_file = work / "latents.pt" if work else None
+    if latents_file and latents_file.exists():
+        latents = torch.load(latents_file, weights_only=True)
+    else:
+        chunks = []
+        with torch.no_grad():
+            for i in range(0, len(scenes), 64):
+                chunks.append(vae.encode_latents(_image_tensor(scenes[i : i + 64], recipe.size)))
+        latents = torch.cat(chunks)
+        if latents_file:
+            torch.save(latents, latents_file)
+        log(f"encoded {len(scenes)} training scenes in {time.perf_counter() - t1:.0f} s; latent std {latents.std().item():.3f}")
+
+    def sample_batch(n: int, gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        idx = torch.randint(0, len(scenes), (n,), generator=gen)
+        # A fresh wording of each caption every time a scene is drawn, seeded from the trainer's generator so a
+        # resumed run draws exactly what an uninterrupted one would.
+        wording = random.Random(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        return latents[idx], [caption(scenes[i], wording) for i in idx.tolist()]
+
+    t2 = time.perf_counter()
+    unet = UNetModel(recipe.unet)
+    text_encoder = build_text_encoder(recipe.text)
+    ema, losses = train_text_to_image(
+        unet, text_encoder, load_clip_tokenizer(), sample_batch, recipe.diffusion, log=log,
+        state_file=work / "diffusion-state.pt" if work else None,
+    )
+    report["diffusion"] = {"first_loss": sum(losses[:50]) / len(losses[:50]), "last_loss": sum(losses[-200:]) / len(losses[-200:]),
+                           "seconds": time.perf_counter() - t2}
+    report["total_seconds"] = time.perf_counter() - t0
+
+    metadata = {
+        "modelspec.title": DEMO_MODEL_NAME,
+        "modelspec.architecture": "stable-diffusion-v1",
+        "modelspec.license": DEMO_LICENSE,
+        "adforge.native_size": str(recipe.size),
+        "adforge.recipe": json.dumps(report["recipe"], sort_keys=True),
+        "adforge.training": json.dumps({k: v for k, v in report.items() if k != "recipe"}, sort_keys=True),
+    }
+    save_sd1_checkpoint(out, ema.unet, ema.text_encoder, vae, dtype=torch.float16, metadata=metadata)
+    log(f"saved {out} ({Path(out).stat().st_size / 1e6:.1f} MB) after {report['total_seconds']:.0f} s")
+    return report
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj

@@ -1,0 +1,166 @@
+"""Training the text encoder and the U-Net together on eps-prediction with the SD 1.x noise schedule.
+
+Each step: latents of a batch (precomputed with the frozen VAE), captions tokenized exactly as at inference
+(:func:`engine.conditioning.chunk_prompt`, so training and sampling see the same 77-token frames), some
+captions dropped to "" so the model also learns the unconditional prediction that classifier-free guidance
+needs, timesteps drawn uniformly from 0..999, x_t = sqrt(ac) x0 + sqrt(1-ac) eps, loss = MSE(eps_hat, eps).
+An exponential moving average of the weights is kept and is what gets saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPTextModel
+
+from engine.conditioning import chunk_prompt
+from engine.schedule import DiscreteSchedule
+from engine.tokenizer import ClipTokenizer
+from engine.unet import UNetModel
+
+LogFn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DiffusionTrainingConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 4e-4
+    text_lr: float | None = None  # defaults to lr
+    weight_decay: float = 0.0
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    warmup: int = 200
+    seed: int = 0
+    log_every: int = 100
+
+
+def tokenize_captions(captions: Sequence[str], tokenizer: ClipTokenizer) -> torch.Tensor:
+    """(B, 77) ids of each caption's first chunk; training captions are shorter than one chunk."""
+    return torch.tensor([chunk_prompt(c, tokenizer)[0].framed()[0] for c in captions])
+
+
+class TextToImageModel(nn.Module):
+    """The two trained networks as one module, so one optimizer and one EMA cover both."""
+
+    def __init__(self, unet: UNetModel, text_encoder: CLIPTextModel):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        context = self.text_encoder(input_ids=ids).last_hidden_state
+        return self.unet(x_t, t, context)
+
+
+def diffusion_loss(
+    model: TextToImageModel, latents: torch.Tensor, ids: torch.Tensor, ac: torch.Tensor, gen: torch.Generator
+) -> torch.Tensor:
+    b = latents.shape[0]
+    t = torch.randint(0, ac.shape[0], (b,), generator=gen)
+    noise = torch.randn(latents.shape, generator=gen)
+    a = ac[t].float()[:, None, None, None]
+    x_t = a.sqrt() * latents + (1 - a).sqrt() * noise
+    return F.mse_loss(model(x_t, t.float(), ids), noise)
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def train_text_to_image(
+    unet: UNetModel,
+    text_encoder: CLIPTextModel,
+    tokenizer: ClipTokenizer,
+    sample_batch: Callable[[int, torch.Generator], tuple[torch.Tensor, list[str]]],
+    config: DiffusionTrainingConfig,
+    *,
+    schedule: DiscreteSchedule | None = None,
+    log: LogFn | None = None,
+    state_file: str | os.PathLike[str] | None = None,
+    save_every: int = 250,
+) -> tuple[TextToImageModel, list[float]]:
+    """Train both networks; ``sample_batch(n, gen)`` returns (scaled latents (n,4,h,w), captions) and must
+    draw all its randomness from ``gen``.
+
+    With ``state_file``, the full training state (weights, EMA, optimizer, schedule, step, generator) is saved
+    there every ``save_every`` steps and a run started with an existing file continues from it: a killed
+    training run resumes where it was, with the same result as an uninterrupted one.
+
+    Returns the EMA model (what should be saved) and the per-step losses of the live model."""
+    ac = (schedule or DiscreteSchedule.sd1()).alphas_cumprod
+    model = TextToImageModel(unet, text_encoder).train().requires_grad_(True)
+    # The position-id buffer is not a parameter; the EMA copy shares the architecture, not the optimizer.
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    text_lr = config.text_lr or config.lr
+    opt = torch.optim.AdamW(
+        [
+            {"params": list(model.unet.parameters()), "lr": config.lr},
+            {"params": list(model.text_encoder.parameters()), "lr": text_lr},
+        ],
+        weight_decay=config.weight_decay,
+        betas=(0.9, 0.99),
+    )
+    steps = config.steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda i: min(1.0, (i + 1) / max(1, config.warmup)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))),
+    )
+    gen = torch.Generator().manual_seed(config.seed)
+    losses: list[float] = []
+    first = 0
+    if state_file is not None and Path(state_file).exists():
+        state = torch.load(state_file, weights_only=True)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        losses = list(state["losses"])
+        first = int(state["step"])
+        if log:
+            log(f"resumed diffusion training at step {first}/{steps} from {state_file}")
+
+    def save(step_done: int) -> None:
+        tmp = f"{state_file}.part"
+        torch.save(
+            {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+             "gen": gen.get_state(), "losses": losses, "step": step_done},
+            tmp,
+        )
+        os.replace(tmp, state_file)  # type: ignore[arg-type]
+
+    start = time.perf_counter()
+    for step in range(first, steps):
+        latents, captions = sample_batch(config.batch_size, gen)
+        drop = torch.rand(len(captions), generator=gen) < config.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        ids = tokenize_captions(captions, tokenizer)
+        loss = diffusion_loss(model, latents, ids, ac, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        # Short runs (tests, smoke runs) would average in mostly random weights with a fixed long decay.
+        _ema_update(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
+        losses.append(loss.item())
+        if state_file is not None and ((step + 1) % save_every == 0 or step == steps - 1):
+            save(step + 1)
+        if log and (step % config.log_every == 0 or step == steps - 1):
+            rate = (step + 1 - first) / (time.perf_counter() - start)
+            recent = sum(losses[-config.log_every :]) / len(losses[-config.log_every :])
+            log(f"diffusion step {step + 1}/{steps} loss {recent:.4f} ({rate:.2f} it/s)")
+    model.eval().requires_grad_(False)
+    return ema, losses
