@@ -84,7 +84,16 @@ def _all_four(image: Image.Image, rng: random.Random) -> Image.Image:
     return _jpeg(_noise(_shift(_blur(image, rng), rng), rng), rng)
 
 
-DEGRADATIONS = {"blur": _blur, "noise": _noise, "jpeg": _jpeg, "shift": _shift, "all_four": _all_four}
+def _blotches(image: Image.Image, rng: random.Random, sigma: float = 8.0) -> Image.Image:
+    """Slow colour variations all over, like a small generative model's uneven backgrounds: a 4x4 grid of
+    per-channel N(0, sigma) offsets, upsampled smoothly."""
+    coarse = np.random.default_rng(rng.randrange(2**31)).normal(0.0, sigma, (4, 4, 3)).astype(np.float32)
+    field = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(coarse[..., c])).resize(image.size, Image.Resampling.BICUBIC))
+                      for c in range(3)], -1)
+    return Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) + field + 0.5, 0, 255).astype(np.uint8))
+
+
+DEGRADATIONS = {"blur": _blur, "noise": _noise, "jpeg": _jpeg, "shift": _shift, "all_four": _all_four, "blotches": _blotches}
 
 
 # --- colour ------------------------------------------------------------------------------------------------
@@ -132,7 +141,7 @@ def _coverage_scenes(seed: int) -> list[Scene]:
 
 
 def test_clean_renders_score_perfectly() -> None:
-    scenes = _coverage_scenes(0) + _random_scenes(1, 150) + _random_scenes(2, 30, n_objects=2)
+    scenes = _coverage_scenes(0) + _random_scenes(1, 120) + _random_scenes(2, 30, n_objects=2)
     assert any(s.is_gradient for s in scenes) and any(len(s.objects) == 2 for s in scenes)
     assert _failures([(render(s), s) for s in scenes]) == []
 
@@ -166,7 +175,7 @@ def test_accepts_arrays_and_other_sizes() -> None:
 @pytest.mark.parametrize("name", list(DEGRADATIONS))
 def test_degraded_renders_score_at_least_98_percent(name: str) -> None:
     rng = random.Random(100 + list(DEGRADATIONS).index(name))
-    scenes = _random_scenes(10 + list(DEGRADATIONS).index(name), 60)
+    scenes = _random_scenes(10 + list(DEGRADATIONS).index(name), 50)
     pairs = [(DEGRADATIONS[name](render(s), rng), s) for s in scenes]
     accuracy = _accuracy(pairs)
     assert all(v >= 0.98 for v in accuracy.values()), accuracy
@@ -175,8 +184,12 @@ def test_degraded_renders_score_at_least_98_percent(name: str) -> None:
 # --- not fooled --------------------------------------------------------------------------------------------
 
 def test_pure_background_has_no_object() -> None:
-    for scene in _random_scenes(20, 40):
-        score = score_image(render(dataclasses.replace(scene, objects=())), scene)
+    rng = random.Random(21)
+    for i, scene in enumerate(_random_scenes(20, 40)):
+        image = render(dataclasses.replace(scene, objects=()))
+        if i % 2:
+            image = _all_four(_blotches(image, rng), rng)
+        score = score_image(image, scene)
         assert score.background
         assert not (score.object_color or score.shape or score.position), score.detected
         assert score.detected["object"] is None
@@ -223,7 +236,7 @@ def test_wrong_position_is_caught() -> None:
 def test_wrong_background_is_caught() -> None:
     rng = random.Random(60)
     pairs = []
-    for scene in _random_scenes(61, 40):
+    for scene in _random_scenes(61, 30):
         objects = {o.color for o in scene.objects}
         other = rng.choice([c for c in COLORS if c not in (scene.background, scene.background2)
                             and all(contrasts(c, o) for o in objects)])
@@ -236,7 +249,7 @@ def test_wrong_background_is_caught() -> None:
         else:
             second = rng.choice([c for c in COLORS if c != scene.background])
             pairs.append((render(dataclasses.replace(scene, background2=second)), scene))
-    assert len(pairs) >= 80
+    assert len(pairs) >= 60
     failures = [p for p in pairs if score_image(*p).background]
     assert failures == []
 

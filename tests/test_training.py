@@ -103,3 +103,24 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
     resumed, _ = train_text_to_image(unet, text, load_clip_tokenizer(), sample_batch, partial, state_file=state, save_every=2)
     for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_train_demo_cli_writes_a_loadable_sd1_checkpoint_and_resumes(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from engine.checkpoint import detect_family, open_state_dict
+    from engine.models import load_sd1
+    from flows.cli import app
+
+    out, work = tmp_path / "demo.safetensors", tmp_path / "work"
+    args = ["train", "demo", "--out", str(out), "--work-dir", str(work), "--scale", "0.0005", "--threads", "1"]
+    res = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    sd = open_state_dict(out)
+    assert detect_family(sd).name == "sd1" and sd.metadata["adforge.native_size"] == "128"
+    models = load_sd1(out)
+    assert models.native_size == 128 and models.unet.config.model_channels == 64
+    assert (work / "vae.pt").exists() and (work / "diffusion-state.pt").exists()
+    # Started again on the same work folder: every stage is reused, nothing is retrained.
+    again = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert again.exit_code == 0 and "reusing the trained VAE" in again.output and "resumed diffusion training" in again.output

@@ -4,30 +4,37 @@ No model is involved: the evaluator only looks at pixels, so it can judge the de
 tested on :func:`engine.demo.scenes.render` output, clean and degraded). The pipeline, all at a working size of
 :data:`~engine.demo.scenes.NATIVE_SIZE` pixels (larger or smaller images are resized first):
 
-1. **Background.** The median colour of each side of an outer frame (6% of the canvas wide) is taken per channel,
-   so an object that grazes the frame or some blotches don't move it. A planar model of the background
-   (constant + horizontal slope + vertical slope, in RGB) is fitted to the four side medians; it is exact for the
-   solid and linear two-colour gradient backgrounds of the demo scenes and needs no knowledge of what was expected.
-   Scoring: an expected *solid* background is right when the median of the whole frame *and* each of the four
-   side medians name the expected colour; an expected *gradient* is right when the start side (top for
-   "vertical", left for "horizontal") names the first colour and the opposite side names the second (so a
-   reversed or rotated gradient, or a solid one, is wrong).
-2. **Object mask.** A 3x3 median filter removes noise and JPEG ringing; a pixel is foreground when its CIE Lab
-   distance to the background model exceeds :data:`DIFF_THRESHOLD`. The mask is opened (3x3 min then max) and
-   split into 8-connected components (run-length union-find, below); components smaller than
-   :data:`MIN_AREA_FRACTION` of the canvas are ignored. With one expected object the largest component is the
-   object. With several expected objects, among the components at least a fifth as large as the largest, the one
-   whose centroid is nearest the *first* object's expected position is scored; so when the model swaps two
-   objects, the thing found where the first object should be is judged (position right, colour/shape wrong).
-3. **Object colour.** The median colour of the component's interior (eroded up to 3 pixels deep while a fifth
-   of it is left, to skip anti-aliased edges and thin star arms) is named by :func:`classify_color`.
-4. **Shape and position.** A soft coverage ``alpha`` in [0, 1] is computed around the component by projecting
-   each pixel onto the line from the local background colour to the object colour (the inverse of alpha
-   blending). For each shape in :data:`~engine.demo.scenes.SHAPES` the centre and radius that reproduce the
-   component's area and centroid are solved analytically, the radius is also tried 6% smaller and larger, the
-   shape is drawn with :func:`~engine.demo.scenes.shape_mask`, and the soft IoU with ``alpha`` is measured; the
-   shape with the best IoU wins, provided it reaches :data:`MIN_SHAPE_IOU` (else the shape is "unknown"). The
-   winning fit's centre, as a fraction of the canvas, is named by the nearest entry of
+1. **Background colour.** The median colour of each side of an outer frame (6% of the canvas wide) is taken per
+   channel, so an object that grazes the frame or some blotches don't move it. An expected *solid* background is
+   right when the median of the whole frame *and* each of the four side medians name the expected colour; an
+   expected *gradient* is right when the start side (top for "vertical", left for "horizontal") names the first
+   colour and the opposite side names the second (so a reversed, rotated or solid one is wrong).
+2. **Background model.** A planar RGB model (level + horizontal slope + vertical slope) through the four side
+   medians is exact for the demo's solid and linear-gradient backgrounds and needs no knowledge of what was
+   expected. For a generated image's blotches and shading it is then refined twice: the residual (image minus
+   model) over the pixels away from the current foreground is smoothed by normalised Gaussian convolution
+   (sigma :data:`REFINE_SIGMA`, computed on a 1/4-resolution grid), which also fills in the background under the
+   objects from around them, and added to the model.
+3. **Object mask.** On a 3x3 box-blurred copy (noise, JPEG ringing), a pixel is foreground when its CIE Lab
+   distance to the background model exceeds :data:`DIFF_THRESHOLD`. The mask is opened (3x3 erosion then
+   dilation) and split into 8-connected components (run-length union-find); components smaller than
+   :data:`MIN_AREA_FRACTION` of the canvas, or whose median distance to the background is under
+   :data:`MIN_CONTRAST` (background blotches; every object/background pair of the demo differs by 51 or more),
+   are ignored. With one expected object the largest component is the object. With several, among the
+   components at least a fifth as large as the largest, the one whose centroid is nearest the *first* object's
+   expected position is scored: when the model swaps two objects, the thing found where the first object
+   belongs is judged (position right, colour and shape wrong).
+4. **Object colour.** The median colour of the component's interior (eroded up to 3 pixels deep while a fifth of
+   it is left, to skip anti-aliased edges and thin star arms) is named by :func:`classify_color`.
+5. **Shape.** A soft coverage ``alpha`` in [0, 1] is computed around the component by projecting each pixel onto
+   the line from the local background colour to the object colour (alpha blending undone). For each shape of
+   :data:`~engine.demo.scenes.SHAPES` the centre and radius that reproduce ``alpha``'s area and centroid are
+   solved analytically, the shape is drawn with :func:`~engine.demo.scenes.shape_mask`, sharp and softened by
+   :data:`TEMPLATE_BLURS`, and its soft IoU with ``alpha`` measured; the two best shapes are also tried with the
+   radius scaled by :data:`RADIUS_SCALES`. The best shape wins if its IoU reaches :data:`MIN_SHAPE_IOU` (else
+   "unknown"). The closest call is circle vs hexagon (IoU ~0.07 apart on clean renders, ~0.02 in the worst
+   degraded small cases).
+6. **Position.** The winning fit's centre, as a fraction of the canvas, is named by the nearest entry of
    :data:`~engine.demo.scenes.POSITIONS`.
 
 No component -> ``object_color``, ``shape`` and ``position`` are all False.
@@ -47,8 +54,10 @@ WORK_SIZE = NATIVE_SIZE
 FRAME_FRACTION = 0.06  # width of the border frame the background is measured on
 DIFF_THRESHOLD = 18.0  # Lab distance from the background model that makes a pixel "object"
 MIN_AREA_FRACTION = 0.004  # smaller components are noise (the smallest demo object, a small star, is ~1.9%)
+MIN_CONTRAST = 30.0  # median Lab distance from the background a component needs (object/background pairs differ >= 51)
 MIN_SHAPE_IOU = 0.5  # a best fit below this is no recognisable shape
 RADIUS_SCALES = (0.94, 1.0, 1.06)
+REFINE_STEPS = 2  # rounds of learning the background's slow variations around the detected objects
 TEMPLATE_BLURS = (0.0, 0.8, 1.6)  # Gaussian sigmas (pixels) the shape templates are also softened by
 
 # Area of each shape divided by r**2, and its centroid's vertical offset divided by r, for the geometry drawn by
@@ -84,7 +93,7 @@ _XYZ_FROM_RGB = np.array(
     dtype=np.float32,
 )
 _WHITE_D65 = np.array([0.95047, 1.0, 1.08883], dtype=np.float32)
-_XYZ_TO_WHITE = np.ascontiguousarray((_XYZ_FROM_RGB / _WHITE_D65[:, None]).T)  # linear RGB row @ this = XYZ / white
+_XYZ_OVER_WHITE = _XYZ_FROM_RGB / _WHITE_D65[:, None]  # rows: linear RGB -> X/Xn, Y/Yn, Z/Zn
 
 
 def _srgb_to_linear(c: np.ndarray) -> np.ndarray:
@@ -96,16 +105,25 @@ _LINEAR_LUT = _srgb_to_linear(np.arange(256, dtype=np.float32) / 255.0)
 
 def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """CIE L*a*b* (D65) of sRGB values in [0, 255], any leading shape ``(..., 3)`` (uint8 input takes a fast
-    lookup-table path)."""
+    lookup-table path). Plain elementwise arithmetic: no BLAS call, so no BLAS threads spinning on the shared
+    cores."""
     rgb = np.asarray(rgb)
     c = _LINEAR_LUT[rgb] if rgb.dtype == np.uint8 else _srgb_to_linear(rgb.astype(np.float32) / 255.0)
-    xyz = np.maximum(c.reshape(-1, 3) @ _XYZ_TO_WHITE, np.float32(1e-9))
-    f = np.power(xyz, np.float32(1.0 / 3.0))
-    small = xyz <= 0.008856
-    if small.any():
-        f[small] = 7.787 * xyz[small] + 16.0 / 116.0
-    lab = np.stack([116.0 * f[:, 1] - 16.0, 500.0 * (f[:, 0] - f[:, 1]), 200.0 * (f[:, 1] - f[:, 2])], -1)
-    return lab.reshape(rgb.shape).astype(np.float32)
+    flat = c.reshape(-1, 3)
+    r, g, b = flat[:, 0], flat[:, 1], flat[:, 2]
+    f = []
+    for row in _XYZ_OVER_WHITE:
+        t = np.maximum(row[0] * r + row[1] * g + row[2] * b, np.float32(1e-9))
+        ft = np.power(t, np.float32(1.0 / 3.0))
+        small = t <= 0.008856
+        if small.any():
+            ft[small] = 7.787 * t[small] + 16.0 / 116.0
+        f.append(ft)
+    lab = np.empty(flat.shape, dtype=np.float32)
+    lab[:, 0] = 116.0 * f[1] - 16.0
+    lab[:, 1] = 500.0 * (f[0] - f[1])
+    lab[:, 2] = 200.0 * (f[1] - f[2])
+    return lab.reshape(c.shape)
 
 
 _NAMES = tuple(COLORS)
@@ -120,22 +138,25 @@ def _nearest_color_index(rgb: np.ndarray) -> np.ndarray:
 
 def classify_color(rgb) -> str:
     """Name of the :data:`~engine.demo.scenes.COLORS` entry nearest to ``rgb`` (0-255) by CIE76 distance in
-    L*a*b*: perceptually even enough that the nearest name is the one a person would give. The palette's closest
-    pair (blue/purple) is ~28 apart, far beyond the ~5 that a +-12 per-channel shift moves a colour."""
+    L*a*b*: perceptually even enough that the nearest name is the one a person would give (plain RGB distance
+    overweights differences among dark colours and underweights them among light ones). The palette's closest
+    pair (blue/purple) is ~28 apart; a +-12 per-channel shift moves a palette colour by up to ~20 (black the
+    most), and every palette colour so shifted is still nearer its own name than any other by 12 or more."""
     return _NAMES[int(_nearest_color_index(np.asarray(rgb, dtype=np.float32).reshape(3)))]
 
 
 def red_share(image) -> float:
     """Share of the image's pixels whose nearest named colour is "red" (e.g. to show that a negative prompt
     "red" removed red from the picture)."""
-    arr = _to_rgb_array(image, resize=True)
+    arr = _to_rgb_array(image)
     return float((_nearest_color_index(arr) == _NAMES.index("red")).mean())
 
 
 # --- input --------------------------------------------------------------------------------------------------
 
-def _to_rgb_array(image, resize: bool = True) -> np.ndarray:
-    """float32 (S, S, 3) in [0, 255] at the working size. Arrays may be HWC or CHW; floats are taken as [0, 1]."""
+def _to_rgb_array(image) -> np.ndarray:
+    """float32 (S, S, 3) in [0, 255] at the working size (a non-square image is squashed: positions are canvas
+    fractions). Arrays may be HWC or CHW, 8-bit or float; floats are taken as [0, 1]."""
     if isinstance(image, Image.Image):
         pil = image.convert("RGB")
     else:
@@ -149,8 +170,8 @@ def _to_rgb_array(image, resize: bool = True) -> np.ndarray:
         arr = arr[..., :3]
         if np.issubdtype(arr.dtype, np.floating):
             arr = np.clip(arr * 255.0 + 0.5, 0, 255)
-        pil = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
-    if resize and pil.size != (WORK_SIZE, WORK_SIZE):
+        pil = Image.fromarray(np.ascontiguousarray(np.clip(arr, 0, 255).astype(np.uint8)))
+    if pil.size != (WORK_SIZE, WORK_SIZE):
         pil = pil.resize((WORK_SIZE, WORK_SIZE), Image.Resampling.BOX if min(pil.size) > WORK_SIZE else Image.Resampling.BICUBIC)
     return np.asarray(pil, dtype=np.float32)
 
@@ -170,22 +191,78 @@ def _side_medians(img: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def _background_model(sides: dict[str, np.ndarray], s: int) -> np.ndarray:
-    """Planar RGB background through the four side medians (side strip centres sit at u = 0 and u = 1).
+_LOW = 4  # the background is modelled at 1/4 resolution (it is slow by construction) and upsampled bilinearly
+REFINE_SIGMA = 8.0  # pixels: scale of the background variations the refinement follows
+_GAUSS: dict[int, np.ndarray] = {}
 
-    Returned broadcastable to (s, s, 3): a direction without a slope (under one level) is left out, so a solid
-    background is (1, 1, 3) and a vertical gradient (s, 1, 3), which keeps the Lab conversion cheap."""
+
+def _gauss_matrix(n: int) -> np.ndarray:
+    """(n, n) Gaussian of :data:`REFINE_SIGMA` full-resolution pixels on an n-sided model grid."""
+    if n not in _GAUSS:
+        i = np.arange(n, dtype=np.float32)
+        _GAUSS[n] = np.exp(-((i[:, None] - i[None, :]) ** 2) / (2 * (REFINE_SIGMA / _LOW) ** 2)).astype(np.float32)
+    return _GAUSS[n]
+
+
+# Small products are done with elementwise numpy / einsum rather than matmul: BLAS would start threads that
+# spin for a while after every call, doubling the CPU this takes on a machine shared with training.
+
+def _upsample_last_axis(x: np.ndarray) -> np.ndarray:
+    """4x bilinear upsampling along the last axis, pixel centres aligned and edges clamped (as Pillow's BILINEAR
+    resize): output pixel 4j + k sits at grid position j + (2k - 3) / 8."""
+    p = np.concatenate([x[..., :1], x, x[..., -1:]], -1)
+    prev, cur, nxt = p[..., :-2], p[..., 1:-1], p[..., 2:]
+    out = np.stack([0.375 * prev + 0.625 * cur, 0.125 * prev + 0.875 * cur,
+                    0.875 * cur + 0.125 * nxt, 0.625 * cur + 0.375 * nxt], -1)
+    return out.reshape(*x.shape[:-1], 4 * x.shape[-1])
+
+
+def _upsample(low: np.ndarray) -> np.ndarray:
+    """(C, n, n) model grid -> (C, 4n, 4n), bilinear."""
+    x = _upsample_last_axis(low)
+    return np.ascontiguousarray(_upsample_last_axis(x.swapaxes(1, 2)).swapaxes(1, 2))
+
+
+def _pool(x: np.ndarray) -> np.ndarray:
+    """Sum over 4x4 blocks of the last two axes (the canvas side is a multiple of 4)."""
+    x = x[..., 0::4, :] + x[..., 1::4, :] + x[..., 2::4, :] + x[..., 3::4, :]
+    return x[..., 0::4] + x[..., 1::4] + x[..., 2::4] + x[..., 3::4]
+
+
+def _gauss(x: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Gaussian-smooth the last two axes of a (C, n, n) grid with the (n, n) kernel matrix ``k``."""
+    return np.einsum("cik,lk->cil", np.einsum("ij,cjk->cik", k, x), k)
+
+
+def _planar_background(sides: dict[str, np.ndarray], s: int) -> np.ndarray:
+    """Planar RGB background (3, n, n) through the four side medians, at the centres of the model grid.
+
+    The side strips' centres sit at u = 0 and u = 1; the top and bottom medians pin the vertical slope, the left
+    and right ones the horizontal slope, and all four the level (for a linear ramp, a side strip's median is the
+    ramp's value at the middle of that side)."""
     w = max(2, round(FRAME_FRACTION * s))
-    gy = (sides["bottom"] - sides["top"]).astype(np.float32)
-    gx = (sides["right"] - sides["left"]).astype(np.float32)
-    c = (sides["top"] + sides["bottom"] + sides["left"] + sides["right"]) / 4 - 0.5 * gx - 0.5 * gy
-    u = (np.arange(s, dtype=np.float32) - (w - 1) / 2) / (s - w)
-    out = np.asarray(c, dtype=np.float32).reshape(1, 1, 3)
-    if np.abs(gx).max() >= 1.0:
-        out = out + gx * u[None, :, None]
-    if np.abs(gy).max() >= 1.0:
-        out = out + gy * u[:, None, None]
-    return out
+    n = s // _LOW
+    gy = (sides["bottom"] - sides["top"]).astype(np.float32)[:, None, None]
+    gx = (sides["right"] - sides["left"]).astype(np.float32)[:, None, None]
+    c = ((sides["top"] + sides["bottom"] + sides["left"] + sides["right"]) / 4).astype(np.float32)[:, None, None]
+    c = c - 0.5 * gx - 0.5 * gy
+    u = (((np.arange(n, dtype=np.float32) + 0.5) * _LOW - 0.5) - (w - 1) / 2) / (s - w)
+    return (c + gx * u[None, None, :] + gy * u[None, :, None]).astype(np.float32)
+
+
+def _refine_background(img: np.ndarray, bg_low: np.ndarray, bg: np.ndarray, fg: np.ndarray) -> np.ndarray:
+    """Follow slow background variations (blotches, shading) that the planar model misses: add to the model grid
+    ``bg_low`` (``bg`` is it upsampled; both channel-first, like ``img``) the residual ``img - bg`` smoothed by
+    normalised Gaussian convolution over the pixels away from the foreground ``fg``, so the holes the objects
+    leave are filled in from around them."""
+    keep = ~_dilate(fg, 3)
+    if keep.mean() < 0.3:  # too little background to learn from: keep the model
+        return bg_low
+    k = _gauss_matrix(img.shape[-1] // _LOW)
+    weight = keep.astype(np.float32)
+    den = np.maximum(_gauss(_pool(weight)[None], k)[0], 1e-6)
+    num = _gauss(_pool((img - bg) * weight), k)
+    return (bg_low + num / den).astype(np.float32)
 
 
 # --- connected components (run-length union-find) --------------------------------------------------------------
@@ -254,7 +331,6 @@ def _paint(runs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def _erode(mask: np.ndarray, radius: int = 1) -> np.ndarray:
     """Binary erosion by a (2 radius + 1) square; outside the canvas counts as background."""
     out = mask.copy()
-    h, w = mask.shape
     for _ in range(radius):
         m = out
         out = m.copy()
@@ -296,8 +372,8 @@ def _fit_shapes(alpha: np.ndarray) -> tuple[dict[str, float], dict[str, tuple[fl
     s = alpha.shape[0]
     area = float(alpha.sum())
     grid = np.arange(s, dtype=np.float32)
-    mx = float(alpha.sum(0) @ grid / area) + 0.5  # pixel i covers [i, i + 1) in shape_mask coordinates
-    my = float(alpha.sum(1) @ grid / area) + 0.5
+    mx = float((alpha.sum(0) * grid).sum() / area) + 0.5  # pixel i covers [i, i + 1) in shape_mask coordinates
+    my = float((alpha.sum(1) * grid).sum() / area) + 0.5
     padded = np.pad(alpha, s)
 
     def iou(shape: str, scale: float, blurs: tuple[float, ...]) -> tuple[float, tuple[float, float, float], float]:
@@ -353,12 +429,25 @@ def score_image(image: Image.Image | np.ndarray, expected: Scene) -> Score:
 
     # Object mask.
     smooth_u8 = np.asarray(Image.fromarray(img.astype(np.uint8)).filter(ImageFilter.BoxBlur(1)))
-    smooth = smooth_u8.astype(np.float32)
-    bg = _background_model(sides, s)
-    bg_u8 = np.clip(bg + 0.5, 0, 255).astype(np.uint8)
-    diff = np.sqrt(((rgb_to_lab(smooth_u8) - rgb_to_lab(bg_u8)) ** 2).sum(-1))
-    mask = _dilate(_erode(diff > DIFF_THRESHOLD))
-    comps = [c for c in _components(mask) if c["area"] >= MIN_AREA_FRACTION * s * s]
+    smooth_cf = np.ascontiguousarray(np.moveaxis(smooth_u8, -1, 0), dtype=np.float32)  # channel-first (3, s, s)
+    lab = np.moveaxis(rgb_to_lab(smooth_u8), -1, 0)
+    bg_low = _planar_background(sides, s)
+    for step in range(1 + REFINE_STEPS):
+        if step:
+            bg_low = _refine_background(smooth_cf, bg_low, bg_cf, mask)
+        low_lab = np.moveaxis(rgb_to_lab(np.clip(np.moveaxis(bg_low, 0, -1), 0, 255)), -1, 0)
+        bg_cf, bg_lab = np.split(_upsample(np.concatenate([bg_low, low_lab])), 2)
+        d = lab - bg_lab
+        diff = np.sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2])
+        mask = _dilate(_erode(diff > DIFF_THRESHOLD))
+    bg = np.moveaxis(bg_cf, 0, -1)
+    comps = []
+    for c in _components(mask):
+        if c["area"] >= MIN_AREA_FRACTION * s * s:
+            r = c["runs"]
+            c["contrast"] = float(np.median(np.concatenate([diff[y, a:b] for y, a, b in r.tolist()])))
+            if c["contrast"] >= MIN_CONTRAST:
+                comps.append(c)
     detected["components"] = len(comps)
     if not comps or not expected.objects:
         detected["object"] = None
@@ -388,7 +477,7 @@ def score_image(image: Image.Image | np.ndarray, expected: Scene) -> Score:
     region = _dilate(cmask, 2)
     x0, y0, x1, y1 = comp["bbox"]
     win = np.s_[max(y0 - 2, 0):y1 + 2, max(x0 - 2, 0):x1 + 2]
-    bg_win = np.broadcast_to(bg, img.shape)[win]
+    bg_win = bg[win]
     delta = obj_rgb.astype(np.float32) - bg_win
     a = ((img[win] - bg_win) * delta).sum(-1) / np.maximum((delta * delta).sum(-1), 1.0)
     alpha = np.zeros(mask.shape, dtype=np.float32)
