@@ -88,12 +88,14 @@ def _blotches(image: Image.Image, rng: random.Random, sigma: float = 8.0) -> Ima
     """Slow colour variations all over, like a small generative model's uneven backgrounds: a 4x4 grid of
     per-channel N(0, sigma) offsets, upsampled smoothly."""
     coarse = np.random.default_rng(rng.randrange(2**31)).normal(0.0, sigma, (4, 4, 3)).astype(np.float32)
-    field = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(coarse[..., c])).resize(image.size, Image.Resampling.BICUBIC))
-                      for c in range(3)], -1)
+    planes = [Image.fromarray(np.ascontiguousarray(coarse[..., c])) for c in range(3)]
+    field = np.stack([np.asarray(p.resize(image.size, Image.Resampling.BICUBIC)) for p in planes], -1)
     return Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) + field + 0.5, 0, 255).astype(np.uint8))
 
 
-DEGRADATIONS = {"blur": _blur, "noise": _noise, "jpeg": _jpeg, "shift": _shift, "all_four": _all_four, "blotches": _blotches}
+DEGRADATIONS = {
+    "blur": _blur, "noise": _noise, "jpeg": _jpeg, "shift": _shift, "all_four": _all_four, "blotches": _blotches,
+}
 
 
 # --- colour ------------------------------------------------------------------------------------------------
@@ -141,7 +143,7 @@ def _coverage_scenes(seed: int) -> list[Scene]:
 
 
 def test_clean_renders_score_perfectly() -> None:
-    scenes = _coverage_scenes(0) + _random_scenes(1, 120) + _random_scenes(2, 30, n_objects=2)
+    scenes = _coverage_scenes(0) + _random_scenes(1, 90) + _random_scenes(2, 24, n_objects=2)
     assert any(s.is_gradient for s in scenes) and any(len(s.objects) == 2 for s in scenes)
     assert _failures([(render(s), s) for s in scenes]) == []
 
@@ -160,14 +162,34 @@ def test_score_reports_what_it_measured() -> None:
 
 
 def test_accepts_arrays_and_other_sizes() -> None:
-    images, scenes = sample_batch(seed=3, n=12)  # (n, 3, 128, 128) float in [0, 1]
+    images, scenes = sample_batch(seed=3, n=8)  # (n, 3, 128, 128) float in [0, 1]
     for chw, scene in zip(images, scenes):
         assert score_image(chw, scene).all_correct
         hwc = np.clip(chw.transpose(1, 2, 0) * 255 + 0.5, 0, 255).astype(np.uint8)
         assert score_image(hwc, scene).all_correct
-    for scene in _random_scenes(4, 12):
+    for scene in _random_scenes(4, 8):
         assert score_image(render(scene, 256), scene).all_correct
         assert score_image(render(scene, 96), scene).all_correct
+
+
+def test_weakest_contrast_objects_are_found_clean_and_degraded() -> None:
+    # contrasts() only holds at a gradient's ends: mid-way the background can come within ~26 Lab of the object.
+    hard = [
+        Scene("white", (SceneObject("circle", "teal", "small", "right"),), "black", "vertical"),
+        Scene("black", (SceneObject("hexagon", "teal", "large", "center"),), "white", "horizontal"),
+        Scene("purple", (SceneObject("star", "pink", "large", "top"),), "yellow", "vertical"),
+        Scene("yellow", (SceneObject("triangle", "pink", "small", "right"),), "purple", "horizontal"),
+        Scene("purple", (SceneObject("diamond", "pink", "small", "left"), SceneObject("square", "teal", "small", "right")),
+              "yellow", "horizontal"),
+    ]
+    rng = random.Random(80)
+    for scene in hard:
+        for name in ("clean", "all_four", "blotches"):
+            image = render(scene)
+            for _ in range(3 if name != "clean" else 1):
+                degraded = DEGRADATIONS[name](image, rng) if name != "clean" else image
+                score = score_image(degraded, scene)
+                assert score.all_correct, (scene, name, score.detected)
 
 
 # --- degraded renders --------------------------------------------------------------------------------------
@@ -214,7 +236,7 @@ def test_wrong_shape_is_caught() -> None:
 def test_wrong_color_is_caught() -> None:
     rng = random.Random(40)
     pairs = []
-    for scene in _random_scenes(41, 60):
+    for scene in _random_scenes(41, 45):
         other = _contrasting_color(rng, scene, {scene.objects[0].color})
         pairs.append((render(_with_first(scene, color=other)), scene))
     accuracy = _accuracy(pairs)
@@ -225,7 +247,7 @@ def test_wrong_color_is_caught() -> None:
 def test_wrong_position_is_caught() -> None:
     rng = random.Random(50)
     pairs = []
-    for scene in _random_scenes(51, 50, n_objects=1):
+    for scene in _random_scenes(51, 40, n_objects=1):
         other = rng.choice([p for p in POSITIONS if p != scene.objects[0].position])
         pairs.append((render(_with_first(scene, position=other)), scene))
     accuracy = _accuracy(pairs)
@@ -236,7 +258,7 @@ def test_wrong_position_is_caught() -> None:
 def test_wrong_background_is_caught() -> None:
     rng = random.Random(60)
     pairs = []
-    for scene in _random_scenes(61, 30):
+    for scene in _random_scenes(61, 25):
         objects = {o.color for o in scene.objects}
         other = rng.choice([c for c in COLORS if c not in (scene.background, scene.background2)
                             and all(contrasts(c, o) for o in objects)])
@@ -249,7 +271,7 @@ def test_wrong_background_is_caught() -> None:
         else:
             second = rng.choice([c for c in COLORS if c != scene.background])
             pairs.append((render(dataclasses.replace(scene, background2=second)), scene))
-    assert len(pairs) >= 60
+    assert len(pairs) >= 50
     failures = [p for p in pairs if score_image(*p).background]
     assert failures == []
 
