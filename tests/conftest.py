@@ -3,8 +3,27 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.tiny_models import write_tiny_sd1
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    # Tiny models on a shared 2-core machine: one intra-op thread is faster (no OpenMP workers spinning against
+    # other processes), and results do not depend on how many cores CI happens to have.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    # Session- and module-scoped fixtures load (and so hash) checkpoints too: keep that cache out of $HOME.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADFORGE_CACHE_DIR", str(tmp_path_factory.mktemp("session-cache")))
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -41,24 +41,6 @@ REPO = Path(__file__).resolve().parents[1]
 TEXT_PREFIX = CLIP_PREFIX + "text_model."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny tensors: one intra-op thread is faster, and far faster on a shared 2-core machine (no spinning
-    # OpenMP workers competing with other processes). Restored for the modules that follow.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _module_cache_dir(tmp_path_factory: pytest.TempPathFactory):
-    # Module-scoped fixtures below load checkpoints (which hash them): keep the hash cache out of $HOME.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ADFORGE_CACHE_DIR", str(tmp_path_factory.mktemp("hash-cache")))
-        yield
-
-
 @pytest.fixture(autouse=True)
 def _cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "cache"

@@ -31,24 +31,6 @@ TEXT = replace(TINY_TEXT, num_layers=3, num_heads=4)
 REF_PREFIX = CLIP_PREFIX + "text_model."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny tensors: one intra-op thread is faster, and far faster on a shared 2-core machine (no spinning
-    # OpenMP workers competing with other processes). Restored for the modules that follow.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cache_dir(tmp_path_factory: pytest.TempPathFactory):
-    # load_sd1 hashes the file: keep the hash cache out of $HOME, also for the module-scoped fixtures.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ADFORGE_CACHE_DIR", str(tmp_path_factory.mktemp("hash-cache")))
-        yield
-
-
 @pytest.fixture(scope="module")
 def state_dict() -> dict[str, torch.Tensor]:
     return tiny_sd1_state_dict(3, text=TEXT)

@@ -21,15 +21,6 @@ from engine.vae import AutoencoderKL
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on 2 shared cores: threading overhead outweighs the work.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _scenes(seed: int, n: int):
     rng = random.Random(seed)
     return [random_scene(rng) for _ in range(n)]
