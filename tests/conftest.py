@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny_models import write_tiny_sd1
+from engine.random_checkpoint import write_random_sd1
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -34,9 +34,9 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_sd1(tmp_path_factory.mktemp("models") / "tiny-sd1.safetensors", seed=0)
+    return Path(write_random_sd1(tmp_path_factory.mktemp("models") / "tiny-sd1.safetensors", seed=0))
 
 
 @pytest.fixture(scope="session")
 def tiny_inpaint_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_sd1(tmp_path_factory.mktemp("models") / "tiny-sd1-inpainting.safetensors", seed=1, inpaint=True)
+    return Path(write_random_sd1(tmp_path_factory.mktemp("models") / "tiny-sd1-inpainting.safetensors", seed=1, inpaint=True))

@@ -35,7 +35,7 @@ from engine.models import load_sd1
 from engine.text_encoder import TextEncoderConfig
 from engine.unet import SD1_NUM_HEADS, UNetConfig, UNetModel
 from engine.vae import VAEConfig
-from tests.tiny_models import TINY_TEXT, TINY_UNET, TINY_VAE, tiny_metadata, tiny_sd1_state_dict
+from engine.random_checkpoint import TINY_TEXT, TINY_UNET, TINY_VAE, random_sd1_state_dict, sd1_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_PREFIX = CLIP_PREFIX + "text_model."
@@ -50,13 +50,13 @@ def _cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_sd() -> dict[str, torch.Tensor]:
-    return tiny_sd1_state_dict(0)
+    return random_sd1_state_dict(0)
 
 
 @pytest.fixture(scope="module")
 def tiny_file(tmp_path_factory: pytest.TempPathFactory, tiny_sd) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_file(tiny_sd, str(path), metadata=tiny_metadata())
+    save_file(tiny_sd, str(path), metadata=sd1_metadata())
     return path
 
 
@@ -66,7 +66,7 @@ def tiny_models(tiny_file: Path):
 
 
 def _save(path: Path, sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-    save_file(sd, str(path), metadata=tiny_metadata() if metadata is None else metadata)
+    save_file(sd, str(path), metadata=sd1_metadata() if metadata is None else metadata)
     return path
 
 
@@ -146,7 +146,7 @@ def test_config_inference_is_read_from_the_file_not_assumed(tmp_path: Path) -> N
     )
     text = TextEncoderConfig(vocab_size=49410, hidden_size=48, intermediate_size=50, num_layers=1, num_heads=3, max_position_embeddings=77)
     vae = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=2)
-    path = _save(tmp_path / "variant.safetensors", tiny_sd1_state_dict(3, unet=unet, text=text, vae=vae), tiny_metadata(unet, text))
+    path = _save(tmp_path / "variant.safetensors", random_sd1_state_dict(3, unet=unet, text=text, vae=vae), sd1_metadata(unet, text))
     m = load_sd1(path)
     assert m.unet.config == unet
     assert _text_config(m.text_encoder) == text
@@ -392,8 +392,8 @@ def test_unexpected_tensor_is_refused_not_ignored(tmp_path: Path, tiny_sd) -> No
 
 
 def test_text_encoder_width_must_match_unet_context(tmp_path: Path) -> None:
-    sd = tiny_sd1_state_dict(0, text=replace(TINY_TEXT, hidden_size=48, num_heads=3))
-    path = _save(tmp_path / "mixed.safetensors", sd, tiny_metadata(TINY_UNET, replace(TINY_TEXT, num_heads=3)))
+    sd = random_sd1_state_dict(0, text=replace(TINY_TEXT, hidden_size=48, num_heads=3))
+    path = _save(tmp_path / "mixed.safetensors", sd, sd1_metadata(TINY_UNET, replace(TINY_TEXT, num_heads=3)))
     with pytest.raises(CheckpointError, match="48 wide.*expects 32") as info:
         load_sd1(path)
     assert str(path) in str(info.value)
@@ -630,7 +630,7 @@ def test_peak_memory_of_loading_a_large_checkpoint(tmp_path: Path, tiny_sd, tiny
     sd = {k: v for k, v in tiny_sd.items() if not k.startswith(UNET_PREFIX)}
     sd.update({k: torch.full(shape, 0.01) for k, shape in shapes.items()})
     path = tmp_path / "big.safetensors"
-    save_file(sd, str(path), metadata=tiny_metadata(big_unet))
+    save_file(sd, str(path), metadata=sd1_metadata(big_unet))
     del sd
     size = path.stat().st_size
     assert 200e6 < size < 320e6

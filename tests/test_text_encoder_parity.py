@@ -22,7 +22,7 @@ from engine.checkpoint import CLIP_PREFIX, open_state_dict
 from engine.models import load_sd1
 from engine.text_encoder import encode_tokens
 from engine.tokenizer import BOS_ID, EOS_ID
-from tests.tiny_models import TINY_TEXT, TINY_UNET, tiny_metadata, tiny_sd1_state_dict
+from engine.random_checkpoint import TINY_TEXT, TINY_UNET, random_sd1_state_dict, sd1_metadata
 
 TOL = 1e-5
 # Three layers so that clip skip 1, 2 and 3 all pick different layers; four 8-wide heads, which is neither the
@@ -33,7 +33,7 @@ REF_PREFIX = CLIP_PREFIX + "text_model."
 
 @pytest.fixture(scope="module")
 def state_dict() -> dict[str, torch.Tensor]:
-    return tiny_sd1_state_dict(3, text=TEXT)
+    return random_sd1_state_dict(3, text=TEXT)
 
 
 def _write(path: Path, sd: dict[str, torch.Tensor], *, text_model_level: bool) -> Path:
@@ -43,7 +43,7 @@ def _write(path: Path, sd: dict[str, torch.Tensor], *, text_model_level: bool) -
     sd = dict(sd)
     # Real SD 1.x files carry a position_ids tensor, sometimes a damaged float one (merges): it must be ignored.
     sd[prefix + "embeddings.position_ids"] = torch.arange(TEXT.max_position_embeddings, dtype=torch.float32)[None] + 0.4
-    save_file(sd, str(path), metadata=tiny_metadata(TINY_UNET, TEXT))
+    save_file(sd, str(path), metadata=sd1_metadata(TINY_UNET, TEXT))
     return path
 
 

@@ -15,7 +15,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # n
 
 from engine.checkpoint import UNET_PREFIX  # noqa: E402
 from engine.unet import UNetConfig, UNetModel, unet_config_from_state_dict  # noqa: E402
-from tests.tiny_models import TINY_UNET, _randomize  # noqa: E402
+from engine.random_checkpoint import TINY_UNET, randomize_  # noqa: E402
 
 CONFIGS = {
     "tiny": TINY_UNET,
@@ -63,7 +63,7 @@ def test_unet_matches_diffusers(name: str) -> None:
     cfg = CONFIGS[name]
     torch.manual_seed(0)
     ours = UNetModel(cfg).eval()
-    _randomize(ours, torch.Generator().manual_seed(1))
+    randomize_(ours, torch.Generator().manual_seed(1))
     ldm = {UNET_PREFIX + k: v for k, v in ours.state_dict().items()}
 
     # The config is recoverable from the shapes alone (heads excepted: they are not in any shape).
@@ -97,7 +97,7 @@ def test_unet_odd_latent_size_matches_skip_shapes() -> None:
 
 def test_unet_half_precision_runs_and_tracks_float32() -> None:
     ours = UNetModel(TINY_UNET).eval()
-    _randomize(ours, torch.Generator().manual_seed(3))
+    randomize_(ours, torch.Generator().manual_seed(3))
     x = torch.randn(2, 4, 8, 8)
     t = torch.tensor([700.0, 20.0])
     ctx = torch.randn(2, 77, TINY_UNET.context_dim)

@@ -6,6 +6,7 @@ file (same seeds, same data; float arithmetic on another CPU may differ in the l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -173,8 +174,6 @@ def _stage_keys(recipe: DemoRecipe) -> dict[str, str]:
 
 def _diffusion_state_file(work: Path, key: str) -> Path:
     """One state file per full recipe, so a changed recipe never resumes another recipe's optimizer."""
-    import hashlib
-
     return work / f"diffusion-state-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
 
 
