@@ -201,7 +201,9 @@ def models_init_random(
     from engine.random_checkpoint import write_random_sd1
 
     try:
-        write_random_sd1(path, preset, seed=seed, inpaint=inpaint)
+        # Random numbers made by our own code: we can license them, so runs may use the file for any purpose.
+        write_random_sd1(path, preset, seed=seed, inpaint=inpaint,
+                         metadata={"modelspec.title": path.stem, "modelspec.license": "Apache-2.0"})
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--preset") from None
     typer.echo(str(path))
@@ -228,6 +230,10 @@ def models_inspect(
     typer.echo(f"sha256:      {sha}")
     typer.echo(f"model hash:  {a1111_short_hash(sha)}")
 
+
+from flows.cli_campaign import register as _register_campaign_commands  # noqa: E402  (needs app and models_app)
+
+_register_campaign_commands(app, models_app, console)
 
 train_app = typer.Typer(no_args_is_help=True, help="Training: the bundled demo model.")
 app.add_typer(train_app, name="train")

@@ -376,12 +376,16 @@ def _slug(part: str, what: str) -> str:
     return slug
 
 
-def asset_key(campaign: str, row_id: str, channel: str, variant: int, seed: int, ext: str) -> str:
+def asset_key(campaign: str, row_id: str, channel: str, variant: int, seed: int, ext: str, *, tag: str | None = None) -> str:
     """Deterministic, safe key for one variant, e.g. ``spring-launch-2025/hero-01/instagram_square/v03-s12345.png``.
 
     Each part is slugified; a part that slugifying changed gets ``-<8 hex of sha256(original)>`` appended, so
-    "Hero 01" and "hero-01" give different keys.
+    "Hero 01" and "hero-01" give different keys. ``tag`` (lower-case hex, e.g. the start of the variant's identity
+    hash) is appended to the file name (``v03-s12345-1a2b3c4d5e.png``), so a changed prompt never overwrites the
+    file of the old one.
     """
+    if tag is not None and not re.fullmatch(r"[0-9a-f]{4,64}", tag):
+        raise ValueError(f"tag must be 4-64 lower-case hex digits, got {tag!r}")
     for name, value in (("variant", variant), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -391,5 +395,6 @@ def asset_key(campaign: str, row_id: str, channel: str, variant: int, seed: int,
     if not _EXT.fullmatch(extension):
         raise ValueError(f"invalid file extension {ext!r}")
     parts = (_slug(campaign, "campaign"), _slug(row_id, "row_id"), _slug(channel, "channel"))
-    key = "/".join((*parts, f"v{variant:02d}-s{seed}.{extension}"))
+    suffix = f"-{tag}" if tag else ""
+    key = "/".join((*parts, f"v{variant:02d}-s{seed}{suffix}.{extension}"))
     return validate_key(key)

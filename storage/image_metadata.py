@@ -117,3 +117,53 @@ def read_png_metadata(path: str | os.PathLike[str]) -> tuple[str | None, str | N
     with Image.open(path) as im:
         text = getattr(im, "text", {})
         return text.get("parameters"), text.get(XMP_PNG_KEY)
+
+
+# ------------------------------------------------------------------------------------------------ JPEG / WebP
+
+_EXIF_IFD = 0x8769
+_USER_COMMENT = 0x9286  # where A1111 puts the infotext in JPEG / WebP files
+_UNICODE_PREFIX = b"UNICODE\x00"
+FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+
+def _exif_with_comment(infotext: str) -> Image.Exif:
+    exif = Image.Exif()
+    exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _UNICODE_PREFIX + infotext.encode("utf-16-be")
+    return exif
+
+
+def encode_image(image: Image.Image, fmt: str, infotext: str, xmp: str | None = None, *, quality: int = 92) -> bytes:
+    """``image`` as ``png`` / ``jpeg`` / ``webp`` bytes carrying the infotext and the XMP packet.
+
+    PNG: ``parameters`` text chunk + iTXt XMP. JPEG and WebP: EXIF UserComment (UTF-16, as A1111 writes it)
+    + the XMP packet (APP1 / XMP chunk)."""
+    if fmt == "png":
+        return encode_png(image, infotext, xmp)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown image format {fmt!r} (known: {', '.join(FORMATS)})")
+    buf = io.BytesIO()
+    image.convert("RGB").save(
+        buf, format=FORMATS[fmt], quality=quality, exif=_exif_with_comment(infotext), xmp=(xmp or xmp_packet()).encode("utf-8")
+    )
+    return buf.getvalue()
+
+
+def read_image_metadata(source: str | os.PathLike[str] | bytes) -> tuple[str | None, str | None]:
+    """(infotext, xmp) from a PNG, JPEG or WebP file (path or bytes), None where absent."""
+    handle = io.BytesIO(source) if isinstance(source, bytes) else source
+    with Image.open(handle) as im:
+        if im.format == "PNG":
+            text = getattr(im, "text", {})
+            return text.get("parameters"), text.get(XMP_PNG_KEY)
+        raw_xmp = im.info.get("xmp")
+        xmp = raw_xmp.decode("utf-8") if isinstance(raw_xmp, bytes) else raw_xmp
+        comment = im.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+        infotext = None
+        if isinstance(comment, bytes) and comment.startswith(_UNICODE_PREFIX):
+            infotext = comment[len(_UNICODE_PREFIX):].decode("utf-16-be")
+        elif isinstance(comment, str):
+            infotext = comment
+        return infotext, xmp

@@ -29,41 +29,7 @@ PNG = "image/png"
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """A real S3 API over HTTP on 127.0.0.1 (moto's threaded server), with fake credentials."""
-    try:
-        from moto.server import ThreadedMotoServer
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        pytest.skip(f"S3 contract tests need moto[server] (pip install 'moto[server]>=5'): {e}")
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in {
-            "AWS_ACCESS_KEY_ID": "test",
-            "AWS_SECRET_ACCESS_KEY": "test",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-            "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        }.items():
-            mp.setenv(name, value)
-        for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(name, raising=False)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        try:
-            yield f"http://{host}:{port}"
-        finally:
-            server.stop()
-
-
-@pytest.fixture
-def s3_bucket(s3_endpoint: str) -> str:
-    import boto3
-
-    name = f"adforge-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
-    return name
+# s3_endpoint and s3_bucket live in conftest.py (the campaign-run tests use them too).
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -39,16 +39,18 @@ class DemoRecipe:
         model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(0, 1, 2), num_heads=4, context_dim=64
     )
     text: TextEncoderConfig = TextEncoderConfig(hidden_size=64, intermediate_size=256, num_layers=3, num_heads=4)
-    # ch 64, not 32: GroupNorm has 32 groups, and one channel per group is instance norm, which erases the flat
-    # colour of an image (measured: VAE loss after 200 steps 0.63 at ch 64 vs 0.81 at ch 32).
-    vae: VAEConfig = VAEConfig(ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
-    vae_steps: int = 1200
-    vae_batch: int = 8
-    vae_crop: int = 64
-    vae_lr: float = 1e-3
-    dataset_size: int = 12000
+    # ch 96: the decoder's last GroupNorm (32 groups) normalises each group over space, so on a flat area the
+    # colour must survive as the *direction* of a group's channels. With 1 channel per group (ch 32) nothing
+    # survives, with 2 (ch 64) only a sign; with 3 each group keeps one continuous degree of freedom.
+    # Measured, 200 steps of 32x32 crops: ch 64 stuck at loss 0.95 (MAE 72/255), ch 96 at 0.66 after 100.
+    vae: VAEConfig = VAEConfig(ch=96, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
+    vae_steps: int = 1400
+    vae_batch: int = 12
+    vae_crop: int = 48
+    vae_lr: float = 2e-3
+    dataset_size: int = 6000
     diffusion: DiffusionTrainingConfig = field(
-        default_factory=lambda: DiffusionTrainingConfig(steps=4000, batch_size=32, lr=5e-4, ema_decay=0.999, warmup=200)
+        default_factory=lambda: DiffusionTrainingConfig(steps=3000, batch_size=32, lr=5e-4, ema_decay=0.999, warmup=200)
     )
     seed: int = 1234
 

@@ -1,0 +1,202 @@
+"""The campaign run as a Prefect flow: validate -> plan -> render batches -> (post-process, store, record) -> finish.
+
+* ``validate_brief``: read the brief, every problem with file / line / column; ``strict`` rejects on any.
+* ``plan_run``: expand rows into variants (:mod:`flows.planning`), check models and licences, record the run
+  and the plan, and return batches of *variant ids* still to render (grouped by model and size).
+* ``render_batch``: one task per batch; loads the model once per process, renders, post-processes, stores and
+  records each image (:mod:`flows.rendering`). It takes ids only, so it can run anywhere.
+* ``finish_run``: counts, timings, status.
+
+Nothing is written for a rejected brief: validation and planning touch the database only after the brief passed.
+Re-running a brief skips what exists; a run killed at any point and started again completes the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.brief import Brief, BriefError, read_brief
+from flows.licensing import ModelInfo, describe_model, ensure_model
+from flows.planning import Plan, default_model_path, plan_brief
+from flows.recording import finish_run, start_run, sync_plan
+from flows.rendering import get_pipeline, load_jobs, render_jobs
+from flows.settings import Settings, load_settings
+from flows.templating import load_channels, load_styles
+from storage.assets import AssetStore, open_store
+from storage.database import Database, open_database
+
+__all__ = ["RunSummary", "campaign_run", "open_resources", "set_progress_listener"]
+
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------------------------ progress
+
+ProgressListener = Callable[[str, int], None]  # event ("planned" | "skipped" | "rendered" | "failed"), count
+_listener: ProgressListener | None = None
+
+
+def set_progress_listener(listener: ProgressListener | None) -> None:
+    """The CLI's progress bar; events come from tasks in this process (Prefect runs them in threads)."""
+    global _listener
+    _listener = listener
+
+
+def _emit(event: str, count: int) -> None:
+    if _listener is not None and count:
+        _listener(event, count)
+
+
+# ------------------------------------------------------------------------------------------------ resources
+
+_RESOURCES: dict[tuple[str, str], tuple[Database, AssetStore]] = {}
+_RESOURCE_LOCK = threading.Lock()
+
+
+def open_resources(settings: Settings) -> tuple[Database, AssetStore]:
+    """One database engine and one store client per process and configuration."""
+    key = (settings.db_url, settings.store_url)
+    with _RESOURCE_LOCK:
+        if key not in _RESOURCES:
+            _RESOURCES[key] = (open_database(settings.db_url), open_store(settings.store_url))
+        return _RESOURCES[key]
+
+
+def close_resources() -> None:
+    with _RESOURCE_LOCK:
+        for db, _ in _RESOURCES.values():
+            db.dispose()
+        _RESOURCES.clear()
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+
+
+@dataclass
+class PlannedRun:
+    run_id: int
+    batches: list[list[int]]
+    planned: int
+    already_done: int
+    problems: list[str]
+
+
+@dataclass
+class RunSummary:
+    run_id: int | None
+    status: str
+    counts: dict[str, int]
+    seconds: float
+    store_url: str
+    db_url: str
+    problems: list[str] = field(default_factory=list)
+    flow_run_id: str | None = None
+
+
+@task(name="validate-brief", cache_policy=NO_CACHE)
+def validate_brief(brief_path: str, strict: bool, templates_dir: str | None) -> Brief:
+    channels = load_channels(Path(templates_dir) / "channels.yaml" if templates_dir else None)
+    return read_brief(brief_path, known_channels=set(channels), strict=strict)
+
+
+def make_plan(brief: Brief, settings: Settings, db: Database | None, strict: bool, *, write: bool = False) -> Plan:
+    """Plan ``brief``. Models are looked up in ``db`` (if given); with ``write`` a model seen for the first time
+    is entered in it (a run), without it nothing is written (``adforge plan``, and the check before a run)."""
+    tdir = Path(settings.templates_dir) if settings.templates_dir else None
+    channels = load_channels(tdir / "channels.yaml" if tdir else None)
+    styles = load_styles(tdir / "styles.yaml" if tdir else None)
+
+    def resolve(path: str) -> ModelInfo:
+        if write and db is not None:
+            return ensure_model(db, path)
+        return describe_model(path, db)
+
+    return plan_brief(brief, settings, channels=channels, styles=styles, resolve_model=resolve,
+                      default_model=default_model_path(settings), strict=strict)
+
+
+@task(name="plan-run", cache_policy=NO_CACHE)
+def plan_run(brief: Brief, settings: Settings, strict: bool, flow_run_id: str | None) -> PlannedRun:
+    db, _ = open_resources(settings)
+    # Planning read-only first: a brief that is rejected writes nothing at all.
+    make_plan(brief, settings, db, strict)
+    plan = make_plan(brief, settings, db, strict, write=True)
+    run_id = start_run(db, os.fspath(brief.path), brief, settings, flow_run_id)
+    states = sync_plan(db, plan, run_id)
+    groups: dict[tuple, list[int]] = {}
+    done = 0
+    for v in plan.variants:
+        state = states[v.identity]
+        if state.status == "done":
+            done += 1
+            continue
+        groups.setdefault(v.batch_group, []).append(state.id)
+    size = settings.batch_size
+    batches = [ids[i : i + size] for ids in groups.values() for i in range(0, len(ids), size)]
+    return PlannedRun(run_id=run_id, batches=batches, planned=len(plan.variants), already_done=done,
+                      problems=[str(p) for p in plan.problems])
+
+
+@task(name="render-batch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def render_batch(run_id: int, variant_ids: list[int], settings: Settings) -> dict[str, int]:
+    db, store = open_resources(settings)
+    jobs = load_jobs(db, variant_ids)
+    if not jobs:
+        return {"rendered": 0, "failed": 0, "skipped": 0}
+    first = jobs[0]
+    pipeline = get_pipeline(first.model_path, first.model_sha256, device=settings.device, dtype=settings.dtype,
+                            max_batch_size=settings.batch_size)
+    counts = render_jobs(jobs, pipeline=pipeline, store=store, db=db, run_id=run_id, on_event=_emit)
+    _emit("skipped", counts["skipped"])
+    return counts
+
+
+# ------------------------------------------------------------------------------------------------ flow
+
+
+@flow(name="campaign-run", log_prints=False, validate_parameters=True)
+def campaign_run(brief_path: str, strict: bool = False, overrides: dict | None = None, config: str | None = None) -> dict:
+    """Render every planned variant of a brief; returns the run summary as a dict."""
+    from prefect.runtime import flow_run
+
+    t0 = time.perf_counter()
+    settings = load_settings(overrides or {}, config=config)
+    brief = validate_brief(brief_path, strict, settings.templates_dir)
+    planned = plan_run(brief, settings, strict, str(flow_run.id) if flow_run.id else None)
+    _emit("planned", planned.planned)
+    _emit("skipped", planned.already_done)
+    t_plan = time.perf_counter() - t0
+    counts = {"planned": planned.planned, "rendered": 0, "skipped": planned.already_done, "failed": 0,
+              "invalid_rows": len({p for p in planned.problems})}
+    error = None
+    status = "completed"
+    try:
+        for batch in planned.batches:
+            result = render_batch(planned.run_id, batch, settings)
+            for k in ("rendered", "failed", "skipped"):
+                counts[k] += result[k]
+    except BaseException as exc:
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        if status == "completed" and counts["failed"]:
+            status = "completed_with_failures"
+        db, _ = open_resources(settings)
+        seconds = time.perf_counter() - t0
+        finish_run(db, planned.run_id, status, counts, {"plan": round(t_plan, 3), "total": round(seconds, 3)}, error)
+    return RunSummary(
+        run_id=planned.run_id, status=status, counts=counts, seconds=seconds, store_url=settings.store_url,
+        db_url=settings.redacted()["db_url"], problems=planned.problems,
+        flow_run_id=str(flow_run.id) if flow_run.id else None,
+    ).__dict__
+
+
+__all__ += ["BriefError", "make_plan", "plan_run", "render_batch", "validate_brief"]

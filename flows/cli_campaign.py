@@ -1,0 +1,282 @@
+"""``adforge run / plan / runs / assets`` and ``adforge models add / list``: campaign commands of the CLI."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+__all__ = ["register"]
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="adforge.toml to read (default: ./adforge.toml if present).")]
+DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (env ADFORGE_DB_URL). Default: sqlite under ./adforge-data/.")]
+StoreOpt = Annotated[str | None, typer.Option("--store", help="Asset store: folder, file:// or s3://bucket/prefix (env ADFORGE_STORE_URL).")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Default model for rows without one (env ADFORGE_MODEL). Default: bundled.")]
+
+
+def _quiet_prefect() -> None:
+    """Keep Prefect's console chatter (and its temporary server's shutdown noise) out of the progress bar."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_SERVER_LEVEL", "CRITICAL")
+    logging.getLogger("prefect.server").setLevel(logging.CRITICAL)
+
+
+def _settings(console: Console, config: Path | None, **overrides):
+    from flows.settings import SettingsError, load_settings
+
+    try:
+        return load_settings(overrides, config=config)
+    except SettingsError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _print_problems(console: Console, problems: list[str], title: str) -> None:
+    if not problems:
+        return
+    console.print(f"[yellow]{title} ({len(problems)}):[/yellow]")
+    for p in problems:
+        console.print(f"  {escape(p)}", soft_wrap=True)
+
+
+class _RateColumn(ProgressColumn):
+    def __init__(self, started: float):
+        super().__init__()
+        self.started = started
+
+    def render(self, task) -> Text:
+        done = task.fields.get("rendered", 0)
+        elapsed = time.perf_counter() - self.started
+        rate = done / elapsed if elapsed > 0 and done else 0.0
+        return Text(f"{rate:.2f} img/s")
+
+
+def register(app: typer.Typer, models_app: typer.Typer, console: Console) -> None:
+    @app.command()
+    def run(
+        brief: Annotated[Path, typer.Argument(help="Brief spreadsheet (.csv or .xlsx).")],
+        strict: Annotated[bool, typer.Option(help="Reject the whole brief on any problem (default: skip bad rows).")] = False,
+        db: DbOpt = None,
+        store: StoreOpt = None,
+        model: ModelOpt = None,
+        steps: Annotated[int | None, typer.Option(min=1, max=500, help="Sampling steps (default 25).")] = None,
+        sampler: Annotated[str | None, typer.Option(help="Sampler (default DPM++ 2M Karras).")] = None,
+        cfg: Annotated[float | None, typer.Option("--cfg", min=0.0, help="CFG scale (default 7).")] = None,
+        batch_size: Annotated[int | None, typer.Option(min=1, help="Images per engine batch (default 4).")] = None,
+        device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+        config: ConfigOpt = None,
+    ) -> None:
+        """Render every variant a brief plans (skipping those that exist), store them, record everything."""
+        _quiet_prefect()
+        overrides = {"db_url": db, "store_url": store, "model": model, "steps": steps, "sampler": sampler, "cfg_scale": cfg,
+                     "batch_size": batch_size, "device": device}
+        settings = _settings(console, config, **overrides)
+        from flows.brief import BriefError
+        from flows.campaign import campaign_run, set_progress_listener
+
+        started = time.perf_counter()
+        with Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("done {task.fields[rendered]} · skipped {task.fields[skipped]} · [red]failed {task.fields[failed]}[/red]"),
+            _RateColumn(started), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
+        ) as bar:
+            task_id = bar.add_task("starting", total=None, rendered=0, skipped=0, failed=0)
+            fields = {"rendered": 0, "skipped": 0, "failed": 0}
+
+            def on_event(event: str, count: int) -> None:
+                if event == "planned":
+                    bar.update(task_id, total=count, description="rendering")
+                    return
+                fields[event] += count
+                bar.update(task_id, advance=count, **fields)
+
+            set_progress_listener(on_event)
+            try:
+                summary = campaign_run(os.fspath(brief), strict=strict, overrides={k: v for k, v in overrides.items() if v is not None},
+                                       config=os.fspath(config) if config else None)
+            except BriefError as exc:
+                bar.stop()
+                console.print(f"[red]brief rejected[/red] ({len(exc.problems)} problem(s)); nothing was rendered or recorded:")
+                for p in exc.problems:
+                    console.print(f"  {escape(str(p))}", soft_wrap=True)
+                raise typer.Exit(2) from None
+            finally:
+                set_progress_listener(None)
+        _print_problems(console, summary["problems"], "rows skipped")
+        c = summary["counts"]
+        console.print(
+            f"[bold]run {summary['run_id']}[/bold] {summary['status']}: planned {c['planned']}, rendered {c['rendered']}, "
+            f"already there {c['skipped']}, failed {c['failed']} in {summary['seconds']:.1f} s"
+        )
+        console.print(f"assets:   {escape(summary['store_url'])}", soft_wrap=True)
+        console.print(f"database: {escape(summary['db_url'])}", soft_wrap=True)
+        console.print(f"list them: adforge assets --run {summary['run_id']}")
+        if c["failed"]:
+            raise typer.Exit(1)
+
+    @app.command()
+    def plan(
+        brief: Annotated[Path, typer.Argument(help="Brief spreadsheet (.csv or .xlsx).")],
+        strict: Annotated[bool, typer.Option(help="Reject the whole brief on any problem.")] = False,
+        model: ModelOpt = None,
+        db: DbOpt = None,
+        details: Annotated[bool, typer.Option("--details", help="List every variant (prompt, seed, size, key).")] = False,
+        config: ConfigOpt = None,
+    ) -> None:
+        """Show what a run would make (rows x channels x prompt variations x seeds) without rendering anything."""
+        settings = _settings(console, config, model=model, db_url=db)
+        from flows.brief import BriefError, read_brief
+        from flows.campaign import make_plan
+        from flows.templating import load_channels
+        from storage.database import DatabaseError, open_database
+
+        try:
+            parsed = read_brief(brief, known_channels=set(load_channels()), strict=strict)
+            database = None
+            if settings.db_url.startswith("sqlite") and not Path(settings.db_url.split("///", 1)[-1]).exists():
+                database = None  # no database yet: nothing registered, and plan must not create one
+            else:
+                try:
+                    database = open_database(settings.db_url, upgrade=False)
+                except DatabaseError:
+                    database = None
+            the_plan = make_plan(parsed, settings, database, strict)
+        except BriefError as exc:
+            console.print(f"[red]brief rejected[/red] ({len(exc.problems)} problem(s)):")
+            for p in exc.problems:
+                console.print(f"  {escape(str(p))}", soft_wrap=True)
+            raise typer.Exit(2) from None
+        table = Table(title=f"plan for {brief}")
+        for col in ("campaign", "row", "channel", "template", "prompts", "seeds", "images", "generate", "deliver", "model"):
+            table.add_column(col)
+        groups: dict[tuple, list] = {}
+        for v in the_plan.variants:
+            groups.setdefault((v.row.campaign, v.row.row_id, v.channel.name), []).append(v)
+        for (campaign, row_id, channel), vs in groups.items():
+            v0 = vs[0]
+            seeds = sorted({v.seed for v in vs})
+            table.add_row(campaign, row_id, channel, v0.prompt.template_name, str(len({v.prompt.prompt for v in vs})),
+                          f"{seeds[0]}..{seeds[-1]}" if len(seeds) > 1 else str(seeds[0]), str(len(vs)),
+                          f"{v0.gen_width}x{v0.gen_height}", f"{v0.channel.width}x{v0.channel.height} {v0.channel.format}",
+                          f"{v0.model.name} ({v0.model.short_hash})")
+        out = Console()
+        out.print(table)
+        if details:
+            for v in the_plan.variants:
+                out.print(f"{v.storage_key}\tseed {v.seed}\t{escape(v.prompt.prompt)}", soft_wrap=True)
+        rows = len({(v.row.campaign, v.row.row_id) for v in the_plan.variants})
+        out.print(f"{len(the_plan.variants)} images from {rows} row(s) x {len(groups)} row-channel(s); "
+                  f"{settings.steps} steps of {settings.sampler}, CFG {settings.cfg_scale:g}")
+        _print_problems(console, [str(p) for p in the_plan.problems], "rows that would be skipped")
+
+    @app.command()
+    def runs(
+        db: DbOpt = None,
+        limit: Annotated[int, typer.Option(min=1)] = 20,
+        config: ConfigOpt = None,
+    ) -> None:
+        """List recent runs: status, counts, timings."""
+        settings = _settings(console, config, db_url=db)
+        from sqlalchemy import select
+
+        from storage.database import open_database
+        from storage.schema import Run
+
+        database = open_database(settings.db_url)
+        table = Table(title="runs")
+        for col in ("id", "status", "brief", "started", "seconds", "planned", "rendered", "skipped", "failed"):
+            table.add_column(col)
+        with database.session() as s:
+            for r in s.scalars(select(Run).order_by(Run.id.desc()).limit(limit)):
+                c = r.counts or {}
+                table.add_row(str(r.id), r.status, Path(r.brief_path).name, r.started_at.strftime("%Y-%m-%d %H:%M:%S"),
+                              f"{(r.timings or {}).get('total', 0):.1f}", *(str(c.get(k, "")) for k in ("planned", "rendered", "skipped", "failed")))
+        Console().print(table)
+
+    @app.command()
+    def assets(
+        run_id: Annotated[int | None, typer.Option("--run", help="Only assets written by this run.")] = None,
+        campaign: Annotated[str | None, typer.Option(help="Only this campaign.")] = None,
+        db: DbOpt = None,
+        config: ConfigOpt = None,
+    ) -> None:
+        """List stored assets: key, size, sha256, seed, prompt."""
+        settings = _settings(console, config, db_url=db)
+        from sqlalchemy import select
+
+        from storage.database import open_database
+        from storage.schema import Asset, BriefRowRecord, Campaign, PromptRecord, Variant
+
+        database = open_database(settings.db_url)
+        query = (select(Asset, Variant, PromptRecord.prompt, Campaign.name)
+                 .join(Variant, Asset.variant_id == Variant.id).join(PromptRecord, Variant.prompt_id == PromptRecord.id)
+                 .join(BriefRowRecord, Variant.row_id == BriefRowRecord.id).join(Campaign, BriefRowRecord.campaign_id == Campaign.id)
+                 .order_by(Asset.id))
+        if run_id is not None:
+            query = query.where(Asset.run_id == run_id)
+        if campaign:
+            query = query.where(Campaign.name == campaign)
+        out = Console()
+        n = 0
+        with database.session() as s:
+            for a, v, prompt, camp in s.execute(query):
+                n += 1
+                out.print(f"{a.id}\t{a.store_url}\t{a.width}x{a.height} {a.format}\t{a.size_bytes // 1024} KiB\t"
+                          f"sha256 {a.sha256[:12]}\tseed {v.seed}\t{escape(prompt)}", soft_wrap=True, highlight=False)
+        console.print(f"{n} asset(s)")
+
+    @models_app.command("add")
+    def models_add(
+        path: Annotated[Path, typer.Argument(help="Model file (.safetensors).")],
+        license_id: Annotated[str, typer.Option("--license", help="Licence id, e.g. creativeml-openrail-m, cc-by-nc-sa-4.0.")],
+        commercial: Annotated[str | None, typer.Option(help="yes / no: may assets be used commercially? Default: known for common licences.")] = None,
+        name: Annotated[str | None, typer.Option(help="Display name (default: file name).")] = None,
+        db: DbOpt = None,
+        config: ConfigOpt = None,
+    ) -> None:
+        """Register a model file and its licence (required before commercial rows may use an unlabelled model)."""
+        settings = _settings(console, config, db_url=db)
+        from engine.checkpoint import CheckpointError
+        from flows.licensing import LicenseError, register_model
+        from storage.database import open_database
+
+        flag: bool | None = None
+        if commercial is not None:
+            if commercial.lower() not in ("yes", "no", "true", "false"):
+                raise typer.BadParameter("expected yes or no", param_hint="--commercial")
+            flag = commercial.lower() in ("yes", "true")
+        try:
+            info = register_model(open_database(settings.db_url), path, license_id, flag, name=name)
+        except (LicenseError, CheckpointError) as exc:
+            console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(2) from None
+        typer.echo(f"registered {info.name} ({info.short_hash}, {info.family}): licence {info.license}, "
+                   f"commercial use {'allowed' if info.commercial_use else 'not allowed'}")
+
+    @models_app.command("list")
+    def models_list(db: DbOpt = None, config: ConfigOpt = None) -> None:
+        """Registered and discovered models with their licences."""
+        settings = _settings(console, config, db_url=db)
+        from sqlalchemy import select
+
+        from storage.database import open_database
+        from storage.schema import ModelRecord
+
+        table = Table(title="models")
+        for col in ("id", "name", "hash", "family", "licence", "commercial", "source", "path"):
+            table.add_column(col)
+        with open_database(settings.db_url).session() as s:
+            for m in s.scalars(select(ModelRecord).order_by(ModelRecord.id)):
+                commercial = {True: "yes", False: "no", None: "unknown"}[m.commercial_use]
+                table.add_row(str(m.id), m.name, m.short_hash, m.family, m.license or "-", commercial, m.license_source, m.path)
+        Console().print(table)

@@ -1,0 +1,185 @@
+"""Model files and their licences: registering them, and refusing a model a brief row may not use.
+
+Every model file a run uses has a row in ``models`` (path, sha256, A1111 hash, family, licence, whether
+commercial use is allowed). ``adforge models add PATH --license ID [--commercial yes|no]`` registers one;
+a file that was never registered is entered on first use with the licence its own metadata declares
+(``modelspec.license``, as our bundled model and many trainers write it) or, failing that, as unknown.
+A brief row whose ``license`` column is ``commercial`` (the default) refuses a model whose commercial use is
+forbidden *or unknown*: an asset a company ships must be traceable to a licence that allows it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+
+from engine.checkpoint import CheckpointError, a1111_short_hash, detect_family, file_sha256, open_state_dict
+from storage.database import Database, audit
+from storage.schema import ModelRecord
+
+__all__ = ["KNOWN_LICENSES", "LicenseError", "ModelInfo", "check_license", "describe_model", "ensure_model", "normalize_license", "register_model"]
+
+# Licence id -> commercial use allowed. Facts from ../shared/DESIGN.md ("Licences to know") and the SPDX list.
+KNOWN_LICENSES: dict[str, bool] = {
+    "creativeml-openrail-m": True,  # SD 1.x; use-based restrictions travel with the model
+    "creativeml-openrail++-m": True,  # SDXL
+    "stability-community": True,  # SD 3.x; an enterprise licence is needed above USD 1M yearly revenue
+    "apache-2.0": True,
+    "mit": True,
+    "cc-by-4.0": True,
+    "cc-by-sa-4.0": True,
+    "cc0-1.0": True,
+    "cc-by-nc-4.0": False,
+    "cc-by-nc-sa-4.0": False,  # several popular upscalers
+    "cc-by-nc-nd-4.0": False,
+}
+
+
+class LicenseError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a plan needs to know of a model without loading it."""
+
+    id: int
+    path: str
+    name: str
+    sha256: str
+    short_hash: str
+    family: str
+    license: str | None
+    commercial_use: bool | None
+    native_size: int
+
+
+def normalize_license(license_id: str) -> str:
+    return license_id.strip().lower().replace(" ", "-").replace("_", "-")
+
+
+def _inspect(path: Path, allow_pickle: bool) -> tuple[str, str, dict[str, str]]:
+    """(sha256, family, metadata) of a model file; CheckpointError names the file and problem."""
+    sd = open_state_dict(path, allow_pickle=allow_pickle)
+    try:
+        family = detect_family(sd).name
+        metadata = dict(sd.metadata)
+    finally:
+        close = getattr(sd, "close", None)
+        if close:
+            close()
+    return file_sha256(path), family, metadata
+
+
+def _native_size(metadata: dict[str, str], family: str) -> int:
+    from engine.models import META_NATIVE_SIZE, SD1_NATIVE_SIZE
+
+    try:
+        return int(metadata.get(META_NATIVE_SIZE, SD1_NATIVE_SIZE))
+    except ValueError:
+        return SD1_NATIVE_SIZE
+
+
+def _info(record: ModelRecord, native_size: int) -> ModelInfo:
+    return ModelInfo(id=record.id, path=record.path, name=record.name, sha256=record.sha256, short_hash=record.short_hash,
+                     family=record.family, license=record.license, commercial_use=record.commercial_use, native_size=native_size)
+
+
+def register_model(db: Database, path: str | os.PathLike[str], license_id: str, commercial: bool | None = None, *,
+                   name: str | None = None, actor: str = "cli", allow_pickle: bool = False) -> ModelInfo:
+    """Register (or re-register) a model file with its licence. ``commercial`` defaults to what
+    :data:`KNOWN_LICENSES` says; an unknown licence id needs it stated."""
+    p = Path(path)
+    if not p.is_file():
+        raise LicenseError(f"{p}: no such model file")
+    lic = normalize_license(license_id)
+    if not lic:
+        raise LicenseError("the licence id must not be empty")
+    if commercial is None:
+        if lic not in KNOWN_LICENSES:
+            raise LicenseError(
+                f"unknown licence '{license_id}': say whether it allows commercial use with --commercial yes|no "
+                f"(known: {', '.join(sorted(KNOWN_LICENSES))})"
+            )
+        commercial = KNOWN_LICENSES[lic]
+    sha, family, metadata = _inspect(p, allow_pickle)
+    with db.session() as s:
+        record = s.scalar(select(ModelRecord).where(ModelRecord.sha256 == sha))
+        before = None
+        if record is None:
+            record = ModelRecord(sha256=sha, short_hash=a1111_short_hash(sha), name=name or p.stem, path=str(p.resolve()),
+                                 family=family, kind="checkpoint" if family.startswith("sd") else family)
+            s.add(record)
+        else:
+            before = {"license": record.license, "commercial_use": record.commercial_use, "license_source": record.license_source}
+            if name:
+                record.name = name
+            record.path = str(p.resolve())
+        record.license, record.commercial_use, record.license_source = lic, commercial, "registered"
+        s.flush()
+        audit(s, actor=actor, action="model.registered", entity="model", entity_id=record.id, before=before,
+              after={"path": record.path, "sha256": sha, "license": lic, "commercial_use": commercial})
+        return _info(record, _native_size(metadata, family))
+
+
+def ensure_model(db: Database, path: str | os.PathLike[str], *, allow_pickle: bool = False, actor: str = "system:run") -> ModelInfo:
+    """The model's row, entered on first use with the licence its file metadata declares (or unknown)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(p, "no such model file")
+    sha, family, metadata = _inspect(p, allow_pickle)
+    native = _native_size(metadata, family)
+    with db.session() as s:
+        record = s.scalar(select(ModelRecord).where(ModelRecord.sha256 == sha))
+        if record is not None:
+            if record.path != str(p.resolve()):
+                record.path = str(p.resolve())  # moved or copied: same bytes, same model
+            return _info(record, native)
+        declared = metadata.get("modelspec.license")
+        lic = normalize_license(declared) if declared else None
+        record = ModelRecord(
+            sha256=sha, short_hash=a1111_short_hash(sha), name=metadata.get("modelspec.title") or p.stem, path=str(p.resolve()),
+            family=family, kind="checkpoint", license=lic, commercial_use=KNOWN_LICENSES.get(lic) if lic else None,
+            license_source="file-metadata" if lic else "unknown",
+        )
+        s.add(record)
+        s.flush()
+        audit(s, actor=actor, action="model.discovered", entity="model", entity_id=record.id,
+              after={"path": record.path, "sha256": sha, "license": lic, "commercial_use": record.commercial_use,
+                     "license_source": record.license_source})
+        return _info(record, native)
+
+
+def describe_model(path: str | os.PathLike[str], db: Database | None = None, *, allow_pickle: bool = False) -> ModelInfo:
+    """Like :func:`ensure_model` but writes nothing: the registered row if there is one, else what the file
+    declares (``id`` 0)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(p, "no such model file")
+    sha, family, metadata = _inspect(p, allow_pickle)
+    native = _native_size(metadata, family)
+    if db is not None:
+        with db.session() as s:
+            record = s.scalar(select(ModelRecord).where(ModelRecord.sha256 == sha))
+            if record is not None:
+                return _info(record, native)
+    declared = metadata.get("modelspec.license")
+    lic = normalize_license(declared) if declared else None
+    return ModelInfo(id=0, path=str(p.resolve()), name=metadata.get("modelspec.title") or p.stem, sha256=sha,
+                     short_hash=a1111_short_hash(sha), family=family, license=lic,
+                     commercial_use=KNOWN_LICENSES.get(lic) if lic else None, native_size=native)
+
+
+def check_license(model: ModelInfo, constraint: str) -> str | None:
+    """None if a row with licence constraint ``constraint`` (``commercial`` / ``any``) may use ``model``,
+    else the reason it may not."""
+    if constraint != "commercial" or model.commercial_use is True:
+        return None
+    if model.commercial_use is False:
+        return (f"model '{model.name}' ({model.short_hash}) is licensed '{model.license}', which forbids commercial use, "
+                f"and the row needs commercial use (set its license column to 'any' for non-commercial work)")
+    return (f"model '{model.name}' ({model.short_hash}) has no licence on record, and the row needs commercial use; "
+            f"register it: adforge models add {model.path} --license <id> --commercial yes|no")

@@ -1,0 +1,173 @@
+"""Planning a run: brief rows x channels x prompt variations x seeds -> variants, each with a stable identity.
+
+For every valid row and each of its channels:
+
+* the channel's prompt template is rendered (:func:`flows.templating.render_prompts`, combinatorial
+  ``{a|b}`` variations) into one or more prompt variations;
+* ``variants`` images are planned; image ``i`` uses prompt variation ``i mod len(variations)`` and seed
+  ``row.seed + i`` (A1111's batch convention, so a seed seen in the gallery reproduces in any SD tool);
+* the generation size is the model's native area at the channel's aspect ratio; post-processing scales the
+  image to cover the channel's exact size with Lanczos and centre-crops (``cover-lanczos(WxH)``).
+
+A variant's *identity* is a sha256 over everything that determines the delivered file (campaign, row, channel,
+template, prompt, negative prompt, seed, model sha256, sampler, steps, CFG, clip skip, sizes, format,
+post-processing). Re-running a brief plans the same identities, so finished variants are skipped; editing a
+row's prompt makes new identities (new assets), and never overwrites an old file.
+
+Problems found while planning (template errors, a missing model file, a licence that forbids the row's use) are
+reported like brief problems, with file, line and column; ``strict`` turns any of them into a rejection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.checkpoint import CheckpointError
+from flows.brief import Brief, BriefError, BriefProblem, BriefRow
+from flows.licensing import ModelInfo, check_license
+from flows.settings import Settings
+from flows.templating import ChannelFormat, PromptVariant, StylePreset, TemplateError, native_size_for, render_prompts
+from storage.assets import asset_key
+from storage.image_metadata import EXTENSIONS
+
+__all__ = ["Plan", "PlannedVariant", "plan_brief"]
+
+SEED_MODULUS = 2**63
+ModelResolver = Callable[[str], ModelInfo]
+
+
+@dataclass(frozen=True)
+class PlannedVariant:
+    row: BriefRow
+    channel: ChannelFormat
+    prompt: PromptVariant
+    variant_index: int
+    seed: int
+    model: ModelInfo
+    sampler: str
+    steps: int
+    cfg_scale: float
+    clip_skip: int
+    gen_width: int
+    gen_height: int
+    postprocess: str
+    identity: str
+    storage_key: str
+
+    @property
+    def out_format(self) -> str:
+        return self.channel.format
+
+    @property
+    def batch_group(self) -> tuple:
+        """Variants that can share a model load and a U-Net batch."""
+        return (self.model.sha256, self.gen_width, self.gen_height, self.steps, self.sampler, self.clip_skip)
+
+
+@dataclass
+class Plan:
+    brief: Brief
+    variants: list[PlannedVariant]
+    problems: list[BriefProblem]  # the brief's own problems, then planning problems
+    skipped_rows: list[BriefRow] = field(default_factory=list)  # valid in the brief, unplannable
+
+    def by_row(self) -> dict[tuple[str, str], list[PlannedVariant]]:
+        out: dict[tuple[str, str], list[PlannedVariant]] = {}
+        for v in self.variants:
+            out.setdefault((v.row.campaign, v.row.row_id), []).append(v)
+        return out
+
+
+def cover_description(channel: ChannelFormat) -> str:
+    return f"cover-lanczos({channel.width}x{channel.height})"
+
+
+def variant_identity(v: dict) -> str:
+    return hashlib.sha256(json.dumps(v, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def plan_brief(
+    brief: Brief,
+    settings: Settings,
+    *,
+    channels: Mapping[str, ChannelFormat],
+    styles: Mapping[str, StylePreset],
+    resolve_model: ModelResolver,
+    default_model: str | os.PathLike[str],
+    strict: bool = False,
+) -> Plan:
+    problems = list(brief.problems)
+    variants: list[PlannedVariant] = []
+    skipped: list[BriefRow] = []
+    models: dict[str, ModelInfo | str] = {}
+    file = os.fspath(brief.path)
+    # settings.templates_dir is the templates root (channels.yaml, styles.yaml, prompts/); None = the project's.
+    prompts_dir = Path(settings.templates_dir) / "prompts" if settings.templates_dir else None
+
+    for row in brief.rows:
+        model_path = row.model or os.fspath(default_model)
+        if model_path not in models:
+            try:
+                models[model_path] = resolve_model(model_path)
+            except CheckpointError as exc:
+                models[model_path] = f"model {model_path!r} cannot be used: {exc}"
+        model = models[model_path]
+        if isinstance(model, str):
+            problems.append(BriefProblem(file, row.line, "model", model))
+            skipped.append(row)
+            continue
+        refusal = check_license(model, row.license)
+        if refusal:
+            problems.append(BriefProblem(file, row.line, "license", refusal))
+            skipped.append(row)
+            continue
+        row_variants: list[PlannedVariant] = []
+        try:
+            for channel_name in row.channels:
+                channel = channels[channel_name]
+                prompts = render_prompts(row, channel, styles=styles, channels=channels, templates_dir=prompts_dir)
+                if not prompts:
+                    raise TemplateError(f"template '{channel.template}' rendered no prompt for channel '{channel_name}'")
+                gen_w, gen_h = native_size_for(channel, model.native_size)
+                for i in range(row.variants):
+                    prompt = prompts[i % len(prompts)]
+                    seed = (row.seed + i) % SEED_MODULUS
+                    post = cover_description(channel)
+                    ident = variant_identity({
+                        "campaign": row.campaign, "row_id": row.row_id, "channel": channel.name, "template": prompt.template_name,
+                        "prompt": prompt.prompt, "negative": prompt.negative_prompt, "index": i, "seed": seed,
+                        "model": model.sha256, "sampler": settings.sampler, "steps": settings.steps, "cfg": settings.cfg_scale,
+                        "clip_skip": settings.clip_skip, "gen": [gen_w, gen_h], "out": [channel.width, channel.height],
+                        "format": channel.format, "max_kb": channel.max_kb, "post": post,
+                    })
+                    key = asset_key(row.campaign, row.row_id, channel.name, i, seed, EXTENSIONS[channel.format], tag=ident[:10])
+                    row_variants.append(PlannedVariant(
+                        row=row, channel=channel, prompt=prompt, variant_index=i, seed=seed, model=model,
+                        sampler=settings.sampler, steps=settings.steps, cfg_scale=settings.cfg_scale, clip_skip=settings.clip_skip,
+                        gen_width=gen_w, gen_height=gen_h, postprocess=post, identity=ident, storage_key=key,
+                    ))
+        except TemplateError as exc:
+            problems.append(BriefProblem(file, row.line, "channels", str(exc)))
+            skipped.append(row)
+            continue
+        variants.extend(row_variants)
+
+    if strict and problems:
+        raise BriefError(problems)
+    if not variants and problems:
+        raise BriefError(problems + [BriefProblem(file, None, None, "no row of the brief can be rendered")])
+    return Plan(brief=brief, variants=variants, problems=problems, skipped_rows=skipped)
+
+
+def default_model_path(settings: Settings) -> Path:
+    """The configured model, else the bundled one."""
+    if settings.model:
+        return Path(settings.model)
+    from engine.bundled import bundled_model_path
+
+    return bundled_model_path()

@@ -1,0 +1,178 @@
+"""Writing a run into the metadata database: the run, its plan (campaigns, brief, rows, prompts, variants),
+each stored asset, failures, and the audit trail. Every function is one transaction and retries on transient
+database errors, so a flaky connection costs a retry, not a run.
+
+Idempotence lives here: variants are keyed by identity (unique), assets by variant (unique). Re-recording what
+exists is a no-op, so a run that was killed between storing a file and recording it simply records it next time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from flows.brief import Brief as ParsedBrief
+from flows.planning import Plan
+from flows.settings import Settings
+from storage.assets import StoredAsset
+from storage.database import Database, audit, retry_transient
+from storage.schema import Asset, Brief, BriefRowRecord, Campaign, PromptRecord, Run, Variant, utcnow
+
+__all__ = ["VariantState", "finish_run", "record_asset", "record_failure", "start_run", "sync_plan"]
+
+RUN_ACTOR = "system:run"
+
+
+@dataclass(frozen=True)
+class VariantState:
+    id: int
+    status: str  # planned | done | failed
+
+
+def _row_data(row) -> dict:
+    return {
+        "campaign": row.campaign, "row_id": row.row_id, "subject": row.subject, "channels": list(row.channels),
+        "message": row.message, "audience": row.audience, "style": row.style, "variants": row.variants,
+        "negative_prompt": row.negative_prompt, "seed": row.seed, "model": row.model, "license": row.license,
+        "extra": dict(row.extra),
+    }
+
+
+@retry_transient()
+def start_run(db: Database, brief_path: str, brief: ParsedBrief | None, settings: Settings, flow_run_id: str | None) -> int:
+    with db.session() as s:
+        brief_id = _ensure_brief(s, brief).id if brief is not None else None
+        run = Run(flow_run_id=flow_run_id, brief_id=brief_id, brief_path=brief_path, status="running",
+                  settings=settings.redacted())
+        s.add(run)
+        s.flush()
+        audit(s, actor=RUN_ACTOR, action="run.started", entity="run", entity_id=run.id, run_id=run.id,
+              after={"brief": brief_path, "flow_run_id": flow_run_id, "settings": run.settings})
+        return run.id
+
+
+def _ensure_brief(s, brief: ParsedBrief) -> Brief:
+    record = s.scalar(select(Brief).where(Brief.sha256 == brief.sha256))
+    if record is None:
+        record = Brief(sha256=brief.sha256, file_name=str(brief.path), encoding=brief.encoding,
+                       columns={"columns": list(brief.columns)})
+        s.add(record)
+        s.flush()
+    return record
+
+
+@retry_transient()
+def sync_plan(db: Database, plan: Plan, run_id: int) -> dict[str, VariantState]:
+    """Make sure every planned variant has its rows; returns identity -> state for the whole plan."""
+    try:
+        return _sync_plan(db, plan, run_id)
+    except IntegrityError:
+        # A parallel run of the same brief inserted the same rows first: everything it wrote is ours too.
+        return _sync_plan(db, plan, run_id)
+
+
+def _sync_plan(db: Database, plan: Plan, run_id: int) -> dict[str, VariantState]:
+    with db.session() as s:
+        brief = _ensure_brief(s, plan.brief)
+        identities = [v.identity for v in plan.variants]
+        existing: dict[str, Variant] = {}
+        for i in range(0, len(identities), 500):  # stay under SQLite's bound-parameter limit
+            chunk = identities[i : i + 500]
+            existing.update((v.identity, v) for v in s.scalars(select(Variant).where(Variant.identity.in_(chunk))))
+        missing = [v for v in plan.variants if v.identity not in existing]
+        if missing:
+            campaigns = {c.name: c for c in s.scalars(select(Campaign).where(Campaign.name.in_({v.row.campaign for v in missing})))}
+            for name in sorted({v.row.campaign for v in missing} - set(campaigns)):
+                campaigns[name] = Campaign(name=name)
+                s.add(campaigns[name])
+            s.flush()
+            rows: dict[tuple[str, str], BriefRowRecord] = {
+                (r.campaign_id, r.row_key): r for r in s.scalars(select(BriefRowRecord).where(BriefRowRecord.brief_id == brief.id))
+            }
+            prompts: dict[tuple, PromptRecord] = {}
+            new_variants: list[Variant] = []
+            for v in missing:
+                campaign = campaigns[v.row.campaign]
+                row = rows.get((campaign.id, v.row.row_id))
+                if row is None:
+                    row = BriefRowRecord(brief_id=brief.id, campaign_id=campaign.id, row_key=v.row.row_id, line=v.row.line,
+                                         data=_row_data(v.row))
+                    s.add(row)
+                    s.flush()
+                    rows[(campaign.id, v.row.row_id)] = row
+                pkey = (row.id, v.channel.name, v.prompt.template_name, v.prompt.variation_index)
+                prompt = prompts.get(pkey)
+                if prompt is None:
+                    prompt = s.scalar(select(PromptRecord).where(
+                        PromptRecord.row_id == row.id, PromptRecord.channel == v.channel.name,
+                        PromptRecord.template == v.prompt.template_name, PromptRecord.variation_index == v.prompt.variation_index))
+                    if prompt is None:
+                        prompt = PromptRecord(row_id=row.id, channel=v.channel.name, template=v.prompt.template_name,
+                                              variation_index=v.prompt.variation_index, prompt=v.prompt.prompt,
+                                              negative_prompt=v.prompt.negative_prompt)
+                        s.add(prompt)
+                        s.flush()
+                    prompts[pkey] = prompt
+                variant = Variant(
+                    identity=v.identity, row_id=row.id, prompt_id=prompt.id, model_id=v.model.id, first_run_id=run_id,
+                    channel=v.channel.name, variant_index=v.variant_index, seed=v.seed, sampler=v.sampler, steps=v.steps,
+                    cfg_scale=v.cfg_scale, clip_skip=v.clip_skip, gen_width=v.gen_width, gen_height=v.gen_height,
+                    out_width=v.channel.width, out_height=v.channel.height, out_format=v.channel.format, out_max_kb=v.channel.max_kb,
+                    postprocess=v.postprocess, storage_key=v.storage_key, status="planned",
+                )
+                s.add(variant)
+                new_variants.append(variant)
+                existing[v.identity] = variant
+            s.flush()
+            audit(s, actor=RUN_ACTOR, action="variants.planned", entity="run", entity_id=run_id, run_id=run_id,
+                  after={"count": len(new_variants), "variant_ids": [x.id for x in new_variants]})
+        return {ident: VariantState(existing[ident].id, existing[ident].status) for ident in identities}
+
+
+@retry_transient()
+def record_asset(db: Database, variant_id: int, run_id: int, stored: StoredAsset, *, fmt: str, width: int, height: int,
+                 infotext: str, render_seconds: float | None) -> bool:
+    """Record a stored file for a variant; False if it was already recorded (nothing changes then)."""
+    with db.session() as s:
+        if s.scalar(select(Asset.id).where(Asset.variant_id == variant_id)) is not None:
+            return False
+        variant = s.get(Variant, variant_id)
+        assert variant is not None, variant_id
+        before = {"status": variant.status}
+        asset = Asset(variant_id=variant_id, run_id=run_id, store_url=stored.url, storage_key=stored.key, sha256=stored.sha256,
+                      size_bytes=stored.size, format=fmt, width=width, height=height, infotext=infotext,
+                      render_seconds=render_seconds)
+        s.add(asset)
+        variant.status, variant.error = "done", None
+        s.flush()
+        audit(s, actor=RUN_ACTOR, action="asset.stored", entity="variant", entity_id=variant_id, run_id=run_id, before=before,
+              after={"status": "done", "asset_id": asset.id, "key": stored.key, "sha256": stored.sha256, "url": stored.url})
+        return True
+
+
+@retry_transient()
+def record_failure(db: Database, variant_ids: Iterable[int], run_id: int, error: str) -> None:
+    with db.session() as s:
+        for vid in variant_ids:
+            variant = s.get(Variant, vid)
+            if variant is None or variant.status == "done":
+                continue
+            before = {"status": variant.status}
+            variant.status, variant.error = "failed", error[:4000]
+            audit(s, actor=RUN_ACTOR, action="variant.failed", entity="variant", entity_id=vid, run_id=run_id, before=before,
+                  after={"status": "failed", "error": error[:4000]})
+
+
+@retry_transient()
+def finish_run(db: Database, run_id: int, status: str, counts: dict, timings: dict, error: str | None = None) -> None:
+    with db.session() as s:
+        run = s.get(Run, run_id)
+        assert run is not None, run_id
+        before = {"status": run.status}
+        run.status, run.counts, run.timings, run.error = status, counts, timings, error
+        run.finished_at = utcnow()
+        audit(s, actor=RUN_ACTOR, action=f"run.{status}", entity="run", entity_id=run_id, run_id=run_id, before=before,
+              after={"status": status, "counts": counts, "error": error})

@@ -1,0 +1,207 @@
+"""Rendering a batch of planned variants: engine -> post-process -> encode -> store -> record.
+
+A render task receives variant ids only (never images or tensors) and reads what it needs from the database,
+so the same task runs in this process, in a worker process, or on another machine. The model is loaded once
+per process (:func:`get_pipeline`) and kept warm across batches.
+
+Order per image, chosen for crash safety: the file is written to the store (atomically, under a key fixed by
+the variant's identity) *before* the database records it. A run killed in between leaves a file that the next
+run writes again with the same key and then records: no duplicate files, no duplicate rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from PIL import Image
+from sqlalchemy import select
+
+from engine.pipeline import GenerationRequest, Pipeline
+from flows.recording import record_asset, record_failure
+from storage.retrying import retry_call
+from storage.assets import AssetStore
+from storage.database import Database
+from storage.image_metadata import CONTENT_TYPES, encode_image, format_infotext, xmp_packet
+from storage.schema import BriefRowRecord, Campaign, ModelRecord, PromptRecord, Variant
+
+__all__ = ["RenderJob", "cover_resize", "encode_within_cap", "get_pipeline", "load_jobs", "render_jobs"]
+
+log = logging.getLogger(__name__)
+EventFn = Callable[[str, int], None]  # ("rendered" | "failed", count)
+
+_PIPELINES: dict[tuple, Pipeline] = {}
+_PIPELINE_LOCK = threading.Lock()
+
+
+def get_pipeline(path: str, sha256: str, *, device: str = "auto", dtype: str = "auto", max_batch_size: int = 8) -> Pipeline:
+    """One loaded pipeline per (file, device, dtype) per process."""
+    key = (path, sha256, device, dtype)
+    with _PIPELINE_LOCK:
+        pipe = _PIPELINES.get(key)
+        if pipe is None:
+            pipe = Pipeline.load(path, device=device, dtype=dtype, max_batch_size=max_batch_size)
+            _PIPELINES[key] = pipe
+        pipe.max_batch_size = max(1, max_batch_size)
+        return pipe
+
+
+def clear_pipelines() -> None:
+    with _PIPELINE_LOCK:
+        _PIPELINES.clear()
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    variant_id: int
+    identity: str
+    campaign: str
+    row_key: str
+    channel: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    sampler: str
+    steps: int
+    cfg_scale: float
+    clip_skip: int
+    gen_width: int
+    gen_height: int
+    out_width: int
+    out_height: int
+    out_format: str
+    out_max_kb: int | None
+    postprocess: str
+    storage_key: str
+    model_path: str
+    model_name: str
+    model_sha256: str
+    model_short_hash: str
+    model_license: str | None
+    status: str
+
+    def request(self) -> GenerationRequest:
+        return GenerationRequest(prompt=self.prompt, negative_prompt=self.negative_prompt, seed=self.seed, width=self.gen_width,
+                                 height=self.gen_height, steps=self.steps, cfg_scale=self.cfg_scale, sampler=self.sampler,
+                                 clip_skip=self.clip_skip)
+
+
+def load_jobs(db: Database, variant_ids: Sequence[int]) -> list[RenderJob]:
+    """The jobs of ``variant_ids``, in that order."""
+    with db.session() as s:
+        rows = s.execute(
+            select(Variant, PromptRecord, ModelRecord, BriefRowRecord.row_key, Campaign.name)
+            .join(PromptRecord, Variant.prompt_id == PromptRecord.id)
+            .join(ModelRecord, Variant.model_id == ModelRecord.id)
+            .join(BriefRowRecord, Variant.row_id == BriefRowRecord.id)
+            .join(Campaign, BriefRowRecord.campaign_id == Campaign.id)
+            .where(Variant.id.in_(list(variant_ids)))
+        ).all()
+        jobs = {
+            v.id: RenderJob(
+                variant_id=v.id, identity=v.identity, campaign=campaign, row_key=row_key, channel=v.channel, prompt=p.prompt,
+                negative_prompt=p.negative_prompt, seed=v.seed, sampler=v.sampler, steps=v.steps, cfg_scale=v.cfg_scale,
+                clip_skip=v.clip_skip, gen_width=v.gen_width, gen_height=v.gen_height, out_width=v.out_width,
+                out_height=v.out_height, out_format=v.out_format, out_max_kb=v.out_max_kb, postprocess=v.postprocess,
+                storage_key=v.storage_key, model_path=m.path, model_name=m.name, model_sha256=m.sha256,
+                model_short_hash=m.short_hash, model_license=m.license, status=v.status,
+            )
+            for v, p, m, row_key, campaign in rows
+        }
+    return [jobs[i] for i in variant_ids if i in jobs]
+
+
+def cover_resize(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale (Lanczos) to cover ``width`` x ``height``, then crop the centre: exact size, no distortion, no bars."""
+    if image.size == (width, height):
+        return image
+    scale = max(width / image.width, height / image.height)
+    w, h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
+    resized = image.resize((w, h), Image.Resampling.LANCZOS)
+    left, top = (w - width) // 2, (h - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+class FileSizeError(ValueError):
+    pass
+
+
+def encode_within_cap(image: Image.Image, fmt: str, infotext_for: Callable[[int | None], str], xmp: str,
+                      max_kb: int | None) -> tuple[bytes, str]:
+    """Encoded bytes under the channel's size cap, and the infotext they carry. JPEG / WebP step the quality
+    down from 92 to 50 (the infotext names the quality used); PNG is lossless and either fits or fails."""
+    limit = max_kb * 1024 if max_kb else None
+    if fmt == "png":
+        infotext = infotext_for(None)
+        data = encode_image(image, fmt, infotext, xmp)
+        if limit and len(data) > limit:
+            raise FileSizeError(f"PNG of {len(data) // 1024} KiB exceeds the channel's cap of {max_kb} KiB")
+        return data, infotext
+    for quality in (92, 85, 78, 70, 60, 50):
+        infotext = infotext_for(quality)
+        data = encode_image(image, fmt, infotext, xmp, quality=quality)
+        if not limit or len(data) <= limit:
+            return data, infotext
+    raise FileSizeError(f"{fmt.upper()} still {len(data) // 1024} KiB at quality 50; the channel's cap is {max_kb} KiB")
+
+
+def _infotext(job: RenderJob, parameters: dict[str, str], quality: int | None) -> str:
+    params = dict(parameters)
+    params["Model hash"] = job.model_short_hash
+    params["Model"] = job.model_name
+    params["Postprocess"] = job.postprocess
+    params["Output size"] = f"{job.out_width}x{job.out_height}"
+    if quality is not None:
+        params["Output quality"] = str(quality)
+    if job.model_license:
+        params["Model license"] = job.model_license
+    params["Variant"] = job.identity[:16]
+    return format_infotext(job.prompt, job.negative_prompt, params)
+
+
+def render_jobs(jobs: Sequence[RenderJob], *, pipeline: Pipeline, store: AssetStore, db: Database, run_id: int,
+                on_event: EventFn | None = None) -> dict[str, int]:
+    """Render, post-process, store and record ``jobs`` (all of one model and batch group).
+
+    A failure of the engine fails the batch's variants; a failure while encoding / storing / recording one image
+    fails that variant only. Failures are recorded and counted, never raised: one bad asset does not stop a run.
+    """
+    counts = {"rendered": 0, "failed": 0, "skipped": 0}
+    todo = [j for j in jobs if j.status != "done"]
+    counts["skipped"] = len(jobs) - len(todo)
+    if not todo:
+        return counts
+    t0 = time.perf_counter()
+    try:
+        results = pipeline.generate([j.request() for j in todo])
+    except Exception as exc:  # engine errors: record them against the batch and carry on with the run
+        log.exception("render of %d variants failed", len(todo))
+        record_failure(db, [j.variant_id for j in todo], run_id, f"render failed: {type(exc).__name__}: {exc}")
+        counts["failed"] += len(todo)
+        if on_event:
+            on_event("failed", len(todo))
+        return counts
+    per_image = (time.perf_counter() - t0) / len(todo)
+    for job, result in zip(todo, results):
+        try:
+            image = cover_resize(result.image, job.out_width, job.out_height)
+            xmp = xmp_packet({"Model": job.model_name, "ModelSHA256": job.model_sha256, "VariantIdentity": job.identity})
+            data, infotext = encode_within_cap(
+                image, job.out_format, lambda q, p=result.parameters, j=job: _infotext(j, p, q), xmp, job.out_max_kb
+            )
+            stored = retry_call(store.put, job.storage_key, data, CONTENT_TYPES[job.out_format])
+            record_asset(db, job.variant_id, run_id, stored, fmt=job.out_format, width=job.out_width,
+                       height=job.out_height, infotext=infotext, render_seconds=per_image)
+            counts["rendered"] += 1
+            if on_event:
+                on_event("rendered", 1)
+        except Exception as exc:
+            log.exception("variant %s failed after rendering", job.variant_id)
+            record_failure(db, [job.variant_id], run_id, f"{type(exc).__name__}: {exc}")
+            counts["failed"] += 1
+            if on_event:
+                on_event("failed", 1)
+    return counts

@@ -1,0 +1,127 @@
+"""Run settings: command-line flag > environment variable > ``adforge.toml`` > default.
+
+Defaults need no setup: a SQLite file and an asset folder under ``./adforge-data/`` and the bundled model.
+
+``adforge.toml`` (current folder, or ``--config PATH`` / ``ADFORGE_CONFIG``)::
+
+    db_url = "postgresql+psycopg://adforge@db.internal/adforge"
+    store_url = "s3://brand-assets/adforge?endpoint_url=https://minio.internal:9000"
+    model = "models/brand-v3.safetensors"
+    sampler = "DPM++ 2M Karras"
+    steps = 25
+    cfg_scale = 7.0
+    batch_size = 4
+    device = "auto"
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from storage.database import sqlite_url
+
+__all__ = ["ENV_VARS", "Settings", "SettingsError", "load_settings"]
+
+DATA_DIR = Path("adforge-data")
+CONFIG_FILE = "adforge.toml"
+ENV_VARS = {
+    "db_url": "ADFORGE_DB_URL",
+    "store_url": "ADFORGE_STORE_URL",
+    "model": "ADFORGE_MODEL",
+    "device": "ADFORGE_DEVICE",
+}
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    db_url: str
+    store_url: str
+    model: str | None = None  # None = the bundled model
+    sampler: str = "DPM++ 2M Karras"
+    steps: int = 25
+    cfg_scale: float = 7.0
+    clip_skip: int = 1
+    batch_size: int = 4
+    device: str = "auto"
+    dtype: str = "auto"
+    templates_dir: str | None = None  # None = the project's templates/
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def redacted(self) -> dict[str, Any]:
+        """For the database and logs: passwords in URLs hidden."""
+        from sqlalchemy.engine import make_url
+
+        out = self.to_dict()
+        try:
+            out["db_url"] = make_url(self.db_url).render_as_string(hide_password=True)
+        except Exception:
+            out["db_url"] = "<unparseable>"
+        return out
+
+
+_TYPES = {f.name: f.type for f in fields(Settings)}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    kind = _TYPES[name]
+    try:
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{source}: '{name}' must be a {'whole number' if kind == 'int' else 'number'}, got {value!r}") from None
+    if not isinstance(value, str):
+        raise SettingsError(f"{source}: '{name}' must be a string, got {value!r}")
+    return value
+
+
+def load_settings(overrides: dict[str, Any] | None = None, *, config: str | os.PathLike[str] | None = None,
+                  env: dict[str, str] | None = None, cwd: str | os.PathLike[str] | None = None) -> Settings:
+    """Resolve settings; ``overrides`` are command-line values (None = not given)."""
+    env = dict(os.environ) if env is None else env
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    values: dict[str, Any] = {
+        "db_url": sqlite_url(base / DATA_DIR / "adforge.db"),
+        "store_url": (base / DATA_DIR / "assets").resolve().as_posix(),
+    }
+    config_path = Path(config) if config else (Path(env["ADFORGE_CONFIG"]) if env.get("ADFORGE_CONFIG") else base / CONFIG_FILE)
+    if config or env.get("ADFORGE_CONFIG") or config_path.exists():
+        try:
+            data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise SettingsError(f"{config_path}: cannot read config file: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"{config_path}: invalid TOML: {exc}") from None
+        table = data.get("adforge", data)  # a top-level [adforge] table or bare keys
+        for key, value in table.items():
+            if key not in _TYPES:
+                raise SettingsError(f"{config_path}: unknown setting '{key}' (known: {', '.join(sorted(_TYPES))})")
+            values[key] = _coerce(key, value, os.fspath(config_path))
+    for key, var in ENV_VARS.items():
+        if env.get(var):
+            values[key] = env[var]
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _coerce(key, value, "command line")
+    settings = Settings(**values)
+    if settings.steps < 1 or settings.batch_size < 1 or settings.cfg_scale < 0:
+        raise SettingsError("steps and batch_size must be >= 1 and cfg_scale >= 0")
+    # A relative local store path in a config file or variable is relative to where adforge runs.
+    if "://" not in settings.store_url:
+        settings = replace(settings, store_url=(base / settings.store_url).resolve().as_posix())
+    return settings

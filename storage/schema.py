@@ -1,0 +1,224 @@
+"""The metadata database's tables (SQLAlchemy 2 declarative models).
+
+What each table answers for an auditor:
+
+* ``models``      which file made an asset (path, sha256, A1111 short hash, family) and under which licence.
+* ``campaigns``   the campaign names briefs use.
+* ``briefs``      which spreadsheet (by content hash) a row came from.
+* ``brief_rows``  the row as read (every column, extras included), where it is in the file.
+* ``prompts``     the rendered prompt / negative prompt of a row for a channel and template variation.
+* ``variants``    one planned image: its identity (a hash of everything that determines the pixels and the
+                  delivered file), seed, generation settings, delivered size and format, status.
+* ``assets``      the stored file of a variant: store, key, sha256, size, format, infotext.
+* ``runs``        one execution of a brief (Prefect flow run id, settings, counts, timings, status).
+* ``audit_log``   append-only: what happened, to what, by whom, before/after. Database triggers refuse
+                  UPDATE and DELETE on it (see the migration), so the record cannot be edited quietly.
+
+The schema is created and upgraded by the Alembic migrations in ``storage/migrations``; these models and
+the migrations are kept equal by ``tests/test_database.py`` (autogenerate finds no difference).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = [
+    "Asset",
+    "AuditEntry",
+    "Base",
+    "Brief",
+    "BriefRowRecord",
+    "Campaign",
+    "ModelRecord",
+    "PromptRecord",
+    "Run",
+    "Variant",
+    "utcnow",
+]
+
+# Named constraints, so that migrations can alter them on every backend (SQLite batch mode needs names).
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSON, dt.datetime: DateTime(timezone=True)}
+
+
+class ModelRecord(Base):
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    short_hash: Mapped[str] = mapped_column(String(10))
+    family: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(32), default="checkpoint")  # checkpoint | vae | lora | upscaler
+    license: Mapped[str | None] = mapped_column(String(128))
+    # None = unknown: a brief row that needs commercial use refuses such a model until someone registers it.
+    commercial_use: Mapped[bool | None] = mapped_column(Boolean)
+    license_source: Mapped[str] = mapped_column(String(32), default="registered")  # registered | file-metadata
+    registered_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Campaign(Base):
+    __tablename__ = "campaigns"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Brief(Base):
+    __tablename__ = "briefs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    file_name: Mapped[str] = mapped_column(Text)  # as first seen; the same content under another name is one brief
+    encoding: Mapped[str | None] = mapped_column(String(16))
+    columns: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {"columns": [...]} normalised header names
+    first_seen: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class BriefRowRecord(Base):
+    __tablename__ = "brief_rows"
+    __table_args__ = (UniqueConstraint("brief_id", "campaign_id", "row_key", name="uq_brief_rows_identity"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    brief_id: Mapped[int] = mapped_column(ForeignKey("briefs.id"))
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"), index=True)
+    row_key: Mapped[str] = mapped_column(String(255))  # the brief's row_id as written
+    line: Mapped[int] = mapped_column(Integer)
+    data: Mapped[dict[str, Any]] = mapped_column()  # every column as read, extras under "extra"
+
+    campaign: Mapped[Campaign] = relationship()
+    brief: Mapped[Brief] = relationship()
+
+
+class PromptRecord(Base):
+    __tablename__ = "prompts"
+    __table_args__ = (UniqueConstraint("row_id", "channel", "template", "variation_index", name="uq_prompts_identity"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    row_id: Mapped[int] = mapped_column(ForeignKey("brief_rows.id"))
+    channel: Mapped[str] = mapped_column(String(64))
+    template: Mapped[str] = mapped_column(String(128))
+    variation_index: Mapped[int] = mapped_column(Integer)
+    prompt: Mapped[str] = mapped_column(Text)
+    negative_prompt: Mapped[str] = mapped_column(Text)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    flow_run_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    brief_id: Mapped[int | None] = mapped_column(ForeignKey("briefs.id"))
+    brief_path: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="running")  # running | completed | failed | rejected
+    settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    counts: Mapped[dict[str, Any]] = mapped_column(default=dict)  # planned / rendered / skipped / failed / invalid_rows
+    timings: Mapped[dict[str, Any]] = mapped_column(default=dict)  # seconds per stage
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column()
+
+    brief: Mapped[Brief | None] = relationship()
+
+
+class Variant(Base):
+    __tablename__ = "variants"
+    __table_args__ = (Index("ix_variants_row_channel", "row_id", "channel"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # sha256 over everything that determines the delivered file; equal identity = the same asset.
+    identity: Mapped[str] = mapped_column(String(64), unique=True)
+    row_id: Mapped[int] = mapped_column(ForeignKey("brief_rows.id"))
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    first_run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
+    channel: Mapped[str] = mapped_column(String(64))
+    variant_index: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    sampler: Mapped[str] = mapped_column(String(64))
+    steps: Mapped[int] = mapped_column(Integer)
+    cfg_scale: Mapped[float] = mapped_column(Float)
+    clip_skip: Mapped[int] = mapped_column(Integer, default=1)
+    gen_width: Mapped[int] = mapped_column(Integer)
+    gen_height: Mapped[int] = mapped_column(Integer)
+    out_width: Mapped[int] = mapped_column(Integer)
+    out_height: Mapped[int] = mapped_column(Integer)
+    out_format: Mapped[str] = mapped_column(String(8))
+    out_max_kb: Mapped[int | None] = mapped_column(Integer)  # the channel's file size cap
+    postprocess: Mapped[str] = mapped_column(Text)  # e.g. "cover-lanczos(1080x1080)"
+    storage_key: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="planned", index=True)  # planned | done | failed
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    row: Mapped[BriefRowRecord] = relationship()
+    prompt: Mapped[PromptRecord] = relationship()
+    model: Mapped[ModelRecord] = relationship()
+    asset: Mapped["Asset | None"] = relationship(back_populates="variant", uselist=False)
+
+
+class Asset(Base):
+    __tablename__ = "assets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    variant_id: Mapped[int] = mapped_column(ForeignKey("variants.id"), unique=True)  # one file per variant, ever
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), index=True)
+    store_url: Mapped[str] = mapped_column(Text)
+    storage_key: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    format: Mapped[str] = mapped_column(String(8))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    infotext: Mapped[str] = mapped_column(Text)
+    render_seconds: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    variant: Mapped[Variant] = relationship(back_populates="asset")
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(255))  # "system:run" or a user name
+    action: Mapped[str] = mapped_column(String(64))  # run.started, variant.planned, asset.stored, model.registered, ...
+    entity: Mapped[str] = mapped_column(String(32))
+    entity_id: Mapped[str] = mapped_column(String(64))
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
+    before: Mapped[dict[str, Any] | None] = mapped_column()
+    after: Mapped[dict[str, Any] | None] = mapped_column()
