@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from prefect import flow, task
@@ -37,6 +37,7 @@ from storage.database import Database, open_database
 __all__ = ["RunSummary", "campaign_run", "open_resources", "set_progress_listener"]
 
 log = logging.getLogger(__name__)
+TASK_BATCHES = 4
 
 # ------------------------------------------------------------------------------------------------ progress
 
@@ -98,6 +99,7 @@ class RunSummary:
     store_url: str
     db_url: str
     problems: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
     flow_run_id: str | None = None
 
 
@@ -107,16 +109,13 @@ def validate_brief(brief_path: str, strict: bool, templates_dir: str | None) -> 
     return read_brief(brief_path, known_channels=set(channels), strict=strict)
 
 
-def make_plan(brief: Brief, settings: Settings, db: Database | None, strict: bool, *, write: bool = False) -> Plan:
-    """Plan ``brief``. Models are looked up in ``db`` (if given); with ``write`` a model seen for the first time
-    is entered in it (a run), without it nothing is written (``adforge plan``, and the check before a run)."""
+def make_plan(brief: Brief, settings: Settings, db: Database | None, strict: bool) -> Plan:
+    """Plan ``brief``; models are looked up in ``db`` (if given) but nothing is written."""
     tdir = Path(settings.templates_dir) if settings.templates_dir else None
     channels = load_channels(tdir / "channels.yaml" if tdir else None)
     styles = load_styles(tdir / "styles.yaml" if tdir else None)
 
     def resolve(path: str) -> ModelInfo:
-        if write and db is not None:
-            return ensure_model(db, path)
         return describe_model(path, db)
 
     return plan_brief(brief, settings, channels=channels, styles=styles, resolve_model=resolve,
@@ -126,9 +125,15 @@ def make_plan(brief: Brief, settings: Settings, db: Database | None, strict: boo
 @task(name="plan-run", cache_policy=NO_CACHE)
 def plan_run(brief: Brief, settings: Settings, strict: bool, flow_run_id: str | None) -> PlannedRun:
     db, _ = open_resources(settings)
-    # Planning read-only first: a brief that is rejected writes nothing at all.
-    make_plan(brief, settings, db, strict)
-    plan = make_plan(brief, settings, db, strict, write=True)
+    # Planning writes nothing, so a rejected brief leaves no trace; once it passed, models seen for the first
+    # time are entered (with the licence their file declares) and the variants get their model ids.
+    plan = make_plan(brief, settings, db, strict)
+    entered: dict[str, ModelInfo] = {}
+    for v in plan.variants:
+        if v.model.id == 0 and v.model.sha256 not in entered:
+            entered[v.model.sha256] = ensure_model(db, v.model.path)
+    if entered:
+        plan.variants = [replace(v, model=entered[v.model.sha256]) if v.model.id == 0 else v for v in plan.variants]
     run_id = start_run(db, os.fspath(brief.path), brief, settings, flow_run_id)
     states = sync_plan(db, plan, run_id)
     groups: dict[tuple, list[int]] = {}
@@ -139,7 +144,9 @@ def plan_run(brief: Brief, settings: Settings, strict: bool, flow_run_id: str | 
             done += 1
             continue
         groups.setdefault(v.batch_group, []).append(state.id)
-    size = settings.batch_size
+    # A task renders several engine batches: Prefect's per-task cost (~10-40 ms) is then paid once per
+    # TASK_BATCHES engine batches, while progress and records still follow every engine batch.
+    size = settings.batch_size * TASK_BATCHES
     batches = [ids[i : i + size] for ids in groups.values() for i in range(0, len(ids), size)]
     return PlannedRun(run_id=run_id, batches=batches, planned=len(plan.variants), already_done=done,
                       problems=[str(p) for p in plan.problems])
@@ -150,7 +157,7 @@ def render_batch(run_id: int, variant_ids: list[int], settings: Settings) -> dic
     db, store = open_resources(settings)
     jobs = load_jobs(db, variant_ids)
     if not jobs:
-        return {"rendered": 0, "failed": 0, "skipped": 0}
+        return {"rendered": 0, "failed": 0, "skipped": 0, "seconds": {}}
     first = jobs[0]
     pipeline = get_pipeline(first.model_path, first.model_sha256, device=settings.device, dtype=settings.dtype,
                             max_batch_size=settings.batch_size)
@@ -176,6 +183,7 @@ def campaign_run(brief_path: str, strict: bool = False, overrides: dict | None =
     t_plan = time.perf_counter() - t0
     counts = {"planned": planned.planned, "rendered": 0, "skipped": planned.already_done, "failed": 0,
               "invalid_rows": len({p for p in planned.problems})}
+    stage_seconds = {"engine": 0.0, "postprocess": 0.0, "store": 0.0, "record": 0.0}
     error = None
     status = "completed"
     try:
@@ -183,6 +191,8 @@ def campaign_run(brief_path: str, strict: bool = False, overrides: dict | None =
             result = render_batch(planned.run_id, batch, settings)
             for k in ("rendered", "failed", "skipped"):
                 counts[k] += result[k]
+            for k, v in result.get("seconds", {}).items():
+                stage_seconds[k] += v
     except BaseException as exc:
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         raise
@@ -191,10 +201,11 @@ def campaign_run(brief_path: str, strict: bool = False, overrides: dict | None =
             status = "completed_with_failures"
         db, _ = open_resources(settings)
         seconds = time.perf_counter() - t0
-        finish_run(db, planned.run_id, status, counts, {"plan": round(t_plan, 3), "total": round(seconds, 3)}, error)
+        timings = {"plan": round(t_plan, 4), **{k: round(v, 4) for k, v in stage_seconds.items()}, "total": round(seconds, 4)}
+        finish_run(db, planned.run_id, status, counts, timings, error)
     return RunSummary(
         run_id=planned.run_id, status=status, counts=counts, seconds=seconds, store_url=settings.store_url,
-        db_url=settings.redacted()["db_url"], problems=planned.problems,
+        db_url=settings.redacted()["db_url"], problems=planned.problems, timings=timings,
         flow_run_id=str(flow_run.id) if flow_run.id else None,
     ).__dict__
 

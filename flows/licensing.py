@@ -181,5 +181,9 @@ def check_license(model: ModelInfo, constraint: str) -> str | None:
     if model.commercial_use is False:
         return (f"model '{model.name}' ({model.short_hash}) is licensed '{model.license}', which forbids commercial use, "
                 f"and the row needs commercial use (set its license column to 'any' for non-commercial work)")
+    if model.license:  # declared, but not a licence whose commercial terms adforge knows
+        return (f"model '{model.name}' ({model.short_hash}) is licensed '{model.license}', and whether that allows "
+                f"commercial use is unknown; the row needs commercial use; register it: "
+                f"adforge models add {model.path} --license {model.license} --commercial yes|no")
     return (f"model '{model.name}' ({model.short_hash}) has no licence on record, and the row needs commercial use; "
             f"register it: adforge models add {model.path} --license <id> --commercial yes|no")

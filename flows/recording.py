@@ -21,7 +21,7 @@ from storage.assets import StoredAsset
 from storage.database import Database, audit, retry_transient
 from storage.schema import Asset, Brief, BriefRowRecord, Campaign, PromptRecord, Run, Variant, utcnow
 
-__all__ = ["VariantState", "finish_run", "record_asset", "record_failure", "start_run", "sync_plan"]
+__all__ = ["AssetRecord", "VariantState", "finish_run", "record_assets", "record_failure", "start_run", "sync_plan"]
 
 RUN_ACTOR = "system:run"
 
@@ -132,25 +132,45 @@ def _sync_plan(db: Database, plan: Plan, run_id: int) -> dict[str, VariantState]
         return {ident: VariantState(existing[ident].id, existing[ident].status) for ident in identities}
 
 
+@dataclass(frozen=True)
+class AssetRecord:
+    variant_id: int
+    stored: StoredAsset
+    fmt: str
+    width: int
+    height: int
+    infotext: str
+    render_seconds: float | None
+
+
 @retry_transient()
-def record_asset(db: Database, variant_id: int, run_id: int, stored: StoredAsset, *, fmt: str, width: int, height: int,
-                 infotext: str, render_seconds: float | None) -> bool:
-    """Record a stored file for a variant; False if it was already recorded (nothing changes then)."""
+def record_assets(db: Database, run_id: int, records: list[AssetRecord]) -> int:
+    """Record stored files for their variants in one transaction; returns how many were new. A variant that
+    already has its asset (a re-run after a crash between store and record) is left as it is."""
+    if not records:
+        return 0
     with db.session() as s:
-        if s.scalar(select(Asset.id).where(Asset.variant_id == variant_id)) is not None:
-            return False
-        variant = s.get(Variant, variant_id)
-        assert variant is not None, variant_id
-        before = {"status": variant.status}
-        asset = Asset(variant_id=variant_id, run_id=run_id, store_url=stored.url, storage_key=stored.key, sha256=stored.sha256,
-                      size_bytes=stored.size, format=fmt, width=width, height=height, infotext=infotext,
-                      render_seconds=render_seconds)
-        s.add(asset)
-        variant.status, variant.error = "done", None
-        s.flush()
-        audit(s, actor=RUN_ACTOR, action="asset.stored", entity="variant", entity_id=variant_id, run_id=run_id, before=before,
-              after={"status": "done", "asset_id": asset.id, "key": stored.key, "sha256": stored.sha256, "url": stored.url})
-        return True
+        ids = [r.variant_id for r in records]
+        have = set(s.scalars(select(Asset.variant_id).where(Asset.variant_id.in_(ids))))
+        variants = {v.id: v for v in s.scalars(select(Variant).where(Variant.id.in_(ids)))}
+        new = 0
+        for r in records:
+            if r.variant_id in have:
+                continue
+            variant = variants[r.variant_id]
+            before = {"status": variant.status}
+            asset = Asset(variant_id=r.variant_id, run_id=run_id, store_url=r.stored.url, storage_key=r.stored.key,
+                          sha256=r.stored.sha256, size_bytes=r.stored.size, format=r.fmt, width=r.width, height=r.height,
+                          infotext=r.infotext, render_seconds=r.render_seconds)
+            s.add(asset)
+            variant.status, variant.error = "done", None
+            s.flush()
+            audit(s, actor=RUN_ACTOR, action="asset.stored", entity="variant", entity_id=r.variant_id, run_id=run_id,
+                  before=before, after={"status": "done", "asset_id": asset.id, "key": r.stored.key,
+                                        "sha256": r.stored.sha256, "url": r.stored.url})
+            have.add(r.variant_id)
+            new += 1
+        return new
 
 
 @retry_transient()

@@ -21,7 +21,7 @@ from PIL import Image
 from sqlalchemy import select
 
 from engine.pipeline import GenerationRequest, Pipeline
-from flows.recording import record_asset, record_failure
+from flows.recording import AssetRecord, record_assets, record_failure
 from storage.retrying import retry_call
 from storage.assets import AssetStore
 from storage.database import Database
@@ -163,17 +163,29 @@ def _infotext(job: RenderJob, parameters: dict[str, str], quality: int | None) -
 
 
 def render_jobs(jobs: Sequence[RenderJob], *, pipeline: Pipeline, store: AssetStore, db: Database, run_id: int,
-                on_event: EventFn | None = None) -> dict[str, int]:
-    """Render, post-process, store and record ``jobs`` (all of one model and batch group).
+                on_event: EventFn | None = None) -> dict:
+    """Render, post-process, store and record ``jobs`` (all of one model and batch group), one engine batch
+    (``pipeline.max_batch_size`` images) at a time, so progress and records follow each batch.
 
-    A failure of the engine fails the batch's variants; a failure while encoding / storing / recording one image
-    fails that variant only. Failures are recorded and counted, never raised: one bad asset does not stop a run.
+    Returns counts (rendered / failed / skipped) and ``seconds`` spent per stage (engine / postprocess / store /
+    record), which the run adds up into its timings.
+
+    A failure of the engine fails that batch's variants; a failure while encoding or storing one image fails that
+    variant only. Such failures are recorded and counted, not raised: one bad asset does not stop a run.
     """
-    counts = {"rendered": 0, "failed": 0, "skipped": 0}
+    counts: dict = {"rendered": 0, "failed": 0, "skipped": 0}
+    counts["seconds"] = {"engine": 0.0, "postprocess": 0.0, "store": 0.0, "record": 0.0}
     todo = [j for j in jobs if j.status != "done"]
     counts["skipped"] = len(jobs) - len(todo)
-    if not todo:
-        return counts
+    size = max(1, pipeline.max_batch_size)
+    for i in range(0, len(todo), size):
+        _render_batch(todo[i : i + size], pipeline, store, db, run_id, counts, on_event)
+    return counts
+
+
+def _render_batch(todo: Sequence[RenderJob], pipeline: Pipeline, store: AssetStore, db: Database, run_id: int,
+                  counts: dict, on_event: EventFn | None) -> None:
+    timings = counts["seconds"]
     t0 = time.perf_counter()
     try:
         results = pipeline.generate([j.request() for j in todo])
@@ -183,25 +195,36 @@ def render_jobs(jobs: Sequence[RenderJob], *, pipeline: Pipeline, store: AssetSt
         counts["failed"] += len(todo)
         if on_event:
             on_event("failed", len(todo))
-        return counts
-    per_image = (time.perf_counter() - t0) / len(todo)
+        return
+    timings["engine"] += time.perf_counter() - t0
+    per_image = timings["engine"] / len(todo)
+    # Store each file first, then record the whole batch in one transaction (one commit instead of one per
+    # image). A crash in between leaves stored, unrecorded files: the next run rewrites them under the same key.
+    records: list[AssetRecord] = []
     for job, result in zip(todo, results):
         try:
+            t1 = time.perf_counter()
             image = cover_resize(result.image, job.out_width, job.out_height)
             xmp = xmp_packet({"Model": job.model_name, "ModelSHA256": job.model_sha256, "VariantIdentity": job.identity})
             data, infotext = encode_within_cap(
                 image, job.out_format, lambda q, p=result.parameters, j=job: _infotext(j, p, q), xmp, job.out_max_kb
             )
+            t2 = time.perf_counter()
             stored = retry_call(store.put, job.storage_key, data, CONTENT_TYPES[job.out_format])
-            record_asset(db, job.variant_id, run_id, stored, fmt=job.out_format, width=job.out_width,
-                       height=job.out_height, infotext=infotext, render_seconds=per_image)
-            counts["rendered"] += 1
-            if on_event:
-                on_event("rendered", 1)
+            timings["postprocess"] += t2 - t1
+            timings["store"] += time.perf_counter() - t2
+            records.append(AssetRecord(job.variant_id, stored, job.out_format, job.out_width, job.out_height, infotext, per_image))
         except Exception as exc:
             log.exception("variant %s failed after rendering", job.variant_id)
             record_failure(db, [job.variant_id], run_id, f"{type(exc).__name__}: {exc}")
             counts["failed"] += 1
             if on_event:
                 on_event("failed", 1)
-    return counts
+    t3 = time.perf_counter()
+    # If the database stays unreachable past record_assets' own retries, this raises: the render task is retried
+    # by Prefect (storing again is a no-op for identical bytes), and the run fails rather than lose the record.
+    record_assets(db, run_id, records)
+    timings["record"] += time.perf_counter() - t3
+    counts["rendered"] += len(records)
+    if on_event:
+        on_event("rendered", len(records))

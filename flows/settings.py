@@ -99,7 +99,8 @@ def load_settings(overrides: dict[str, Any] | None = None, *, config: str | os.P
         "db_url": sqlite_url(base / DATA_DIR / "adforge.db"),
         "store_url": (base / DATA_DIR / "assets").resolve().as_posix(),
     }
-    config_path = Path(config) if config else (Path(env["ADFORGE_CONFIG"]) if env.get("ADFORGE_CONFIG") else base / CONFIG_FILE)
+    # A relative --config / ADFORGE_CONFIG is relative to where adforge runs (``cwd``), like the store path.
+    config_path = base / (Path(config) if config else (Path(env["ADFORGE_CONFIG"]) if env.get("ADFORGE_CONFIG") else CONFIG_FILE))
     if config or env.get("ADFORGE_CONFIG") or config_path.exists():
         try:
             data = tomllib.loads(config_path.read_text(encoding="utf-8"))
@@ -108,6 +109,8 @@ def load_settings(overrides: dict[str, Any] | None = None, *, config: str | os.P
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"{config_path}: invalid TOML: {exc}") from None
         table = data.get("adforge", data)  # a top-level [adforge] table or bare keys
+        if not isinstance(table, dict):
+            raise SettingsError(f"{config_path}: 'adforge' must be a table ([adforge]), got {table!r}")
         for key, value in table.items():
             if key not in _TYPES:
                 raise SettingsError(f"{config_path}: unknown setting '{key}' (known: {', '.join(sorted(_TYPES))})")

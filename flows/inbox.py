@@ -1,0 +1,139 @@
+"""The inbox: render every new brief that lands in a folder or under an S3 prefix (``campaign-inbox`` in prefect.yaml).
+
+A brief is *new* when no run of a brief with the same content (sha256, as the ``briefs`` table keys it) has
+completed. So a renamed, copied or re-uploaded brief renders nothing twice, while an edited brief (new content) is
+run; its unchanged rows then cost nothing, since the campaign run skips variants that exist. A rejected brief writes
+nothing, so it is reported again on every pass until someone fixes it, which is what an inbox owner wants to see.
+
+Each new brief runs :func:`flows.campaign.campaign_run` as a subflow; one brief's failure never stops the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from sqlalchemy import select
+
+from flows.brief import BriefError
+from flows.campaign import campaign_run, open_resources
+from flows.settings import load_settings
+from storage.assets import LocalAssetStore, S3AssetStore, open_store
+from storage.database import Database
+from storage.schema import Brief as BriefRecord
+from storage.schema import Run
+
+__all__ = ["BriefResult", "inbox_run", "list_inbox"]
+
+BRIEF_SUFFIXES = (".csv", ".xlsx")
+# "." = hidden files and editors' / uploaders' temporary files; "~$" = the lock file Excel puts next to an open workbook.
+IGNORED_PREFIXES = (".", "~$")
+COMPLETED = ("completed", "completed_with_failures")
+
+Status = Literal["rendered", "skipped", "rejected", "failed"]
+
+
+@dataclass
+class BriefResult:
+    brief: str  # where it was found: a local path or an s3:// URL (never the temporary download)
+    status: Status
+    sha256: str | None = None
+    run_id: int | None = None  # the run that rendered it (rendered), or the completed run that made it skip (skipped)
+    problems: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # the campaign run's counts (rendered only)
+
+
+@dataclass(frozen=True)
+class InboxEntry:
+    name: str  # local path or s3:// URL, for reports
+    file_name: str  # the brief's own file name
+    key: str | None = None  # S3 only: the key under the inbox prefix
+
+
+def _is_brief(file_name: str) -> bool:
+    return file_name.lower().endswith(BRIEF_SUFFIXES) and not file_name.startswith(IGNORED_PREFIXES)
+
+
+def list_inbox(inbox: str) -> tuple[LocalAssetStore | S3AssetStore, list[InboxEntry]]:
+    """The briefs directly in ``inbox`` (a folder, ``file://`` or ``s3://bucket/prefix[?endpoint_url=...]``), by name.
+
+    Sub-folders are not entered: they are where people keep processed or draft briefs."""
+    store = open_store(inbox)
+    if isinstance(store, LocalAssetStore):
+        if not store.root.is_dir():
+            # A typo in the inbox path must fail the scheduled run visibly, not report "nothing new" forever.
+            raise FileNotFoundError(f"inbox folder {store.root} does not exist")
+        return store, [InboxEntry(str(p), p.name) for p in sorted(store.root.iterdir()) if p.is_file() and _is_brief(p.name)]
+    assert isinstance(store, S3AssetStore)
+    base = f"s3://{store.bucket}/{store.prefix + '/' if store.prefix else ''}"
+    return store, [InboxEntry(base + key, key, key) for key in store.list() if "/" not in key and _is_brief(key)]
+
+
+def _completed_run(db: Database, sha256: str) -> int | None:
+    with db.session() as s:
+        return s.scalar(
+            select(Run.id).join(BriefRecord, Run.brief_id == BriefRecord.id)
+            .where(BriefRecord.sha256 == sha256, Run.status.in_(COMPLETED)).order_by(Run.id.desc()).limit(1)
+        )
+
+
+@flow(name="campaign-inbox", log_prints=False, validate_parameters=True)
+def inbox_run(inbox: str, strict: bool = False, overrides: dict | None = None, config: str | None = None) -> dict:
+    """Run every new brief in ``inbox``; returns ``{"inbox", "counts", "briefs": [BriefResult as dict, ...]}``."""
+    log = get_run_logger()
+    # Settings are resolved once up front: a broken configuration fails the inbox run, not every brief in it.
+    settings = load_settings(overrides or {}, config=config)
+    db, _ = open_resources(settings)
+    store, entries = list_inbox(inbox)
+    results: list[BriefResult] = []
+    seen: dict[str, str] = {}  # sha256 -> the first brief with that content in this pass
+    with tempfile.TemporaryDirectory(prefix="adforge-inbox-") as tmp:
+        for entry in entries:
+            try:
+                if entry.key is None:
+                    path = Path(entry.name)
+                    data = path.read_bytes()
+                else:
+                    data = store.get(entry.key)
+                    # The brief reader names the file in every problem: keep the original name, not a random one.
+                    path = Path(tmp) / entry.file_name
+                    path.write_bytes(data)
+            except Exception as exc:  # vanished between listing and reading, unreadable, S3 error, odd key
+                results.append(BriefResult(entry.name, "failed", problems=[f"{entry.name}: cannot read: {exc}"]))
+                continue
+            result = _run_one(entry.name, path, hashlib.sha256(data).hexdigest(), db, seen, strict, overrides, config)
+            log.info("%s: %s%s", entry.name, result.status, "".join("\n  " + p for p in result.problems))
+            results.append(result)
+    counts = Counter(r.status for r in results)
+    log.info("inbox %s: %s", inbox, ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no briefs")
+    return {"inbox": inbox, "counts": dict(counts), "briefs": [asdict(r) for r in results]}
+
+
+def _run_one(name: str, path: Path, sha256: str, db: Database, seen: dict[str, str], strict: bool,
+             overrides: dict | None, config: str | None) -> BriefResult:
+    if sha256 in seen:
+        return BriefResult(name, "skipped", sha256, problems=[f"{name}: same content as {seen[sha256]}"])
+    seen[sha256] = name
+    if (done := _completed_run(db, sha256)) is not None:
+        return BriefResult(name, "skipped", sha256, run_id=done)
+
+    local = os.fspath(path)
+
+    def named(problems: list[str]) -> list[str]:
+        # Problems name the file the reader read; for an S3 brief that is the temporary copy: name the S3 URL.
+        return [p.replace(local, name) for p in problems]
+
+    try:
+        summary = campaign_run(local, strict=strict, overrides=overrides, config=config)
+    except BriefError as exc:
+        return BriefResult(name, "rejected", sha256, problems=named([str(p) for p in exc.problems]))
+    except Exception as exc:  # model missing, database down, ...: this brief failed, the next one may not
+        return BriefResult(name, "failed", sha256, problems=named([f"{name}: {type(exc).__name__}: {exc}"]))
+    return BriefResult(name, "rendered", sha256, run_id=summary["run_id"], problems=named(summary["problems"]),
+                       counts=summary["counts"])
