@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.brief import Brief, BriefError, read_brief
 from flows.licensing import ModelInfo, describe_model, ensure_model
 from flows.planning import Plan, default_model_path, plan_brief
-from flows.recording import finish_run, start_run, sync_plan
+from flows.recording import finish_run, mark_crashed_runs, start_run, sync_plan
 from flows.rendering import get_pipeline, load_jobs, render_jobs
 from flows.settings import Settings, load_settings
 from flows.templating import load_channels, load_styles
@@ -134,6 +134,9 @@ def plan_run(brief: Brief, settings: Settings, strict: bool, flow_run_id: str | 
             entered[v.model.sha256] = ensure_model(db, v.model.path)
     if entered:
         plan.variants = [replace(v, model=entered[v.model.sha256]) if v.model.id == 0 else v for v in plan.variants]
+    crashed = mark_crashed_runs(db)
+    if crashed:
+        log.warning("runs %s died without reporting back; marked crashed (their finished work is kept)", crashed)
     run_id = start_run(db, os.fspath(brief.path), brief, settings, flow_run_id)
     states = sync_plan(db, plan, run_id)
     groups: dict[tuple, list[int]] = {}

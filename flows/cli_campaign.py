@@ -12,7 +12,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 from rich.text import Text
 
 __all__ = ["register"]
@@ -156,21 +155,22 @@ def register(app: typer.Typer, models_app: typer.Typer, console: Console) -> Non
             for p in exc.problems:
                 console.print(f"  {escape(str(p))}", soft_wrap=True)
             raise typer.Exit(2) from None
-        table = Table(title=f"plan for {brief}")
-        for col in ("campaign", "row", "channel", "template", "prompts", "seeds", "images", "generate", "deliver", "model"):
-            table.add_column(col)
+        out = Console(highlight=False)
         groups: dict[tuple, list] = {}
         for v in the_plan.variants:
             groups.setdefault((v.row.campaign, v.row.row_id, v.channel.name), []).append(v)
+        # One line per row and channel, not a table: it stays readable (and greppable) in an 80-column terminal.
         for (campaign, row_id, channel), vs in groups.items():
             v0 = vs[0]
             seeds = sorted({v.seed for v in vs})
-            table.add_row(campaign, row_id, channel, v0.prompt.template_name, str(len({v.prompt.prompt for v in vs})),
-                          f"{seeds[0]}..{seeds[-1]}" if len(seeds) > 1 else str(seeds[0]), str(len(vs)),
-                          f"{v0.gen_width}x{v0.gen_height}", f"{v0.channel.width}x{v0.channel.height} {v0.channel.format}",
-                          f"{v0.model.name} ({v0.model.short_hash})")
-        out = Console()
-        out.print(table)
+            seed_text = f"seeds {seeds[0]}..{seeds[-1]}" if len(seeds) > 1 else f"seed {seeds[0]}"
+            out.print(
+                f"{escape(campaign)} / {escape(row_id)} / {channel}: {len(vs)} image(s), template {v0.prompt.template_name}, "
+                f"{len({v.prompt.prompt for v in vs})} prompt variation(s), {seed_text}, generate {v0.gen_width}x{v0.gen_height} "
+                f"-> deliver {v0.channel.width}x{v0.channel.height} {v0.channel.format}, model {escape(v0.model.name)} "
+                f"({v0.model.short_hash}, licence {v0.model.license or 'unknown'})",
+                soft_wrap=True,
+            )
         if details:
             for v in the_plan.variants:
                 out.print(f"{v.storage_key}\tseed {v.seed}\t{escape(v.prompt.prompt)}", soft_wrap=True)
@@ -193,15 +193,15 @@ def register(app: typer.Typer, models_app: typer.Typer, console: Console) -> Non
         from storage.schema import Run
 
         database = open_database(settings.db_url)
-        table = Table(title="runs")
-        for col in ("id", "status", "brief", "started", "seconds", "planned", "rendered", "skipped", "failed"):
-            table.add_column(col)
+        out = Console(highlight=False)
         with database.session() as s:
             for r in s.scalars(select(Run).order_by(Run.id.desc()).limit(limit)):
                 c = r.counts or {}
-                table.add_row(str(r.id), r.status, Path(r.brief_path).name, r.started_at.strftime("%Y-%m-%d %H:%M:%S"),
-                              f"{(r.timings or {}).get('total', 0):.1f}", *(str(c.get(k, "")) for k in ("planned", "rendered", "skipped", "failed")))
-        Console().print(table)
+                counts = ", ".join(f"{k} {c[k]}" for k in ("planned", "rendered", "skipped", "failed") if k in c)
+                seconds = (r.timings or {}).get("total")
+                took = f" in {seconds:.1f} s" if seconds is not None else ""
+                out.print(f"run {r.id}  {r.status:<23} {r.started_at:%Y-%m-%d %H:%M:%S}  {escape(r.brief_path)}"
+                          f"{'  ' + counts if counts else ''}{took}", soft_wrap=True)
 
     @app.command()
     def assets(
@@ -272,11 +272,9 @@ def register(app: typer.Typer, models_app: typer.Typer, console: Console) -> Non
         from storage.database import open_database
         from storage.schema import ModelRecord
 
-        table = Table(title="models")
-        for col in ("id", "name", "hash", "family", "licence", "commercial", "source", "path"):
-            table.add_column(col)
+        out = Console(highlight=False)
         with open_database(settings.db_url).session() as s:
             for m in s.scalars(select(ModelRecord).order_by(ModelRecord.id)):
-                commercial = {True: "yes", False: "no", None: "unknown"}[m.commercial_use]
-                table.add_row(str(m.id), m.name, m.short_hash, m.family, m.license or "-", commercial, m.license_source, m.path)
-        Console().print(table)
+                commercial = {True: "allowed", False: "not allowed", None: "unknown"}[m.commercial_use]
+                out.print(f"{m.id}  {escape(m.name)} ({m.short_hash}, {m.family})  licence {m.license or 'unknown'} "
+                          f"[{m.license_source}], commercial use {commercial}  {escape(m.path)}", soft_wrap=True)

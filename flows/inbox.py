@@ -92,7 +92,7 @@ def inbox_run(inbox: str, strict: bool = False, overrides: dict | None = None, c
     db, _ = open_resources(settings)
     store, entries = list_inbox(inbox)
     results: list[BriefResult] = []
-    seen: dict[str, str] = {}  # sha256 -> the first brief with that content in this pass
+    seen: dict[str, BriefResult] = {}  # sha256 -> the result of the first brief with that content in this pass
     with tempfile.TemporaryDirectory(prefix="adforge-inbox-") as tmp:
         for entry in entries:
             try:
@@ -115,11 +115,16 @@ def inbox_run(inbox: str, strict: bool = False, overrides: dict | None = None, c
     return {"inbox": inbox, "counts": dict(counts), "briefs": [asdict(r) for r in results]}
 
 
-def _run_one(name: str, path: Path, sha256: str, db: Database, seen: dict[str, str], strict: bool,
+def _run_one(name: str, path: Path, sha256: str, db: Database, seen: dict[str, BriefResult], strict: bool,
              overrides: dict | None, config: str | None) -> BriefResult:
-    if sha256 in seen:
-        return BriefResult(name, "skipped", sha256, problems=[f"{name}: same content as {seen[sha256]}"])
-    seen[sha256] = name
+    if (first := seen.get(sha256)) is not None:
+        return BriefResult(name, "skipped", sha256, run_id=first.run_id, problems=[f"{name}: same content as {first.brief}"])
+    seen[sha256] = result = _run_new(name, path, sha256, db, strict, overrides, config)
+    return result
+
+
+def _run_new(name: str, path: Path, sha256: str, db: Database, strict: bool, overrides: dict | None,
+             config: str | None) -> BriefResult:
     if (done := _completed_run(db, sha256)) is not None:
         return BriefResult(name, "skipped", sha256, run_id=done)
 

@@ -9,6 +9,8 @@ exists is a no-op, so a run that was killed between storing a file and recording
 from __future__ import annotations
 
 from collections.abc import Iterable
+import os
+import socket
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -21,7 +23,7 @@ from storage.assets import StoredAsset
 from storage.database import Database, audit, retry_transient
 from storage.schema import Asset, Brief, BriefRowRecord, Campaign, PromptRecord, Run, Variant, utcnow
 
-__all__ = ["AssetRecord", "VariantState", "finish_run", "record_assets", "record_failure", "start_run", "sync_plan"]
+__all__ = ["AssetRecord", "VariantState", "finish_run", "mark_crashed_runs", "record_assets", "record_failure", "start_run", "sync_plan"]
 
 RUN_ACTOR = "system:run"
 
@@ -46,12 +48,38 @@ def start_run(db: Database, brief_path: str, brief: ParsedBrief | None, settings
     with db.session() as s:
         brief_id = _ensure_brief(s, brief).id if brief is not None else None
         run = Run(flow_run_id=flow_run_id, brief_id=brief_id, brief_path=brief_path, status="running",
-                  settings=settings.redacted())
+                  settings=settings.redacted(), host=socket.gethostname(), pid=os.getpid())
         s.add(run)
         s.flush()
         audit(s, actor=RUN_ACTOR, action="run.started", entity="run", entity_id=run.id, run_id=run.id,
               after={"brief": brief_path, "flow_run_id": flow_run_id, "settings": run.settings})
         return run.id
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@retry_transient()
+def mark_crashed_runs(db: Database) -> list[int]:
+    """Runs of this host still 'running' whose process is gone (killed, machine rebooted) become 'crashed'.
+    Runs of other hosts are left alone: only their own host can tell."""
+    host = socket.gethostname()
+    crashed = []
+    with db.session() as s:
+        for run in s.scalars(select(Run).where(Run.status == "running", Run.host == host)):
+            if run.pid is not None and run.pid != os.getpid() and not _process_alive(run.pid):
+                run.status, run.finished_at = "crashed", utcnow()
+                audit(s, actor=RUN_ACTOR, action="run.crashed", entity="run", entity_id=run.id, run_id=run.id,
+                      before={"status": "running"}, after={"status": "crashed", "pid": run.pid, "host": host})
+                crashed.append(run.id)
+    return crashed
 
 
 def _ensure_brief(s, brief: ParsedBrief) -> Brief:

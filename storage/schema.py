@@ -143,7 +143,10 @@ class Run(Base):
     flow_run_id: Mapped[str | None] = mapped_column(String(64), index=True)
     brief_id: Mapped[int | None] = mapped_column(ForeignKey("briefs.id"))
     brief_path: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), default="running")  # running | completed | failed | rejected
+    # running | completed | completed_with_failures | failed | crashed (its process died without reporting back)
+    status: Mapped[str] = mapped_column(String(32), default="running")
+    host: Mapped[str | None] = mapped_column(String(255))  # where the run's flow process ran, to detect crashes
+    pid: Mapped[int | None] = mapped_column(Integer)
     settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
     counts: Mapped[dict[str, Any]] = mapped_column(default=dict)  # planned / rendered / skipped / failed / invalid_rows
     timings: Mapped[dict[str, Any]] = mapped_column(default=dict)  # seconds per stage

@@ -257,7 +257,9 @@ def test_killed_run_resumes_without_duplicates(tmp_path: Path, campaign_model: P
     assert not [p for p in store_dir.rglob("*") if p.is_file() and p.name.startswith(".")], "temporary files left behind"
     with db.session() as s:
         runs = s.scalars(select(Run).order_by(Run.id)).all()
-        assert [r.status for r in runs] == ["running", "completed"]  # the killed run never reported back
+        # The killed run never reported back; the next run on this host saw its process gone and said so.
+        assert [r.status for r in runs] == ["crashed", "completed"]
+        assert s.scalar(select(func.count(AuditEntry.id)).where(AuditEntry.action == "run.crashed")) == 1
         per_variant = Counter(s.scalars(select(Asset.variant_id)))
         assert max(per_variant.values()) == 1
     db.dispose()

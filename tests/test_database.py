@@ -5,9 +5,10 @@ Every test that touches a database runs on SQLite and PostgreSQL (the ``db_url``
 
 from __future__ import annotations
 
+import io
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,7 @@ def _add_audit_entry(db: Database, action: str = "test.appended") -> int:
 
 
 @pytest.fixture
-def db(db_url: str) -> Database:
+def db(db_url: str) -> Iterator[Database]:
     database = open_database(db_url)
     yield database
     database.dispose()
@@ -148,6 +149,35 @@ def test_downgrade_to_base_and_upgrade_again(db: Database) -> None:
     entry_id = _add_audit_entry(db)
     with pytest.raises(DBAPIError, match="append-only"), db.engine.begin() as conn:
         conn.execute(text("DELETE FROM audit_log WHERE id = :id"), {"id": entry_id})
+
+
+def test_alembic_command_line_path_migrates(db_url: str) -> None:
+    """``alembic upgrade head`` with ``sqlalchemy.url`` (no connection handed in) migrates and commits."""
+    cfg = Config()
+    cfg.set_main_option("script_location", os.fspath(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", db_url.replace("%", "%%"))  # ConfigParser interpolation
+    command.upgrade(cfg, "head")
+    database = open_database(db_url, upgrade=False)
+    try:
+        assert database.revision() == head_revision()
+        assert TABLES <= _tables(database)
+        assert _schema_differences(database) == []
+    finally:
+        database.dispose()
+
+
+@pytest.mark.parametrize("url", ["sqlite:///unused.db", "postgresql+psycopg://u@127.0.0.1:1/unused"])
+def test_offline_sql_includes_the_audit_guards(url: str) -> None:
+    """``alembic upgrade head --sql`` (for a DBA to review) works without a database and includes the triggers."""
+    out = io.StringIO()
+    cfg = Config(output_buffer=out)
+    cfg.set_main_option("script_location", os.fspath(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", url)
+    command.upgrade(cfg, "head", sql=True)
+    sql = out.getvalue()
+    assert "CREATE TABLE audit_log" in sql
+    assert "CREATE TRIGGER" in sql and "append-only" in sql
+    assert "INSERT INTO alembic_version (version_num) VALUES ('0001')" in sql
 
 
 def test_parallel_opens_of_a_fresh_postgres_database_do_not_race(postgres_url: str) -> None:

@@ -48,7 +48,7 @@ def _prefect(*args: str, api_url: str) -> str:
 
 def test_prefect_deploy_all(prefect_harness: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from prefect.client.orchestration import get_client
-    from prefect.deployments.steps.core import run_steps
+    from prefect.deployments.steps.core import StepExecutionError, run_steps
     from prefect.exceptions import PrefectHTTPStatusError
 
     spec = (ROOT / "prefect.yaml").read_bytes()
@@ -78,7 +78,7 @@ def test_prefect_deploy_all(prefect_harness: str, tmp_path: Path, monkeypatch: p
         assert inbox.parameters == {"inbox": "briefs/inbox"}
         [schedule] = inbox.schedules
         assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("*/15 * * * *", "UTC", True)
-        assert inbox.concurrency_limit == 1
+        assert inbox.global_concurrency_limit is not None and inbox.global_concurrency_limit.limit == 1
         assert inbox.concurrency_options.collision_strategy == "CANCEL_NEW"
 
     # The pull steps as stored: the worker's ADFORGE_PROJECT_DIR at run time, else /opt/adforge.
@@ -90,8 +90,9 @@ def test_prefect_deploy_all(prefect_harness: str, tmp_path: Path, monkeypatch: p
     assert asyncio.run(run_steps(run.pull_steps))["directory"] == str(project)
     assert Path.cwd() == project
     monkeypatch.delenv("ADFORGE_PROJECT_DIR")
-    with pytest.raises(FileNotFoundError, match="/opt/adforge"):
+    with pytest.raises(StepExecutionError) as err:  # no such folder here, but it is the one the worker looked for
         asyncio.run(run_steps(run.pull_steps))
+    assert isinstance(err.value.__cause__, FileNotFoundError) and "/opt/adforge" in str(err.value.__cause__)
 
 
 # ------------------------------------------------------------------------------------------------ inbox
