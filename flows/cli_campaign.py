@@ -277,4 +277,4 @@ def register(app: typer.Typer, models_app: typer.Typer, console: Console) -> Non
             for m in s.scalars(select(ModelRecord).order_by(ModelRecord.id)):
                 commercial = {True: "allowed", False: "not allowed", None: "unknown"}[m.commercial_use]
                 out.print(f"{m.id}  {escape(m.name)} ({m.short_hash}, {m.family})  licence {m.license or 'unknown'} "
-                          f"[{m.license_source}], commercial use {commercial}  {escape(m.path)}", soft_wrap=True)
+                          f"({m.license_source}), commercial use {commercial}  {escape(m.path)}", soft_wrap=True)
