@@ -60,6 +60,29 @@ class _RateColumn(ProgressColumn):
         return Text(f"{rate:.2f} img/s")
 
 
+def _existing_database(url: str):
+    """The database if it exists and has our schema, else None: ``plan`` reads registered licences from it but
+    must not create a file or a schema."""
+    from sqlalchemy.engine import make_url
+
+    from storage.database import open_database
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return None
+    if parsed.get_backend_name() == "sqlite" and not (parsed.database and Path(parsed.database).is_file()):
+        return None
+    try:
+        database = open_database(url, upgrade=False)
+        if database.revision() is not None:
+            return database
+        database.dispose()
+    except Exception:  # unreachable server, not a database: plan without registered licences
+        pass
+    return None
+
+
 def register(app: typer.Typer, models_app: typer.Typer, console: Console) -> None:
     @app.command()
     def run(
@@ -79,7 +102,7 @@ def register(app: typer.Typer, models_app: typer.Typer, console: Console) -> Non
         _quiet_prefect()
         overrides = {"db_url": db, "store_url": store, "model": model, "steps": steps, "sampler": sampler, "cfg_scale": cfg,
                      "batch_size": batch_size, "device": device}
-        settings = _settings(console, config, **overrides)
+        _settings(console, config, **overrides)  # bad settings fail here, before Prefect starts a server
         from flows.brief import BriefError
         from flows.campaign import campaign_run, set_progress_listener
 
@@ -137,19 +160,10 @@ def register(app: typer.Typer, models_app: typer.Typer, console: Console) -> Non
         from flows.brief import BriefError, read_brief
         from flows.campaign import make_plan
         from flows.templating import load_channels
-        from storage.database import DatabaseError, open_database
-
         try:
-            parsed = read_brief(brief, known_channels=set(load_channels()), strict=strict)
-            database = None
-            if settings.db_url.startswith("sqlite") and not Path(settings.db_url.split("///", 1)[-1]).exists():
-                database = None  # no database yet: nothing registered, and plan must not create one
-            else:
-                try:
-                    database = open_database(settings.db_url, upgrade=False)
-                except DatabaseError:
-                    database = None
-            the_plan = make_plan(parsed, settings, database, strict)
+            tdir = Path(settings.templates_dir) if settings.templates_dir else None
+            parsed = read_brief(brief, known_channels=set(load_channels(tdir / "channels.yaml" if tdir else None)), strict=strict)
+            the_plan = make_plan(parsed, settings, _existing_database(settings.db_url), strict)
         except BriefError as exc:
             console.print(f"[red]brief rejected[/red] ({len(exc.problems)} problem(s)):")
             for p in exc.problems:

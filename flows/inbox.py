@@ -29,7 +29,7 @@ from storage.database import Database
 from storage.schema import Brief as BriefRecord
 from storage.schema import Run
 
-__all__ = ["BriefResult", "inbox_run", "list_inbox"]
+__all__ = ["BriefResult", "InboxEntry", "inbox_run", "list_inbox"]
 
 BRIEF_SUFFIXES = (".csv", ".xlsx")
 # "." = hidden files and editors' / uploaders' temporary files; "~$" = the lock file Excel puts next to an open workbook.
@@ -107,7 +107,12 @@ def inbox_run(inbox: str, strict: bool = False, overrides: dict | None = None, c
             except Exception as exc:  # vanished between listing and reading, unreadable, S3 error, odd key
                 results.append(BriefResult(entry.name, "failed", problems=[f"{entry.name}: cannot read: {exc}"]))
                 continue
-            result = _run_one(entry.name, path, hashlib.sha256(data).hexdigest(), db, seen, strict, overrides, config)
+            sha256 = hashlib.sha256(data).hexdigest()
+            if (first := seen.get(sha256)) is not None:
+                result = BriefResult(entry.name, "skipped", sha256, run_id=first.run_id,
+                                     problems=[f"{entry.name}: same content as {first.brief}"])
+            else:
+                result = seen[sha256] = _run_brief(entry.name, path, sha256, db, strict, overrides, config)
             log.info("%s: %s%s", entry.name, result.status, "".join("\n  " + p for p in result.problems))
             results.append(result)
     counts = Counter(r.status for r in results)
@@ -115,16 +120,9 @@ def inbox_run(inbox: str, strict: bool = False, overrides: dict | None = None, c
     return {"inbox": inbox, "counts": dict(counts), "briefs": [asdict(r) for r in results]}
 
 
-def _run_one(name: str, path: Path, sha256: str, db: Database, seen: dict[str, BriefResult], strict: bool,
-             overrides: dict | None, config: str | None) -> BriefResult:
-    if (first := seen.get(sha256)) is not None:
-        return BriefResult(name, "skipped", sha256, run_id=first.run_id, problems=[f"{name}: same content as {first.brief}"])
-    seen[sha256] = result = _run_new(name, path, sha256, db, strict, overrides, config)
-    return result
-
-
-def _run_new(name: str, path: Path, sha256: str, db: Database, strict: bool, overrides: dict | None,
-             config: str | None) -> BriefResult:
+def _run_brief(name: str, path: Path, sha256: str, db: Database, strict: bool, overrides: dict | None,
+               config: str | None) -> BriefResult:
+    """Run one brief unless a brief with its content has completed; ``name`` is what reports call it."""
     if (done := _completed_run(db, sha256)) is not None:
         return BriefResult(name, "skipped", sha256, run_id=done)
 

@@ -7,8 +7,6 @@ import http.server
 import os
 import re
 import threading
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest

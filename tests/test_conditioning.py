@@ -9,7 +9,7 @@ import torch
 
 from engine.conditioning import PromptEncoder, chunk_prompt
 from engine.models import load_sd1
-from engine.tokenizer import BOS_ID, CHUNK_TOKENS, EOS_ID, load_clip_tokenizer
+from engine.tokenizer import BOS_ID, EOS_ID, load_clip_tokenizer
 
 
 @pytest.fixture(scope="module")

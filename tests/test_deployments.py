@@ -90,6 +90,8 @@ def test_prefect_deploy_all(prefect_harness: str, tmp_path: Path, monkeypatch: p
     assert asyncio.run(run_steps(run.pull_steps))["directory"] == str(project)
     assert Path.cwd() == project
     monkeypatch.delenv("ADFORGE_PROJECT_DIR")
+    if Path("/opt/adforge").exists():
+        return  # a machine with a real checkout there: the default works, no failure to look for
     with pytest.raises(StepExecutionError) as err:  # no such folder here, but it is the one the worker looked for
         asyncio.run(run_steps(run.pull_steps))
     assert isinstance(err.value.__cause__, FileNotFoundError) and "/opt/adforge" in str(err.value.__cause__)
@@ -178,7 +180,7 @@ def test_s3_inbox(tmp_path: Path, settings: dict, s3_endpoint: str, s3_bucket: s
     # Problems name the S3 object, not the temporary download.
     [problem] = by_name[f"s3://{s3_bucket}/inbox/broken.csv"]["problems"]
     assert problem.startswith(f"s3://{s3_bucket}/inbox/broken.csv:2: column 'channels': unknown channel 'nope'")
-    assert list((tmp_path / "assets").rglob("*.jpg")) or list((tmp_path / "assets").rglob("*.jpeg"))
+    assert len([p for p in (tmp_path / "assets").rglob("*") if p.is_file()]) == 1
 
     again = inbox_run(url, strict=True, overrides=settings)
     assert by_name.keys() == {b["brief"] for b in again["briefs"]}
