@@ -123,7 +123,7 @@ def make_plan(brief: Brief, settings: Settings, db: Database | None, strict: boo
 
 
 @task(name="plan-run", cache_policy=NO_CACHE)
-def plan_run(brief: Brief, settings: Settings, strict: bool, flow_run_id: str | None) -> PlannedRun:
+def plan_run(brief: Brief, settings: Settings, strict: bool, flow_run_id: str | None, source: str | None = None) -> PlannedRun:
     db, _ = open_resources(settings)
     # Planning writes nothing, so a rejected brief leaves no trace; once it passed, models seen for the first
     # time are entered (with the licence their file declares) and the variants get their model ids.
@@ -137,7 +137,7 @@ def plan_run(brief: Brief, settings: Settings, strict: bool, flow_run_id: str | 
     crashed = mark_crashed_runs(db)
     if crashed:
         log.warning("runs %s died without reporting back; marked crashed (their finished work is kept)", crashed)
-    run_id = start_run(db, os.fspath(brief.path), brief, settings, flow_run_id)
+    run_id = start_run(db, source or os.fspath(brief.path), brief, settings, flow_run_id)
     states = sync_plan(db, plan, run_id)
     groups: dict[tuple, list[int]] = {}
     done = 0
@@ -173,14 +173,16 @@ def render_batch(run_id: int, variant_ids: list[int], settings: Settings) -> dic
 
 
 @flow(name="campaign-run", log_prints=False, validate_parameters=True)
-def campaign_run(brief_path: str, strict: bool = False, overrides: dict | None = None, config: str | None = None) -> dict:
-    """Render every planned variant of a brief; returns the run summary as a dict."""
+def campaign_run(brief_path: str, strict: bool = False, overrides: dict | None = None, config: str | None = None,
+                 source: str | None = None) -> dict:
+    """Render every planned variant of a brief; returns the run summary as a dict. ``source`` is where the brief
+    really came from (an S3 URL the inbox downloaded it from), recorded instead of the local path."""
     from prefect.runtime import flow_run
 
     t0 = time.perf_counter()
     settings = load_settings(overrides or {}, config=config)
     brief = validate_brief(brief_path, strict, settings.templates_dir)
-    planned = plan_run(brief, settings, strict, str(flow_run.id) if flow_run.id else None)
+    planned = plan_run(brief, settings, strict, str(flow_run.id) if flow_run.id else None, source)
     _emit("planned", planned.planned)
     _emit("skipped", planned.already_done)
     t_plan = time.perf_counter() - t0

@@ -133,7 +133,8 @@ def _run_brief(name: str, path: Path, sha256: str, db: Database, strict: bool, o
         return [p.replace(local, name) for p in problems]
 
     try:
-        summary = campaign_run(local, strict=strict, overrides=overrides, config=config)
+        summary = campaign_run(local, strict=strict, overrides=overrides, config=config,
+                               source=name if name != local else None)
     except BriefError as exc:
         return BriefResult(name, "rejected", sha256, problems=named([str(p) for p in exc.problems]))
     except Exception as exc:  # model missing, database down, ...: this brief failed, the next one may not

@@ -46,7 +46,7 @@ def _row_data(row) -> dict:
 @retry_transient()
 def start_run(db: Database, brief_path: str, brief: ParsedBrief | None, settings: Settings, flow_run_id: str | None) -> int:
     with db.session() as s:
-        brief_id = _ensure_brief(s, brief).id if brief is not None else None
+        brief_id = _ensure_brief(s, brief, brief_path).id if brief is not None else None
         run = Run(flow_run_id=flow_run_id, brief_id=brief_id, brief_path=brief_path, status="running",
                   settings=settings.redacted(), host=socket.gethostname(), pid=os.getpid())
         s.add(run)
@@ -82,10 +82,10 @@ def mark_crashed_runs(db: Database) -> list[int]:
     return crashed
 
 
-def _ensure_brief(s, brief: ParsedBrief) -> Brief:
+def _ensure_brief(s, brief: ParsedBrief, name: str | None = None) -> Brief:
     record = s.scalar(select(Brief).where(Brief.sha256 == brief.sha256))
     if record is None:
-        record = Brief(sha256=brief.sha256, file_name=str(brief.path), encoding=brief.encoding,
+        record = Brief(sha256=brief.sha256, file_name=name or str(brief.path), encoding=brief.encoding,
                        columns={"columns": list(brief.columns)})
         s.add(record)
         s.flush()

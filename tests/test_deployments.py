@@ -181,6 +181,18 @@ def test_s3_inbox(tmp_path: Path, settings: dict, s3_endpoint: str, s3_bucket: s
     [problem] = by_name[f"s3://{s3_bucket}/inbox/broken.csv"]["problems"]
     assert problem.startswith(f"s3://{s3_bucket}/inbox/broken.csv:2: column 'channels': unknown channel 'nope'")
     assert len([p for p in (tmp_path / "assets").rglob("*") if p.is_file()]) == 1
+    # The run and the brief are recorded under the S3 address the brief came from, not the temporary copy.
+    from sqlalchemy import select
+
+    from storage.database import open_database
+    from storage.schema import Brief, Run
+
+    db = open_database(settings["db_url"])
+    with db.session() as s:
+        run = s.get(Run, rendered["run_id"])
+        assert run.brief_path == f"s3://{s3_bucket}/inbox/spring.csv"
+        assert s.scalars(select(Brief.file_name)).all() == [f"s3://{s3_bucket}/inbox/spring.csv"]
+    db.dispose()
 
     again = inbox_run(url, strict=True, overrides=settings)
     assert by_name.keys() == {b["brief"] for b in again["briefs"]}
