@@ -167,3 +167,25 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()
+
+
+@pytest.fixture
+def db(db_url: str):
+    """An opened, migrated database on each backend."""
+    from storage.database import open_database
+
+    database = open_database(db_url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def campaign_caches(prefect_harness: str) -> Iterator[None]:
+    """Campaign runs keep database engines, store clients and loaded models per process; drop them after each
+    test so that tests do not share state (the Prefect server itself is shared by the session)."""
+    yield
+    from flows.campaign import close_resources
+    from flows.rendering import clear_pipelines
+
+    close_resources()
+    clear_pipelines()

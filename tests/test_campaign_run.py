@@ -20,9 +20,8 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from flows.brief import BriefError
-from flows.campaign import campaign_run, close_resources
+from flows.campaign import campaign_run
 from flows.licensing import register_model
-from flows.rendering import clear_pipelines
 from storage.assets import open_store
 from storage.database import open_database
 from storage.image_metadata import TRAINED_ALGORITHMIC_MEDIA, parse_infotext, read_image_metadata
@@ -34,17 +33,7 @@ EXAMPLE_XLSX = ROOT / "examples" / "briefs" / "spring-launch.xlsx"
 EXAMPLE_IMAGES = 4 * 3 + 3 * 2 + 2 * 1 + 2 * 2  # rows x channels x variants of the example brief
 
 
-@pytest.fixture(autouse=True)
-def _fresh_process_caches(prefect_harness: str):
-    """Each test opens its own database / store; cached engines must not leak between tests."""
-    yield
-    close_resources()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _drop_pipelines():
-    yield
-    clear_pipelines()
+pytestmark = pytest.mark.usefixtures("campaign_caches")
 
 
 def _run(brief: Path, db_url: str, store_url: str, model: Path, **kw) -> dict:

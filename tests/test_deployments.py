@@ -13,9 +13,7 @@ import boto3
 import pytest
 from sqlalchemy import func, select
 
-from flows.campaign import close_resources
 from flows.inbox import inbox_run
-from flows.rendering import clear_pipelines
 from storage.database import open_database
 from storage.schema import Asset, Run
 
@@ -23,16 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PREFECT = Path(sys.executable).parent / "prefect"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_process_caches(prefect_harness: str):
-    yield
-    close_resources()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _drop_pipelines():
-    yield
-    clear_pipelines()
+pytestmark = pytest.mark.usefixtures("campaign_caches")
 
 
 # ------------------------------------------------------------------------------------------------ prefect deploy

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from flows.licensing import (
     normalize_license,
     register_model,
 )
-from storage.database import Database, open_database
+from storage.database import Database
 from storage.schema import AuditEntry, ModelRecord
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -50,13 +49,6 @@ def odd_licence_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(write_random_sd1(
         tmp_path_factory.mktemp("lic") / "odd-model.safetensors", seed=13, metadata={"modelspec.license": "Brand Internal 1.0"},
     ))
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = open_database(db_url)
-    yield database
-    database.dispose()
 
 
 def _sha256(path: Path) -> str:
