@@ -232,8 +232,10 @@ def models_inspect(
 
 
 from flows.cli_campaign import register as _register_campaign_commands  # noqa: E402  (needs app and models_app)
+from flows.cli_review import register as _register_review_commands  # noqa: E402  (gallery, users, export, results, audit)
 
 _register_campaign_commands(app, models_app, console)
+_register_review_commands(app, console)
 
 train_app = typer.Typer(no_args_is_help=True, help="Training: the bundled demo model.")
 app.add_typer(train_app, name="train")

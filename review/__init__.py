@@ -1,0 +1,10 @@
+"""The review gallery: designers and marketers review what a run produced, pick A/B variants, export, audit.
+
+``adforge gallery`` serves :func:`review.app.create_app`. The folder imports ``storage`` only (never ``engine`` or
+``flows``): "re-render with these settings" therefore only queues a row in ``rerender_queue`` (status ``queued``,
+the variant's full settings copied into ``settings``); rendering it is a worker's job.
+
+Modules: ``app`` (factory, middleware, error pages), ``pages`` / ``api`` (routes), ``security`` (sessions, roles,
+CSRF), ``auth`` (users, argon2), ``queries`` (read models), ``actions`` (audited changes), ``thumbs`` / ``files``
+(images), ``export``, ``results`` + ``stats`` (A/B), ``audit_export``.
+"""

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage.retrying import retry_call
 from storage.schema import AuditEntry
+import storage.review_schema  # noqa: F401  (the head revision has the gallery's tables: keep the models complete)
 
 __all__ = ["Database", "DatabaseError", "audit", "open_database", "retry_transient", "sqlite_url"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -77,19 +77,12 @@ def _add_audit_entry(db: Database, action: str = "test.appended") -> int:
         return entry.id
 
 
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = open_database(db_url)
-    yield database
-    database.dispose()
-
-
 # ------------------------------------------------------------------------------------------------ migrations
 
 
 def test_open_database_upgrades_a_fresh_database_to_head(db: Database) -> None:
     """Opening a new database creates every table and stamps the newest revision."""
-    assert head_revision() == "0001"
+    assert head_revision() == "0002"
     assert db.revision() == head_revision()
     assert TABLES <= _tables(db)
     assert _audit_guard_count(db) >= 1

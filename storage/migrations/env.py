@@ -9,6 +9,7 @@ from alembic import context
 from sqlalchemy import create_engine
 
 from storage.schema import Base
+import storage.review_schema  # noqa: F401,E402  (registers the gallery's tables on Base.metadata)
 
 config = context.config
 target_metadata = Base.metadata

@@ -1,0 +1,198 @@
+"""Review actions: status, star, A/B group, re-render requests, a campaign's review settings.
+
+Each action is one transaction that changes the state *and* appends its audit entry (who, what, when, before,
+after), so there is never a decision without its record or a record without its decision. An action that changes
+nothing (approving an approved variant) writes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+
+from review.queries import ReviewConfig, review_state_dict
+from storage.database import Database, audit
+from storage.review_schema import REVIEW_STATUSES, RerenderRequest, ReviewSettings, ReviewState
+from storage.schema import Asset, BriefRowRecord, Campaign, ModelRecord, PromptRecord, Variant, utcnow
+
+__all__ = ["ActionError", "GROUPS", "ReviewChange", "apply_review", "queue_rerender", "set_review_settings"]
+
+# Keys 1..9 in the gallery pick groups A..I: nine arms is already more than any A/B test has traffic for.
+GROUPS = tuple("ABCDEFGHI")
+_UNSET: Any = object()
+
+
+class ActionError(ValueError):
+    """A request that cannot be carried out as asked (the web layer answers 400 / 404)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ReviewChange:
+    status: str | None = None  # None = leave as is
+    starred: bool | None = None
+    group: Any = _UNSET  # _UNSET = leave as is, None = no group, "A".."I"
+
+    def __post_init__(self) -> None:
+        if self.status is not None and self.status not in REVIEW_STATUSES:
+            raise ActionError(f"unknown status {self.status!r} (known: {', '.join(REVIEW_STATUSES)})")
+        if self.group is not _UNSET and self.group is not None and self.group not in GROUPS:
+            raise ActionError(f"unknown A/B group {self.group!r} (known: {', '.join(GROUPS)})")
+
+    @property
+    def empty(self) -> bool:
+        return self.status is None and self.starred is None and self.group is _UNSET
+
+
+def _state(state: ReviewState | None) -> dict[str, Any]:
+    full = review_state_dict(state)
+    return {"status": full["status"], "starred": full["starred"], "group": full["group"]}
+
+
+def _action_name(before: dict[str, Any], after: dict[str, Any]) -> str:
+    changed = [k for k in before if before[k] != after[k]]
+    if len(changed) > 1:
+        return "review.updated"
+    what = changed[0]
+    if what == "status":
+        return {"approved": "review.approved", "rejected": "review.rejected", "pending": "review.reset"}[after["status"]]
+    if what == "starred":
+        return "review.starred" if after["starred"] else "review.unstarred"
+    return "review.grouped" if after["group"] else "review.ungrouped"
+
+
+def apply_review(db: Database, variant_id: int, change: ReviewChange, *, actor: str) -> tuple[dict[str, Any], bool]:
+    """Apply ``change`` to a variant's review state; returns (the state after, whether anything changed)."""
+    if change.empty:
+        raise ActionError("nothing to change: give status, starred or group")
+    with db.session() as s:
+        variant = s.get(Variant, variant_id)
+        if variant is None or s.scalar(select(Asset.id).where(Asset.variant_id == variant_id)) is None:
+            raise ActionError(f"no reviewable variant {variant_id}", status=404)
+        # Lock the state row on PostgreSQL, so two reviewers' changes to one variant apply one after the other
+        # and each audit entry's "before" is what that change really replaced.
+        state = s.scalar(select(ReviewState).where(ReviewState.variant_id == variant_id).with_for_update())
+        before = _state(state)
+        after = dict(before)
+        if change.status is not None:
+            after["status"] = change.status
+        if change.starred is not None:
+            after["starred"] = change.starred
+        if change.group is not _UNSET:
+            after["group"] = change.group
+        if after == before:
+            return before, False
+        if state is None:
+            state = ReviewState(variant_id=variant_id)
+            s.add(state)
+        state.status, state.starred, state.ab_group = after["status"], after["starred"], after["group"]
+        state.updated_at, state.updated_by = utcnow(), actor
+        row = s.get(BriefRowRecord, variant.row_id)
+        audit(s, actor=actor, action=_action_name(before, after), entity="variant", entity_id=variant_id,
+              before=before, after={**after, "campaign_id": row.campaign_id if row else None, "row_id": variant.row_id,
+                                    "channel": variant.channel})
+        return after, True
+
+
+# ------------------------------------------------------------------------------------------------ re-render
+
+_OVERRIDABLE = {"seed": int, "steps": int, "cfg_scale": float, "sampler": str}
+
+
+def _check_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in overrides.items():
+        if value is None or value == "":
+            continue
+        if name not in _OVERRIDABLE:
+            raise ActionError(f"cannot change {name!r} in a re-render (allowed: {', '.join(_OVERRIDABLE)})")
+        kind = _OVERRIDABLE[name]
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            value = kind(value)
+        except (TypeError, ValueError):
+            raise ActionError(f"{name} must be a {kind.__name__}, got {value!r}") from None
+        if name == "seed" and not 0 <= value < 2**63:
+            raise ActionError("seed must lie in 0 .. 2^63-1")
+        if name == "steps" and not 1 <= value <= 500:
+            raise ActionError("steps must lie in 1 .. 500")
+        if name == "cfg_scale" and not 0 <= value <= 50:
+            raise ActionError("cfg_scale must lie in 0 .. 50")
+        if name == "sampler" and not 0 < len(value.strip()) <= 64:
+            raise ActionError("sampler must be a name of 1-64 characters")
+        out[name] = value.strip() if isinstance(value, str) else value
+    return out
+
+
+def queue_rerender(db: Database, variant_id: int, *, actor: str, overrides: dict[str, Any] | None = None) -> tuple[int, bool]:
+    """Queue one variant for rendering again with its recorded settings (optionally a new seed, steps, CFG or
+    sampler). Returns (request id, whether it is new): the same request already waiting is not queued twice."""
+    changes = _check_overrides(overrides or {})
+    with db.session() as s:
+        found = s.execute(
+            select(Variant, PromptRecord, ModelRecord, BriefRowRecord, Campaign)
+            .join(PromptRecord, PromptRecord.id == Variant.prompt_id)
+            .join(ModelRecord, ModelRecord.id == Variant.model_id)
+            .join(BriefRowRecord, BriefRowRecord.id == Variant.row_id)
+            .join(Campaign, Campaign.id == BriefRowRecord.campaign_id)
+            .where(Variant.id == variant_id)
+        ).first()
+        if found is None:
+            raise ActionError(f"no variant {variant_id}", status=404)
+        variant, prompt, model, row, campaign = found
+        # A copy of everything that determines the image: the worker must not depend on rows that may change.
+        settings = {
+            "source_variant_id": variant.id, "source_identity": variant.identity, "campaign": campaign.name,
+            "row_id": row.id, "row_key": row.row_key, "channel": variant.channel, "template": prompt.template,
+            "variation_index": prompt.variation_index, "prompt": prompt.prompt, "negative_prompt": prompt.negative_prompt,
+            "seed": variant.seed, "sampler": variant.sampler, "steps": variant.steps, "cfg_scale": variant.cfg_scale,
+            "clip_skip": variant.clip_skip, "gen_width": variant.gen_width, "gen_height": variant.gen_height,
+            "out_width": variant.out_width, "out_height": variant.out_height, "out_format": variant.out_format,
+            "out_max_kb": variant.out_max_kb, "postprocess": variant.postprocess, "model_id": model.id,
+            "model_sha256": model.sha256, "model_path": model.path,
+        }
+        settings.update(changes)
+        settings["changed"] = sorted(changes)
+        for waiting in s.scalars(select(RerenderRequest).where(RerenderRequest.variant_id == variant_id,
+                                                               RerenderRequest.status == "queued")):
+            if waiting.settings == settings:
+                return waiting.id, False
+        request = RerenderRequest(variant_id=variant_id, status="queued", settings=settings, requested_by=actor)
+        s.add(request)
+        s.flush()
+        audit(s, actor=actor, action="variant.rerender_requested", entity="variant", entity_id=variant_id,
+              before=None, after={"request_id": request.id, "status": "queued", "changed": changes})
+        return request.id, True
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+def set_review_settings(db: Database, campaign_id: int, *, approvals_needed: int, confidence: float, actor: str,
+                        defaults: ReviewConfig) -> ReviewConfig:
+    if not 1 <= approvals_needed <= 100:
+        raise ActionError("approvals needed must lie in 1 .. 100")
+    if not 0.5 <= confidence < 1:
+        raise ActionError("confidence must lie in 0.5 .. 0.999")
+    with db.session() as s:
+        if s.get(Campaign, campaign_id) is None:
+            raise ActionError(f"no campaign {campaign_id}", status=404)
+        row = s.get(ReviewSettings, campaign_id)
+        before = {"approvals_needed": row.approvals_needed, "confidence": row.confidence} if row else \
+            {"approvals_needed": defaults.approvals_needed, "confidence": defaults.confidence, "default": True}
+        after = {"approvals_needed": approvals_needed, "confidence": confidence}
+        if row is None:
+            row = ReviewSettings(campaign_id=campaign_id)
+            s.add(row)
+        elif before == after:
+            return ReviewConfig(approvals_needed, confidence)
+        row.approvals_needed, row.confidence, row.updated_at, row.updated_by = approvals_needed, confidence, utcnow(), actor
+        audit(s, actor=actor, action="campaign.review_settings", entity="campaign", entity_id=campaign_id,
+              before=before, after=after)
+        return ReviewConfig(approvals_needed, confidence)

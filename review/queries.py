@@ -1,0 +1,371 @@
+"""What the gallery shows, read from the metadata database: campaigns, rows, variant grids, one variant's record.
+
+Only variants that have a stored asset are reviewable (a planned or failed variant has nothing to look at). A
+variant without a ``review_states`` row is pending. "Ready" is counted per row and channel over *all* its
+variants, whatever filter the page uses, so a filtered grid never shows a wrong readiness.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from storage.review_schema import ABResult, RerenderRequest, ReviewSettings, ReviewState
+from storage.schema import Asset, Brief, BriefRowRecord, Campaign, ModelRecord, PromptRecord, Run, Variant
+
+__all__ = [
+    "Card",
+    "Filters",
+    "GalleryPage",
+    "ReviewConfig",
+    "RowSummary",
+    "Section",
+    "campaign_of_variant",
+    "campaign_summaries",
+    "gallery",
+    "readiness",
+    "review_config",
+    "review_state_dict",
+    "rows_overview",
+    "variant_detail",
+]
+
+
+@dataclass(frozen=True)
+class ReviewConfig:
+    approvals_needed: int = 2
+    confidence: float = 0.95
+
+
+def review_config(s: Session, campaign_id: int, defaults: ReviewConfig) -> ReviewConfig:
+    row = s.get(ReviewSettings, campaign_id)
+    return ReviewConfig(row.approvals_needed, row.confidence) if row else defaults
+
+
+def _status():
+    # No review row = pending; one expression so that filters and counts agree.
+    return func.coalesce(ReviewState.status, "pending")
+
+
+# ------------------------------------------------------------------------------------------------ campaigns
+
+
+@dataclass(frozen=True)
+class CampaignSummary:
+    id: int
+    name: str
+    created_at: dt.datetime
+    rows: int
+    variants: int
+    approved: int
+    rejected: int
+
+
+def campaign_summaries(s: Session) -> list[CampaignSummary]:
+    counts = {
+        cid: (rows, total, approved, rejected)
+        for cid, rows, total, approved, rejected in s.execute(
+            select(
+                BriefRowRecord.campaign_id,
+                func.count(func.distinct(Variant.row_id)),
+                func.count(Variant.id),
+                func.count(Variant.id).filter(_status() == "approved"),
+                func.count(Variant.id).filter(_status() == "rejected"),
+            )
+            .select_from(Variant)
+            .join(Asset, Asset.variant_id == Variant.id)
+            .join(BriefRowRecord, BriefRowRecord.id == Variant.row_id)
+            .outerjoin(ReviewState, ReviewState.variant_id == Variant.id)
+            .group_by(BriefRowRecord.campaign_id)
+        )
+    }
+    return [
+        CampaignSummary(c.id, c.name, c.created_at, *counts.get(c.id, (0, 0, 0, 0)))
+        for c in s.scalars(select(Campaign).order_by(Campaign.created_at.desc(), Campaign.id.desc()))
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ readiness
+
+
+@dataclass(frozen=True)
+class Readiness:
+    approved: int
+    needed: int
+    total: int
+
+    @property
+    def ready(self) -> bool:
+        return self.approved >= self.needed
+
+
+def readiness(s: Session, campaign_id: int, needed: int, *, row_id: int | None = None,
+              channel: str | None = None) -> dict[tuple[int, str], Readiness]:
+    """(row id, channel) -> approved / needed / total reviewable variants."""
+    stmt = (
+        select(Variant.row_id, Variant.channel, func.count(Variant.id), func.count(Variant.id).filter(_status() == "approved"))
+        .select_from(Variant)
+        .join(Asset, Asset.variant_id == Variant.id)
+        .join(BriefRowRecord, BriefRowRecord.id == Variant.row_id)
+        .outerjoin(ReviewState, ReviewState.variant_id == Variant.id)
+        .where(BriefRowRecord.campaign_id == campaign_id)
+        .group_by(Variant.row_id, Variant.channel)
+    )
+    if row_id is not None:
+        stmt = stmt.where(Variant.row_id == row_id)
+    if channel is not None:
+        stmt = stmt.where(Variant.channel == channel)
+    return {(r, ch): Readiness(approved, needed, total) for r, ch, total, approved in s.execute(stmt)}
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+
+@dataclass
+class RowSummary:
+    id: int
+    key: str
+    line: int
+    subject: str
+    brief: str
+    channels: dict[str, Readiness] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.channels) and all(r.ready for r in self.channels.values())
+
+
+def rows_overview(s: Session, campaign_id: int, needed: int) -> list[RowSummary]:
+    ready = readiness(s, campaign_id, needed)
+    rows: list[RowSummary] = []
+    for row, brief_name in s.execute(
+        select(BriefRowRecord, Brief.file_name)
+        .join(Brief, Brief.id == BriefRowRecord.brief_id)
+        .where(BriefRowRecord.campaign_id == campaign_id)
+        .order_by(BriefRowRecord.row_key, BriefRowRecord.id)
+    ):
+        summary = RowSummary(row.id, row.row_key, row.line, str(row.data.get("subject", "")), brief_name)
+        summary.channels = {ch: r for (rid, ch), r in sorted(ready.items()) if rid == row.id}
+        rows.append(summary)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ gallery grid
+
+
+@dataclass(frozen=True)
+class Filters:
+    status: str | None = None  # pending | approved | rejected
+    channel: str | None = None
+    template: str | None = None
+    model: int | None = None  # model id
+    row: int | None = None  # brief row id
+    starred: bool = False
+    group: str | None = None
+
+    def query(self) -> dict[str, str]:
+        out = {k: str(v) for k, v in vars(self).items() if v not in (None, False, "")}
+        if self.starred:
+            out["starred"] = "1"
+        return out
+
+
+@dataclass(frozen=True)
+class Card:
+    variant_id: int
+    asset_id: int
+    row_id: int
+    row_key: str
+    channel: str
+    variant_index: int
+    template: str
+    model_id: int
+    model_name: str
+    seed: int
+    width: int
+    height: int
+    format: str
+    prompt: str
+    status: str
+    starred: bool
+    group: str | None
+
+
+@dataclass
+class Section:
+    row_id: int
+    row_key: str
+    channel: str
+    readiness: Readiness
+    cards: list[Card] = field(default_factory=list)
+
+
+@dataclass
+class GalleryPage:
+    sections: list[Section]
+    count: int
+    options: dict[str, list[Any]]  # what the filter menus offer
+
+
+def gallery(s: Session, campaign_id: int, filters: Filters, needed: int) -> GalleryPage:
+    stmt = (
+        select(
+            Variant.id, Asset.id, Variant.row_id, BriefRowRecord.row_key, Variant.channel, Variant.variant_index,
+            PromptRecord.template, ModelRecord.id, ModelRecord.name, Variant.seed, Asset.width, Asset.height, Asset.format,
+            PromptRecord.prompt, _status(), func.coalesce(ReviewState.starred, False), ReviewState.ab_group,
+        )
+        .select_from(Variant)
+        .join(Asset, Asset.variant_id == Variant.id)
+        .join(BriefRowRecord, BriefRowRecord.id == Variant.row_id)
+        .join(PromptRecord, PromptRecord.id == Variant.prompt_id)
+        .join(ModelRecord, ModelRecord.id == Variant.model_id)
+        .outerjoin(ReviewState, ReviewState.variant_id == Variant.id)
+        .where(BriefRowRecord.campaign_id == campaign_id)
+        .order_by(BriefRowRecord.row_key, Variant.row_id, Variant.channel, Variant.variant_index, Variant.id)
+    )
+    f = filters
+    if f.status:
+        stmt = stmt.where(_status() == f.status)
+    if f.channel:
+        stmt = stmt.where(Variant.channel == f.channel)
+    if f.template:
+        stmt = stmt.where(PromptRecord.template == f.template)
+    if f.model is not None:
+        stmt = stmt.where(Variant.model_id == f.model)
+    if f.row is not None:
+        stmt = stmt.where(Variant.row_id == f.row)
+    if f.starred:
+        stmt = stmt.where(ReviewState.starred.is_(True))
+    if f.group:
+        stmt = stmt.where(ReviewState.ab_group == f.group)
+    ready = readiness(s, campaign_id, needed, row_id=f.row, channel=f.channel)
+    sections: dict[tuple[int, str], Section] = {}
+    count = 0
+    for values in s.execute(stmt):
+        card = Card(*values)
+        key = (card.row_id, card.channel)
+        if key not in sections:
+            sections[key] = Section(card.row_id, card.row_key, card.channel, ready.get(key, Readiness(0, needed, 0)))
+        sections[key].cards.append(card)
+        count += 1
+    return GalleryPage(list(sections.values()), count, _filter_options(s, campaign_id))
+
+
+def _filter_options(s: Session, campaign_id: int) -> dict[str, list[Any]]:
+    base = (
+        select(Variant.channel, PromptRecord.template, ModelRecord.id, ModelRecord.name, BriefRowRecord.id, BriefRowRecord.row_key,
+               ReviewState.ab_group)
+        .select_from(Variant)
+        .join(Asset, Asset.variant_id == Variant.id)
+        .join(BriefRowRecord, BriefRowRecord.id == Variant.row_id)
+        .join(PromptRecord, PromptRecord.id == Variant.prompt_id)
+        .join(ModelRecord, ModelRecord.id == Variant.model_id)
+        .outerjoin(ReviewState, ReviewState.variant_id == Variant.id)
+        .where(BriefRowRecord.campaign_id == campaign_id)
+        .distinct()
+    )
+    channels, templates, models, rows, groups = set(), set(), set(), set(), set()
+    for channel, template, model_id, model_name, row_id, row_key, group in s.execute(base):
+        channels.add(channel)
+        templates.add(template)
+        models.add((model_id, model_name))
+        rows.add((row_id, row_key))
+        if group:
+            groups.add(group)
+    return {
+        "channels": sorted(channels),
+        "templates": sorted(templates),
+        "models": sorted(models, key=lambda m: (m[1], m[0])),
+        "rows": sorted(rows, key=lambda r: (r[1], r[0])),
+        "groups": sorted(groups),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ one variant
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def variant_detail(s: Session, variant_id: int) -> dict[str, Any] | None:
+    """Everything the detail panel shows (and the audit export reuses): settings, model, row, run, review state."""
+    found = s.execute(
+        select(Variant, Asset, PromptRecord, ModelRecord, BriefRowRecord, Brief, Campaign)
+        .join(Asset, Asset.variant_id == Variant.id)
+        .join(PromptRecord, PromptRecord.id == Variant.prompt_id)
+        .join(ModelRecord, ModelRecord.id == Variant.model_id)
+        .join(BriefRowRecord, BriefRowRecord.id == Variant.row_id)
+        .join(Brief, Brief.id == BriefRowRecord.brief_id)
+        .join(Campaign, Campaign.id == BriefRowRecord.campaign_id)
+        .where(Variant.id == variant_id)
+    ).first()
+    if found is None:
+        return None
+    variant, asset, prompt, model, row, brief, campaign = found
+    state = s.get(ReviewState, variant.id)
+    run = s.get(Run, asset.run_id) if asset.run_id else None
+    requests = s.scalars(
+        select(RerenderRequest).where(RerenderRequest.variant_id == variant.id).order_by(RerenderRequest.id.desc()).limit(5)
+    ).all()
+    result = s.scalar(select(ABResult).where(ABResult.asset_id == asset.id))
+    return {
+        "variant_id": variant.id,
+        "asset_id": asset.id,
+        "identity": variant.identity,
+        "campaign": {"id": campaign.id, "name": campaign.name},
+        "row": {"id": row.id, "key": row.row_key, "line": row.line, "data": row.data,
+                "brief": {"id": brief.id, "file_name": brief.file_name, "sha256": brief.sha256}},
+        "channel": variant.channel,
+        "variant_index": variant.variant_index,
+        "template": prompt.template,
+        "variation_index": prompt.variation_index,
+        "prompt": prompt.prompt,
+        "negative_prompt": prompt.negative_prompt,
+        "seed": variant.seed,
+        "sampler": variant.sampler,
+        "steps": variant.steps,
+        "cfg_scale": variant.cfg_scale,
+        "clip_skip": variant.clip_skip,
+        "gen_size": f"{variant.gen_width}x{variant.gen_height}",
+        "size": f"{variant.out_width}x{variant.out_height}",
+        "format": variant.out_format,
+        "postprocess": variant.postprocess,
+        "model": {"id": model.id, "name": model.name, "path": model.path, "sha256": model.sha256, "hash": model.short_hash,
+                  "family": model.family, "license": model.license, "commercial_use": model.commercial_use},
+        "asset": {"key": asset.storage_key, "url": asset.store_url, "sha256": asset.sha256, "bytes": asset.size_bytes,
+                  "format": asset.format, "width": asset.width, "height": asset.height, "infotext": asset.infotext,
+                  "created_at": _iso(asset.created_at)},
+        "run": None if run is None else {"id": run.id, "status": run.status, "flow_run_id": run.flow_run_id,
+                                         "brief_path": run.brief_path, "started_at": _iso(run.started_at),
+                                         "finished_at": _iso(run.finished_at)},
+        "first_run_id": variant.first_run_id,
+        "review": review_state_dict(state),
+        "rerender_requests": [{"id": r.id, "status": r.status, "requested_by": r.requested_by,
+                               "requested_at": _iso(r.requested_at)} for r in requests],
+        "results": None if result is None else {"impressions": result.impressions, "clicks": result.clicks,
+                                                "conversions": result.conversions, "source": result.source},
+    }
+
+
+def review_state_dict(state: ReviewState | None) -> dict[str, Any]:
+    if state is None:
+        return {"status": "pending", "starred": False, "group": None, "updated_by": None, "updated_at": None}
+    return {"status": state.status, "starred": state.starred, "group": state.ab_group, "updated_by": state.updated_by,
+            "updated_at": _iso(state.updated_at)}
+
+
+def campaign_of_variant(s: Session, variant_id: int) -> tuple[int, int, str] | None:
+    """(campaign id, row id, channel) of a reviewable variant, None if there is no such variant with an asset."""
+    found = s.execute(
+        select(BriefRowRecord.campaign_id, Variant.row_id, Variant.channel)
+        .join(BriefRowRecord, BriefRowRecord.id == Variant.row_id)
+        .join(Asset, Asset.variant_id == Variant.id)
+        .where(Variant.id == variant_id)
+    ).first()
+    return None if found is None else (found[0], found[1], found[2])
+

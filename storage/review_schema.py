@@ -1,0 +1,117 @@
+"""The review gallery's tables, on the same ``Base`` (and so the same migrations) as :mod:`storage.schema`.
+
+* ``users``            who may sign in to the gallery, with which role (viewer | reviewer | admin); passwords
+                       only as argon2 hashes.
+* ``review_states``    the current review decision per variant: status, star, A/B group. A variant without a row
+                       is pending. The *history* of decisions is the audit log; this table is the latest state only.
+* ``review_settings``  per campaign: how many approved variants make a row and channel "ready", and the confidence
+                       an A/B winner needs. A campaign without a row uses the gallery's defaults.
+* ``rerender_queue``   "re-render with these settings" requests; the gallery only queues (it must not import the
+                       engine), a worker drains the queue.
+* ``exports``          every export zip made: by whom, which assets under which file names. Results files name
+                       assets by those file names, so importing them needs this record.
+* ``ab_results``       delivery results per asset (impressions, clicks, conversions), the latest import wins; every
+                       import is in the audit log with before/after.
+
+Kept equal to migration ``0002_review`` by ``tests/test_database.py`` (autogenerate finds no difference).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from storage.schema import Base, utcnow
+
+__all__ = [
+    "ABResult",
+    "ExportRecord",
+    "REVIEW_STATUSES",
+    "ROLES",
+    "RerenderRequest",
+    "ReviewSettings",
+    "ReviewState",
+    "User",
+]
+
+ROLES = ("viewer", "reviewer", "admin")
+REVIEW_STATUSES = ("pending", "approved", "rejected")
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # viewer | reviewer | admin
+    password_hash: Mapped[str] = mapped_column(String(255))  # argon2id, PHC string format
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_login_at: Mapped[dt.datetime | None] = mapped_column()
+
+
+class ReviewState(Base):
+    __tablename__ = "review_states"
+
+    variant_id: Mapped[int] = mapped_column(ForeignKey("variants.id"), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending | approved | rejected
+    starred: Mapped[bool] = mapped_column(Boolean, default=False)
+    ab_group: Mapped[str | None] = mapped_column(String(16))  # "A", "B", ... within the variant's row and channel
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str] = mapped_column(String(255))
+
+
+class ReviewSettings(Base):
+    __tablename__ = "review_settings"
+
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"), primary_key=True)
+    approvals_needed: Mapped[int] = mapped_column(Integer)  # approved variants per row and channel for "ready"
+    confidence: Mapped[float] = mapped_column(Float)  # e.g. 0.95: an A/B winner needs p < 1 - confidence
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_by: Mapped[str] = mapped_column(String(255))
+
+
+class RerenderRequest(Base):
+    __tablename__ = "rerender_queue"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    variant_id: Mapped[int] = mapped_column(ForeignKey("variants.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)  # queued | running | done | failed
+    # Everything the worker needs, copied at request time so later edits of the source rows do not change it.
+    settings: Mapped[dict[str, Any]] = mapped_column()
+    requested_by: Mapped[str] = mapped_column(String(255))
+    requested_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column()
+    finished_at: Mapped[dt.datetime | None] = mapped_column()
+    result_variant_id: Mapped[int | None] = mapped_column(ForeignKey("variants.id"))
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class ExportRecord(Base):
+    __tablename__ = "exports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(255))
+    approved_only: Mapped[bool] = mapped_column(Boolean)
+    file_count: Mapped[int] = mapped_column(Integer)
+    zip_sha256: Mapped[str] = mapped_column(String(64))
+    # [{"asset_id": 1, "file_name": "...", "sha256": "..."}, ...]: how results files can name an asset.
+    files: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+
+
+class ABResult(Base):
+    __tablename__ = "ab_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    asset_id: Mapped[int] = mapped_column(ForeignKey("assets.id"), unique=True)
+    impressions: Mapped[int] = mapped_column(BigInteger)
+    clicks: Mapped[int] = mapped_column(BigInteger)
+    conversions: Mapped[int] = mapped_column(BigInteger)
+    source: Mapped[str] = mapped_column(Text)  # the imported file's name
+    imported_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    imported_by: Mapped[str] = mapped_column(String(255))
