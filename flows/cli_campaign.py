@@ -147,6 +147,29 @@ def register(app: typer.Typer, models_app: typer.Typer, console: Console) -> Non
             raise typer.Exit(1)
 
     @app.command()
+    def rerender(
+        limit: Annotated[int | None, typer.Option(min=1, help="At most this many requests (default: all queued).")] = None,
+        db: DbOpt = None,
+        store: StoreOpt = None,
+        config: ConfigOpt = None,
+    ) -> None:
+        """Render the gallery's queued "re-render with these settings" requests."""
+        _quiet_prefect()
+        overrides = {"db_url": db, "store_url": store}
+        _settings(console, config, **overrides)
+        from flows.rerender import rerender_queue
+
+        result = rerender_queue(overrides={k: v for k, v in overrides.items() if v is not None},
+                                config=os.fspath(config) if config else None, limit=limit)
+        c = result["counts"]
+        console.print(f"run {result['run_id']}: rendered {c['rendered']}, already existed {c['reused']}, failed {c['failed']}")
+        for outcome in result["requests"]:
+            if outcome["status"] == "failed":
+                console.print(f"  request {outcome['request']} failed: {escape(outcome.get('error', ''))}", soft_wrap=True)
+        if c["failed"]:
+            raise typer.Exit(1)
+
+    @app.command()
     def plan(
         brief: Annotated[Path, typer.Argument(help="Brief spreadsheet (.csv or .xlsx).")],
         strict: Annotated[bool, typer.Option(help="Reject the whole brief on any problem.")] = False,

@@ -87,8 +87,17 @@ def cover_description(channel: ChannelFormat) -> str:
     return f"cover-lanczos({channel.width}x{channel.height})"
 
 
-def variant_identity(v: dict) -> str:
-    return hashlib.sha256(json.dumps(v, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+def variant_identity(*, campaign: str, row_id: str, channel: str, template: str, prompt: str, negative: str, index: int,
+                     seed: int, model_sha256: str, sampler: str, steps: int, cfg_scale: float, clip_skip: int,
+                     gen: tuple[int, int], out: tuple[int, int], fmt: str, max_kb: int | None, post: str) -> str:
+    """sha256 over everything that determines a delivered file (planning and re-rendering must agree on it)."""
+    fields = {
+        "campaign": campaign, "row_id": row_id, "channel": channel, "template": template, "prompt": prompt,
+        "negative": negative, "index": index, "seed": seed, "model": model_sha256, "sampler": sampler, "steps": steps,
+        "cfg": cfg_scale, "clip_skip": clip_skip, "gen": list(gen), "out": list(out), "format": fmt, "max_kb": max_kb,
+        "post": post,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def plan_brief(
@@ -138,13 +147,13 @@ def plan_brief(
                     prompt = prompts[i % len(prompts)]
                     seed = (row.seed + i) % SEED_MODULUS
                     post = cover_description(channel)
-                    ident = variant_identity({
-                        "campaign": row.campaign, "row_id": row.row_id, "channel": channel.name, "template": prompt.template_name,
-                        "prompt": prompt.prompt, "negative": prompt.negative_prompt, "index": i, "seed": seed,
-                        "model": model.sha256, "sampler": settings.sampler, "steps": settings.steps, "cfg": settings.cfg_scale,
-                        "clip_skip": settings.clip_skip, "gen": [gen_w, gen_h], "out": [channel.width, channel.height],
-                        "format": channel.format, "max_kb": channel.max_kb, "post": post,
-                    })
+                    ident = variant_identity(
+                        campaign=row.campaign, row_id=row.row_id, channel=channel.name, template=prompt.template_name,
+                        prompt=prompt.prompt, negative=prompt.negative_prompt, index=i, seed=seed, model_sha256=model.sha256,
+                        sampler=settings.sampler, steps=settings.steps, cfg_scale=settings.cfg_scale, clip_skip=settings.clip_skip,
+                        gen=(gen_w, gen_h), out=(channel.width, channel.height), fmt=channel.format, max_kb=channel.max_kb,
+                        post=post,
+                    )
                     key = asset_key(row.campaign, row.row_id, channel.name, i, seed, EXTENSIONS[channel.format], tag=ident[:10])
                     row_variants.append(PlannedVariant(
                         row=row, channel=channel, prompt=prompt, variant_index=i, seed=seed, model=model,
