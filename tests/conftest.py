@@ -58,6 +58,12 @@ def _service_missing(what: str) -> None:
 
 
 @pytest.fixture(scope="session")
+def service_missing():
+    """``_service_missing`` for test modules (a conftest cannot be imported): skip locally, fail under CI."""
+    return _service_missing
+
+
+@pytest.fixture(scope="session")
 def postgres_server() -> str:
     from sqlalchemy import create_engine, text
 

@@ -237,7 +237,8 @@
       case "ArrowUp": vertical(-1); break;
       case "Home": focusCard(0); break;
       case "End": focusCard(cards.length - 1); break;
-      case "Enter": if (card) openPanel(card); else return; break;
+      // Enter on a focused button or link is that control's own (sign out, help, compare, the panel's buttons).
+      case "Enter": if (card && !(t.closest && t.closest("a[href], button, summary"))) openPanel(card); else return; break;
       case "a": if (card) review(card, toggleStatus("approved")); else return; break;
       case "r": if (card) review(card, toggleStatus("rejected")); else return; break;
       case "u": if (card) review(card, (d) => (d.status === "pending" ? null : { status: "pending" })); else return; break;
