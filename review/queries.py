@@ -213,18 +213,11 @@ class GalleryPage:
 
 def gallery(s: Session, campaign_id: int, filters: Filters, needed: int) -> GalleryPage:
     stmt = (
-        select(
+        _campaign_variants(select(
             Variant.id, Asset.id, Variant.row_id, BriefRowRecord.row_key, Variant.channel, Variant.variant_index,
             PromptRecord.template, ModelRecord.id, ModelRecord.name, Variant.seed, Asset.width, Asset.height, Asset.format,
             PromptRecord.prompt, _status(), func.coalesce(ReviewState.starred, False), ReviewState.ab_group,
-        )
-        .select_from(Variant)
-        .join(Asset, Asset.variant_id == Variant.id)
-        .join(BriefRowRecord, BriefRowRecord.id == Variant.row_id)
-        .join(PromptRecord, PromptRecord.id == Variant.prompt_id)
-        .join(ModelRecord, ModelRecord.id == Variant.model_id)
-        .outerjoin(ReviewState, ReviewState.variant_id == Variant.id)
-        .where(BriefRowRecord.campaign_id == campaign_id)
+        ), campaign_id)
         .order_by(BriefRowRecord.row_key, Variant.row_id, Variant.channel, Variant.variant_index, Variant.id)
     )
     f = filters
@@ -255,17 +248,23 @@ def gallery(s: Session, campaign_id: int, filters: Filters, needed: int) -> Gall
     return GalleryPage(list(sections.values()), count, _filter_options(s, campaign_id))
 
 
-def _filter_options(s: Session, campaign_id: int) -> dict[str, list[Any]]:
-    base = (
-        select(Variant.channel, PromptRecord.template, ModelRecord.id, ModelRecord.name, BriefRowRecord.id, BriefRowRecord.row_key,
-               ReviewState.ab_group)
-        .select_from(Variant)
+def _campaign_variants(stmt, campaign_id: int):
+    """``stmt`` over a campaign's stored variants with their asset, row, prompt, model and review state."""
+    return (
+        stmt.select_from(Variant)
         .join(Asset, Asset.variant_id == Variant.id)
         .join(BriefRowRecord, BriefRowRecord.id == Variant.row_id)
         .join(PromptRecord, PromptRecord.id == Variant.prompt_id)
         .join(ModelRecord, ModelRecord.id == Variant.model_id)
         .outerjoin(ReviewState, ReviewState.variant_id == Variant.id)
         .where(BriefRowRecord.campaign_id == campaign_id)
+    )
+
+
+def _filter_options(s: Session, campaign_id: int) -> dict[str, list[Any]]:
+    base = (
+        _campaign_variants(select(Variant.channel, PromptRecord.template, ModelRecord.id, ModelRecord.name, BriefRowRecord.id,
+                                  BriefRowRecord.row_key, ReviewState.ab_group), campaign_id)
         .distinct()
     )
     channels, templates, models, rows, groups = set(), set(), set(), set(), set()
