@@ -193,6 +193,9 @@ def models_init_random(
     preset: Annotated[str, typer.Option(help="tiny (a few MB, instant) or sd15 (real SD 1.5 shapes, ~4.3 GB).")] = "tiny",
     seed: Annotated[int, typer.Option()] = 0,
     inpaint: Annotated[bool, typer.Option(help="9-channel inpainting U-Net.")] = False,
+    native_size: Annotated[
+        int | None, typer.Option(min=8, help="Resolution recorded as the model's native size (default: 128 tiny, 512 sd15).")
+    ] = None,
 ) -> None:
     """Write a random-weight SD 1.x checkpoint in the real single-file layout.
 
@@ -202,8 +205,9 @@ def models_init_random(
 
     try:
         # Random numbers made by our own code: we can license them, so runs may use the file for any purpose.
+        size = native_size or (512 if preset == "sd15" else 128)
         write_random_sd1(path, preset, seed=seed, inpaint=inpaint,
-                         metadata={"modelspec.title": path.stem, "modelspec.license": "Apache-2.0"})
+                         metadata={"modelspec.title": path.stem, "modelspec.license": "Apache-2.0", "adforge.native_size": str(size)})
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--preset") from None
     typer.echo(str(path))

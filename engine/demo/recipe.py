@@ -43,10 +43,13 @@ class DemoRecipe:
     # Width 128 everywhere (4 channels per GroupNorm group) and an analytic start (engine/training/vae_init.py):
     # the decoder's last GroupNorm erases the absolute level of flat colour areas, and a VAE trained from random
     # weights learns around that very slowly (measured: width 96, 1,400 steps, 59 CPU minutes, still red -> orange,
-    # green -> pink). The analytic start reproduces every colour exactly (8x8 blocks); training then refines edges.
+    # green -> pink). The analytic start reproduces every colour exactly (8x8 blocks; on 24 held-out renders
+    # MAE 2.5/255 and the evaluator reads background 100 %, object colour 98 %, shape 87 %, position 100 %).
+    # Fine-tuning it 60 steps at lr 1e-4 made it worse (MAE 6.4/255, shape 79 %): the shipped recipe trains 0
+    # VAE steps; a gentler fine-tune is future work.
     vae: VAEConfig = VAEConfig(ch=128, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
     vae_init: str = "block-average"
-    vae_steps: int = 60
+    vae_steps: int = 0
     vae_batch: int = 8
     vae_crop: int = 32
     vae_lr: float = 1e-4
@@ -60,7 +63,7 @@ class DemoRecipe:
         """The same recipe with fewer steps and data, for smoke runs and tests."""
         return replace(
             self,
-            vae_steps=max(2, int(self.vae_steps * factor)),
+            vae_steps=max(2, int(self.vae_steps * factor)) if self.vae_steps else 0,
             dataset_size=max(16, int(self.dataset_size * factor)),
             diffusion=replace(self.diffusion, steps=max(2, int(self.diffusion.steps * factor)), warmup=max(1, int(self.diffusion.warmup * factor))),
         )
@@ -113,11 +116,15 @@ def train_demo(
             init_block_average_vae(vae, seed=recipe.seed)
         elif recipe.vae_init != "random":
             raise ValueError(f"unknown VAE start {recipe.vae_init!r} (block-average or random)")
-        batches = _vae_batches(recipe.seed, recipe.vae_batch, recipe.size, recipe.vae_crop)
-        vae_losses = train_vae(vae, batches, recipe.vae_steps, lr=recipe.vae_lr, seed=recipe.seed, log=log)
+        vae_losses: list[float] = []
+        if recipe.vae_steps:
+            batches = _vae_batches(recipe.seed, recipe.vae_batch, recipe.size, recipe.vae_crop)
+            vae_losses = train_vae(vae, batches, recipe.vae_steps, lr=recipe.vae_lr, seed=recipe.seed, log=log)
+        vae.eval().requires_grad_(False)
         calib_rng = random.Random(recipe.seed + 1)
         k = calibrate_latent_scale(vae, _image_tensor([random_scene(calib_rng, held_out=None) for _ in range(64)], recipe.size))
-        report["vae"] = {"first_loss": vae_losses[0], "last_loss": sum(vae_losses[-50:]) / len(vae_losses[-50:]),
+        report["vae"] = {"first_loss": vae_losses[0] if vae_losses else None,
+                         "last_loss": sum(vae_losses[-50:]) / len(vae_losses[-50:]) if vae_losses else None,
                          "latent_rescale": k, "seconds": time.perf_counter() - t0}
         if vae_file:
             torch.save({"weights": vae.state_dict(), "report": report["vae"], "key": keys["vae"]}, vae_file)
