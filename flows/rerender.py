@@ -18,14 +18,14 @@ from sqlalchemy import select, update
 
 from flows.campaign import open_resources
 from flows.planning import variant_identity
-from flows.recording import RUN_ACTOR, finish_run
+from flows.recording import RUN_ACTOR, finish_run, start_run
 from flows.rendering import get_pipeline, load_jobs, render_jobs
-from flows.settings import Settings, load_settings
+from flows.settings import load_settings
 from storage.assets import asset_key
 from storage.database import Database, audit, retry_transient
 from storage.image_metadata import EXTENSIONS
 from storage.review_schema import RerenderRequest
-from storage.schema import Run, Variant, utcnow
+from storage.schema import Variant, utcnow
 
 __all__ = ["rerender_queue"]
 
@@ -102,20 +102,6 @@ def _finish_request(db: Database, request_id: int, status: str, result_variant_i
               after={"request_id": request_id, "status": status, "result_variant_id": result_variant_id, "error": error})
 
 
-def _start_run(db: Database, settings: Settings, flow_run_id: str | None) -> int:
-    import os
-    import socket
-
-    with db.session() as s:
-        run = Run(flow_run_id=flow_run_id, brief_id=None, brief_path="rerender-queue", status="running",
-                  settings=settings.redacted(), host=socket.gethostname(), pid=os.getpid())
-        s.add(run)
-        s.flush()
-        audit(s, actor=RUN_ACTOR, action="run.started", entity="run", entity_id=run.id, run_id=run.id,
-              after={"rerender_queue": True})
-        return run.id
-
-
 @flow(name="rerender-queue", log_prints=False)
 def rerender_queue(overrides: dict | None = None, config: str | None = None, limit: int | None = None) -> dict:
     """Render queued re-render requests (all, or at most ``limit``); returns counts and the request outcomes."""
@@ -123,7 +109,7 @@ def rerender_queue(overrides: dict | None = None, config: str | None = None, lim
 
     settings = load_settings(overrides or {}, config=config)
     db, store = open_resources(settings)
-    run_id = _start_run(db, settings, str(flow_run.id) if flow_run.id else None)
+    run_id = start_run(db, "rerender-queue", None, settings, str(flow_run.id) if flow_run.id else None)
     counts = {"rendered": 0, "reused": 0, "failed": 0}
     outcomes: list[dict] = []
     while limit is None or len(outcomes) < limit:

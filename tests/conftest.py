@@ -195,3 +195,19 @@ def campaign_caches(prefect_harness: str) -> Iterator[None]:
 
     close_resources()
     clear_pipelines()
+
+
+@pytest.fixture(scope="session")
+def channels():
+    """The project's channel formats (templates/channels.yaml)."""
+    from flows.templating import load_channels
+
+    return load_channels()
+
+
+@pytest.fixture(scope="session")
+def styles():
+    """The project's style presets (templates/styles.yaml)."""
+    from flows.templating import load_styles
+
+    return load_styles()

@@ -6,6 +6,8 @@ checkpoint with a 64 px native size, so every image is real output of our pipeli
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import shutil
 import signal
@@ -56,11 +58,7 @@ def _check_assets(db_url: str, store_url: str, expected: int) -> None:
     for asset, variant in assets:
         data = store.get(asset.storage_key)
         assert len(data) == asset.size_bytes and len(data) <= variant.out_max_kb * 1024
-        import hashlib
-
         assert hashlib.sha256(data).hexdigest() == asset.sha256
-        import io
-
         with Image.open(io.BytesIO(data)) as im:
             assert im.size == (variant.out_width, variant.out_height)
             assert im.format == {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[variant.out_format]

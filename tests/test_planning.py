@@ -15,23 +15,13 @@ from flows.brief import Brief, BriefError, read_brief
 from flows.licensing import ModelInfo, describe_model
 from flows.planning import Plan, plan_brief
 from flows.settings import Settings, load_settings
-from flows.templating import ChannelFormat, StylePreset, load_channels, load_styles, native_size_for
+from flows.templating import ChannelFormat, StylePreset, native_size_for
 
 HEADER = ["campaign", "row_id", "subject", "channels", "variants", "seed", "model", "license"]
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 
 
 # ------------------------------------------------------------------------------------------------ fixtures / helpers
-
-
-@pytest.fixture(scope="module")
-def channels() -> dict[str, ChannelFormat]:
-    return load_channels()
-
-
-@pytest.fixture(scope="module")
-def styles() -> dict[str, StylePreset]:
-    return load_styles()
 
 
 @pytest.fixture(scope="module")

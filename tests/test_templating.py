@@ -12,8 +12,6 @@ from flows.brief import read_brief
 from flows.templating import (
     CHANNEL_FORMATS,
     TEMPLATES_DIR,
-    ChannelFormat,
-    StylePreset,
     TemplateError,
     TemplatingConfigError,
     expand_variations,
@@ -32,16 +30,6 @@ REQUIRED_CHANNELS = {
     "banner": (1200, 628),
     "leaderboard": (728, 90),
 }
-
-
-@pytest.fixture(scope="module")
-def channels() -> dict[str, ChannelFormat]:
-    return load_channels()
-
-
-@pytest.fixture(scope="module")
-def styles() -> dict[str, StylePreset]:
-    return load_styles()
 
 
 @pytest.fixture(scope="module")
