@@ -99,6 +99,7 @@ def load_settings(overrides: dict[str, Any] | None = None, *, config: str | os.P
         "db_url": sqlite_url(base / DATA_DIR / "adforge.db"),
         "store_url": (base / DATA_DIR / "assets").resolve().as_posix(),
     }
+    sources: dict[str, str] = {}  # where each value came from, for error messages
     # A relative --config / ADFORGE_CONFIG is relative to where adforge runs (``cwd``), like the store path.
     config_path = base / (Path(config) if config else (Path(env["ADFORGE_CONFIG"]) if env.get("ADFORGE_CONFIG") else CONFIG_FILE))
     if config or env.get("ADFORGE_CONFIG") or config_path.exists():
@@ -115,15 +116,19 @@ def load_settings(overrides: dict[str, Any] | None = None, *, config: str | os.P
             if key not in _TYPES:
                 raise SettingsError(f"{config_path}: unknown setting '{key}' (known: {', '.join(sorted(_TYPES))})")
             values[key] = _coerce(key, value, os.fspath(config_path))
+            sources[key] = os.fspath(config_path)
     for key, var in ENV_VARS.items():
         if env.get(var):
             values[key] = env[var]
+            sources[key] = var
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = _coerce(key, value, "command line")
+            sources[key] = "command line"
     settings = Settings(**values)
-    if settings.steps < 1 or settings.batch_size < 1 or settings.cfg_scale < 0:
-        raise SettingsError("steps and batch_size must be >= 1 and cfg_scale >= 0")
+    for key, low in (("steps", 1), ("batch_size", 1), ("cfg_scale", 0)):
+        if getattr(settings, key) < low:
+            raise SettingsError(f"{sources.get(key, 'default')}: '{key}' must be >= {low}, got {getattr(settings, key)!r}")
     # A relative local store path in a config file or variable is relative to where adforge runs.
     if "://" not in settings.store_url:
         settings = replace(settings, store_url=(base / settings.store_url).resolve().as_posix())

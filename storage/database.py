@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -104,7 +105,9 @@ def open_database(url: str, *, upgrade: bool = True) -> Database:
     try:
         parsed = make_url(url)
     except Exception as exc:
-        raise DatabaseError(f"invalid database URL {url!r}: {exc}") from None
+        # The URL could not be parsed, so SQLAlchemy cannot hide its password: blank out any user:password@ part.
+        shown = re.sub(r"//[^/@]*@", "//***@", url) if isinstance(url, str) else repr(url)
+        raise DatabaseError(f"invalid database URL {shown!r}: {exc}") from None
     kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
         db = parsed.database

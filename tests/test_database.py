@@ -330,6 +330,12 @@ def test_invalid_url_raises_database_error(url: str) -> None:
         open_database(url)
 
 
+def test_invalid_url_error_does_not_show_the_password() -> None:
+    with pytest.raises(DatabaseError) as info:
+        open_database("postgresql+psycopg://admin:hunter2@db host/adforge?x=%zz")
+    assert "hunter2" not in str(info.value) and "***@" in str(info.value)
+
+
 def test_unknown_dialect_raises_database_error() -> None:
     """A URL naming a database SQLAlchemy does not know is a DatabaseError naming the URL."""
     with pytest.raises(DatabaseError, match=r"cannot use database URL nosuchdb://x/y"):

@@ -188,9 +188,17 @@ def test_missing_explicit_config_is_an_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("overrides", [{"steps": 0}, {"batch_size": 0}, {"cfg_scale": -1.0}])
 def test_out_of_range_numbers_are_rejected(tmp_path: Path, overrides: dict) -> None:
-    """Zero steps / batch size and a negative CFG scale are refused."""
-    with pytest.raises(SettingsError, match="steps and batch_size"):
+    """Zero steps / batch size and a negative CFG scale are refused, naming the setting and where it came from."""
+    [key] = overrides
+    with pytest.raises(SettingsError, match=f"command line: '{key}' must be >= "):
         load_settings(overrides, env={}, cwd=tmp_path)
+
+
+def test_out_of_range_number_in_the_config_file_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "adforge.toml").write_text("steps = 0\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings(env={}, cwd=tmp_path)
+    assert str(info.value) == f"{tmp_path / 'adforge.toml'}: 'steps' must be >= 1, got 0"
 
 
 def test_wrong_type_flag_names_the_command_line(tmp_path: Path) -> None:
