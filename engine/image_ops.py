@@ -98,3 +98,15 @@ def outpaint_canvas(image: Image.Image, pad: Outpaint, overlap: int = 16) -> tup
     if keep_b > keep_t and keep_r > keep_l:
         mask[keep_t:keep_b, keep_l:keep_r] = 0
     return canvas_img, Image.fromarray(mask, "L")
+
+
+def cover_fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale (Lanczos) to cover ``width`` x ``height``, then crop the centre: exact size, no distortion, no bars.
+    An image already at that size is returned as it is (no resampling blur)."""
+    if image.size == (width, height):
+        return image
+    scale = max(width / image.width, height / image.height)
+    w, h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
+    resized = image.resize((w, h), Image.Resampling.LANCZOS)
+    left, top = (w - width) // 2, (h - height) // 2
+    return resized.crop((left, top, left + width, top + height))

@@ -7,6 +7,11 @@ guidance (cond and uncond in one batch), and returns one :class:`GenerationResul
 Reproducibility: each image gets its own CPU generator seeded with its seed; its initial noise and every
 ancestral noise draw come from that generator in float32, then move to the device. The same seed therefore
 gives the same image whatever the batch size, the position in the batch, or ``-n``.
+
+Big img2img passes (above :data:`engine.upscale.tiling.AUTO_TILE_PIXELS`), and any request that sets ``tile``,
+are denoised and VAE-coded in overlapping tiles blended with feathered seams, so memory follows the tile, not
+the image; the noise is still drawn for the whole latent from the image's generator, so tiling never changes
+which noise a seed gives.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 
 import torch
 from PIL import Image
@@ -25,10 +31,14 @@ from engine.image_ops import fit_image, latent_mask, mask_to_tensor, pil_to_tens
 from engine.models import SD1Models, load_sd1
 from engine.samplers import SamplerSpec, get_sampler, sample, sampler_sigmas
 from engine.schedule import DiscreteSchedule
+from engine.upscale.tiling import Region, resolve_tile, run_tiled
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]  # (steps done, steps total) across the whole generate() call
+# Tiles of a tiled request overlap by a quarter of the tile for the denoiser (its attention sees the whole tile, so
+# neighbours need room to agree) and by this many pixels for the VAE.
+VAE_TILE_OVERLAP = 64
 
 
 @dataclass(frozen=True)
@@ -47,12 +57,20 @@ class GenerationRequest:
     strength: float = 0.75
     mask: Image.Image | None = None  # white = repaint; needs init_image
     mask_blur: int = 4
+    # img2img from a latent (C, H/8, W/8) instead of an image: the hires fix's latent upscale.
+    init_latent: torch.Tensor | None = None
+    # Tile size in pixels for denoising and the VAE: None = tile only above AUTO_TILE_PIXELS, 0 = never.
+    tile: int | None = None
 
     @property
     def mode(self) -> str:
-        if self.init_image is None:
+        if self.init_image is None and self.init_latent is None:
             return "txt2img"
         return "inpaint" if self.mask is not None else "img2img"
+
+    @property
+    def has_init(self) -> bool:
+        return self.init_image is not None or self.init_latent is not None
 
     def validate(self) -> None:
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
@@ -68,12 +86,17 @@ class GenerationRequest:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
         if self.mask is not None and self.init_image is None:
             raise ValueError("a mask needs an init image to inpaint")
+        if self.init_latent is not None and self.init_image is not None:
+            raise ValueError("give an init image or an init latent, not both")
+        if self.tile is not None and (self.tile < 0 or (self.tile and (self.tile < 64 or self.tile % 8))):
+            raise ValueError(f"tile must be 0 (never tile) or a multiple of 8 of at least 64, got {self.tile}")
         get_sampler(self.sampler)
 
     def batch_key(self) -> tuple:
         """Requests with equal keys run in one U-Net batch."""
-        strength = self.strength if self.init_image is not None else None
-        return (self.width, self.height, self.steps, get_sampler(self.sampler).name, self.mode, strength)
+        strength = self.strength if self.has_init else None
+        return (self.width, self.height, self.steps, get_sampler(self.sampler).name, self.mode, strength,
+                self.init_latent is not None, self.tile)
 
 
 @dataclass
@@ -82,6 +105,8 @@ class GenerationResult:
     image: Image.Image
     # The generation settings in A1111 infotext order ("Steps", "Sampler", "CFG scale", "Seed", ...).
     parameters: dict[str, str] = field(default_factory=dict)
+    # The final latent (C, H/8, W/8), float32 on the CPU: what a hires fix upscales in latent space.
+    latents: torch.Tensor | None = None
 
 
 def _fmt(value: float) -> str:
@@ -145,7 +170,7 @@ class Pipeline:
     def _sigmas(self, req: GenerationRequest) -> torch.Tensor:
         spec = get_sampler(req.sampler)
         sigmas = sampler_sigmas(spec, self.schedule, req.steps)
-        if req.init_image is None:
+        if not req.has_init:
             return sigmas
         # img2img runs the last int(steps * strength) steps of the full schedule (at least one).
         run = max(1, min(req.steps, int(req.steps * req.strength)))
@@ -157,6 +182,14 @@ class Pipeline:
     def _initial_noise(self, gens: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
         return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens]).to(self.device)
 
+    def tile_size(self, req: GenerationRequest) -> int | None:
+        """The pixel tile size ``req`` runs with (None: untiled); automatic tiles are the model's native size.
+        Only passes over an init image or latent (the hires fix's second pass) tile by themselves: tiling a
+        txt2img render would compose each tile on its own, so there it is only done when ``tile`` asks for it."""
+        if req.tile is None and not req.has_init:
+            return None
+        return resolve_tile(req.tile, req.width * req.height, max(64, self.models.native_size // 8 * 8))
+
     @torch.inference_mode()
     def _run_batch(self, reqs: list[GenerationRequest], on_step: ProgressFn) -> list[GenerationResult]:
         first = reqs[0]
@@ -167,6 +200,7 @@ class Pipeline:
         gens = [torch.Generator("cpu").manual_seed(r.seed) for r in reqs]
         noise = self._initial_noise(gens, shape)
         sigmas = self._sigmas(first)
+        tile = self.tile_size(first)
 
         cond = self._conditioning(reqs)
         cfg = torch.tensor([r.cfg_scale for r in reqs], dtype=torch.float32, device=self.device)
@@ -174,27 +208,46 @@ class Pipeline:
         init_latent = repaint = pixel_mask = init_pixels = concat = None
         if first.init_image is not None:
             init_pixels = torch.stack([pil_to_tensor01(fit_image(r.init_image, (r.width, r.height))) for r in reqs]).to(self.device)
-            init_latent = self._encode(init_pixels)
+            init_latent = self._encode(init_pixels, tile)
+        elif first.init_latent is not None:
+            for r in reqs:
+                if tuple(r.init_latent.shape) != shape:  # type: ignore[union-attr]
+                    raise ValueError(f"init latent of seed {r.seed} has shape {tuple(r.init_latent.shape)}, "  # type: ignore[union-attr]
+                                     f"expected {shape} for {r.width}x{r.height}")
+            init_latent = torch.stack([r.init_latent.float().cpu() for r in reqs]).to(self.device)  # type: ignore[union-attr]
         if first.mask is not None:
             size = (first.width, first.height)
             pixel_mask = torch.stack([mask_to_tensor(r.mask, size, r.mask_blur) for r in reqs]).to(self.device)  # type: ignore[arg-type]
             repaint = latent_mask(pixel_mask, self.vae_factor)
         if self.models.is_inpainting:
-            concat = self._inpaint_concat(init_pixels, pixel_mask, b, (first.height, first.width))
+            concat = self._inpaint_concat(init_pixels, pixel_mask, b, (first.height, first.width), tile)
 
         x = noise * sigmas[0] if init_latent is None else init_latent + noise * sigmas[0]
         denoiser = self._denoiser(cond, cfg, concat, init_latent if not self.models.is_inpainting else None, repaint)
+        if tile is not None:
+            denoiser = self._tiled_denoiser(denoiser, tile)
         noise_fn = (lambda i: self._initial_noise(gens, shape)) if spec.ancestral else None
         latents = sample(spec, denoiser, x, sigmas, noise_fn=noise_fn, callback=on_step)
 
-        images = self._decode(latents)
+        images = self._decode(latents, tile)
         if pixel_mask is not None and init_pixels is not None:
             # Keep the unmasked pixels exactly as given: the VAE round trip alone would soften them.
             images = init_pixels * (1 - pixel_mask) + images * pixel_mask
+        kept = latents.detach().float().cpu()
         return [
-            GenerationResult(request=r, image=tensor01_to_pil(img), parameters=self._parameters(r))
-            for r, img in zip(reqs, images)
+            GenerationResult(request=r, image=tensor01_to_pil(img), parameters=self._parameters(r), latents=kept[i])
+            for i, (r, img) in enumerate(zip(reqs, images))
         ]
+
+    def _tiled_denoiser(self, denoise: Callable[..., torch.Tensor], tile: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The denoiser run over overlapping latent tiles at every step, blended with feathered seams."""
+        lt = tile // self.vae_factor
+        overlap = max(1, lt // 4)
+
+        def run(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            return run_tiled(x, lambda part, region: denoise(part, sigma, region), tile=lt, overlap=overlap)
+
+        return run
 
     def _conditioning(self, reqs: list[GenerationRequest]) -> torch.Tensor:
         """(2B, tokens, hidden): cond rows then uncond rows, all padded to one token length."""
@@ -208,7 +261,9 @@ class Pipeline:
         concat: torch.Tensor | None,
         init_latent: torch.Tensor | None,
         repaint: torch.Tensor | None,
-    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    ) -> Callable[..., torch.Tensor]:
+        """D(x, sigma[, region]); ``region`` (latent top, bottom, left, right) says which part of the image ``x``
+        is when the denoiser runs on a tile, so the inpainting inputs are cut to match."""
         unet = self.models.unet
         schedule = self.schedule
         b = cfg.shape[0]
@@ -218,12 +273,15 @@ class Pipeline:
         reps = 2 if use_uncond else 1
         concat_in = None if concat is None else concat.repeat(reps, 1, 1, 1).to(self.dtype)
 
-        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        def cut(t: torch.Tensor | None, region: Region | None) -> torch.Tensor | None:
+            return t if t is None or region is None else t[:, :, region[0]:region[1], region[2]:region[3]]
+
+        def denoise(x: torch.Tensor, sigma: torch.Tensor, region: Region | None = None) -> torch.Tensor:
             c_in = (1.0 / (sigma**2 + 1.0).sqrt())[:, None, None, None]
             t = schedule.sigma_to_t(sigma.double().cpu()).to(device=x.device, dtype=torch.float32)
             x_in = (x * c_in).repeat(reps, 1, 1, 1)
             if concat_in is not None:
-                x_in = torch.cat([x_in.to(self.dtype), concat_in], dim=1)
+                x_in = torch.cat([x_in.to(self.dtype), cut(concat_in, region)], dim=1)
             eps = unet(x_in, t.repeat(reps), context).float()
             if use_uncond:
                 eps_c, eps_u = eps.chunk(2)
@@ -231,13 +289,15 @@ class Pipeline:
             denoised = x - sigma[:, None, None, None] * eps
             if repaint is not None and init_latent is not None:
                 # Regular (4-channel) models inpaint by pinning the kept area to the init image's latent.
-                denoised = init_latent * (1 - repaint) + denoised * repaint
+                keep, paint = cut(init_latent, region), cut(repaint, region)
+                denoised = keep * (1 - paint) + denoised * paint
             return denoised
 
         return denoise
 
     def _inpaint_concat(
-        self, init_pixels: torch.Tensor | None, pixel_mask: torch.Tensor | None, b: int, hw: tuple[int, int]
+        self, init_pixels: torch.Tensor | None, pixel_mask: torch.Tensor | None, b: int, hw: tuple[int, int],
+        tile: int | None = None,
     ) -> torch.Tensor:
         """The 5 extra input channels of a 9-channel inpainting U-Net: mask, then the masked image's latent.
 
@@ -248,13 +308,26 @@ class Pipeline:
             mask = (pixel_mask > 0.5).float()
         base = init_pixels if init_pixels is not None else torch.full((b, 3, *hw), 0.5, device=self.device)
         masked = base * (1 - mask) + 0.5 * mask  # masked area set to mid-grey (0 in [-1, 1] pixel space)
-        masked_latent = self._encode(masked)
+        masked_latent = self._encode(masked, tile)
         return torch.cat([latent_mask(mask, self.vae_factor), masked_latent], dim=1)
 
-    def _encode(self, pixels01: torch.Tensor) -> torch.Tensor:
+    def _vae_overlap(self, tile: int) -> int:
+        """Pixels shared by neighbouring VAE tiles: VAE_TILE_OVERLAP, or a quarter of a small tile (whole latents)."""
+        f = self.vae_factor
+        return max(f, min(VAE_TILE_OVERLAP, tile // 4) // f * f)
+
+    def _encode(self, pixels01: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        if tile is not None:
+            f = self.vae_factor
+            return run_tiled(pixels01, lambda part, _: self._encode(part), tile=tile, overlap=self._vae_overlap(tile),
+                             scale=Fraction(1, f), align=f, balance=True)
         return self.models.vae.encode_latents(pixels01.to(self.dtype)).float()
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def _decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        if tile is not None:
+            f = self.vae_factor
+            return run_tiled(latents, lambda part, _: self._decode(part), tile=tile // f,
+                             overlap=self._vae_overlap(tile) // f, scale=f, balance=True)
         vae = self.models.vae
         images = vae.decode_latents(latents.to(vae.dtype)).float()
         if not torch.isfinite(images).all() and vae.dtype != torch.float32:
@@ -278,7 +351,7 @@ class Pipeline:
         if m.vae_file is not None:
             p["VAE hash"] = m.vae_file.short_hash
             p["VAE"] = m.vae_file.name
-        if r.init_image is not None:
+        if r.has_init:
             p["Denoising strength"] = _fmt(r.strength)
         if r.mask is not None:
             p["Mask blur"] = str(r.mask_blur)

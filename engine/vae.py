@@ -128,8 +128,9 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
 
         def tokens(t: Tensor) -> Tensor:
-            # (B, C, H, W) -> (B, heads=1, H*W, C): row-major positions, as LDM's reshape does.
-            return t.reshape(b, 1, c, height * width).transpose(-1, -2)
+            # (B, C, H, W) -> (B, heads=1, H*W, C): row-major positions, as LDM's reshape does. Contiguous,
+            # because SDPA's flash / memory-efficient CUDA kernels refuse a transposed view and fall back to math.
+            return t.reshape(b, 1, c, height * width).transpose(-1, -2).contiguous()
 
         # SDPA's default scale is 1/sqrt(head_dim) = 1/sqrt(C), which is LDM's scale for one head.
         out = F.scaled_dot_product_attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)))

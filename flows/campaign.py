@@ -5,6 +5,10 @@
   and the plan, and return batches of *variant ids* still to render (grouped by model and size).
 * ``render_batch``: one task per batch; loads the model once per process, renders, post-processes, stores and
   records each image (:mod:`flows.rendering`). It takes ids only, so it can run anywhere.
+* ``render_on_devices``: instead, with more than one device (``devices``): one worker process per device, fed
+  engine batches from a queue (:mod:`flows.device_pool`).
+* ``fan_out`` > 1: instead, the batches go out as shards, flow runs of ``campaign_shard`` (the ``campaign-shard``
+  deployment) that Prefect workers on other machines run (:mod:`flows.sharding`); each renders as above.
 * ``finish_run``: counts, timings, status.
 
 Nothing is written for a rejected brief: validation and planning touch the database only after the brief passed.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +30,9 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.brief import Brief, BriefError, read_brief
+from flows.device_pool import DevicePool, PoolConfig, plan_workers
 from flows.licensing import ModelInfo, describe_model, ensure_model
+from flows.oom import oom_safe
 from flows.planning import Plan, default_model_path, plan_brief
 from flows.recording import finish_run, mark_crashed_runs, start_run, sync_plan
 from flows.rendering import get_pipeline, load_jobs, render_jobs
@@ -34,7 +41,7 @@ from flows.templating import load_channels, load_styles
 from storage.assets import AssetStore, open_store
 from storage.database import Database, open_database
 
-__all__ = ["RunSummary", "campaign_run", "open_resources", "set_progress_listener"]
+__all__ = ["RunSummary", "campaign_run", "campaign_shard", "open_resources", "render_planned", "set_progress_listener"]
 
 log = logging.getLogger(__name__)
 TASK_BATCHES = 4
@@ -101,6 +108,7 @@ class RunSummary:
     problems: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     flow_run_id: str | None = None
+    shards: list[dict] = field(default_factory=list)  # with fan-out: each shard's flow runs (worker, state)
 
 
 @task(name="validate-brief", cache_policy=NO_CACHE)
@@ -162,11 +170,72 @@ def render_batch(run_id: int, variant_ids: list[int], settings: Settings) -> dic
     if not jobs:
         return {"rendered": 0, "failed": 0, "skipped": 0, "seconds": {}}
     first = jobs[0]
-    pipeline = get_pipeline(first.model_path, first.model_sha256, device=settings.device, dtype=settings.dtype,
-                            max_batch_size=settings.batch_size)
-    counts = render_jobs(jobs, pipeline=pipeline, store=store, db=db, run_id=run_id, on_event=_emit)
+    pipeline = oom_safe(get_pipeline(first.model_path, first.model_sha256, device=settings.device, dtype=settings.dtype,
+                                     max_batch_size=settings.batch_size))
+    counts = render_jobs(jobs, pipeline=pipeline, store=store, db=db, run_id=run_id, on_event=_emit)  # type: ignore[arg-type]
     _emit("skipped", counts["skipped"])
     return counts
+
+
+@task(name="render-on-devices", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def render_on_devices(run_id: int, batches: list[list[int]], settings: Settings) -> dict:
+    """Every batch on one worker process per device; units of one engine batch go to whichever worker is free."""
+    open_resources(settings)  # the database at head before the workers open it
+    specs = plan_workers(settings.devices, settings.device)
+    size = settings.batch_size
+    units = [batch[i : i + size] for batch in batches for i in range(0, len(batch), size)]
+    config = PoolConfig(db_url=settings.db_url, store_url=settings.store_url, dtype=settings.dtype, batch_size=size)
+    with DevicePool(specs, config) as pool:
+        result = pool.run(run_id, units, on_event=_emit)
+    log.info("run %s on %s: %s units per worker, %d re-queued after a worker died, %d out-of-memory halvings", run_id,
+             ", ".join(s.name for s in specs), result["units_per_worker"], result["requeued"], result["oom_halvings"])
+    _emit("skipped", result["skipped"])
+    return result
+
+
+def render_planned(run_id: int, batches: list[list[int]], settings: Settings) -> dict:
+    """Render ``batches`` here: on one device in this process, or on a worker process per device."""
+    total: dict = {"rendered": 0, "failed": 0, "skipped": 0,
+                   "seconds": {"engine": 0.0, "postprocess": 0.0, "store": 0.0, "record": 0.0}}
+    if not batches:
+        return total
+    specs = plan_workers(settings.devices, settings.device)
+    if len(specs) > 1:
+        results = [render_on_devices(run_id, batches, settings)]
+    else:
+        local = replace(settings, device=specs[0].here)  # in this process: no pinning, so cuda:1 stays cuda:1
+        results = [render_batch(run_id, batch, local) for batch in batches]
+    for result in results:
+        for k in ("rendered", "failed", "skipped"):
+            total[k] += result[k]
+        for k, v in result.get("seconds", {}).items():
+            total["seconds"][k] = total["seconds"].get(k, 0.0) + v
+    return total
+
+
+def _fan_out(run_id: int, batches: list[list[int]], settings: Settings, flow_run_id: str | None, config: str | None) -> tuple[dict, list[dict]]:
+    """Render ``batches`` as shards on the work pool's workers; counts come from the database once all are done."""
+    from flows.sharding import ShardError, run_shards, shard_outcome
+
+    db, _ = open_resources(settings)
+    shown = 0
+
+    def progress(recorded: int) -> None:
+        nonlocal shown
+        _emit("rendered", recorded - shown)
+        shown = recorded
+
+    t0 = time.perf_counter()
+    report = run_shards(run_id, batches, settings, db=db, parent_flow_run_id=flow_run_id, on_progress=progress, config=config)
+    outcome = shard_outcome(db, run_id, [i for batch in batches for i in batch])
+    _emit("rendered", outcome["rendered"] - shown)
+    _emit("skipped", outcome["skipped"])
+    _emit("failed", outcome["failed"] + outcome["left"])
+    if report.gave_up:
+        raise ShardError("; ".join(report.gave_up))
+    result = {"rendered": outcome["rendered"], "skipped": outcome["skipped"], "failed": outcome["failed"] + outcome["left"],
+              "seconds": {"engine": outcome["engine_seconds"], "shards": time.perf_counter() - t0}}
+    return result, report.shards
 
 
 # ------------------------------------------------------------------------------------------------ flow
@@ -181,6 +250,8 @@ def campaign_run(brief_path: str, strict: bool = False, overrides: dict | None =
 
     t0 = time.perf_counter()
     settings = load_settings(overrides or {}, config=config)
+    if settings.fan_out == 1:
+        plan_workers(settings.devices, settings.device)  # devices this machine lacks: refused before anything is recorded
     brief = validate_brief(brief_path, strict, settings.templates_dir)
     planned = plan_run(brief, settings, strict, str(flow_run.id) if flow_run.id else None, source)
     _emit("planned", planned.planned)
@@ -189,15 +260,19 @@ def campaign_run(brief_path: str, strict: bool = False, overrides: dict | None =
     counts = {"planned": planned.planned, "rendered": 0, "skipped": planned.already_done, "failed": 0,
               "invalid_rows": len({p for p in planned.problems})}
     stage_seconds = {"engine": 0.0, "postprocess": 0.0, "store": 0.0, "record": 0.0}
+    shards: list[dict] = []
     error = None
     status = "completed"
     try:
-        for batch in planned.batches:
-            result = render_batch(planned.run_id, batch, settings)
-            for k in ("rendered", "failed", "skipped"):
-                counts[k] += result[k]
-            for k, v in result.get("seconds", {}).items():
-                stage_seconds[k] += v
+        if settings.fan_out > 1 and planned.batches:
+            result, shards = _fan_out(planned.run_id, planned.batches, settings,
+                                      str(flow_run.id) if flow_run.id else None, config)
+        else:
+            result = render_planned(planned.run_id, planned.batches, settings)
+        for k in ("rendered", "failed", "skipped"):
+            counts[k] += result[k]
+        for k, v in result.get("seconds", {}).items():
+            stage_seconds[k] = stage_seconds.get(k, 0.0) + v
     except BaseException as exc:
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         raise
@@ -211,8 +286,22 @@ def campaign_run(brief_path: str, strict: bool = False, overrides: dict | None =
     return RunSummary(
         run_id=planned.run_id, status=status, counts=counts, seconds=seconds, store_url=settings.store_url,
         db_url=settings.redacted()["db_url"], problems=planned.problems, timings=timings,
-        flow_run_id=str(flow_run.id) if flow_run.id else None,
+        flow_run_id=str(flow_run.id) if flow_run.id else None, shards=shards,
     ).__dict__
 
 
-__all__ += ["BriefError", "make_plan", "plan_run", "render_batch", "validate_brief"]
+@flow(name="campaign-shard", log_prints=False, validate_parameters=True, retries=1, retry_delay_seconds=5)
+def campaign_shard(run_id: int, batches: list[list[int]], shard_settings: dict | None = None,
+                   config: str | None = None) -> dict:
+    """One shard of a fanned-out run: render ``batches`` (variant ids, already planned and recorded by the run) on
+    this machine's devices. Idempotent: variants that already have an asset are skipped, so running a shard again
+    (a Prefect retry, a re-submission after a lost worker) never duplicates anything."""
+    from flows.sharding import shard_settings as resolve
+
+    settings = resolve(shard_settings or {}, config)
+    result = render_planned(run_id, batches, settings)
+    return {"run_id": run_id, "rendered": result["rendered"], "failed": result["failed"], "skipped": result["skipped"],
+            "worker": os.environ.get("PREFECT__WORKER_NAME"), "host": socket.gethostname(), "pid": os.getpid()}
+
+
+__all__ += ["BriefError", "make_plan", "plan_run", "render_batch", "render_on_devices", "validate_brief"]

@@ -213,18 +213,61 @@ def models_init_random(
     typer.echo(str(path))
 
 
+@models_app.command("init-random-upscaler")
+def models_init_random_upscaler(
+    path: Annotated[Path, typer.Argument(help="Where to write it: .safetensors or .pth.")],
+    arch: Annotated[str, typer.Option(help="esrgan (RRDBNet, as RealESRGAN_x4plus) or compact (Real-ESRGAN Compact).")] = "esrgan",
+    scale: Annotated[int, typer.Option(help="2 or 4.")] = 4,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Write a small random-weight super-resolution file in a real layout (spandrel loads it like a downloaded one).
+
+    It upscales into noise by design: use it to try upscale chains, tiling and licences without downloading
+    anything. The .safetensors file declares Apache-2.0 (our own random numbers); a .pth carries no metadata."""
+    from engine.upscale.random_models import random_compact, random_esrgan, write_upscaler
+
+    if scale not in (2, 4):
+        raise typer.BadParameter("2 or 4", param_hint="--scale")
+    nets = {"esrgan": lambda: random_esrgan(num_filters=16, num_blocks=1, scale=scale, seed=seed),
+            "compact": lambda: random_compact(num_feat=16, num_conv=4, scale=scale, seed=seed)}
+    if arch not in nets:
+        raise typer.BadParameter("esrgan or compact", param_hint="--arch")
+    safetensors = path.suffix.lower() in (".safetensors", ".sft")
+    metadata = {"modelspec.title": path.stem, "modelspec.license": "Apache-2.0"} if safetensors else None
+    try:
+        write_upscaler(nets[arch](), path, metadata)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="PATH") from None
+    typer.echo(str(path))
+
+
 @models_app.command("inspect")
 def models_inspect(
-    path: Annotated[Path, typer.Argument(help="Checkpoint file.")],
+    path: Annotated[Path, typer.Argument(help="Checkpoint or upscaler file.")],
     allow_pickle: Annotated[bool, typer.Option(help="Allow .ckpt pickles (weights-only unpickling).")] = False,
 ) -> None:
-    """Family, architecture read from the tensor shapes, and hashes of a checkpoint, without loading it."""
+    """Family, architecture read from the tensor shapes, and hashes of a checkpoint (without loading it) or of an
+    upscaler (its architecture and scale, as spandrel reads them)."""
     from engine.checkpoint import CheckpointError, a1111_short_hash, detect_family, file_sha256, open_state_dict
+    from engine.upscale.chain import MODEL_SUFFIXES
+    from engine.upscale.models import UpscalerError, inspect_upscaler, read_upscaler_state_dict
 
     try:
         sd = open_state_dict(path, allow_pickle)
         family = detect_family(sd)
     except CheckpointError as exc:
+        if path.suffix.lower() in MODEL_SUFFIXES and exc.key is None:
+            try:
+                up = inspect_upscaler(path)
+            except UpscalerError:
+                pass
+            else:
+                typer.echo(f"file:        {path}")
+                typer.echo(f"upscaler:    {up.arch}, {up.scale}x ({up.purpose})")
+                typer.echo(f"tensors:     {len(read_upscaler_state_dict(path)[0])}")
+                typer.echo(f"sha256:      {up.sha256}")
+                typer.echo(f"model hash:  {up.short_hash}")
+                return
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     sha = file_sha256(path)

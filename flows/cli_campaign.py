@@ -96,15 +96,21 @@ def register(app: typer.Typer, models_app: typer.Typer, console: Console) -> Non
         cfg: Annotated[float | None, typer.Option("--cfg", min=0.0, help="CFG scale (default 7).")] = None,
         batch_size: Annotated[int | None, typer.Option(min=1, help="Images per engine batch (default 4).")] = None,
         device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+        devices: Annotated[str | None, typer.Option(
+            help="Render workers, one process per entry: all (every GPU), cpu, or cuda:0,cuda:1 (env ADFORGE_DEVICES).")] = None,
+        fan_out: Annotated[int | None, typer.Option(
+            "--fan-out", min=1, help="Render as N shards on the Prefect work pool's workers (env ADFORGE_FAN_OUT).")] = None,
         config: ConfigOpt = None,
     ) -> None:
         """Render every variant a brief plans (skipping those that exist), store them, record everything."""
         _quiet_prefect()
         overrides = {"db_url": db, "store_url": store, "model": model, "steps": steps, "sampler": sampler, "cfg_scale": cfg,
-                     "batch_size": batch_size, "device": device}
+                     "batch_size": batch_size, "device": device, "devices": devices, "fan_out": fan_out}
         _settings(console, config, **overrides)  # bad settings fail here, before Prefect starts a server
         from flows.brief import BriefError
         from flows.campaign import campaign_run, set_progress_listener
+        from flows.device_pool import DeviceError, PoolError
+        from flows.sharding import ShardError
 
         started = time.perf_counter()
         with Progress(
@@ -115,9 +121,18 @@ def register(app: typer.Typer, models_app: typer.Typer, console: Console) -> Non
             task_id = bar.add_task("starting", total=None, rendered=0, skipped=0, failed=0)
             fields = {"rendered": 0, "skipped": 0, "failed": 0}
 
+            upscaled = 0
+
             def on_event(event: str, count: int) -> None:
+                nonlocal upscaled
                 if event == "planned":
                     bar.update(task_id, total=count, description="rendering")
+                    return
+                if event == "upscaled":  # an image went through its channel's upscale chain (it is stored next)
+                    upscaled += count
+                    bar.update(task_id, description=f"rendering + upscaling ({upscaled} upscaled)")
+                    return
+                if event not in fields:
                     return
                 fields[event] += count
                 bar.update(task_id, advance=count, **fields)
@@ -132,6 +147,10 @@ def register(app: typer.Typer, models_app: typer.Typer, console: Console) -> Non
                 for p in exc.problems:
                     console.print(f"  {escape(str(p))}", soft_wrap=True)
                 raise typer.Exit(2) from None
+            except (DeviceError, PoolError, ShardError) as exc:
+                bar.stop()
+                console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+                raise typer.Exit(1) from None
             finally:
                 set_progress_listener(None)
         _print_problems(console, summary["problems"], "rows skipped")
@@ -140,6 +159,11 @@ def register(app: typer.Typer, models_app: typer.Typer, console: Console) -> Non
             f"[bold]run {summary['run_id']}[/bold] {summary['status']}: planned {c['planned']}, rendered {c['rendered']}, "
             f"already there {c['skipped']}, failed {c['failed']} in {summary['seconds']:.1f} s"
         )
+        if summary.get("shards"):
+            runs = [r for shard in summary["shards"] for r in shard["flow_runs"]]
+            workers = sorted({r["worker"] for r in runs if r["worker"]})
+            console.print(f"shards:   {len(summary['shards'])} on {len(workers)} worker(s) ({escape(', '.join(workers))}), "
+                          f"{len(runs) - len(summary['shards'])} re-submitted", soft_wrap=True)
         console.print(f"assets:   {escape(summary['store_url'])}", soft_wrap=True)
         console.print(f"database: {escape(summary['db_url'])}", soft_wrap=True)
         console.print(f"list them: adforge assets --run {summary['run_id']}")

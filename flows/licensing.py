@@ -6,6 +6,10 @@ a file that was never registered is entered on first use with the licence its ow
 (``modelspec.license``, as our bundled model and many trainers write it) or, failing that, as unknown.
 A brief row whose ``license`` column is ``commercial`` (the default) refuses a model whose commercial use is
 forbidden *or unknown*: an asset a company ships must be traceable to a licence that allows it.
+
+Upscaler files (ESRGAN-family ``.pth`` / ``.safetensors`` that spandrel recognises, see
+:mod:`engine.upscale.models`) are models like any other here: same table (``kind`` = ``upscaler``), same
+registration, same refusal for commercial rows. Their ``.pth`` files are read with ``weights_only`` unpickling.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from engine.checkpoint import CheckpointError, a1111_short_hash, detect_family, file_sha256, open_state_dict
+from engine.checkpoint import PICKLE_SUFFIXES, CheckpointError, a1111_short_hash, detect_family, file_sha256, open_state_dict
+from engine.upscale.chain import MODEL_SUFFIXES as UPSCALER_SUFFIXES
 from storage.database import Database, audit
 from storage.schema import ModelRecord
 
-__all__ = ["KNOWN_LICENSES", "LicenseError", "ModelInfo", "check_license", "describe_model", "ensure_model", "normalize_license", "register_model"]
+__all__ = ["KNOWN_LICENSES", "LicenseError", "ModelInfo", "check_license", "describe_model", "ensure_model", "enter_model",
+           "normalize_license", "register_model"]
 
 # Licence id -> commercial use allowed. Facts from ../shared/DESIGN.md ("Licences to know") and the SPDX list.
 KNOWN_LICENSES: dict[str, bool] = {
@@ -55,23 +61,74 @@ class ModelInfo:
     license: str | None
     commercial_use: bool | None
     native_size: int
+    kind: str = "checkpoint"  # checkpoint | upscaler (| lora | vae, never rendered by a run)
+    scale: int = 1  # an upscaler's scale, read from the model
+
+    @property
+    def noun(self) -> str:
+        """What messages call it."""
+        return "upscaler" if self.kind == "upscaler" else "model"
 
 
 def normalize_license(license_id: str) -> str:
     return license_id.strip().lower().replace(" ", "-").replace("_", "-")
 
 
-def _inspect(path: Path, allow_pickle: bool) -> tuple[str, str, dict[str, str]]:
-    """(sha256, family, metadata) of a model file; CheckpointError names the file and problem."""
-    sd = open_state_dict(path, allow_pickle=allow_pickle)
+@dataclass(frozen=True)
+class _Inspected:
+    """What a model file is, read without building a diffusion model."""
+
+    sha256: str
+    family: str
+    kind: str
+    metadata: dict[str, str]
+    native_size: int
+    scale: int = 1
+
+
+def _kind(family: str) -> str:
+    return "checkpoint" if family.startswith("sd") else family
+
+
+def _as_upscaler(path: Path) -> tuple[_Inspected | None, str | None]:
+    """The file as an upscaler, or (None, why not)."""
+    from engine.upscale.models import UpscalerError, inspect_upscaler
+
     try:
-        family = detect_family(sd).name
-        metadata = dict(sd.metadata)
-    finally:
-        close = getattr(sd, "close", None)
-        if close:
-            close()
-    return file_sha256(path), family, metadata
+        up = inspect_upscaler(path)
+    except UpscalerError as exc:
+        return None, str(exc).removeprefix(f"{path}: ")
+    family = up.arch.lower().replace(" ", "-")[:32]
+    return _Inspected(up.sha256, family, "upscaler", up.metadata, 0, up.scale), None
+
+
+def _inspect(path: Path, allow_pickle: bool) -> _Inspected:
+    """What a model file is; CheckpointError names the file and problem. A file that is no SD checkpoint but an
+    upscaler spandrel recognises is an upscaler (``.pth`` ones read weights-only, without ``allow_pickle``)."""
+    suffix = path.suffix.lower()
+    upscaler_problem = None
+    if suffix in PICKLE_SUFFIXES and suffix in UPSCALER_SUFFIXES and not allow_pickle:
+        found, upscaler_problem = _as_upscaler(path)
+        if found is not None:
+            return found
+    try:
+        sd = open_state_dict(path, allow_pickle=allow_pickle)
+        try:
+            family = detect_family(sd).name
+            metadata = dict(sd.metadata)
+        finally:
+            close = getattr(sd, "close", None)
+            if close:
+                close()
+    except CheckpointError as exc:
+        if suffix in UPSCALER_SUFFIXES and exc.key is None:
+            if upscaler_problem is None:
+                found, upscaler_problem = _as_upscaler(path)
+                if found is not None:
+                    return found
+            raise CheckpointError(path, f"{str(exc).removeprefix(f'{path}: ')}; nor is it an upscaler: {upscaler_problem}") from None
+        raise
+    return _Inspected(file_sha256(path), family, _kind(family), metadata, _native_size(metadata, family))
 
 
 def _native_size(metadata: dict[str, str], family: str) -> int:
@@ -83,9 +140,10 @@ def _native_size(metadata: dict[str, str], family: str) -> int:
         return SD1_NATIVE_SIZE
 
 
-def _info(record: ModelRecord, native_size: int) -> ModelInfo:
+def _info(record: ModelRecord, found: _Inspected) -> ModelInfo:
     return ModelInfo(id=record.id, path=record.path, name=record.name, sha256=record.sha256, short_hash=record.short_hash,
-                     family=record.family, license=record.license, commercial_use=record.commercial_use, native_size=native_size)
+                     family=record.family, license=record.license, commercial_use=record.commercial_use,
+                     native_size=found.native_size, kind=found.kind, scale=found.scale)
 
 
 def register_model(db: Database, path: str | os.PathLike[str], license_id: str, commercial: bool | None = None, *,
@@ -105,13 +163,14 @@ def register_model(db: Database, path: str | os.PathLike[str], license_id: str, 
                 f"(known: {', '.join(sorted(KNOWN_LICENSES))})"
             )
         commercial = KNOWN_LICENSES[lic]
-    sha, family, metadata = _inspect(p, allow_pickle)
+    found = _inspect(p, allow_pickle)
+    sha = found.sha256
     with db.session() as s:
         record = s.scalar(select(ModelRecord).where(ModelRecord.sha256 == sha))
         before = None
         if record is None:
             record = ModelRecord(sha256=sha, short_hash=a1111_short_hash(sha), name=name or p.stem, path=str(p.resolve()),
-                                 family=family, kind="checkpoint" if family.startswith("sd") else family)
+                                 family=found.family, kind=found.kind)
             s.add(record)
         else:
             before = {"license": record.license, "commercial_use": record.commercial_use, "license_source": record.license_source}
@@ -122,7 +181,7 @@ def register_model(db: Database, path: str | os.PathLike[str], license_id: str, 
         s.flush()
         audit(s, actor=actor, action="model.registered", entity="model", entity_id=record.id, before=before,
               after={"path": record.path, "sha256": sha, "license": lic, "commercial_use": commercial})
-        return _info(record, _native_size(metadata, family))
+        return _info(record, found)
 
 
 def ensure_model(db: Database, path: str | os.PathLike[str], *, allow_pickle: bool = False, actor: str = "system:run") -> ModelInfo:
@@ -130,19 +189,19 @@ def ensure_model(db: Database, path: str | os.PathLike[str], *, allow_pickle: bo
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(p, "no such model file")
-    sha, family, metadata = _inspect(p, allow_pickle)
-    native = _native_size(metadata, family)
+    found = _inspect(p, allow_pickle)
+    sha, metadata = found.sha256, found.metadata
     with db.session() as s:
         record = s.scalar(select(ModelRecord).where(ModelRecord.sha256 == sha))
         if record is not None:
             if record.path != str(p.resolve()):
                 record.path = str(p.resolve())  # moved or copied: same bytes, same model
-            return _info(record, native)
+            return _info(record, found)
         declared = metadata.get("modelspec.license")
         lic = normalize_license(declared) if declared else None
         record = ModelRecord(
             sha256=sha, short_hash=a1111_short_hash(sha), name=metadata.get("modelspec.title") or p.stem, path=str(p.resolve()),
-            family=family, kind="checkpoint", license=lic, commercial_use=KNOWN_LICENSES.get(lic) if lic else None,
+            family=found.family, kind=found.kind, license=lic, commercial_use=KNOWN_LICENSES.get(lic) if lic else None,
             license_source="file-metadata" if lic else "unknown",
         )
         s.add(record)
@@ -150,7 +209,28 @@ def ensure_model(db: Database, path: str | os.PathLike[str], *, allow_pickle: bo
         audit(s, actor=actor, action="model.discovered", entity="model", entity_id=record.id,
               after={"path": record.path, "sha256": sha, "license": lic, "commercial_use": record.commercial_use,
                      "license_source": record.license_source})
-        return _info(record, native)
+        return _info(record, found)
+
+
+def enter_model(s, info: ModelInfo, *, actor: str = "system:run") -> ModelRecord:
+    """The row of a model :func:`describe_model` described, entered in session ``s`` if it is new (as
+    :func:`ensure_model` would: with the licence its file declared, else unknown; a known one moved to
+    ``info.path`` gets that path). For callers that are already inside a transaction, such as recording a plan."""
+    record = s.scalar(select(ModelRecord).where(ModelRecord.sha256 == info.sha256))
+    if record is not None:
+        if record.path != info.path:
+            record.path = info.path  # moved or copied: same bytes, same model
+        return record
+    record = ModelRecord(
+        sha256=info.sha256, short_hash=info.short_hash, name=info.name, path=info.path, family=info.family, kind=info.kind,
+        license=info.license, commercial_use=info.commercial_use, license_source="file-metadata" if info.license else "unknown",
+    )
+    s.add(record)
+    s.flush()
+    audit(s, actor=actor, action="model.discovered", entity="model", entity_id=record.id,
+          after={"path": record.path, "sha256": info.sha256, "license": info.license, "commercial_use": info.commercial_use,
+                 "license_source": record.license_source})
+    return record
 
 
 def describe_model(path: str | os.PathLike[str], db: Database | None = None, *, allow_pickle: bool = False) -> ModelInfo:
@@ -159,18 +239,19 @@ def describe_model(path: str | os.PathLike[str], db: Database | None = None, *, 
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(p, "no such model file")
-    sha, family, metadata = _inspect(p, allow_pickle)
-    native = _native_size(metadata, family)
+    found = _inspect(p, allow_pickle)
+    sha, metadata = found.sha256, found.metadata
     if db is not None:
         with db.session() as s:
             record = s.scalar(select(ModelRecord).where(ModelRecord.sha256 == sha))
             if record is not None:
-                return _info(record, native)
+                return _info(record, found)
     declared = metadata.get("modelspec.license")
     lic = normalize_license(declared) if declared else None
     return ModelInfo(id=0, path=str(p.resolve()), name=metadata.get("modelspec.title") or p.stem, sha256=sha,
-                     short_hash=a1111_short_hash(sha), family=family, license=lic,
-                     commercial_use=KNOWN_LICENSES.get(lic) if lic else None, native_size=native)
+                     short_hash=a1111_short_hash(sha), family=found.family, license=lic,
+                     commercial_use=KNOWN_LICENSES.get(lic) if lic else None, native_size=found.native_size,
+                     kind=found.kind, scale=found.scale)
 
 
 def check_license(model: ModelInfo, constraint: str) -> str | None:
@@ -178,12 +259,13 @@ def check_license(model: ModelInfo, constraint: str) -> str | None:
     else the reason it may not."""
     if constraint != "commercial" or model.commercial_use is True:
         return None
+    what = model.noun
     if model.commercial_use is False:
-        return (f"model '{model.name}' ({model.short_hash}) is licensed '{model.license}', which forbids commercial use, "
+        return (f"{what} '{model.name}' ({model.short_hash}) is licensed '{model.license}', which forbids commercial use, "
                 f"and the row needs commercial use (set its license column to 'any' for non-commercial work)")
     if model.license:  # declared, but not a licence whose commercial terms adforge knows
-        return (f"model '{model.name}' ({model.short_hash}) is licensed '{model.license}', and whether that allows "
+        return (f"{what} '{model.name}' ({model.short_hash}) is licensed '{model.license}', and whether that allows "
                 f"commercial use is unknown; the row needs commercial use; register it: "
                 f"adforge models add {model.path} --license {model.license} --commercial yes|no")
-    return (f"model '{model.name}' ({model.short_hash}) has no licence on record, and the row needs commercial use; "
+    return (f"{what} '{model.name}' ({model.short_hash}) has no licence on record, and the row needs commercial use; "
             f"register it: adforge models add {model.path} --license <id> --commercial yes|no")

@@ -7,7 +7,12 @@ For every valid row and each of its channels:
 * ``variants`` images are planned; image ``i`` uses prompt variation ``i mod len(variations)`` and seed
   ``row.seed + i`` (A1111's batch convention, so a seed seen in the gallery reproduces in any SD tool);
 * the generation size is the model's native area at the channel's aspect ratio; post-processing scales the
-  image to cover the channel's exact size with Lanczos and centre-crops (``cover-lanczos(WxH)``).
+  image to cover the channel's exact size with Lanczos and centre-crops (``cover-lanczos(WxH)``), unless the
+  channel sets an upscale chain (``channels.yaml`` ``upscale:``, see :mod:`engine.upscale.chain`). A chain's
+  model files are resolved like row models (path as written, relative to the current folder), must be
+  upscalers, and pass the row's licence check like its checkpoint; the variant's ``postprocess`` is then the
+  canonical chain with each file pinned by its sha256 (``model(4x.pth, sha256=...)``), so the identity changes
+  when the file's bytes do, and rendering finds the file by its hash in ``models``.
 
 A variant's *identity* is a sha256 over everything that determines the delivered file (campaign, row, channel,
 template, prompt, negative prompt, seed, model sha256, sampler, steps, CFG, clip skip, sizes, format,
@@ -24,10 +29,11 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.checkpoint import CheckpointError
+from engine.upscale.chain import MAX_SIDE
 from flows.brief import Brief, BriefError, BriefProblem, BriefRow
 from flows.licensing import ModelInfo, check_license
 from flows.settings import Settings
@@ -58,6 +64,8 @@ class PlannedVariant:
     postprocess: str
     identity: str
     storage_key: str
+    # (chain step index, model) of every upscaler file the channel's chain uses, in chain order
+    upscalers: tuple[tuple[int, ModelInfo], ...] = ()
 
     @property
     def out_format(self) -> str:
@@ -87,6 +95,49 @@ def cover_description(channel: ChannelFormat) -> str:
     return f"cover-lanczos({channel.width}x{channel.height})"
 
 
+class ChainProblem(ValueError):
+    """A channel's upscale chain that cannot be used for a row; ``column`` is the brief column to blame."""
+
+    def __init__(self, message: str, column: str = "channels"):
+        self.column = column
+        super().__init__(message)
+
+
+ResolvedChain = tuple[str, tuple[tuple[int, ModelInfo], ...]]  # (postprocess text, upscalers)
+
+
+def resolve_chain(channel: ChannelFormat, gen: tuple[int, int], resolve: Callable[[str], ModelInfo]) -> ResolvedChain:
+    """The variant's ``postprocess`` text and the upscaler models of ``channel``'s chain; ChainProblem if a file
+    is missing, is no upscaler, differs from its pin, or the chain would make an absurdly large image."""
+    chain = channel.upscale
+    if chain is None or chain.is_plain_fit:
+        # fit(WxH) alone is what adforge always did: keep its text, and with it every existing identity.
+        return cover_description(channel), ()
+    where = channel.upscale_key
+    pins: dict[int, str] = {}
+    scales: dict[int, int] = {}
+    upscalers: list[tuple[int, ModelInfo]] = []
+    for index, file in chain.model_files():
+        try:
+            info = resolve(file)
+        except CheckpointError as exc:
+            raise ChainProblem(f"{where}: upscaler file {file!r} cannot be used: {exc}") from None
+        if info.kind != "upscaler":
+            raise ChainProblem(f"{where}: {file!r} is a {info.family} model, not an upscaler")
+        pinned = getattr(chain.steps[index], "sha256", None)
+        if pinned and pinned != info.sha256:
+            raise ChainProblem(f"{where}: the chain pins {file!r} to sha256 {pinned}, but the file has {info.sha256}")
+        pins[index], scales[index] = info.sha256, info.scale
+        # Where the chain found the file (a registered row may remember an older place): rendering loads it there.
+        upscalers.append((index, replace(info, path=str(Path(file).resolve()))))
+    chain = chain.pinned(pins)
+    for step, (w, h) in zip(chain.steps, chain.sizes(*gen, scales)):
+        if max(w, h) > MAX_SIDE:
+            raise ChainProblem(f"{where}: {step.canonical(pins=False)} would make a {w}x{h} image from {gen[0]}x{gen[1]} "
+                               f"(more than {MAX_SIDE} px a side)")
+    return chain.canonical(), tuple(upscalers)
+
+
 def variant_identity(*, campaign: str, row_id: str, channel: str, template: str, prompt: str, negative: str, index: int,
                      seed: int, model_sha256: str, sampler: str, steps: int, cfg_scale: float, clip_skip: int,
                      gen: tuple[int, int], out: tuple[int, int], fmt: str, max_kb: int | None, post: str) -> str:
@@ -114,6 +165,8 @@ def plan_brief(
     variants: list[PlannedVariant] = []
     skipped: list[BriefRow] = []
     models: dict[str, ModelInfo | str] = {}
+    chains: dict[tuple[str, tuple[int, int]], ResolvedChain | ChainProblem] = {}
+    upscaler_files: dict[str, ModelInfo | CheckpointError] = {}
     file = os.fspath(brief.path)
     # settings.templates_dir is the templates root (channels.yaml, styles.yaml, prompts/); None = the project's.
     prompts_dir = Path(settings.templates_dir) / "prompts" if settings.templates_dir else None
@@ -126,6 +179,10 @@ def plan_brief(
             except CheckpointError as exc:
                 models[model_path] = f"model {model_path!r} cannot be used: {exc}"
         model = models[model_path]
+        if not isinstance(model, str) and model.kind != "checkpoint":
+            what = {"upscaler": "an upscaler", "lora": "a LoRA", "vae": "a VAE"}.get(model.kind, f"a {model.kind} file")
+            model = f"model {model_path!r} is {what}, not a checkpoint" + (
+                " (upscalers go in a channel's upscale chain)" if model.kind == "upscaler" else "")
         if isinstance(model, str):
             problems.append(BriefProblem(file, row.line, "model", model))
             skipped.append(row)
@@ -143,10 +200,10 @@ def plan_brief(
                 if not prompts:
                     raise TemplateError(f"template '{channel.template}' rendered no prompt for channel '{channel_name}'")
                 gen_w, gen_h = native_size_for(channel, model.native_size)
+                post, upscalers = _row_chain(chains, upscaler_files, channel, (gen_w, gen_h), resolve_model, row.license)
                 for i in range(row.variants):
                     prompt = prompts[i % len(prompts)]
                     seed = (row.seed + i) % SEED_MODULUS
-                    post = cover_description(channel)
                     ident = variant_identity(
                         campaign=row.campaign, row_id=row.row_id, channel=channel.name, template=prompt.template_name,
                         prompt=prompt.prompt, negative=prompt.negative_prompt, index=i, seed=seed, model_sha256=model.sha256,
@@ -159,9 +216,14 @@ def plan_brief(
                         row=row, channel=channel, prompt=prompt, variant_index=i, seed=seed, model=model,
                         sampler=settings.sampler, steps=settings.steps, cfg_scale=settings.cfg_scale, clip_skip=settings.clip_skip,
                         gen_width=gen_w, gen_height=gen_h, postprocess=post, identity=ident, storage_key=key,
+                        upscalers=upscalers,
                     ))
         except TemplateError as exc:
             problems.append(BriefProblem(file, row.line, "channels", str(exc)))
+            skipped.append(row)
+            continue
+        except ChainProblem as exc:
+            problems.append(BriefProblem(file, row.line, exc.column, str(exc)))
             skipped.append(row)
             continue
         variants.extend(row_variants)
@@ -171,6 +233,39 @@ def plan_brief(
     if not variants and problems:
         raise BriefError(problems + [BriefProblem(file, None, None, "no row of the brief can be rendered")])
     return Plan(brief=brief, variants=variants, problems=problems, skipped_rows=skipped)
+
+
+def _row_chain(cache: dict, files: dict[str, ModelInfo | CheckpointError], channel: ChannelFormat, gen: tuple[int, int],
+               resolve_model: ModelResolver, license_constraint: str) -> ResolvedChain:
+    """``channel``'s resolved chain (once per plan for each channel and generation size; each file looked up
+    once), licence-checked for a row with ``license_constraint``: an upscaler is refused like a checkpoint, under
+    the 'license' column."""
+
+    def resolve(path: str) -> ModelInfo:
+        if path not in files:
+            try:
+                files[path] = resolve_model(path)
+            except CheckpointError as exc:
+                files[path] = exc
+        found = files[path]
+        if isinstance(found, CheckpointError):
+            raise found
+        return found
+
+    key = (channel.name, gen)
+    if key not in cache:
+        try:
+            cache[key] = resolve_chain(channel, gen, resolve)
+        except ChainProblem as exc:
+            cache[key] = exc
+    resolved = cache[key]
+    if isinstance(resolved, ChainProblem):
+        raise resolved
+    for _, info in resolved[1]:
+        refusal = check_license(info, license_constraint)
+        if refusal:
+            raise ChainProblem(f"channel '{channel.name}' upscale chain ({channel.upscale_key}): {refusal}", column="license")
+    return resolved
 
 
 def default_model_path(settings: Settings) -> Path:

@@ -17,11 +17,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from flows.brief import Brief as ParsedBrief
+from flows.licensing import enter_model
 from flows.planning import Plan
 from flows.settings import Settings
 from storage.assets import StoredAsset
 from storage.database import Database, audit, retry_transient
-from storage.schema import Asset, Brief, BriefRowRecord, Campaign, PromptRecord, Run, Variant, utcnow
+from storage.schema import Asset, Brief, BriefRowRecord, Campaign, PromptRecord, Run, Variant, VariantUpscaler, utcnow
 
 __all__ = ["AssetRecord", "VariantState", "finish_run", "mark_crashed_runs", "record_assets", "record_failure", "start_run", "sync_plan"]
 
@@ -111,6 +112,13 @@ def _sync_plan(db: Database, plan: Plan, run_id: int) -> dict[str, VariantState]
             chunk = identities[i : i + 500]
             existing.update((v.identity, v) for v in s.scalars(select(Variant).where(Variant.identity.in_(chunk))))
         missing = [v for v in plan.variants if v.identity not in existing]
+        # Every upscaler the plan uses has its row, at the path this plan found it (rendering loads it from there);
+        # an unregistered one is entered like a checkpoint on first use (licence from its file, else unknown).
+        upscaler_ids: dict[str, int] = {}
+        for v in plan.variants:
+            for _, info in v.upscalers:
+                if info.sha256 not in upscaler_ids:
+                    upscaler_ids[info.sha256] = enter_model(s, info, actor=RUN_ACTOR).id
         if missing:
             campaigns = {c.name: c for c in s.scalars(select(Campaign).where(Campaign.name.in_({v.row.campaign for v in missing})))}
             for name in sorted({v.row.campaign for v in missing} - set(campaigns)):
@@ -122,6 +130,7 @@ def _sync_plan(db: Database, plan: Plan, run_id: int) -> dict[str, VariantState]
             }
             prompts: dict[tuple, PromptRecord] = {}
             new_variants: list[Variant] = []
+            links: list[tuple[Variant, int, int]] = []  # (variant, chain step, upscaler model id)
             for v in missing:
                 campaign = campaigns[v.row.campaign]
                 row = rows.get((campaign.id, v.row.row_id))
@@ -154,7 +163,13 @@ def _sync_plan(db: Database, plan: Plan, run_id: int) -> dict[str, VariantState]
                 s.add(variant)
                 new_variants.append(variant)
                 existing[v.identity] = variant
+                for position, info in v.upscalers:
+                    links.append((variant, position, upscaler_ids[info.sha256]))
             s.flush()
+            for variant, position, model_id in links:
+                s.add(VariantUpscaler(variant_id=variant.id, position=position, model_id=model_id))
+            if links:
+                s.flush()
             audit(s, actor=RUN_ACTOR, action="variants.planned", entity="run", entity_id=run_id, run_id=run_id,
                   after={"count": len(new_variants), "variant_ids": [x.id for x in new_variants]})
         return {ident: VariantState(existing[ident].id, existing[ident].status) for ident in identities}

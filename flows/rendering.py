@@ -7,20 +7,32 @@ per process (:func:`get_pipeline`) and kept warm across batches.
 Order per image, chosen for crash safety: the file is written to the store (atomically, under a key fixed by
 the variant's identity) *before* the database records it. A run killed in between leaves a file that the next
 run writes again with the same key and then records: no duplicate files, no duplicate rows.
+
+Post-processing follows the variant's ``postprocess``: ``cover-lanczos(WxH)`` (the default) or an upscale chain
+(:mod:`engine.upscale.chain`). A chain's hires fix re-renders the batch's images that share the chain (engine
+time); its pixel steps (``model``, ``lanczos``, ``fit``) run per image (post-process time), with each model file
+found by the sha256 the chain pins, in ``models``. A failed hires fix fails the variants it was re-rendering, a
+failed pixel step fails its one variant; the rest of the batch goes on.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import torch
 from PIL import Image
 from sqlalchemy import select
 
-from engine.pipeline import GenerationRequest, Pipeline
+from engine.image_ops import cover_fit
+from engine.pipeline import GenerationRequest, GenerationResult, Pipeline
+from engine.upscale.chain import Chain, ChainError, Fit, parse_chain
+from engine.upscale.models import ModelUpscaler, UpscalerError, load_upscaler
+from engine.upscale.runner import UpscalerResolver, apply_hires, apply_pixel_steps
 from flows.recording import AssetRecord, record_assets, record_failure
 from storage.retrying import retry_call
 from storage.assets import AssetStore
@@ -28,10 +40,20 @@ from storage.database import Database
 from storage.image_metadata import CONTENT_TYPES, encode_image, format_infotext, xmp_packet
 from storage.schema import BriefRowRecord, Campaign, ModelRecord, PromptRecord, Variant
 
-__all__ = ["RenderJob", "cover_resize", "encode_within_cap", "get_pipeline", "load_jobs", "render_jobs"]
+__all__ = ["RenderJob", "UpscalerRef", "cover_resize", "encode_within_cap", "get_pipeline", "load_jobs", "parse_postprocess",
+           "render_jobs"]
 
 log = logging.getLogger(__name__)
-EventFn = Callable[[str, int], None]  # ("rendered" | "failed", count)
+EventFn = Callable[[str, int], None]  # ("rendered" | "failed" | "upscaled", count)
+_COVER = re.compile(r"cover-lanczos\((\d+)x(\d+)\)")
+
+
+def parse_postprocess(text: str) -> Chain:
+    """A variant's ``postprocess`` as a chain: ``cover-lanczos(WxH)`` (the default's recorded text) is ``fit(WxH)``."""
+    m = _COVER.fullmatch(text)
+    if m:
+        return Chain((Fit(int(m.group(1)), int(m.group(2))),))
+    return parse_chain(text)
 
 _PIPELINES: dict[tuple, Pipeline] = {}
 _PIPELINE_LOCK = threading.Lock()
@@ -50,8 +72,22 @@ def get_pipeline(path: str, sha256: str, *, device: str = "auto", dtype: str = "
 
 
 def clear_pipelines() -> None:
+    from engine.upscale.models import clear_upscalers
+
     with _PIPELINE_LOCK:
         _PIPELINES.clear()
+    clear_upscalers()
+
+
+@dataclass(frozen=True)
+class UpscalerRef:
+    """An upscaler file a job's chain uses, as ``models`` records it."""
+
+    sha256: str
+    path: str
+    name: str
+    short_hash: str
+    license: str | None
 
 
 @dataclass(frozen=True)
@@ -82,6 +118,16 @@ class RenderJob:
     model_short_hash: str
     model_license: str | None
     status: str
+    upscalers: tuple[UpscalerRef, ...] = ()  # the chain's model files in chain order
+
+    @property
+    def chain(self) -> Chain:
+        return parse_postprocess(self.postprocess)
+
+    @property
+    def upscales(self) -> bool:
+        """True when post-processing is more than the default cover-resize."""
+        return _COVER.fullmatch(self.postprocess) is None and not parse_postprocess(self.postprocess).is_plain_fit
 
     def request(self) -> GenerationRequest:
         return GenerationRequest(prompt=self.prompt, negative_prompt=self.negative_prompt, seed=self.seed, width=self.gen_width,
@@ -111,18 +157,46 @@ def load_jobs(db: Database, variant_ids: Sequence[int]) -> list[RenderJob]:
             )
             for v, p, m, row_key, campaign in rows
         }
+        pins = {j.variant_id: _pins(j.postprocess) for j in jobs.values()}
+        wanted = {sha for shas in pins.values() for sha in shas}
+        refs = {
+            m.sha256: UpscalerRef(m.sha256, m.path, m.name, m.short_hash, m.license)
+            for m in (s.scalars(select(ModelRecord).where(ModelRecord.sha256.in_(wanted))) if wanted else ())
+        }
+    for vid, shas in pins.items():
+        if shas:
+            jobs[vid] = replace(jobs[vid], upscalers=tuple(refs[sha] for sha in shas if sha in refs))
     return [jobs[i] for i in variant_ids if i in jobs]
 
 
+def _pins(postprocess: str) -> list[str]:
+    """The sha256 pins of a chain's model files, in chain order (none for the default, or an unreadable chain:
+    rendering then fails that variant with the chain's own error)."""
+    try:
+        chain = parse_postprocess(postprocess)
+    except ChainError:
+        return []
+    return [sha for i, _ in chain.model_files() if (sha := getattr(chain.steps[i], "sha256", None))]
+
+
 def cover_resize(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Scale (Lanczos) to cover ``width`` x ``height``, then crop the centre: exact size, no distortion, no bars."""
-    if image.size == (width, height):
-        return image
-    scale = max(width / image.width, height / image.height)
-    w, h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
-    resized = image.resize((w, h), Image.Resampling.LANCZOS)
-    left, top = (w - width) // 2, (h - height) // 2
-    return resized.crop((left, top, left + width, top + height))
+    """Scale (Lanczos) to cover ``width`` x ``height``, then crop the centre: exact size, no distortion, no bars
+    (the chain step ``fit(WxH)``)."""
+    return cover_fit(image, width, height)
+
+
+def _resolver(job: RenderJob, device: torch.device) -> UpscalerResolver:
+    """Finds a chain's model file by its pinned sha256 among the job's upscalers (``models`` rows)."""
+    by_sha = {u.sha256: u for u in job.upscalers}
+
+    def resolve(file: str, sha256: str | None) -> ModelUpscaler:
+        ref = by_sha.get(sha256 or "")
+        if ref is None:
+            raise UpscalerError(file, f"no model row has the sha256 the chain pins ({sha256}); register the file: "
+                                      f"adforge models add {file} --license <id>")
+        return load_upscaler(ref.path, sha256=ref.sha256, device=device)
+
+    return resolve
 
 
 class FileSizeError(ValueError):
@@ -152,7 +226,11 @@ def _infotext(job: RenderJob, parameters: dict[str, str], quality: int | None) -
     params = dict(parameters)
     params["Model hash"] = job.model_short_hash
     params["Model"] = job.model_name
-    params["Postprocess"] = job.postprocess
+    # The chain as people write it; the pinned sha256 of each file is in the database (and the XMP packet).
+    params["Postprocess"] = job.chain.canonical(pins=False) if job.upscales else job.postprocess
+    if job.upscalers:
+        params["Upscaler"] = ", ".join(f"{u.name} ({u.short_hash})" for u in job.upscalers)
+        params["Upscaler license"] = ", ".join(u.license or "unknown" for u in job.upscalers)
     params["Output size"] = f"{job.out_width}x{job.out_height}"
     if quality is not None:
         params["Output quality"] = str(quality)
@@ -183,6 +261,41 @@ def render_jobs(jobs: Sequence[RenderJob], *, pipeline: Pipeline, store: AssetSt
     return counts
 
 
+def _fail(db: Database, jobs: Sequence[RenderJob], run_id: int, error: str, counts: dict, on_event: EventFn | None) -> None:
+    record_failure(db, [j.variant_id for j in jobs], run_id, error)
+    counts["failed"] += len(jobs)
+    if on_event:
+        on_event("failed", len(jobs))
+
+
+def _hires_pass(todo: Sequence[RenderJob], results: list[GenerationResult], pipeline: Pipeline, db: Database, run_id: int,
+                counts: dict, on_event: EventFn | None) -> dict[int, GenerationResult]:
+    """Results ready for the pixel steps, by position in ``todo``: the first pass's, or the hires fix's for jobs
+    whose chain starts with one (one engine call per distinct chain). Jobs that failed here are left out."""
+    ready: dict[int, GenerationResult] = {}
+    groups: dict[str, list[int]] = {}
+    for k, job in enumerate(todo):
+        try:
+            chain = job.chain
+        except ChainError as exc:
+            _fail(db, [job], run_id, f"postprocess: {exc}", counts, on_event)
+            continue
+        if chain.hires is None:
+            ready[k] = results[k]
+        else:
+            groups.setdefault(job.postprocess, []).append(k)
+    for members in groups.values():
+        jobs = [todo[k] for k in members]
+        try:
+            out = apply_hires(pipeline, [results[k] for k in members], jobs[0].chain.hires, _resolver(jobs[0], pipeline.device))  # type: ignore[arg-type]
+        except Exception as exc:  # recorded against the variants being re-rendered; the others go on
+            log.exception("hires fix of %d variants failed", len(members))
+            _fail(db, jobs, run_id, f"hires fix failed: {type(exc).__name__}: {exc}", counts, on_event)
+            continue
+        ready.update(zip(members, out))
+    return ready
+
+
 def _render_batch(todo: Sequence[RenderJob], pipeline: Pipeline, store: AssetStore, db: Database, run_id: int,
                   counts: dict, on_event: EventFn | None) -> None:
     timings = counts["seconds"]
@@ -191,21 +304,33 @@ def _render_batch(todo: Sequence[RenderJob], pipeline: Pipeline, store: AssetSto
         results = pipeline.generate([j.request() for j in todo])
     except Exception as exc:  # engine errors: record them against the batch and carry on with the run
         log.exception("render of %d variants failed", len(todo))
-        record_failure(db, [j.variant_id for j in todo], run_id, f"render failed: {type(exc).__name__}: {exc}")
-        counts["failed"] += len(todo)
-        if on_event:
-            on_event("failed", len(todo))
+        _fail(db, todo, run_id, f"render failed: {type(exc).__name__}: {exc}", counts, on_event)
         return
-    timings["engine"] += time.perf_counter() - t0
-    per_image = timings["engine"] / len(todo)
+    ready = _hires_pass(todo, results, pipeline, db, run_id, counts, on_event)
+    engine_seconds = time.perf_counter() - t0
+    timings["engine"] += engine_seconds
+    per_image = engine_seconds / len(todo)
     # Store each file first, then record the whole batch in one transaction (one commit instead of one per
     # image). A crash in between leaves stored, unrecorded files: the next run rewrites them under the same key.
     records: list[AssetRecord] = []
-    for job, result in zip(todo, results):
+    for k, job in enumerate(todo):
+        result = ready.get(k)
+        if result is None:
+            continue
         try:
             t1 = time.perf_counter()
-            image = cover_resize(result.image, job.out_width, job.out_height)
-            xmp = xmp_packet({"Model": job.model_name, "ModelSHA256": job.model_sha256, "VariantIdentity": job.identity})
+            if job.upscales:
+                image = apply_pixel_steps(result.image, job.chain.pixel_steps, _resolver(job, pipeline.device))
+                if on_event:
+                    on_event("upscaled", 1)
+            else:
+                image = cover_resize(result.image, job.out_width, job.out_height)
+            if image.size != (job.out_width, job.out_height):
+                raise ValueError(f"post-processing made {image.width}x{image.height}, the channel needs {job.out_width}x{job.out_height}")
+            meta = {"Model": job.model_name, "ModelSHA256": job.model_sha256, "VariantIdentity": job.identity}
+            if job.upscales:
+                meta["Postprocess"] = job.postprocess
+            xmp = xmp_packet(meta)
             data, infotext = encode_within_cap(
                 image, job.out_format, lambda q, p=result.parameters, j=job: _infotext(j, p, q), xmp, job.out_max_kb
             )
@@ -216,10 +341,7 @@ def _render_batch(todo: Sequence[RenderJob], pipeline: Pipeline, store: AssetSto
             records.append(AssetRecord(job.variant_id, stored, job.out_format, job.out_width, job.out_height, infotext, per_image))
         except Exception as exc:
             log.exception("variant %s failed after rendering", job.variant_id)
-            record_failure(db, [job.variant_id], run_id, f"{type(exc).__name__}: {exc}")
-            counts["failed"] += 1
-            if on_event:
-                on_event("failed", 1)
+            _fail(db, [job], run_id, f"{type(exc).__name__}: {exc}", counts, on_event)
     t3 = time.perf_counter()
     # If the database stays unreachable past record_assets' own retries, this raises: the render task is retried
     # by Prefect (storing again is a no-op for identical bytes), and the run fails rather than lose the record.

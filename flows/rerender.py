@@ -25,7 +25,7 @@ from storage.assets import asset_key
 from storage.database import Database, audit, retry_transient
 from storage.image_metadata import EXTENSIONS
 from storage.review_schema import RerenderRequest
-from storage.schema import Variant, utcnow
+from storage.schema import Variant, VariantUpscaler, utcnow
 
 __all__ = ["rerender_queue"]
 
@@ -84,6 +84,9 @@ def _variant_for(db: Database, request_id: int, settings: dict, run_id: int) -> 
         )
         s.add(variant)
         s.flush()
+        if variant.postprocess == origin.postprocess:  # the same chain: the same upscaler files
+            for link in s.scalars(select(VariantUpscaler).where(VariantUpscaler.variant_id == origin.id)):
+                s.add(VariantUpscaler(variant_id=variant.id, position=link.position, model_id=link.model_id))
         audit(s, actor=RUN_ACTOR, action="variant.planned", entity="variant", entity_id=variant.id, run_id=run_id,
               after={"rerender_request": request_id, "source_variant_id": origin.id, "identity": ident,
                      "changed": source.get("changed", [])})

@@ -12,6 +12,8 @@ Defaults need no setup: a SQLite file and an asset folder under ``./adforge-data
     cfg_scale = 7.0
     batch_size = 4
     device = "auto"
+    devices = "all"          # render workers: all | cpu | cuda:0,cuda:1 (one worker process per entry)
+    fan_out = 1              # shards as Prefect flow runs of the campaign-shard deployment (many machines)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 from storage.database import sqlite_url
 
-__all__ = ["ENV_VARS", "Settings", "SettingsError", "load_settings"]
+__all__ = ["ENV_VARS", "Settings", "SettingsError", "devices_problem", "load_settings"]
 
 DATA_DIR = Path("adforge-data")
 CONFIG_FILE = "adforge.toml"
@@ -33,6 +35,8 @@ ENV_VARS = {
     "store_url": "ADFORGE_STORE_URL",
     "model": "ADFORGE_MODEL",
     "device": "ADFORGE_DEVICE",
+    "devices": "ADFORGE_DEVICES",
+    "fan_out": "ADFORGE_FAN_OUT",
 }
 
 
@@ -51,6 +55,12 @@ class Settings:
     clip_skip: int = 1
     batch_size: int = 4
     device: str = "auto"
+    # Render worker processes, one per entry (flows/device_pool.py): "auto" (every visible GPU, or ``device`` when
+    # that names one, else the CPU), "all", "cpu", or a list such as "cuda:0,cuda:1" ("cpu,cpu": two CPU workers).
+    devices: str = "auto"
+    # > 1: the run's batches go out as this many shards, flow runs of the campaign-shard deployment that Prefect
+    # workers on other machines pick up (flows/sharding.py); 1 renders here.
+    fan_out: int = 1
     dtype: str = "auto"
     templates_dir: str | None = None  # None = the project's templates/
 
@@ -90,6 +100,22 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     return value
 
 
+def devices_problem(value: str) -> str | None:
+    """What is wrong with a ``devices`` value's syntax, or None. Whether the GPUs exist is checked where the
+    workers start (a shard's machine resolves its own)."""
+    entries = [e.strip() for e in value.split(",")]
+    if value.strip() in ("auto", "all"):
+        return None
+    for entry in entries:
+        if entry in ("cpu", "cuda"):
+            continue
+        if entry.startswith("cuda:") and entry[5:].isdigit():
+            continue
+        shown = f"an empty entry in {value!r}" if not entry else f"{entry!r}"
+        return f"has {shown}: use auto, all, cpu, cuda, cuda:N, or a comma-separated list such as cuda:0,cuda:1"
+    return None
+
+
 def load_settings(overrides: dict[str, Any] | None = None, *, config: str | os.PathLike[str] | None = None,
                   env: dict[str, str] | None = None, cwd: str | os.PathLike[str] | None = None) -> Settings:
     """Resolve settings; ``overrides`` are command-line values (None = not given)."""
@@ -119,16 +145,19 @@ def load_settings(overrides: dict[str, Any] | None = None, *, config: str | os.P
             sources[key] = os.fspath(config_path)
     for key, var in ENV_VARS.items():
         if env.get(var):
-            values[key] = env[var]
+            values[key] = _coerce(key, env[var], var)
             sources[key] = var
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = _coerce(key, value, "command line")
             sources[key] = "command line"
     settings = Settings(**values)
-    for key, low in (("steps", 1), ("batch_size", 1), ("cfg_scale", 0)):
+    for key, low in (("steps", 1), ("batch_size", 1), ("cfg_scale", 0), ("fan_out", 1)):
         if getattr(settings, key) < low:
             raise SettingsError(f"{sources.get(key, 'default')}: '{key}' must be >= {low}, got {getattr(settings, key)!r}")
+    problem = devices_problem(settings.devices)
+    if problem:
+        raise SettingsError(f"{sources.get('devices', 'default')}: 'devices' {problem}")
     # A relative local store path in a config file or variable is relative to where adforge runs.
     if "://" not in settings.store_url:
         settings = replace(settings, store_url=(base / settings.store_url).resolve().as_posix())

@@ -42,6 +42,7 @@ from typing import Literal
 import jinja2
 import yaml
 
+from engine.upscale.chain import Chain, ChainError, parse_chain
 from flows.brief import BriefRow, normalize_name
 
 __all__ = [
@@ -82,6 +83,14 @@ class ChannelFormat:
     max_kb: int
     description: str
     template: str = DEFAULT_TEMPLATE
+    # The upscale chain (``upscale:`` key; see engine.upscale.chain); None = the default, fit(WxH).
+    upscale: Chain | None = None
+    source: str = ""  # the channels file this entry came from, for messages about it
+
+    @property
+    def upscale_key(self) -> str:
+        """``<file>: key 'channels.<name>.upscale'``: where this channel's chain is written."""
+        return f"{self.source or 'channels.yaml'}: key 'channels.{self.name}.upscale'"
 
     @property
     def aspect(self) -> float:
@@ -182,7 +191,7 @@ def load_channels(path: str | os.PathLike[str] | None = None) -> dict[str, Chann
         name = _check_name(file, "channels", name)
         where = f"channels.{name}"
         entry = _check_keys(
-            file, where, entry, {"width", "height", "format", "max_kb"}, {"description", "template"}
+            file, where, entry, {"width", "height", "format", "max_kb"}, {"description", "template", "upscale"}
         )
         fmt = entry["format"]
         if fmt not in CHANNEL_FORMATS:
@@ -190,16 +199,39 @@ def load_channels(path: str | os.PathLike[str] | None = None) -> dict[str, Chann
                 f"{file}: key '{where}.format': unknown format {fmt!r} (expected one of {', '.join(CHANNEL_FORMATS)})"
             )
         template = _text(file, f"{where}.template", entry.get("template", DEFAULT_TEMPLATE), allow_empty=False)
+        width = _positive_int(file, f"{where}.width", entry["width"])
+        height = _positive_int(file, f"{where}.height", entry["height"])
         out[name] = ChannelFormat(
             name=name,
-            width=_positive_int(file, f"{where}.width", entry["width"]),
-            height=_positive_int(file, f"{where}.height", entry["height"]),
+            width=width,
+            height=height,
             format=fmt,
             max_kb=_positive_int(file, f"{where}.max_kb", entry["max_kb"]),
             description=_text(file, f"{where}.description", entry.get("description")),
             template=template,
+            upscale=_upscale_chain(file, f"{where}.upscale", entry.get("upscale"), width, height),
+            source=file,
         )
     return out
+
+
+def _upscale_chain(file: str, where: str, value: object, width: int, height: int) -> Chain | None:
+    """A channel's ``upscale:`` chain, checked: it parses and ends with ``fit()`` at the channel's exact size."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise TemplatingConfigError(f"{file}: key '{where}': expected an upscale chain as text, e.g. "
+                                    f"'hires(scale=2, denoise=0.4) -> fit({width}x{height})', got {value!r}")
+    try:
+        chain = parse_chain(value)
+    except ChainError as exc:
+        raise TemplatingConfigError(f"{file}: key '{where}': {exc}") from None
+    fit = chain.fit
+    assert fit is not None  # parse_chain requires it
+    if (fit.width, fit.height) != (width, height):
+        raise TemplatingConfigError(f"{file}: key '{where}': the chain ends with fit({fit.width}x{fit.height}) but the "
+                                    f"channel delivers {width}x{height}; end it with fit({width}x{height})")
+    return chain
 
 
 def load_styles(path: str | os.PathLike[str] | None = None) -> dict[str, StylePreset]:

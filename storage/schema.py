@@ -9,6 +9,8 @@ What each table answers for an auditor:
 * ``prompts``     the rendered prompt / negative prompt of a row for a channel and template variation.
 * ``variants``    one planned image: its identity (a hash of everything that determines the pixels and the
                   delivered file), seed, generation settings, delivered size and format, status.
+* ``variant_upscalers`` which upscaler model files (rows of ``models``) a variant's upscale chain uses, in chain
+                  order: "which assets did upscaler X touch" is one join, and its licence is the model's row.
 * ``assets``      the stored file of a variant: store, key, sha256, size, format, infotext.
 * ``runs``        one execution of a brief (Prefect flow run id, settings, counts, timings, status).
 * ``audit_log``   append-only: what happened, to what, by whom, before/after. Database triggers refuse
@@ -50,6 +52,7 @@ __all__ = [
     "PromptRecord",
     "Run",
     "Variant",
+    "VariantUpscaler",
     "utcnow",
 ]
 
@@ -181,7 +184,9 @@ class Variant(Base):
     out_height: Mapped[int] = mapped_column(Integer)
     out_format: Mapped[str] = mapped_column(String(8))
     out_max_kb: Mapped[int | None] = mapped_column(Integer)  # the channel's file size cap
-    postprocess: Mapped[str] = mapped_column(Text)  # e.g. "cover-lanczos(1080x1080)"
+    # "cover-lanczos(1080x1080)" (the default), or the canonical upscale chain with its model files pinned by sha256,
+    # e.g. "hires(scale=2, denoise=0.4, upscaler=latent) -> model(4x.pth, sha256=...) -> fit(1080x1920)"
+    postprocess: Mapped[str] = mapped_column(Text)
     storage_key: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default="planned", index=True)  # planned | done | failed
     error: Mapped[str | None] = mapped_column(Text)
@@ -191,6 +196,17 @@ class Variant(Base):
     prompt: Mapped[PromptRecord] = relationship()
     model: Mapped[ModelRecord] = relationship()
     asset: Mapped["Asset | None"] = relationship(back_populates="variant", uselist=False)
+    upscalers: Mapped[list["VariantUpscaler"]] = relationship(order_by="VariantUpscaler.position", viewonly=True)
+
+
+class VariantUpscaler(Base):
+    __tablename__ = "variant_upscalers"
+
+    variant_id: Mapped[int] = mapped_column(ForeignKey("variants.id"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)  # the step's index in the chain
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+
+    model: Mapped[ModelRecord] = relationship()
 
 
 class Asset(Base):

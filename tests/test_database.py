@@ -33,7 +33,7 @@ from storage.database import (
 from storage.retrying import is_transient, retry_call
 from storage.schema import AuditEntry, Base, Brief, BriefRowRecord, Campaign
 
-TABLES = {"models", "campaigns", "briefs", "brief_rows", "prompts", "variants", "assets", "runs", "audit_log"}
+TABLES = {"models", "campaigns", "briefs", "brief_rows", "prompts", "variants", "variant_upscalers", "assets", "runs", "audit_log"}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -82,7 +82,7 @@ def _add_audit_entry(db: Database, action: str = "test.appended") -> int:
 
 def test_open_database_upgrades_a_fresh_database_to_head(db: Database) -> None:
     """Opening a new database creates every table and stamps the newest revision."""
-    assert head_revision() == "0002"
+    assert head_revision() == "0003"
     assert db.revision() == head_revision()
     assert TABLES <= _tables(db)
     assert _audit_guard_count(db) >= 1
