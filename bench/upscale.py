@@ -13,8 +13,9 @@ see torch's allocations. Each case reports its peak and its *own* peak, above th
 input were ready (torch alone holds a few hundred MB). The parent prints ratios of the untiled run to the
 tiled one, measured in this invocation on this machine.
 
-    .venv/bin/python bench/upscale.py            # model cases
-    .venv/bin/python bench/upscale.py --hires    # and the 4096 x 4096 hires fix
+    .venv/bin/python bench/upscale.py                      # model cases
+    .venv/bin/python bench/upscale.py --hires              # and the 4096 x 4096 hires fix (slow on a CPU)
+    .venv/bin/python bench/upscale.py --cases hires-tiled  # only that
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--hires", action="store_true", help="also the hires fix to 4096 x 4096")
+    ap.add_argument("--cases", help="comma-separated cases to run instead (model-untiled, model-tiled, hires-tiled)")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # a child run
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -95,6 +97,8 @@ def main() -> None:
         return
 
     cases = ["model-untiled", "model-tiled"] + (["hires-tiled"] if args.hires else [])
+    if args.cases:
+        cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     results = {}
     with tempfile.TemporaryDirectory(prefix="adforge-bench-upscale-") as work:
         for case in cases:
