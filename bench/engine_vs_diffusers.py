@@ -241,11 +241,11 @@ def _run_ours(preset: dict, path: Path, args) -> dict:
 
     real_decode = pipe._decode
 
-    def decode(latents):
+    def decode(latents, *args, **kwargs):
         seen["rss_sampling"] = _maxrss_mb()
         seen["latents"] = latents.detach().clone()
         t = time.perf_counter()
-        images = real_decode(latents)
+        images = real_decode(latents, *args, **kwargs)
         seen["decode_s"] = time.perf_counter() - t
         seen["images"] = images.detach().clone()
         return images
@@ -335,19 +335,15 @@ def _diffusers_vae_config(v: dict, size: int) -> dict:
     }
 
 
-def _run_diffusers(preset: dict, path: Path, args) -> dict:
-    import numpy as np
-    import torch
 
-    _setup_threads(args.threads)
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+def load_diffusers_models(path, preset: dict):
+    """diffusers' UNet2DConditionModel and AutoencoderKL holding the same weights as our checkpoint file, converted
+    offline with diffusers' own LDM converters (built on the meta device, then assigned: no double copy)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-    from diffusers.utils import logging as dlogging
     from safetensors import safe_open
 
-    dlogging.set_verbosity_error()
-    rss_import = _maxrss_mb()
-    t0 = time.perf_counter()
     handle = safe_open(str(path), framework="pt", device="cpu")
     ckpt = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(("model.diffusion_model.", "first_stage_model."))}
     ucfg = _diffusers_unet_config(preset["unet"])
@@ -357,7 +353,20 @@ def _run_diffusers(preset: dict, path: Path, args) -> dict:
         vae = AutoencoderKL(**vcfg)
     unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, ucfg), strict=True, assign=True)
     vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, vcfg), strict=True, assign=True)
-    del ckpt
+    return unet, vae
+
+def _run_diffusers(preset: dict, path: Path, args) -> dict:
+    import numpy as np
+    import torch
+
+    _setup_threads(args.threads)
+    from diffusers import DPMSolverMultistepScheduler
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+    rss_import = _maxrss_mb()
+    t0 = time.perf_counter()
+    unet, vae = load_diffusers_models(path, preset)
     for m in (unet, vae):
         m.eval().requires_grad_(False)
         left = [n for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_meta]

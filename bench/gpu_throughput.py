@@ -154,23 +154,11 @@ class Ours:
 
 class Diffusers:
     def __init__(self, shared, preset: dict, path: Path, device, dtype, cond):
-        import torch
-        from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
-        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
         from diffusers.utils import logging as dlogging
-        from safetensors import safe_open
 
         dlogging.set_verbosity_error()
-        handle = safe_open(str(path), framework="pt", device="cpu")
-        ckpt = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(("model.diffusion_model.", "first_stage_model."))}
-        ucfg = shared._diffusers_unet_config(preset["unet"])
-        vcfg = shared._diffusers_vae_config(preset["vae"], preset["size"])
-        with torch.device("meta"):
-            unet = UNet2DConditionModel(**ucfg)
-            vae = AutoencoderKL(**vcfg)
-        unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, ucfg), strict=True, assign=True)
-        vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, vcfg), strict=True, assign=True)
-        del ckpt
+        unet, vae = shared.load_diffusers_models(path, preset)
         unet.to(device, dtype).eval().requires_grad_(False)
         vae.to(device, dtype).eval().requires_grad_(False)
         sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
