@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -65,8 +66,13 @@ def _diffusion_setup(seed: int = 0):
 def test_diffusion_training_lowers_the_loss() -> None:
     unet, text, sample_batch = _diffusion_setup()
     config = DiffusionTrainingConfig(steps=60, batch_size=16, lr=2e-3, warmup=5, caption_dropout=0.1)
-    ema, losses = train_text_to_image(unet, text, load_clip_tokenizer(), sample_batch, config)
+    seen: list[tuple[int, object]] = []
+    ema, losses = train_text_to_image(
+        unet, text, load_clip_tokenizer(), sample_batch, config, save_every=25, on_checkpoint=lambda step, m: seen.append((step, m))
+    )
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+    # The progress hook sees the EMA model every save_every steps (no state file needed).
+    assert [step for step, _ in seen] == [25, 50] and all(m is ema for _, m in seen)
     # The EMA copy is what gets saved: it differs from the live weights but tracks them.
     live = dict(unet.named_parameters())
     assert any(not torch.equal(p, live[n]) for n, p in ema.unet.named_parameters())
@@ -111,7 +117,13 @@ def test_train_demo_cli_writes_a_loadable_sd1_checkpoint_and_resumes(tmp_path: P
     assert detect_family(sd).name == "sd1" and sd.metadata["adforge.native_size"] == "128"
     models = load_sd1(out)
     assert models.native_size == 128 and models.unet.config.model_channels == 64
-    assert (work / "vae.pt").exists() and len(list(work.glob("diffusion-state-*.pt"))) == 1
+    from engine.demo.recipe import DemoRecipe
+
+    # One resumable state per diffusion stage: the first from scratch, each continuation from the one before.
+    stages = 1 + len(DemoRecipe().continuations)
+    assert stages >= 2 and "diffusion stage 2:" in res.output
+    assert (work / "vae.pt").exists() and len(list(work.glob("diffusion-state-*.pt"))) == stages
+    assert len(json.loads(sd.metadata["adforge.training"])["continuations"]) == stages - 1
     # Started again on the same work folder: every stage is reused, nothing is retrained.
     again = CliRunner().invoke(app, args, catch_exceptions=False)
     assert again.exit_code == 0 and "reusing the trained VAE" in again.output and "resumed diffusion training" in again.output

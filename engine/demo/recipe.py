@@ -6,6 +6,7 @@ file (same seeds, same data; float arithmetic on another CPU may differ in the l
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
@@ -36,8 +37,10 @@ DEMO_LICENSE = "Apache-2.0"  # our own weights, trained from scratch on our own 
 @dataclass(frozen=True)
 class DemoRecipe:
     size: int = NATIVE_SIZE
+    # No attention at the 16x16 level: it cost 30 % of each training step (measured, 2 CPU threads) and the
+    # 8x8 and 4x4 levels are enough to place an object on a 5-position grid and read the caption.
     unet: UNetConfig = UNetConfig(
-        model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(0, 1, 2), num_heads=4, context_dim=64
+        model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2), num_heads=4, context_dim=64
     )
     text: TextEncoderConfig = TextEncoderConfig(hidden_size=64, intermediate_size=256, num_layers=3, num_heads=4)
     # Width 128 everywhere (4 channels per GroupNorm group) and an analytic start (engine/training/vae_init.py):
@@ -56,11 +59,22 @@ class DemoRecipe:
     dataset_size: int = 3000
     diffusion: DiffusionTrainingConfig = field(
         default_factory=lambda: DiffusionTrainingConfig(
-            steps=2000, batch_size=32, lr=5e-4, ema_decay=0.999, warmup=200,
+            # On a CPU a step's cost is mostly per sample (measured: 15.0 samples/s at batch 32, 13.9 at 16), so
+            # smaller batches buy more updates for the same time.
+            steps=4000, batch_size=16, lr=5e-4, ema_decay=0.999, warmup=200,
             # Backgrounds: measured without these two (2,000 steps), every background came out the same mauve
-            # (evaluator: background 0 %) while objects were right. See engine/training/diffusion_trainer.py.
+            # (evaluator: background 0 %) while objects were right; with them backgrounds follow the caption
+            # (see engine/training/diffusion_trainer.py).
             lowfreq_weight=1.0, lowfreq_pool=4, lowfreq_sigma_cap=5.0, noise_offset=0.1,
         )
+    )
+    # Further diffusion stages, each starting from the previous stage's EMA weights rounded to float16 (exactly
+    # what a saved file holds, so a stage can also be started from a shipped file) with a fresh optimizer and its
+    # own data order (its own seed). Training on a 2-core CPU is bounded by a session's time; stages let the
+    # model grow over several runs while one command still reproduces the whole chain.
+    continuations: tuple[DiffusionTrainingConfig, ...] = (
+        DiffusionTrainingConfig(steps=2000, batch_size=16, lr=3e-4, ema_decay=0.999, warmup=100, seed=1,
+                                lowfreq_weight=1.0, lowfreq_pool=4, lowfreq_sigma_cap=5.0, noise_offset=0.1),
     )
     seed: int = 1234
 
@@ -70,8 +84,13 @@ class DemoRecipe:
             self,
             vae_steps=max(2, int(self.vae_steps * factor)) if self.vae_steps else 0,
             dataset_size=max(16, int(self.dataset_size * factor)),
-            diffusion=replace(self.diffusion, steps=max(2, int(self.diffusion.steps * factor)), warmup=max(1, int(self.diffusion.warmup * factor))),
+            diffusion=_scaled_stage(self.diffusion, factor),
+            continuations=tuple(_scaled_stage(c, factor) for c in self.continuations),
         )
+
+
+def _scaled_stage(stage: DiffusionTrainingConfig, factor: float) -> DiffusionTrainingConfig:
+    return replace(stage, steps=max(2, int(stage.steps * factor)), warmup=max(1, int(stage.warmup * factor)))
 
 
 def _image_tensor(scenes: list[Scene], size: int) -> torch.Tensor:
@@ -92,12 +111,14 @@ def _vae_batches(seed: int, batch: int, size: int, crop: int):
 
 
 def train_demo(
-    recipe: DemoRecipe, out: str | Path, *, work_dir: str | Path | None = None, log: LogFn = print, threads: int | None = None
+    recipe: DemoRecipe, out: str | Path, *, work_dir: str | Path | None = None, log: LogFn = print, threads: int | None = None,
+    on_checkpoint: Callable[[int, object, AutoencoderKL], None] | None = None,
 ) -> dict:
     """Train the VAE, then the text encoder + U-Net, and save the single-file checkpoint. Returns a report.
 
     ``work_dir`` keeps each stage's result (VAE, encoded dataset, diffusion training state): a run that is
-    killed and started again with the same work dir continues where it stopped."""
+    killed and started again with the same work dir continues where it stopped. ``on_checkpoint(step, ema, vae)``
+    is called every 250 diffusion steps, counted across stages (a progress probe)."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(recipe.seed)
@@ -166,9 +187,22 @@ def train_demo(
     ema, losses = train_text_to_image(
         unet, text_encoder, load_clip_tokenizer(), sample_batch, recipe.diffusion, log=log,
         state_file=_diffusion_state_file(work, keys["diffusion"]) if work else None,
+        on_checkpoint=(lambda step, ema: on_checkpoint(step, ema, vae)) if on_checkpoint else None,
     )
-    report["diffusion"] = {"first_loss": sum(losses[:50]) / len(losses[:50]), "last_loss": sum(losses[-200:]) / len(losses[-200:]),
-                           "seconds": time.perf_counter() - t2}
+    report["diffusion"] = _stage_report(losses, t2)
+    report["continuations"] = []
+    done = recipe.diffusion.steps  # the step count on_checkpoint sees runs on across stages
+    for k, stage in enumerate(recipe.continuations, start=2):
+        t3 = time.perf_counter()
+        log(f"diffusion stage {k}: {stage.steps} more steps from stage {k - 1}'s weights")
+        unet, text_encoder = (_float16_rounded(copy.deepcopy(m)) for m in (ema.unet, ema.text_encoder))
+        ema, losses = train_text_to_image(
+            unet, text_encoder, load_clip_tokenizer(), sample_batch, stage, log=log,
+            state_file=_diffusion_state_file(work, keys[f"stage{k}"]) if work else None,
+            on_checkpoint=(lambda step, ema, done=done: on_checkpoint(done + step, ema, vae)) if on_checkpoint else None,
+        )
+        report["continuations"].append(_stage_report(losses, t3))
+        done += stage.steps
     report["total_seconds"] = time.perf_counter() - t0
 
     metadata = {
@@ -185,11 +219,28 @@ def train_demo(
 
 
 def _stage_keys(recipe: DemoRecipe) -> dict[str, str]:
-    """What each stage's cached result depends on: changing the diffusion settings keeps the trained VAE."""
+    """What each stage's cached result depends on: changing the diffusion settings keeps the trained VAE, and
+    adding a continuation keeps every stage before it."""
     r = _jsonable(asdict(recipe))
+    stages = r.pop("continuations")
     vae = json.dumps({k: r[k] for k in ("size", "vae", "vae_init", "vae_steps", "vae_batch", "vae_lr", "vae_crop", "seed")}, sort_keys=True)
     latents = json.dumps({"vae": vae, "dataset_size": r["dataset_size"]}, sort_keys=True)
-    return {"vae": vae, "latents": latents, "diffusion": json.dumps(r, sort_keys=True)}
+    keys = {"vae": vae, "latents": latents, "diffusion": json.dumps(r, sort_keys=True)}
+    for k in range(2, len(stages) + 2):
+        keys[f"stage{k}"] = json.dumps({"base": r, "continuations": stages[: k - 1]}, sort_keys=True)
+    return keys
+
+
+def _stage_report(losses: list[float], started: float) -> dict:
+    return {"first_loss": sum(losses[:50]) / max(1, len(losses[:50])), "last_loss": sum(losses[-200:]) / max(1, len(losses[-200:])),
+            "seconds": time.perf_counter() - started}
+
+
+@torch.no_grad()
+def _float16_rounded(module: torch.nn.Module) -> torch.nn.Module:
+    for p in module.parameters():
+        p.copy_(p.half().float())
+    return module
 
 
 def _diffusion_state_file(work: Path, key: str) -> Path:

@@ -117,6 +117,7 @@ def train_text_to_image(
     log: LogFn | None = None,
     state_file: str | os.PathLike[str] | None = None,
     save_every: int = 250,
+    on_checkpoint: Callable[[int, TextToImageModel], None] | None = None,
 ) -> tuple[TextToImageModel, list[float]]:
     """Train both networks; ``sample_batch(n, gen)`` returns (scaled latents (n,4,h,w), captions) and must
     draw all its randomness from ``gen``.
@@ -124,6 +125,8 @@ def train_text_to_image(
     With ``state_file``, the full training state (weights, EMA, optimizer, schedule, step, generator) is saved
     there every ``save_every`` steps and a run started with an existing file continues from it: a killed
     training run resumes where it was, with the same result as an uninterrupted one.
+
+    ``on_checkpoint(step, ema)`` is called every ``save_every`` steps (e.g. to score the EMA model while it trains).
 
     Returns the EMA model (what should be saved) and the per-step losses of the live model."""
     ac = (schedule or DiscreteSchedule.sd1()).alphas_cumprod
@@ -185,6 +188,8 @@ def train_text_to_image(
         losses.append(loss.item())
         if state_file is not None and ((step + 1) % save_every == 0 or step == steps - 1):
             save(step + 1)
+        if on_checkpoint is not None and (step + 1) % save_every == 0:
+            on_checkpoint(step + 1, ema)
         if log and (step % config.log_every == 0 or step == steps - 1):
             rate = (step + 1 - first) / (time.perf_counter() - start)
             recent = sum(losses[-config.log_every :]) / len(losses[-config.log_every :])
