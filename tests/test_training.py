@@ -67,7 +67,7 @@ def test_diffusion_training_lowers_the_loss() -> None:
     unet, text, sample_batch = _diffusion_setup()
     config = DiffusionTrainingConfig(steps=60, batch_size=16, lr=2e-3, warmup=5, caption_dropout=0.1)
     seen: list[tuple[int, object]] = []
-    ema, losses = train_text_to_image(
+    ema, losses, seconds = train_text_to_image(
         unet, text, load_clip_tokenizer(), sample_batch, config, save_every=25, on_checkpoint=lambda step, m: seen.append((step, m))
     )
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
@@ -81,7 +81,7 @@ def test_diffusion_training_lowers_the_loss() -> None:
 def test_killed_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
     config = DiffusionTrainingConfig(steps=6, batch_size=4, lr=1e-3, warmup=1)
     unet, text, sample_batch = _diffusion_setup()
-    straight, _ = train_text_to_image(unet, text, load_clip_tokenizer(), sample_batch, config)
+    straight, _, _ = train_text_to_image(unet, text, load_clip_tokenizer(), sample_batch, config)
 
     state = tmp_path / "state.pt"
     unet, text, sample_batch = _diffusion_setup()
@@ -96,8 +96,12 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
 
     with pytest.raises(KeyboardInterrupt):
         train_text_to_image(unet, text, load_clip_tokenizer(), dying_batch, partial, state_file=state, save_every=2)
+    before = torch.load(state, weights_only=True)["seconds"]
+    assert before > 0
     unet, text, sample_batch = _diffusion_setup(seed=99)  # fresh (different) init: everything must come from the state
-    resumed, _ = train_text_to_image(unet, text, load_clip_tokenizer(), sample_batch, partial, state_file=state, save_every=2)
+    resumed, _, resumed_seconds = train_text_to_image(unet, text, load_clip_tokenizer(), sample_batch, partial, state_file=state, save_every=2)
+    # The time reported covers the killed run too, not only the resumed part.
+    assert resumed_seconds > before
     for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
         assert torch.allclose(a, b, atol=1e-6), name
 

@@ -118,7 +118,7 @@ def train_text_to_image(
     state_file: str | os.PathLike[str] | None = None,
     save_every: int = 250,
     on_checkpoint: Callable[[int, TextToImageModel], None] | None = None,
-) -> tuple[TextToImageModel, list[float]]:
+) -> tuple[TextToImageModel, list[float], float]:
     """Train both networks; ``sample_batch(n, gen)`` returns (scaled latents (n,4,h,w), captions) and must
     draw all its randomness from ``gen``.
 
@@ -128,7 +128,8 @@ def train_text_to_image(
 
     ``on_checkpoint(step, ema)`` is called every ``save_every`` steps (e.g. to score the EMA model while it trains).
 
-    Returns the EMA model (what should be saved) and the per-step losses of the live model."""
+    Returns the EMA model (what should be saved), the per-step losses of the live model and the seconds spent
+    training, summed over every run of a resumed training (so a report made after a resume is still true)."""
     ac = (schedule or DiscreteSchedule.sd1()).alphas_cumprod
     model = TextToImageModel(unet, text_encoder).train().requires_grad_(True)
     # The position-id buffer is not a parameter; the EMA copy shares the architecture, not the optimizer.
@@ -150,6 +151,7 @@ def train_text_to_image(
     gen = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     first = 0
+    earlier_seconds = 0.0
     if state_file is not None and Path(state_file).exists():
         state = torch.load(state_file, weights_only=True)
         model.load_state_dict(state["model"])
@@ -159,6 +161,7 @@ def train_text_to_image(
         gen.set_state(state["gen"])
         losses = list(state["losses"])
         first = int(state["step"])
+        earlier_seconds = float(state.get("seconds", 0.0))
         if log:
             log(f"resumed diffusion training at step {first}/{steps} from {state_file}")
 
@@ -166,7 +169,8 @@ def train_text_to_image(
         tmp = f"{state_file}.part"
         torch.save(
             {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-             "gen": gen.get_state(), "losses": losses, "step": step_done},
+             "gen": gen.get_state(), "losses": losses, "step": step_done,
+             "seconds": earlier_seconds + time.perf_counter() - start},
             tmp,
         )
         os.replace(tmp, state_file)  # type: ignore[arg-type]
@@ -195,4 +199,4 @@ def train_text_to_image(
             recent = sum(losses[-config.log_every :]) / len(losses[-config.log_every :])
             log(f"diffusion step {step + 1}/{steps} loss {recent:.4f} ({rate:.2f} it/s)")
     model.eval().requires_grad_(False)
-    return ema, losses
+    return ema, losses, earlier_seconds + time.perf_counter() - start
