@@ -296,6 +296,11 @@ def train_demo_command(
     ] = None,
     scale: Annotated[float, typer.Option(min=0.0001, max=1.0, help="Fraction of the full recipe's steps and data (smoke runs).")] = 1.0,
     threads: Annotated[int | None, typer.Option(min=1, help="torch threads (default: torch's choice).")] = None,
+    start_from: Annotated[
+        Path | None,
+        typer.Option(help="A checkpoint this command wrote for the first stages of the same recipe (e.g. the shipped "
+                          "file): only the stages it lacks are trained."),
+    ] = None,
 ) -> None:
     """Train the bundled demo model (VAE, text encoder, U-Net) from scratch on procedural scenes."""
     from engine.demo.recipe import DemoRecipe, train_demo
@@ -303,7 +308,8 @@ def train_demo_command(
     recipe = DemoRecipe() if scale == 1.0 else DemoRecipe().scaled(scale)
     work = work_dir or out.parent / (".demo-train" if scale == 1.0 else f".demo-train-{scale:g}")
     try:
-        report = train_demo(recipe, out, work_dir=work, log=lambda m: console.print(m, soft_wrap=True, markup=False), threads=threads)
+        report = train_demo(recipe, out, work_dir=work, log=lambda m: console.print(m, soft_wrap=True, markup=False), threads=threads,
+                            start_from=start_from)
     except ValueError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
 
 from engine.bundled import bundled_model_path
 from engine.checkpoint import detect_family, open_state_dict
-from engine.demo.evaluate import score_image
+from engine.demo.evaluate import red_share, score_image
 from engine.demo.recipe import DEMO_LICENSE, DemoRecipe
-from engine.demo.scenes import Scene, SceneObject
+from engine.demo.scenes import Scene, random_scene
 from engine.pipeline import GenerationRequest, Pipeline
 
 MODEL = bundled_model_path()
@@ -33,25 +34,45 @@ def test_the_bundled_model_is_an_sd1_checkpoint_in_the_real_layout() -> None:
     assert json.loads(meta["adforge.recipe"])["seed"] == DemoRecipe().seed
 
 
-# The shipped file is a preview (README, "Training the demo model"): bench/demo_adherence.py measures object colour
-# at 94 % but background, shape and position far below their targets. This pins what it does reliably: the object
-# takes the colour the prompt names, six different colours on six different backgrounds.
-COLOUR_PROMPTS = [("red", "circle", "white"), ("blue", "square", "yellow"), ("green", "triangle", "pink"),
-                  ("yellow", "hexagon", "black"), ("purple", "star", "white"), ("orange", "diamond", "blue")]
+def _solid_background_scenes(n: int) -> list[Scene]:
+    """One-object scenes on solid backgrounds, drawn by seed the way bench/demo_adherence.py draws its prompts (not
+    picked after seeing the output). Solid only: the shipped file draws solid backgrounds reliably (16 of 16 in
+    the bench's trained set) but not yet two-colour gradients (README, "Training the demo model")."""
+    rng = random.Random(7)
+    scenes: list[Scene] = []
+    while len(scenes) < n:
+        scene = random_scene(rng, held_out=None, n_objects=1)
+        if not scene.is_gradient:
+            scenes.append(scene)
+    return scenes
 
 
-def test_the_bundled_model_draws_the_asked_object_colour() -> None:
+def test_the_bundled_model_draws_the_asked_background_and_object_colours() -> None:
     pipe = Pipeline.load(MODEL, device="cpu", dtype="float32")
     size = pipe.models.native_size
-    requests = [
-        GenerationRequest(f"a large {colour} {shape} in the center, on a {bg} background", seed=7, width=size, height=size,
-                          steps=25, cfg_scale=6.0, sampler="DPM++ 2M Karras")
-        for colour, shape, bg in COLOUR_PROMPTS
-    ]
+    scenes = _solid_background_scenes(6)
+    requests = [GenerationRequest(s.caption, seed=100 + i, width=size, height=size, steps=25, cfg_scale=6.0,
+                                  sampler="DPM++ 2M Karras") for i, s in enumerate(scenes)]
     results = pipe.generate(requests)
     assert all(r.image.size == (size, size) for r in results)
-    scores = [score_image(r.image, Scene(bg, (SceneObject(shape, colour, "large", "center"),)))
-              for r, (colour, shape, bg) in zip(results, COLOUR_PROMPTS)]
-    detected = [s.detected.get("object", {}).get("color") for s in scores]
-    # One miss allowed: float arithmetic on another CPU may tip a borderline render.
-    assert sum(s.object_color for s in scores) >= 5, detected
+    scores = [score_image(r.image, s) for r, s in zip(results, scenes)]
+    detected = [(s.caption, sc.detected.get("background"), sc.detected.get("object", {}).get("color")) for s, sc in zip(scenes, scores)]
+    # One miss allowed each: float arithmetic on another CPU may tip a borderline render.
+    assert sum(sc.background for sc in scores) >= 5, detected
+    assert sum(sc.object_color for sc in scores) >= 5, detected
+
+
+def test_a_negative_prompt_removes_the_colour_it_names() -> None:
+    """Prompts that name no colour, with and without the negative prompt "red": the red pixels must mostly go."""
+    pipe = Pipeline.load(MODEL, device="cpu", dtype="float32")
+    size = pipe.models.native_size
+    prompts = ["a large circle in the center", "a small square on the left", "a star at the top", "a hexagon on the right"] * 2
+
+    def red(negative: str) -> float:
+        requests = [GenerationRequest(p, seed=1000 + i, negative_prompt=negative, width=size, height=size, steps=25, cfg_scale=6.0,
+                                      sampler="DPM++ 2M Karras") for i, p in enumerate(prompts)]
+        return sum(red_share(r.image) for r in pipe.generate(requests)) / len(prompts)
+
+    plain, negative = red(""), red("red")
+    assert plain > 0.02, plain  # red does come up without the negative prompt, so the comparison means something
+    assert negative < 0.5 * plain, (plain, negative)

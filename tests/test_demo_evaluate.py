@@ -287,3 +287,26 @@ def test_two_object_scene_judges_what_is_at_the_first_objects_place() -> None:
         score = score_image(render(swapped), scene)
         assert score.background and score.position
         assert not score.object_color and not score.shape, score.detected
+
+
+def test_partial_captions_state_only_what_they_name() -> None:
+    import random as _random
+
+    from engine.demo.scenes import CAPTION_ATTRIBUTES, COLORS, attribute_targets, partial_caption, random_scene
+
+    rng = _random.Random(4)
+    kinds = set()
+    for _ in range(200):
+        scene = random_scene(rng)
+        text, stated = partial_caption(scene, rng)
+        targets = attribute_targets(scene, stated)
+        full = attribute_targets(scene)
+        assert all(t == (f if a in stated else -100) for a, t, f in zip(CAPTION_ATTRIBUTES, targets, full))
+        if not stated:  # a bare colour word: one of the scene's colours
+            assert text in COLORS and text in {o.color for o in scene.objects} | {scene.background, scene.background2}
+        if "background" in stated:
+            assert scene.background in text and "background" in text
+        if "object_shape" in stated:
+            assert scene.objects[0].shape in text
+        kinds.add(frozenset(stated))
+    assert len(kinds) == 4  # nothing; background; shape; colour + shape

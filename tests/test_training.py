@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,44 @@ def test_diffusion_training_lowers_the_loss() -> None:
     assert any(not torch.equal(p, live[n]) for n, p in ema.unet.named_parameters())
 
 
+def test_text_attribute_heads_teach_the_encoder_the_background_colour() -> None:
+    """The training-only heads read the states after EOS; a few steps make them name each caption's background,
+    and the text encoder (not only the head) is what changed."""
+    from engine.demo.scenes import ATTRIBUTE_CLASSES, attribute_targets
+    from engine.training.diffusion_trainer import TextToImageModel, text_aux_loss, tokenize_captions
+
+    unet, text, _ = _diffusion_setup()
+    scenes = _scenes(3, 32)
+    latents = torch.randn(len(scenes), 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    before = {k: v.clone() for k, v in text.state_dict().items()}
+
+    def sample_batch(n: int, g: torch.Generator):
+        idx = torch.randint(0, len(scenes), (n,), generator=g)
+        wording = random.Random(int(torch.randint(0, 2**62, (1,), generator=g)))
+        return latents[idx], [caption(scenes[i], wording) for i in idx.tolist()], torch.tensor([attribute_targets(scenes[i]) for i in idx.tolist()])
+
+    config = DiffusionTrainingConfig(steps=80, batch_size=16, lr=3e-3, warmup=5, caption_dropout=0.1, text_aux_weight=1.0,
+                                     mean_weight=0.1, high_noise_share=0.5)
+    ema, losses, _ = train_text_to_image(unet, text, load_clip_tokenizer(), sample_batch, config, aux_classes=ATTRIBUTE_CLASSES)
+    assert len(ema.aux) == len(ATTRIBUTE_CLASSES)
+    assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10
+    wording = random.Random(9)
+    captions = [caption(s, wording) for s in scenes]
+    ids = tokenize_captions(captions, load_clip_tokenizer())
+    targets = torch.tensor([attribute_targets(s) for s in scenes])
+    with torch.no_grad():
+        context = ema.text_encoder(input_ids=ids).last_hidden_state
+        after_eos = ((ids == 49407).cumsum(1) > 0).unsqueeze(-1).float()
+        pooled = (context * after_eos).sum(1) / after_eos.sum(1)
+        right = (ema.aux[0](pooled).argmax(1) == targets[:, 0]).float().mean().item()
+        assert right > 0.3  # 10 colours: chance is 0.1 (the EMA weights lag the live ones after 80 steps)
+        untrained = TextToImageModel(unet, text, ATTRIBUTE_CLASSES)
+        assert text_aux_loss(ema, context, ids, targets) < text_aux_loss(untrained, context, ids, targets)
+        # A caption that states nothing (all -100) adds nothing.
+        assert text_aux_loss(ema, context, ids, torch.full_like(targets, -100)).item() == 0.0
+    assert any(not torch.equal(before[k], v) for k, v in ema.text_encoder.state_dict().items())
+
+
 def test_killed_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
     config = DiffusionTrainingConfig(steps=6, batch_size=4, lr=1e-3, warmup=1)
     unet, text, sample_batch = _diffusion_setup()
@@ -131,3 +170,43 @@ def test_train_demo_cli_writes_a_loadable_sd1_checkpoint_and_resumes(tmp_path: P
     # Started again on the same work folder: every stage is reused, nothing is retrained.
     again = CliRunner().invoke(app, args, catch_exceptions=False)
     assert again.exit_code == 0 and "reusing the trained VAE" in again.output and "resumed diffusion training" in again.output
+
+
+def test_train_demo_continues_from_a_saved_checkpoint_exactly_as_the_whole_chain(tmp_path: Path) -> None:
+    """A new stage started from a file (the shipped model, say) gives the file the full chain gives, and a file
+    made by another recipe is refused with what differs."""
+    from dataclasses import replace
+
+    from engine.checkpoint import open_state_dict
+    from engine.demo.recipe import DemoRecipe, train_demo
+
+    two = DemoRecipe().scaled(0.0005)
+    small = lambda stage: replace(stage, batch_size=2)  # noqa: E731
+    two = replace(two, diffusion=small(two.diffusion), continuations=(small(two.continuations[0]),))
+    three = replace(two, continuations=two.continuations + (replace(two.continuations[0], seed=7),))
+    quiet = lambda _: None  # noqa: E731
+    work = tmp_path / "work"
+    train_demo(three, tmp_path / "full.safetensors", work_dir=work, log=quiet, threads=1)
+    # The two-stage recipe's stages are all cached in the same work folder: nothing is trained again.
+    train_demo(two, tmp_path / "two.safetensors", work_dir=work, log=quiet, threads=1)
+    # A fresh work folder holding only the (keyed) VAE and encoded data: no diffusion stage is cached there.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for name in ("vae.pt", "latents.pt"):
+        shutil.copy(work / name, fresh / name)
+    report = train_demo(three, tmp_path / "cont.safetensors", work_dir=fresh, log=quiet, threads=1,
+                        start_from=tmp_path / "two.safetensors")
+    assert report["started_from"] == {"file": "two.safetensors", "stages": 2}
+    assert len(report["continuations"]) == 2 and report["total_seconds"] > 0
+    full, cont = open_state_dict(tmp_path / "full.safetensors"), open_state_dict(tmp_path / "cont.safetensors")
+    assert sorted(full) == sorted(cont)
+    assert all(torch.equal(full[k], cont[k]) for k in full)
+    assert not torch.equal(open_state_dict(tmp_path / "two.safetensors")["model.diffusion_model.out.2.weight"],
+                           cont["model.diffusion_model.out.2.weight"])  # stage 3 did train
+
+    with pytest.raises(ValueError, match="differs in diffusion"):
+        train_demo(replace(three, diffusion=replace(three.diffusion, lr=1e-3)), tmp_path / "x.safetensors", log=quiet,
+                   threads=1, start_from=tmp_path / "two.safetensors")
+    with pytest.raises(ValueError, match="stage 3 was trained with other settings.*no such stage"):
+        train_demo(two, tmp_path / "x.safetensors", log=quiet, threads=1, start_from=tmp_path / "full.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()

@@ -18,11 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.checkpoint_writer import save_sd1_checkpoint
-from engine.demo.scenes import NATIVE_SIZE, Scene, caption, random_scene, render
+from engine.checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, open_state_dict
+from engine.checkpoint_writer import save_sd1_checkpoint, sd1_state_dict
+from engine.demo.scenes import (
+    ATTRIBUTE_CLASSES, NATIVE_SIZE, Scene, attribute_targets, caption, partial_caption, random_scene, render,
+)
 from engine.text_encoder import TextEncoderConfig, build_text_encoder
 from engine.tokenizer import load_clip_tokenizer
-from engine.training.diffusion_trainer import DiffusionTrainingConfig, train_text_to_image
+from engine.training.diffusion_trainer import DiffusionTrainingConfig, TextToImageModel, train_text_to_image
 from engine.training.vae_init import init_block_average_vae
 from engine.training.vae_trainer import calibrate_latent_scale, train_vae
 from engine.unet import UNetConfig, UNetModel
@@ -63,8 +66,8 @@ class DemoRecipe:
             # smaller batches buy more updates for the same time.
             steps=4000, batch_size=16, lr=5e-4, ema_decay=0.999, warmup=200,
             # Backgrounds: measured without these two (2,000 steps), every background came out the same mauve
-            # (evaluator: background 0 %) while objects were right; with them backgrounds follow the caption
-            # (see engine/training/diffusion_trainer.py).
+            # (evaluator: background 0 %) while objects were right; with them backgrounds vary, but they follow the
+            # caption only after stage 3's changes (see engine/training/diffusion_trainer.py).
             lowfreq_weight=1.0, lowfreq_pool=4, lowfreq_sigma_cap=5.0, noise_offset=0.1,
         )
     )
@@ -75,6 +78,15 @@ class DemoRecipe:
     continuations: tuple[DiffusionTrainingConfig, ...] = (
         DiffusionTrainingConfig(steps=2000, batch_size=16, lr=3e-4, ema_decay=0.999, warmup=100, seed=1,
                                 lowfreq_weight=1.0, lowfreq_pool=4, lowfreq_sigma_cap=5.0, noise_offset=0.1),
+        # Stage 3: after stage 2 the model ignored the background words entirely (the U-Net's prediction moved by
+        # 0.001 latent units when only the background colour word changed; the text encoder's states after that
+        # word differed by 0.01). The training-only attribute heads make the encoder carry the background (and the
+        # object's colour and shape) in its padding states, at a higher text learning rate; the image-mean term and
+        # the extra high-noise samples make the U-Net read it where the background is decided; partial captions
+        # give lone words (negative prompts) a meaning.
+        DiffusionTrainingConfig(steps=5000, batch_size=16, lr=3e-4, text_lr=1e-3, ema_decay=0.999, warmup=100, seed=2,
+                                lowfreq_weight=1.0, lowfreq_pool=4, lowfreq_sigma_cap=5.0, noise_offset=0.1,
+                                mean_weight=1.0, high_noise_share=0.3, text_aux_weight=1.0, partial_captions=0.1),
     )
     seed: int = 1234
 
@@ -112,13 +124,18 @@ def _vae_batches(seed: int, batch: int, size: int, crop: int):
 
 def train_demo(
     recipe: DemoRecipe, out: str | Path, *, work_dir: str | Path | None = None, log: LogFn = print, threads: int | None = None,
-    on_checkpoint: Callable[[int, object, AutoencoderKL], None] | None = None,
+    on_checkpoint: Callable[[int, object, AutoencoderKL], None] | None = None, start_from: str | Path | None = None,
 ) -> dict:
     """Train the VAE, then the text encoder + U-Net, and save the single-file checkpoint. Returns a report.
 
     ``work_dir`` keeps each stage's result (VAE, encoded dataset, diffusion training state): a run that is
     killed and started again with the same work dir continues where it stopped. ``on_checkpoint(step, ema, vae)``
-    is called every 250 diffusion steps, counted across stages (a progress probe)."""
+    is called every 250 diffusion steps, counted across stages (a progress probe).
+
+    ``start_from``: a checkpoint this function wrote for an earlier part of the same recipe (the same settings and
+    the first stages of ``continuations``). Its stages are not trained again: the next stage starts from its
+    weights, which are exactly the float16-rounded weights that stage would start from in a full run, so the result
+    is the one the whole chain gives. The VAE is rebuilt and checked against the file's."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(recipe.seed)
@@ -126,6 +143,8 @@ def train_demo(
     if work:
         work.mkdir(parents=True, exist_ok=True)
     keys = _stage_keys(recipe)
+    # A file from another recipe is refused before any work is done.
+    earlier_file = _check_earlier_stages(Path(start_from), recipe) if start_from is not None else None
     report: dict = {"recipe": _jsonable(asdict(recipe))}
     t0 = time.perf_counter()
 
@@ -174,34 +193,65 @@ def train_demo(
             torch.save({"latents": latents, "key": keys["latents"]}, latents_file)
         log(f"encoded {len(scenes)} training scenes in {time.perf_counter() - t1:.0f} s; latent std {latents.std().item():.3f}")
 
-    def sample_batch(n: int, gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-        idx = torch.randint(0, len(scenes), (n,), generator=gen)
-        # A fresh wording of each caption every time a scene is drawn, seeded from the trainer's generator so a
-        # resumed run draws exactly what an uninterrupted one would.
-        wording = random.Random(int(torch.randint(0, 2**62, (1,), generator=gen)))
-        return latents[idx], [caption(scenes[i], wording) for i in idx.tolist()]
+    def sampler(stage: DiffusionTrainingConfig) -> Callable[[int, torch.Generator], tuple]:
+        def sample_batch(n: int, gen: torch.Generator) -> tuple:
+            idx = torch.randint(0, len(scenes), (n,), generator=gen)
+            # A fresh wording of each caption every time a scene is drawn, seeded from the trainer's generator so a
+            # resumed run draws exactly what an uninterrupted one would.
+            wording = random.Random(int(torch.randint(0, 2**62, (1,), generator=gen)))
+            captions, targets = [], []
+            for i in idx.tolist():
+                # (Short-circuit: a stage without partial captions draws exactly what earlier recipes drew.)
+                if stage.partial_captions and wording.random() < stage.partial_captions:
+                    text, stated = partial_caption(scenes[i], wording)
+                else:
+                    text, stated = caption(scenes[i], wording), None
+                captions.append(text)
+                targets.append(attribute_targets(scenes[i], stated))
+            if stage.text_aux_weight:
+                return latents[idx], captions, torch.tensor(targets)
+            return latents[idx], captions
+
+        return sample_batch
 
     unet = UNetModel(recipe.unet)
     text_encoder = build_text_encoder(recipe.text)
-    ema, losses, seconds = train_text_to_image(
-        unet, text_encoder, load_clip_tokenizer(), sample_batch, recipe.diffusion, log=log,
-        state_file=_diffusion_state_file(work, keys["diffusion"]) if work else None,
-        on_checkpoint=(lambda step, ema: on_checkpoint(step, ema, vae)) if on_checkpoint else None,
-    )
-    report["diffusion"] = _stage_report(losses, seconds)
-    report["continuations"] = []
-    done = recipe.diffusion.steps  # the step count on_checkpoint sees runs on across stages
+    if start_from is not None:
+        stages_done, earlier = _load_earlier_stages(earlier_file, unet, text_encoder, vae)
+        ema = TextToImageModel(unet, text_encoder).eval().requires_grad_(False)
+        report["diffusion"] = earlier["diffusion"]
+        report["continuations"] = list(earlier.get("continuations", []))[: stages_done - 1]
+        report["started_from"] = {"file": Path(start_from).name, "stages": stages_done}
+        log(f"starting from {start_from}: its {stages_done} diffusion stage(s) are not trained again")
+    else:
+        stages_done = 1
+        ema, losses, seconds = train_text_to_image(
+            unet, text_encoder, load_clip_tokenizer(), sampler(recipe.diffusion), recipe.diffusion, log=log,
+            aux_classes=ATTRIBUTE_CLASSES,
+            state_file=_diffusion_state_file(work, keys["diffusion"]) if work else None,
+            on_checkpoint=(lambda step, ema: on_checkpoint(step, ema, vae)) if on_checkpoint else None,
+        )
+        report["diffusion"] = _stage_report(losses, seconds)
+        report["continuations"] = []
+    # The step count on_checkpoint sees runs on across stages.
+    done = recipe.diffusion.steps + sum(c.steps for c in recipe.continuations[: stages_done - 1])
     for k, stage in enumerate(recipe.continuations, start=2):
+        if k <= stages_done:
+            continue
         log(f"diffusion stage {k}: {stage.steps} more steps from stage {k - 1}'s weights")
         unet, text_encoder = (_float16_rounded(copy.deepcopy(m)) for m in (ema.unet, ema.text_encoder))
         ema, losses, seconds = train_text_to_image(
-            unet, text_encoder, load_clip_tokenizer(), sample_batch, stage, log=log,
+            unet, text_encoder, load_clip_tokenizer(), sampler(stage), stage, log=log, aux_classes=ATTRIBUTE_CLASSES,
             state_file=_diffusion_state_file(work, keys[f"stage{k}"]) if work else None,
             on_checkpoint=(lambda step, ema, done=done: on_checkpoint(done + step, ema, vae)) if on_checkpoint else None,
         )
         report["continuations"].append(_stage_report(losses, seconds))
         done += stage.steps
     report["total_seconds"] = time.perf_counter() - t0
+    if start_from is not None:
+        # The whole chain's time: the file's run (VAE and encoding included once) plus the stages trained here.
+        report["total_seconds"] = earlier.get("total_seconds", 0.0) + sum(
+            c["seconds"] for c in report["continuations"][stages_done - 1 :])
 
     metadata = {
         "modelspec.title": DEMO_MODEL_NAME,
@@ -214,6 +264,57 @@ def train_demo(
     save_sd1_checkpoint(out, ema.unet, ema.text_encoder, vae, dtype=torch.float16, metadata=metadata)
     log(f"saved {out} ({Path(out).stat().st_size / 1e6:.1f} MB) after {report['total_seconds']:.0f} s")
     return report
+
+
+@dataclass(frozen=True)
+class _EarlierFile:
+    path: Path
+    stages: int  # diffusion stages the file holds
+    training: dict  # its training report
+
+
+def _check_earlier_stages(path: Path, recipe: DemoRecipe) -> _EarlierFile:
+    """Check that ``path`` was made by the first stages of ``recipe``; refuse a file made by any other recipe."""
+    sd = open_state_dict(path)
+    try:
+        theirs = json.loads(sd.metadata["adforge.recipe"])
+        training = json.loads(sd.metadata["adforge.training"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a demo checkpoint written by adforge train demo (metadata {exc} missing or unreadable)") from None
+    ours = json.loads(json.dumps(_jsonable(asdict(recipe))))
+    # A setting added to the trainer after the file was made is absent from its metadata; every such setting's
+    # default reproduces the older behaviour exactly, so it counts at its default.
+    stage_defaults = json.loads(json.dumps(asdict(DiffusionTrainingConfig())))
+    if isinstance(theirs.get("diffusion"), dict):
+        theirs["diffusion"] = {**stage_defaults, **theirs["diffusion"]}
+    theirs["continuations"] = [{**stage_defaults, **c} for c in theirs.get("continuations", [])]
+    their_stages, our_stages = theirs.pop("continuations"), ours.pop("continuations")
+    differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if differ:
+        raise ValueError(f"{path}: made by another recipe (it differs in {', '.join(differ)}); it cannot start this one")
+    for n, stage in enumerate(their_stages):
+        if n >= len(our_stages) or stage != our_stages[n]:
+            raise ValueError(f"{path}: its diffusion stage {n + 2} was trained with other settings than this recipe's "
+                             f"(file: {stage}; recipe: {our_stages[n] if n < len(our_stages) else 'no such stage'})")
+    return _EarlierFile(path, len(their_stages) + 1, training)
+
+
+def _load_earlier_stages(
+    earlier: _EarlierFile, unet: UNetModel, text_encoder: torch.nn.Module, vae: AutoencoderKL
+) -> tuple[int, dict]:
+    """Load the U-Net and text encoder of a checked earlier file; its VAE must be the one this recipe built."""
+    sd, path = open_state_dict(earlier.path), earlier.path
+    expected = sd1_state_dict(unet, text_encoder, vae, torch.float16)
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} tensors missing, first {missing[0]}")
+    for key, value in expected.items():
+        if key.startswith(VAE_PREFIX) and not torch.equal(sd[key], value):
+            raise ValueError(f"{path}: its VAE differs from the one this recipe builds (tensor {key})")
+    for prefix, module in ((UNET_PREFIX, unet), (CLIP_PREFIX + "text_model.", text_encoder)):
+        own = module.state_dict()
+        module.load_state_dict({k: sd[prefix + k].to(own[k].dtype) for k in own if prefix + k in expected}, strict=False)
+    return earlier.stages, earlier.training
 
 
 def _stage_keys(recipe: DemoRecipe) -> dict[str, str]:

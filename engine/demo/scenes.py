@@ -159,6 +159,47 @@ def caption(scene: Scene, rng: random.Random) -> str:
     return f"{rng.choice(PRODUCT_WORDS)}{things}, {bg}"
 
 
+# What the text encoder's training-only attribute heads predict from a caption (engine/training/diffusion_trainer.py):
+# background colour, second gradient colour (or "solid"), first object's colour and shape.
+CAPTION_ATTRIBUTES = ("background", "background2", "object_color", "object_shape")
+ATTRIBUTE_CLASSES = (len(COLORS), len(COLORS) + 1, len(COLORS), len(SHAPES))
+
+
+def attribute_targets(scene: Scene, stated: frozenset[str] | None = None) -> list[int]:
+    """Class index of each of :data:`CAPTION_ATTRIBUTES` for ``scene``; -100 (ignored) for those the caption does
+    not state (``stated=None``: a full caption states all)."""
+    colors = list(COLORS)
+    values = {
+        "background": colors.index(scene.background),
+        "background2": len(colors) if scene.background2 is None else colors.index(scene.background2),
+        "object_color": colors.index(scene.objects[0].color),
+        "object_shape": SHAPES.index(scene.objects[0].shape),
+    }
+    return [values[a] if stated is None or a in stated else -100 for a in CAPTION_ATTRIBUTES]
+
+
+def partial_caption(scene: Scene, rng: random.Random) -> tuple[str, frozenset[str]]:
+    """A caption that states only part of the scene -- a bare colour word, "a red circle", "blue background" -- and
+    which attributes it states. Trained on now and then, so that a few words alone (a negative prompt such as
+    "red") mean what they mean inside a full caption."""
+    obj = scene.objects[0]
+    kind = rng.randrange(5)
+    if kind == 0:  # a colour anywhere in the image: says nothing about which part is that colour
+        present = [o.color for o in scene.objects] + [scene.background] + ([scene.background2] if scene.background2 else [])
+        return rng.choice(present), frozenset()
+    if kind == 1:
+        return f"{_a(obj.color)} {obj.shape}", frozenset({"object_color", "object_shape"})
+    if kind == 2:
+        return _a(obj.shape), frozenset({"object_shape"})
+    if kind == 3:
+        if scene.background2 is None:
+            text = rng.choice((f"{scene.background} background", f"on {_a(scene.background)} background"))
+        else:
+            text = f"{scene.background} to {scene.background2} gradient background"
+        return text, frozenset({"background", "background2"})
+    return _object_phrase(obj, rng), frozenset({"object_color", "object_shape"})
+
+
 def random_scene(rng: random.Random, *, held_out: bool | None = False, n_objects: int | None = None) -> Scene:
     """A random scene. ``held_out=False`` never uses :data:`HELD_OUT` pairs, ``True`` always makes the first
     object one of them, ``None`` does not care."""

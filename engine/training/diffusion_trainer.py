@@ -17,6 +17,12 @@ background by 0.15 latent units), while that error costs almost nothing in eps-M
   checkpoint is an ordinary SD 1.x eps model); only the weighting of its error changes.
 * ``noise_offset``: a per-image, per-channel constant added to the noise (the "offset noise" of SD fine-tunes), so
   at high noise the mean of x_t says less about the background and the caption has to say it.
+* ``mean_weight``: the same idea for the whole image's mean per channel, weighted by sigma^2 without a cap: at
+  sigma 14.6 (where sampling starts) only the caption can say the background's colour, and that first prediction
+  fixes it for the rest of the sampling (measured on the first shipped file: the x0 mean barely moves after
+  sigma ~5).
+* ``high_noise_share``: that share of each batch draws t from ``high_noise_from``..999 instead of 0..999, since
+  uniform t spends only 30 % of the samples where the background is decided.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from transformers import CLIPTextModel
 
 from engine.conditioning import chunk_prompt
 from engine.schedule import DiscreteSchedule
-from engine.tokenizer import ClipTokenizer
+from engine.tokenizer import EOS_ID, ClipTokenizer
 from engine.unet import UNetModel
 
 LogFn = Callable[[str], None]
@@ -58,6 +64,12 @@ class DiffusionTrainingConfig:
     lowfreq_pool: int = 4
     lowfreq_sigma_cap: float = 5.0
     noise_offset: float = 0.0
+    mean_weight: float = 0.0
+    high_noise_share: float = 0.0
+    high_noise_from: int = 700
+    text_aux_weight: float = 0.0
+    # Share of captions the batch sampler replaces by a part of themselves (the demo recipe's sampler reads it).
+    partial_captions: float = 0.0
 
 
 def tokenize_captions(captions: Sequence[str], tokenizer: ClipTokenizer) -> torch.Tensor:
@@ -66,37 +78,67 @@ def tokenize_captions(captions: Sequence[str], tokenizer: ClipTokenizer) -> torc
 
 
 class TextToImageModel(nn.Module):
-    """The two trained networks as one module, so one optimizer and one EMA cover both."""
+    """The two trained networks as one module, so one optimizer and one EMA cover both.
 
-    def __init__(self, unet: UNetModel, text_encoder: CLIPTextModel):
+    ``aux_classes``: one linear head per caption attribute (e.g. 10 background colours), reading the text
+    encoder's states from the first EOS on -- the padding states every U-Net position can attend to. They give
+    the text encoder a direct reason to carry each attribute there; they are training-only and never exported."""
+
+    def __init__(self, unet: UNetModel, text_encoder: CLIPTextModel, aux_classes: Sequence[int] = ()):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
+        hidden = text_encoder.config.hidden_size
+        self.aux = nn.ModuleList(nn.Linear(hidden, n) for n in aux_classes)
+        for head in self.aux:  # zero start: deterministic, and the cross-entropy gradient is not zero there
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         context = self.text_encoder(input_ids=ids).last_hidden_state
         return self.unet(x_t, t, context)
 
 
+def text_aux_loss(model: TextToImageModel, context: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the attribute heads over the captions that state each attribute (target -100: not
+    stated, e.g. a dropped or partial caption)."""
+    after_eos = ((ids == EOS_ID).cumsum(1) > 0).unsqueeze(-1).to(context.dtype)
+    pooled = (context * after_eos).sum(1) / after_eos.sum(1).clamp(min=1)
+    terms = [F.cross_entropy(head(pooled), targets[:, k], ignore_index=-100)
+             for k, head in enumerate(model.aux) if bool((targets[:, k] != -100).any())]
+    return torch.stack(terms).mean() if terms else context.new_zeros(())
+
+
 def diffusion_loss(
     model: TextToImageModel, latents: torch.Tensor, ids: torch.Tensor, ac: torch.Tensor, gen: torch.Generator,
-    config: DiffusionTrainingConfig | None = None,
+    config: DiffusionTrainingConfig | None = None, targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     config = config or DiffusionTrainingConfig()
     b, c = latents.shape[:2]
     t = torch.randint(0, ac.shape[0], (b,), generator=gen)
+    if config.high_noise_share:
+        high = torch.rand(b, generator=gen) < config.high_noise_share
+        t = torch.where(high, torch.randint(config.high_noise_from, ac.shape[0], (b,), generator=gen), t)
     noise = torch.randn(latents.shape, generator=gen)
     if config.noise_offset:
         noise = noise + config.noise_offset * torch.randn((b, c, 1, 1), generator=gen)
     a = ac[t].float()[:, None, None, None]
     x_t = a.sqrt() * latents + (1 - a).sqrt() * noise
-    eps_hat = model(x_t, t.float(), ids)
+    context = model.text_encoder(input_ids=ids).last_hidden_state
+    eps_hat = model.unet(x_t, t.float(), context)
     loss = F.mse_loss(eps_hat, noise)
+    if config.text_aux_weight and targets is not None and len(model.aux):
+        loss = loss + config.text_aux_weight * text_aux_loss(model, context, ids, targets)
     if config.lowfreq_weight:
         pool = min(config.lowfreq_pool, latents.shape[-1], latents.shape[-2])
         coarse = F.avg_pool2d(eps_hat - noise, pool, ceil_mode=True)
         sigma2 = ((1 - a) / a).clamp(max=config.lowfreq_sigma_cap**2)
         loss = loss + config.lowfreq_weight * (sigma2 * coarse.square()).mean()
+    if config.mean_weight:
+        # The image-wide mean of the x0 error, per channel, uncapped: the background's colour, which the caption
+        # fixes even at pure noise (unlike the layout, which the coarse term above must not over-weight).
+        mean_err = (eps_hat - noise).mean(dim=(2, 3))
+        loss = loss + config.mean_weight * (((1 - a) / a)[:, :, 0, 0] * mean_err.square()).mean()
     return loss
 
 
@@ -110,9 +152,10 @@ def train_text_to_image(
     unet: UNetModel,
     text_encoder: CLIPTextModel,
     tokenizer: ClipTokenizer,
-    sample_batch: Callable[[int, torch.Generator], tuple[torch.Tensor, list[str]]],
+    sample_batch: Callable[[int, torch.Generator], tuple],
     config: DiffusionTrainingConfig,
     *,
+    aux_classes: Sequence[int] = (),
     schedule: DiscreteSchedule | None = None,
     log: LogFn | None = None,
     state_file: str | os.PathLike[str] | None = None,
@@ -120,7 +163,8 @@ def train_text_to_image(
     on_checkpoint: Callable[[int, TextToImageModel], None] | None = None,
 ) -> tuple[TextToImageModel, list[float], float]:
     """Train both networks; ``sample_batch(n, gen)`` returns (scaled latents (n,4,h,w), captions) and must
-    draw all its randomness from ``gen``.
+    draw all its randomness from ``gen``. With ``aux_classes`` and ``config.text_aux_weight`` it returns a third
+    item, (n, len(aux_classes)) class indices of each caption's attributes (-100 where a caption doesn't say).
 
     With ``state_file``, the full training state (weights, EMA, optimizer, schedule, step, generator) is saved
     there every ``save_every`` steps and a run started with an existing file continues from it: a killed
@@ -131,14 +175,14 @@ def train_text_to_image(
     Returns the EMA model (what should be saved), the per-step losses of the live model and the seconds spent
     training, summed over every run of a resumed training (so a report made after a resume is still true)."""
     ac = (schedule or DiscreteSchedule.sd1()).alphas_cumprod
-    model = TextToImageModel(unet, text_encoder).train().requires_grad_(True)
+    model = TextToImageModel(unet, text_encoder, aux_classes if config.text_aux_weight else ()).train().requires_grad_(True)
     # The position-id buffer is not a parameter; the EMA copy shares the architecture, not the optimizer.
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     text_lr = config.text_lr or config.lr
     opt = torch.optim.AdamW(
         [
             {"params": list(model.unet.parameters()), "lr": config.lr},
-            {"params": list(model.text_encoder.parameters()), "lr": text_lr},
+            {"params": list(model.text_encoder.parameters()) + list(model.aux.parameters()), "lr": text_lr},
         ],
         weight_decay=config.weight_decay,
         betas=(0.9, 0.99),
@@ -177,11 +221,12 @@ def train_text_to_image(
 
     start = time.perf_counter()
     for step in range(first, steps):
-        latents, captions = sample_batch(config.batch_size, gen)
+        latents, captions, *rest = sample_batch(config.batch_size, gen)
         drop = torch.rand(len(captions), generator=gen) < config.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        targets = rest[0].masked_fill(drop[:, None], -100) if rest and len(model.aux) else None
         ids = tokenize_captions(captions, tokenizer)
-        loss = diffusion_loss(model, latents, ids, ac, gen, config)
+        loss = diffusion_loss(model, latents, ids, ac, gen, config, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
