@@ -83,7 +83,7 @@ def test_text_attribute_heads_teach_the_encoder_the_background_colour() -> None:
     """The training-only heads read the states after EOS; a few steps make them name each caption's background,
     and the text encoder (not only the head) is what changed."""
     from engine.demo.scenes import ATTRIBUTE_CLASSES, attribute_targets
-    from engine.training.diffusion_trainer import TextToImageModel, text_aux_loss, tokenize_captions
+    from engine.training.diffusion_trainer import TextToImageModel, padding_state_mean, text_aux_loss, tokenize_captions
 
     unet, text, _ = _diffusion_setup()
     scenes = _scenes(3, 32)
@@ -106,9 +106,7 @@ def test_text_attribute_heads_teach_the_encoder_the_background_colour() -> None:
     targets = torch.tensor([attribute_targets(s) for s in scenes])
     with torch.no_grad():
         context = ema.text_encoder(input_ids=ids).last_hidden_state
-        after_eos = ((ids == 49407).cumsum(1) > 0).unsqueeze(-1).float()
-        pooled = (context * after_eos).sum(1) / after_eos.sum(1)
-        right = (ema.aux[0](pooled).argmax(1) == targets[:, 0]).float().mean().item()
+        right = (ema.aux[0](padding_state_mean(context, ids)).argmax(1) == targets[:, 0]).float().mean().item()
         assert right > 0.3  # 10 colours: chance is 0.1 (the EMA weights lag the live ones after 80 steps)
         untrained = TextToImageModel(unet, text, ATTRIBUTE_CLASSES)
         assert text_aux_loss(ema, context, ids, targets) < text_aux_loss(untrained, context, ids, targets)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, open_state_dict
+from engine.checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, StateDict, open_state_dict
 from engine.checkpoint_writer import save_sd1_checkpoint, sd1_state_dict
 from engine.demo.scenes import (
     ATTRIBUTE_CLASSES, NATIVE_SIZE, Scene, attribute_targets, caption, partial_caption, random_scene, render,
@@ -269,6 +269,7 @@ def train_demo(
 @dataclass(frozen=True)
 class _EarlierFile:
     path: Path
+    tensors: StateDict  # opened, not read (safetensors maps the file)
     stages: int  # diffusion stages the file holds
     training: dict  # its training report
 
@@ -296,14 +297,14 @@ def _check_earlier_stages(path: Path, recipe: DemoRecipe) -> _EarlierFile:
         if n >= len(our_stages) or stage != our_stages[n]:
             raise ValueError(f"{path}: its diffusion stage {n + 2} was trained with other settings than this recipe's "
                              f"(file: {stage}; recipe: {our_stages[n] if n < len(our_stages) else 'no such stage'})")
-    return _EarlierFile(path, len(their_stages) + 1, training)
+    return _EarlierFile(path, sd, len(their_stages) + 1, training)
 
 
 def _load_earlier_stages(
     earlier: _EarlierFile, unet: UNetModel, text_encoder: torch.nn.Module, vae: AutoencoderKL
 ) -> tuple[int, dict]:
     """Load the U-Net and text encoder of a checked earlier file; its VAE must be the one this recipe built."""
-    sd, path = open_state_dict(earlier.path), earlier.path
+    sd, path = earlier.tensors, earlier.path
     expected = sd1_state_dict(unet, text_encoder, vae, torch.float16)
     missing = [k for k in expected if k not in sd]
     if missing:

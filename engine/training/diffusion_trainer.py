@@ -94,16 +94,16 @@ class TextToImageModel(nn.Module):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        context = self.text_encoder(input_ids=ids).last_hidden_state
-        return self.unet(x_t, t, context)
+def padding_state_mean(context: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(B, hidden) mean of the text encoder's states from each caption's first EOS on (EOS and its padding)."""
+    after_eos = ((ids == EOS_ID).cumsum(1) > 0).unsqueeze(-1).to(context.dtype)
+    return (context * after_eos).sum(1) / after_eos.sum(1).clamp(min=1)
 
 
 def text_aux_loss(model: TextToImageModel, context: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the attribute heads over the captions that state each attribute (target -100: not
     stated, e.g. a dropped or partial caption)."""
-    after_eos = ((ids == EOS_ID).cumsum(1) > 0).unsqueeze(-1).to(context.dtype)
-    pooled = (context * after_eos).sum(1) / after_eos.sum(1).clamp(min=1)
+    pooled = padding_state_mean(context, ids)
     terms = [F.cross_entropy(head(pooled), targets[:, k], ignore_index=-100)
              for k, head in enumerate(model.aux) if bool((targets[:, k] != -100).any())]
     return torch.stack(terms).mean() if terms else context.new_zeros(())
