@@ -5,8 +5,10 @@ Run from the repository root::
     .venv/bin/python bench/demo_adherence.py                 # bundled model, 64 prompts per set
     .venv/bin/python bench/demo_adherence.py --n 200 --cfg 7 --model models/adforge-demo.safetensors
 
-It renders one-object scenes (captions as in training) with 25-step DPM++ 2M Karras at the model's native
-size, and prints, per attribute (background colour, object colour, shape, position), the share scored right:
+It renders one-object scenes (captions as in training; a gradient's caption states its direction, "vertical"
+= first colour at the top, "horizontal" = at the left) with 25-step DPM++ 2M Karras at the model's native
+size, and prints, per attribute (background colour, object colour, shape, position), the share scored right
+(and the background split into solid and gradient scenes):
 for combinations seen in training, for the held-out (colour, shape) pairs never seen together, and the same
 prompts at CFG 1 (guidance off), which must score clearly lower. Then negative prompts: the share of red
 pixels with and without the negative prompt "red". Last, seconds for one 25-step image (batch 1), against the
@@ -47,11 +49,17 @@ def accuracy(pipe: Pipeline, items: list[Scene], cfg: float, steps: int, seed: i
     ]
     results = pipe.generate(requests)
     hits = {a: 0 for a in ATTRIBUTES}
+    kinds = {"solid": [0, 0], "gradient": [0, 0]}  # background right, scenes
     for scene, result in zip(items, results):
         score = score_image(result.image, scene)
         for a in ATTRIBUTES:
             hits[a] += bool(getattr(score, a))
-    return {a: hits[a] / len(items) for a in ATTRIBUTES}
+        kind = kinds["gradient" if scene.is_gradient else "solid"]
+        kind[0] += bool(score.background)
+        kind[1] += 1
+    acc = {a: hits[a] / len(items) for a in ATTRIBUTES}
+    acc["by background kind"] = ", ".join(f"{k} {right}/{n}" for k, (right, n) in kinds.items())
+    return acc
 
 
 def mean_red(pipe: Pipeline, prompts: list[str], negative: str, steps: int, cfg: float, seed: int) -> float:
@@ -83,7 +91,7 @@ def main() -> None:
     }
     print(f"\n{'set':34s}" + "".join(f"{a:>14s}" for a in ATTRIBUTES))
     for name, acc in rows.items():
-        print(f"{name:34s}" + "".join(f"{acc[a]:>13.1%} " for a in ATTRIBUTES))
+        print(f"{name:34s}" + "".join(f"{acc[a]:>13.1%} " for a in ATTRIBUTES) + f"  background: {acc['by background kind']}")
     print(f"{'target':34s}" + "".join(f"{TARGETS[a]:>13.0%} " for a in ATTRIBUTES))
     guided, unguided = rows[f"trained combos, CFG {args.cfg:g}"], rows["trained combos, CFG 1"]
     print("CFG effect (guided / CFG 1):", ", ".join(f"{a} {guided[a] / max(unguided[a], 1e-9):.2f}x" for a in ATTRIBUTES))

@@ -34,32 +34,35 @@ def test_the_bundled_model_is_an_sd1_checkpoint_in_the_real_layout() -> None:
     assert json.loads(meta["adforge.recipe"])["seed"] == DemoRecipe().seed
 
 
-def _solid_background_scenes(n: int) -> list[Scene]:
-    """One-object scenes on solid backgrounds, drawn by seed the way bench/demo_adherence.py draws its prompts (not
-    picked after seeing the output). Solid only: the shipped file draws solid backgrounds reliably (16 of 16 in
-    the bench's trained set) but not yet two-colour gradients (README, "Training the demo model")."""
+def _scenes(solid: int, gradient: int) -> list[Scene]:
+    """The first ``solid`` solid-background and ``gradient`` gradient one-object scenes drawn by seed the way
+    bench/demo_adherence.py draws its prompts (by rule, not picked after seeing the output)."""
     rng = random.Random(7)
-    scenes: list[Scene] = []
-    while len(scenes) < n:
+    kinds: dict[bool, list[Scene]] = {False: [], True: []}
+    while len(kinds[False]) < solid or len(kinds[True]) < gradient:
         scene = random_scene(rng, held_out=None, n_objects=1)
-        if not scene.is_gradient:
-            scenes.append(scene)
-    return scenes
+        kinds[scene.is_gradient].append(scene)
+    return kinds[False][:solid] + kinds[True][:gradient]
 
 
-def test_the_bundled_model_draws_the_asked_background_and_object_colours() -> None:
+def test_the_bundled_model_draws_the_asked_background_object_colour_and_position() -> None:
     pipe = Pipeline.load(MODEL, device="cpu", dtype="float32")
     size = pipe.models.native_size
-    scenes = _solid_background_scenes(6)
+    scenes = _scenes(solid=5, gradient=3)
     requests = [GenerationRequest(s.caption, seed=100 + i, width=size, height=size, steps=25, cfg_scale=6.0,
                                   sampler="DPM++ 2M Karras") for i, s in enumerate(scenes)]
     results = pipe.generate(requests)
     assert all(r.image.size == (size, size) for r in results)
     scores = [score_image(r.image, s) for r, s in zip(results, scenes)]
-    detected = [(s.caption, sc.detected.get("background"), sc.detected.get("object", {}).get("color")) for s, sc in zip(scenes, scores)]
-    # One miss allowed each: float arithmetic on another CPU may tip a borderline render.
-    assert sum(sc.background for sc in scores) >= 5, detected
-    assert sum(sc.object_color for sc in scores) >= 5, detected
+    detected = [(s.caption, sc.detected.get("background"), (sc.detected.get("object") or {}).get("color"),
+                 (sc.detected.get("object") or {}).get("position")) for s, sc in zip(scenes, scores)]
+    # Two misses in 8 allowed each: the bench measures 94-100 % for these three, so 3 misses would be a real
+    # regression (under 2 % likely at 94 %), and another CPU's float arithmetic may tip a borderline render.
+    # Small thin stars are the usual miss (their colour is read from a few pixels). Shape is not checked: the
+    # shipped file gets it right 38-53 % of the time (README, "Training the demo model").
+    assert sum(sc.background for sc in scores) >= 6, detected
+    assert sum(sc.object_color for sc in scores) >= 6, detected
+    assert sum(sc.position for sc in scores) >= 6, detected
 
 
 def test_a_negative_prompt_removes_the_colour_it_names() -> None:

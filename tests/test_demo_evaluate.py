@@ -292,11 +292,13 @@ def test_two_object_scene_judges_what_is_at_the_first_objects_place() -> None:
 def test_partial_captions_state_only_what_they_name() -> None:
     import random as _random
 
-    from engine.demo.scenes import CAPTION_ATTRIBUTES, COLORS, attribute_targets, partial_caption, random_scene
+    from engine.demo.scenes import (
+        CAPTION_ATTRIBUTES, COLORS, EDITION_ATTRIBUTES, POSITION_PHRASES, attribute_targets, partial_caption, random_scene,
+    )
 
     rng = _random.Random(4)
     kinds = set()
-    for _ in range(200):
+    for _ in range(300):
         scene = random_scene(rng)
         text, stated = partial_caption(scene, rng)
         targets = attribute_targets(scene, stated)
@@ -306,7 +308,38 @@ def test_partial_captions_state_only_what_they_name() -> None:
             assert text in COLORS and text in {o.color for o in scene.objects} | {scene.background, scene.background2}
         if "background" in stated:
             assert scene.background in text and "background" in text
+        if "gradient_direction" in stated:
+            assert scene.gradient in text.split()
         if "object_shape" in stated:
             assert scene.objects[0].shape in text
+        if "object_position" in stated:
+            assert any(p in text for p in POSITION_PHRASES[scene.objects[0].position])
         kinds.add(frozenset(stated))
-    assert len(kinds) == 4  # nothing; background; shape; colour + shape
+        # Edition 1 (stages 1-3): never a direction word, and only the first four heads have targets.
+        text1, stated1 = partial_caption(scene, _random.Random(5), state_direction=False)
+        assert "vertical" not in text1 and "horizontal" not in text1
+        old = attribute_targets(scene, stated1, edition=1)
+        assert all(t == -100 for a, t in zip(CAPTION_ATTRIBUTES, old) if a not in EDITION_ATTRIBUTES[1])
+    # nothing; solid background; gradient with direction; shape; colour + shape; a whole object phrase
+    assert len(kinds) == 6
+
+
+def test_captions_state_the_gradient_direction_without_changing_the_scenes() -> None:
+    """Stating the direction draws nothing more from the caller's generator, so the scenes random_scene draws after
+    a caption -- the demo model's training set -- are the same as when stages 1-3 were trained."""
+    import random as _random
+
+    from engine.demo.scenes import caption, partial_caption, random_scene
+
+    gradients = [s for s in (random_scene(_random.Random(k)) for k in range(60)) if s.is_gradient]
+    assert len(gradients) > 5
+    for k, scene in enumerate(gradients):
+        stated, unstated = _random.Random(k), _random.Random(k)
+        new, old = caption(scene, stated), caption(scene, unstated, state_direction=False)
+        assert f"{scene.background} to {scene.background2} {scene.gradient} gradient background" in new
+        assert f"{scene.background} to {scene.background2} gradient background" in old
+        assert new == old.replace(" gradient", f" {scene.gradient} gradient")
+        partial_caption(scene, stated)
+        partial_caption(scene, unstated, state_direction=False)
+        assert stated.random() == unstated.random()  # the same number of draws
+        assert scene.gradient in scene.caption.split()  # random_scene's own caption states it

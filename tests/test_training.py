@@ -115,6 +115,31 @@ def test_text_attribute_heads_teach_the_encoder_the_background_colour() -> None:
     assert any(not torch.equal(before[k], v) for k, v in ema.text_encoder.state_dict().items())
 
 
+def test_attribute_heads_a_caption_edition_does_not_train_change_nothing() -> None:
+    """Stages trained with caption edition 1 (the shipped model's stages 1-3) train exactly as before the heads for
+    position, size and gradient direction existed: heads without targets take no part in the loss or the update."""
+    from engine.demo.scenes import ATTRIBUTE_CLASSES, attribute_targets
+
+    scenes = _scenes(3, 16)
+    latents = torch.randn(len(scenes), 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    config = DiffusionTrainingConfig(steps=8, batch_size=8, lr=3e-3, warmup=2, text_aux_weight=1.0)
+
+    def run(n_heads: int):
+        unet, text, _ = _diffusion_setup()
+
+        def sample_batch(n: int, g: torch.Generator):
+            idx = torch.randint(0, len(scenes), (n,), generator=g)
+            wording = random.Random(int(torch.randint(0, 2**62, (1,), generator=g)))
+            targets = [attribute_targets(scenes[i], None, edition=1)[:n_heads] for i in idx.tolist()]
+            return latents[idx], [caption(scenes[i], wording, state_direction=False) for i in idx.tolist()], torch.tensor(targets)
+
+        ema, _, _ = train_text_to_image(unet, text, load_clip_tokenizer(), sample_batch, config, aux_classes=ATTRIBUTE_CLASSES[:n_heads])
+        return {**ema.unet.state_dict(), **{f"text.{k}": v for k, v in ema.text_encoder.state_dict().items()}}
+
+    four, all_heads = run(4), run(len(ATTRIBUTE_CLASSES))
+    assert all(torch.equal(four[k], all_heads[k]) for k in four)
+
+
 def test_killed_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
     config = DiffusionTrainingConfig(steps=6, batch_size=4, lr=1e-3, warmup=1)
     unet, text, sample_batch = _diffusion_setup()

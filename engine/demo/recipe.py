@@ -21,7 +21,7 @@ import torch
 from engine.checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, StateDict, open_state_dict
 from engine.checkpoint_writer import save_sd1_checkpoint, sd1_state_dict
 from engine.demo.scenes import (
-    ATTRIBUTE_CLASSES, NATIVE_SIZE, Scene, attribute_targets, caption, partial_caption, random_scene, render,
+    ATTRIBUTE_CLASSES, CAPTION_EDITIONS, NATIVE_SIZE, Scene, attribute_targets, caption, partial_caption, random_scene, render,
 )
 from engine.text_encoder import TextEncoderConfig, build_text_encoder
 from engine.tokenizer import load_clip_tokenizer
@@ -87,6 +87,15 @@ class DemoRecipe:
         DiffusionTrainingConfig(steps=5000, batch_size=16, lr=3e-4, text_lr=1e-3, ema_decay=0.999, warmup=100, seed=2,
                                 lowfreq_weight=1.0, lowfreq_pool=4, lowfreq_sigma_cap=5.0, noise_offset=0.1,
                                 mean_weight=1.0, high_noise_share=0.3, text_aux_weight=1.0, partial_captions=0.1),
+        # Stage 4: after stage 3 the model still ignored position words the way it had ignored background words
+        # (the first step's x0 moved by 0.01 latent units when only the position word changed) and gradients came
+        # out in either direction, which stage 1-3 captions never stated. Caption edition 2 states the gradient's
+        # direction and adds attribute heads for the object's position and size and the gradient's direction; the
+        # coarse loss is no longer capped at sigma 5, because a full caption fixes the layout even at pure noise.
+        DiffusionTrainingConfig(steps=6000, batch_size=16, lr=3e-4, text_lr=1e-3, ema_decay=0.999, warmup=100, seed=3,
+                                lowfreq_weight=1.0, lowfreq_pool=4, lowfreq_sigma_cap=15.0, noise_offset=0.1,
+                                mean_weight=1.0, high_noise_share=0.3, text_aux_weight=1.0, partial_captions=0.1,
+                                caption_edition=2),
     )
     seed: int = 1234
 
@@ -142,6 +151,9 @@ def train_demo(
     work = Path(work_dir) if work_dir else None
     if work:
         work.mkdir(parents=True, exist_ok=True)
+    for n, stage in enumerate((recipe.diffusion, *recipe.continuations), start=1):
+        if stage.caption_edition not in CAPTION_EDITIONS:
+            raise ValueError(f"diffusion stage {n}: unknown caption_edition {stage.caption_edition} (known: {CAPTION_EDITIONS})")
     keys = _stage_keys(recipe)
     # A file from another recipe is refused before any work is done.
     earlier_file = _check_earlier_stages(Path(start_from), recipe) if start_from is not None else None
@@ -200,14 +212,15 @@ def train_demo(
             # resumed run draws exactly what an uninterrupted one would.
             wording = random.Random(int(torch.randint(0, 2**62, (1,), generator=gen)))
             captions, targets = [], []
+            direction = stage.caption_edition >= 2
             for i in idx.tolist():
                 # (Short-circuit: a stage without partial captions draws exactly what earlier recipes drew.)
                 if stage.partial_captions and wording.random() < stage.partial_captions:
-                    text, stated = partial_caption(scenes[i], wording)
+                    text, stated = partial_caption(scenes[i], wording, state_direction=direction)
                 else:
-                    text, stated = caption(scenes[i], wording), None
+                    text, stated = caption(scenes[i], wording, state_direction=direction), None
                 captions.append(text)
-                targets.append(attribute_targets(scenes[i], stated))
+                targets.append(attribute_targets(scenes[i], stated, stage.caption_edition))
             if stage.text_aux_weight:
                 return latents[idx], captions, torch.tensor(targets)
             return latents[idx], captions

@@ -149,39 +149,65 @@ def _object_phrase(obj: SceneObject, rng: random.Random) -> str:
     return f"{_a(size + obj.color)} {obj.shape} {rng.choice(POSITION_PHRASES[obj.position])}"
 
 
-def caption(scene: Scene, rng: random.Random) -> str:
+def _gradient_phrase(scene: Scene, state_direction: bool) -> str:
+    # "vertical": the first colour at the top; "horizontal": at the left. A fixed word, drawing nothing from the
+    # caller's rng, so the scenes drawn after a caption are the same with and without it.
+    direction = f"{scene.gradient} " if state_direction else ""
+    return f"{scene.background} to {scene.background2} {direction}gradient background"
+
+
+def caption(scene: Scene, rng: random.Random, *, state_direction: bool = True) -> str:
+    """A caption stating everything in ``scene``. ``state_direction=False``: gradients without their direction, the
+    wording the demo model's stages 1-3 were trained on (an unstated direction can't be followed, and the evaluator
+    scores it)."""
     things = " and ".join(_object_phrase(o, rng) for o in scene.objects)
     if scene.background2 is None:
         bg = rng.choice((f"on {_a(scene.background)} background", f"{scene.background} background", f"against a plain {scene.background} backdrop"))
     else:
-        pair = f"{scene.background} to {scene.background2} gradient background"
+        pair = _gradient_phrase(scene, state_direction)
         bg = rng.choice((f"on {_a(pair)}", pair))
     return f"{rng.choice(PRODUCT_WORDS)}{things}, {bg}"
 
 
 # What the text encoder's training-only attribute heads predict from a caption (engine/training/diffusion_trainer.py):
-# background colour, second gradient colour (or "solid"), first object's colour and shape.
-CAPTION_ATTRIBUTES = ("background", "background2", "object_color", "object_shape")
-ATTRIBUTE_CLASSES = (len(COLORS), len(COLORS) + 1, len(COLORS), len(SHAPES))
+# background colour, second gradient colour (or "solid"), the first object's colour, shape, position and size, and
+# the gradient's direction. Which of them a training stage uses is its caption edition (:data:`EDITION_ATTRIBUTES`).
+CAPTION_ATTRIBUTES = ("background", "background2", "object_color", "object_shape", "object_position", "object_size",
+                      "gradient_direction")
+ATTRIBUTE_CLASSES = (len(COLORS), len(COLORS) + 1, len(COLORS), len(SHAPES), len(POSITIONS), len(SIZES),
+                     len(GRADIENT_DIRECTIONS))
+# Caption editions: 1 = the wording and heads of the demo model's stages 1-3 (gradient direction unstated); 2 = the
+# gradient's direction is stated and the heads also learn the object's position and size and that direction.
+CAPTION_EDITIONS = (1, 2)
+EDITION_ATTRIBUTES: dict[int, frozenset[str]] = {
+    1: frozenset(CAPTION_ATTRIBUTES[:4]),
+    2: frozenset(CAPTION_ATTRIBUTES),
+}
 
 
-def attribute_targets(scene: Scene, stated: frozenset[str] | None = None) -> list[int]:
+def attribute_targets(scene: Scene, stated: frozenset[str] | None = None, edition: int = 2) -> list[int]:
     """Class index of each of :data:`CAPTION_ATTRIBUTES` for ``scene``; -100 (ignored) for those the caption does
-    not state (``stated=None``: a full caption states all)."""
+    not state (``stated=None``: a full caption states all) and for those caption ``edition`` does not train."""
     colors = list(COLORS)
+    obj = scene.objects[0]
     values = {
         "background": colors.index(scene.background),
         "background2": len(colors) if scene.background2 is None else colors.index(scene.background2),
-        "object_color": colors.index(scene.objects[0].color),
-        "object_shape": SHAPES.index(scene.objects[0].shape),
+        "object_color": colors.index(obj.color),
+        "object_shape": SHAPES.index(obj.shape),
+        "object_position": list(POSITIONS).index(obj.position),
+        # A caption leaves "large" out now and then but always says "small", so a full caption states the size.
+        "object_size": list(SIZES).index(obj.size),
+        "gradient_direction": -100 if scene.background2 is None else GRADIENT_DIRECTIONS.index(scene.gradient),
     }
-    return [values[a] if stated is None or a in stated else -100 for a in CAPTION_ATTRIBUTES]
+    used = EDITION_ATTRIBUTES[edition]
+    return [values[a] if a in used and (stated is None or a in stated) else -100 for a in CAPTION_ATTRIBUTES]
 
 
-def partial_caption(scene: Scene, rng: random.Random) -> tuple[str, frozenset[str]]:
+def partial_caption(scene: Scene, rng: random.Random, *, state_direction: bool = True) -> tuple[str, frozenset[str]]:
     """A caption that states only part of the scene -- a bare colour word, "a red circle", "blue background" -- and
     which attributes it states. Trained on now and then, so that a few words alone (a negative prompt such as
-    "red") mean what they mean inside a full caption."""
+    "red") mean what they mean inside a full caption. ``state_direction`` as in :func:`caption`."""
     obj = scene.objects[0]
     kind = rng.randrange(5)
     if kind == 0:  # a colour anywhere in the image: says nothing about which part is that colour
@@ -194,10 +220,11 @@ def partial_caption(scene: Scene, rng: random.Random) -> tuple[str, frozenset[st
     if kind == 3:
         if scene.background2 is None:
             text = rng.choice((f"{scene.background} background", f"on {_a(scene.background)} background"))
-        else:
-            text = f"{scene.background} to {scene.background2} gradient background"
-        return text, frozenset({"background", "background2"})
-    return _object_phrase(obj, rng), frozenset({"object_color", "object_shape"})
+            return text, frozenset({"background", "background2"})
+        stated = {"background", "background2"} | ({"gradient_direction"} if state_direction else set())
+        return _gradient_phrase(scene, state_direction), frozenset(stated)
+    # An object phrase always says "small" when it is, so it states the size even when "large" is left out.
+    return _object_phrase(obj, rng), frozenset({"object_color", "object_shape", "object_position", "object_size"})
 
 
 def random_scene(rng: random.Random, *, held_out: bool | None = False, n_objects: int | None = None) -> Scene:

@@ -70,6 +70,8 @@ class DiffusionTrainingConfig:
     text_aux_weight: float = 0.0
     # Share of captions the batch sampler replaces by a part of themselves (the demo recipe's sampler reads it).
     partial_captions: float = 0.0
+    # Which wording and attribute heads the demo recipe's sampler uses (engine/demo/scenes.CAPTION_EDITIONS).
+    caption_edition: int = 1
 
 
 def tokenize_captions(captions: Sequence[str], tokenizer: ClipTokenizer) -> torch.Tensor:
