@@ -178,11 +178,11 @@ ATTRIBUTE_CLASSES = (len(COLORS), len(COLORS) + 1, len(COLORS), len(SHAPES), len
                      len(GRADIENT_DIRECTIONS))
 # Caption editions: 1 = the wording and heads of the demo model's stages 1-3 (gradient direction unstated); 2 = the
 # gradient's direction is stated and the heads also learn the object's position and size and that direction.
-CAPTION_EDITIONS = (1, 2)
 EDITION_ATTRIBUTES: dict[int, frozenset[str]] = {
     1: frozenset(CAPTION_ATTRIBUTES[:4]),
     2: frozenset(CAPTION_ATTRIBUTES),
 }
+CAPTION_EDITIONS = tuple(EDITION_ATTRIBUTES)
 
 
 def attribute_targets(scene: Scene, stated: frozenset[str] | None = None, edition: int = 2) -> list[int]:
