@@ -233,3 +233,58 @@ def test_train_demo_continues_from_a_saved_checkpoint_exactly_as_the_whole_chain
     with pytest.raises(ValueError, match="stage 3 was trained with other settings.*no such stage"):
         train_demo(two, tmp_path / "x.safetensors", log=quiet, threads=1, start_from=tmp_path / "full.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_latent_edge_map_marks_outlines_not_flat_areas_or_ramps() -> None:
+    """The edge term's weights: an object's outline gets them; a flat area, the inside of the object and a
+    gradient background's linear ramp (borders included, for a flat background) get none."""
+    from engine.training.diffusion_trainer import latent_edge_map
+
+    ramp = torch.linspace(-1.0, 1.0, 16)[None, None, :, None].expand(1, 4, 16, 16).clone()  # vertical gradient
+    latents = ramp.clone()
+    latents[:, :, 6:12, 6:12] = 2.0  # a 6x6 "square" object
+    edges = latent_edge_map(latents)[0, 0]
+    assert edges.shape == (16, 16) and edges.max().item() == pytest.approx(1.0)
+    assert edges[8:10, 8:10].abs().max().item() < 1e-6  # inside the object: flat
+    assert edges[1:-1, 1:4].abs().max().item() < 1e-5  # the ramp's interior, away from the object
+    ring = torch.zeros(16, 16, dtype=torch.bool)
+    ring[5:13, 5:13] = True
+    ring[7:11, 7:11] = False
+    assert edges[ring].min().item() > 0.05 and edges[ring].mean().item() > 0.3
+    flat = torch.full((2, 4, 8, 8), 0.7)
+    assert latent_edge_map(flat).abs().max().item() < 1e-4  # no outline, border rows included
+
+
+def test_edge_weight_adds_the_outline_error_and_draws_nothing_more() -> None:
+    """``edge_weight`` adds exactly ``edge_weight * mean(edge map * eps error^2)`` to the loss: nothing for flat
+    latents, more for latents with an outline, and it takes no random draws (a stage without it trains as before)."""
+    from engine.schedule import DiscreteSchedule
+    from engine.training.diffusion_trainer import TextToImageModel, diffusion_loss, latent_edge_map, tokenize_captions
+
+    unet, text, _ = _diffusion_setup()
+    model = TextToImageModel(unet, text).eval()
+    ids = tokenize_captions(["a red circle, blue background"] * 4, load_clip_tokenizer())
+    ac = DiscreteSchedule.sd1().alphas_cumprod
+    flat = torch.full((4, 4, 4, 4), 0.5)
+    outlined = flat.clone()
+    outlined[:, :, 1:3, 1:3] = -1.5
+    plain, weighted = DiffusionTrainingConfig(), DiffusionTrainingConfig(edge_weight=4.0)
+
+    def loss(latents: torch.Tensor, config: DiffusionTrainingConfig) -> tuple[float, torch.Generator]:
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            value = diffusion_loss(model, latents, ids, ac, gen, config).item()
+        return value, gen
+
+    (a, gen_a), (b, gen_b) = loss(flat, plain), loss(flat, weighted)
+    assert a == b and torch.equal(gen_a.get_state(), gen_b.get_state())
+    (a, _), (b, _) = loss(outlined, plain), loss(outlined, weighted)
+    # Recompute the term from the same draws: t, noise, then the model's prediction.
+    gen = torch.Generator().manual_seed(3)
+    t = torch.randint(0, ac.shape[0], (4,), generator=gen)
+    noise = torch.randn(outlined.shape, generator=gen)
+    x_t = ac[t].float().sqrt()[:, None, None, None] * outlined + (1 - ac[t].float()).sqrt()[:, None, None, None] * noise
+    with torch.no_grad():
+        eps_hat = model.unet(x_t, t.float(), model.text_encoder(input_ids=ids).last_hidden_state)
+    term = 4.0 * (latent_edge_map(outlined) * (eps_hat - noise).square()).mean().item()
+    assert term > 0 and b - a == pytest.approx(term, rel=1e-4)

@@ -23,6 +23,14 @@ background by 0.15 latent units), while that error costs almost nothing in eps-M
   sigma ~5).
 * ``high_noise_share``: that share of each batch draws t from ``high_noise_from``..999 instead of 0..999, since
   uniform t spends only 30 % of the samples where the background is decided.
+
+One addition for shapes: ``edge_weight`` adds the eps error again on the latent pixels where the clean latents
+change (the object's outline; :func:`latent_edge_map`). An object's shape lives in a few edge latents (a small
+object is 4 latents across), and plain MSE spends its capacity evenly over the flat areas that make up most of
+every image. Measured on the stage-4 demo model: re-run from the true latent noised to sigma 0.25, the evaluator
+read the right shape in 21 of 32 images, from sigma 1.0 in 16 -- the outline is lost at low noise, where eps
+units (not x0 units) are the right weighting. A per-pixel weight leaves the loss's minimiser (the conditional
+mean) where it was; it only moves where a model short of capacity and steps makes its errors.
 """
 
 from __future__ import annotations
@@ -72,6 +80,7 @@ class DiffusionTrainingConfig:
     partial_captions: float = 0.0
     # Which wording and attribute heads the demo recipe's sampler uses (engine/demo/scenes.CAPTION_EDITIONS).
     caption_edition: int = 1
+    edge_weight: float = 0.0
 
 
 def tokenize_captions(captions: Sequence[str], tokenizer: ClipTokenizer) -> torch.Tensor:
@@ -111,6 +120,18 @@ def text_aux_loss(model: TextToImageModel, context: torch.Tensor, ids: torch.Ten
     return torch.stack(terms).mean() if terms else context.new_zeros(())
 
 
+def latent_edge_map(latents: torch.Tensor) -> torch.Tensor:
+    """(B, 1, h, w) in [0, 1]: how much each latent differs from its 3x3 neighbourhood's mean (summed over
+    channels), divided by the image's largest such difference (at least 0.01). Flat areas and linear ramps (gradient
+    backgrounds, whose neighbourhood mean is the centre value) give 0, outlines give most; the image border is
+    padded by replication, so a flat background's edge rows give 0 too."""
+    padded = F.pad(latents, (1, 1, 1, 1), mode="replicate")
+    local = (latents - F.avg_pool2d(padded, 3, stride=1)).abs().sum(1, keepdim=True)
+    # The floor keeps float rounding in a flat image (1e-7) from being blown up to full weight; an outline between
+    # two of the demo's colours differs by ~1 latent unit.
+    return local / local.amax(dim=(2, 3), keepdim=True).clamp(min=1e-2)
+
+
 def diffusion_loss(
     model: TextToImageModel, latents: torch.Tensor, ids: torch.Tensor, ac: torch.Tensor, gen: torch.Generator,
     config: DiffusionTrainingConfig | None = None, targets: torch.Tensor | None = None,
@@ -141,6 +162,8 @@ def diffusion_loss(
         # fixes even at pure noise (unlike the layout, which the coarse term above must not over-weight).
         mean_err = (eps_hat - noise).mean(dim=(2, 3))
         loss = loss + config.mean_weight * (((1 - a) / a)[:, :, 0, 0] * mean_err.square()).mean()
+    if config.edge_weight:
+        loss = loss + config.edge_weight * (latent_edge_map(latents) * (eps_hat - noise).square()).mean()
     return loss
 
 
