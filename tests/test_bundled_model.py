@@ -58,11 +58,16 @@ def test_the_bundled_model_draws_the_asked_background_object_colour_and_position
                  (sc.detected.get("object") or {}).get("position")) for s, sc in zip(scenes, scores)]
     # Two misses in 8 allowed each: the bench measures 94-100 % for these three, so 3 misses would be a real
     # regression (under 2 % likely at 94 %), and another CPU's float arithmetic may tip a borderline render.
-    # Small thin stars are the usual miss (their colour is read from a few pixels). Shape is not checked: the
-    # shipped file gets it right 38-53 % of the time (README, "Training the demo model").
+    # Small thin stars are the usual miss (their colour is read from a few pixels).
     assert sum(sc.background for sc in scores) >= 6, detected
     assert sum(sc.object_color for sc in scores) >= 6, detected
     assert sum(sc.position for sc in scores) >= 6, detected
+    # Shape: the shipped file gets it right 62.5-75 % of the time (README, "Training the demo model"; the VAE's
+    # 8x8 blocks cap it near 81 %) and 5 of these 8 (stars read as circles or hexagons, a square as a hexagon).
+    # At least half, allowing one borderline fit to tip on another CPU; the stage-4 file (38-53 %) gets 3 of
+    # these 8 and fails it.
+    shapes = [(s.objects[0].shape, (sc.detected.get("object") or {}).get("shape")) for s, sc in zip(scenes, scores)]
+    assert sum(sc.shape for sc in scores) >= 4, shapes
 
 
 def test_a_negative_prompt_removes_the_colour_it_names() -> None:
