@@ -37,6 +37,31 @@ DEMO_MODEL_NAME = "adforge-demo"
 DEMO_LICENSE = "Apache-2.0"  # our own weights, trained from scratch on our own procedural data
 
 
+# The diffusion stages after the first, each written as what it changes in the stage before it.
+_STAGE_2 = DiffusionTrainingConfig(steps=2000, batch_size=16, lr=3e-4, ema_decay=0.999, warmup=100, seed=1,
+                                   lowfreq_weight=1.0, lowfreq_pool=4, lowfreq_sigma_cap=5.0, noise_offset=0.1)
+# Stage 3: after stage 2 the model ignored the background words entirely (the U-Net's prediction moved by
+# 0.001 latent units when only the background colour word changed; the text encoder's states after that
+# word differed by 0.01). The training-only attribute heads make the encoder carry the background (and the
+# object's colour and shape) in its padding states, at a higher text learning rate; the image-mean term and
+# the extra high-noise samples make the U-Net read it where the background is decided; partial captions
+# give lone words (negative prompts) a meaning.
+_STAGE_3 = replace(_STAGE_2, steps=5000, seed=2, text_lr=1e-3, mean_weight=1.0, high_noise_share=0.3,
+                   text_aux_weight=1.0, partial_captions=0.1)
+# Stage 4: after stage 3 the model still ignored position words the way it had ignored background words
+# (the first step's x0 moved by 0.01 latent units when only the position word changed) and gradients came
+# out in either direction, which stage 1-3 captions never stated. Caption edition 2 states the gradient's
+# direction and adds attribute heads for the object's position and size and the gradient's direction; the
+# coarse loss is no longer capped at sigma 5, because a full caption fixes the layout even at pure noise.
+_STAGE_4 = replace(_STAGE_3, steps=6000, seed=3, lowfreq_sigma_cap=15.0, caption_edition=2)
+# Stage 5: after stage 4 the shapes were the one attribute still missed (evaluator: 38-53 %; squares and
+# hexagons read as circles, stars lose their arms). Re-run from the true latent noised to sigma 0.25, 1 and
+# 14.6, it read the right shape in 21, 16 and 12 of 32 images: the outline is lost at low noise, where the
+# eps error on the edge latents was 10x that on flat areas. The edge term weights that error up (see
+# engine/training/diffusion_trainer.py); the rest is stage 4's.
+_STAGE_5 = replace(_STAGE_4, steps=5000, seed=4, edge_weight=4.0)
+
+
 @dataclass(frozen=True)
 class DemoRecipe:
     size: int = NATIVE_SIZE
@@ -75,37 +100,7 @@ class DemoRecipe:
     # what a saved file holds, so a stage can also be started from a shipped file) with a fresh optimizer and its
     # own data order (its own seed). Training on a 2-core CPU is bounded by a session's time; stages let the
     # model grow over several runs while one command still reproduces the whole chain.
-    continuations: tuple[DiffusionTrainingConfig, ...] = (
-        DiffusionTrainingConfig(steps=2000, batch_size=16, lr=3e-4, ema_decay=0.999, warmup=100, seed=1,
-                                lowfreq_weight=1.0, lowfreq_pool=4, lowfreq_sigma_cap=5.0, noise_offset=0.1),
-        # Stage 3: after stage 2 the model ignored the background words entirely (the U-Net's prediction moved by
-        # 0.001 latent units when only the background colour word changed; the text encoder's states after that
-        # word differed by 0.01). The training-only attribute heads make the encoder carry the background (and the
-        # object's colour and shape) in its padding states, at a higher text learning rate; the image-mean term and
-        # the extra high-noise samples make the U-Net read it where the background is decided; partial captions
-        # give lone words (negative prompts) a meaning.
-        DiffusionTrainingConfig(steps=5000, batch_size=16, lr=3e-4, text_lr=1e-3, ema_decay=0.999, warmup=100, seed=2,
-                                lowfreq_weight=1.0, lowfreq_pool=4, lowfreq_sigma_cap=5.0, noise_offset=0.1,
-                                mean_weight=1.0, high_noise_share=0.3, text_aux_weight=1.0, partial_captions=0.1),
-        # Stage 4: after stage 3 the model still ignored position words the way it had ignored background words
-        # (the first step's x0 moved by 0.01 latent units when only the position word changed) and gradients came
-        # out in either direction, which stage 1-3 captions never stated. Caption edition 2 states the gradient's
-        # direction and adds attribute heads for the object's position and size and the gradient's direction; the
-        # coarse loss is no longer capped at sigma 5, because a full caption fixes the layout even at pure noise.
-        DiffusionTrainingConfig(steps=6000, batch_size=16, lr=3e-4, text_lr=1e-3, ema_decay=0.999, warmup=100, seed=3,
-                                lowfreq_weight=1.0, lowfreq_pool=4, lowfreq_sigma_cap=15.0, noise_offset=0.1,
-                                mean_weight=1.0, high_noise_share=0.3, text_aux_weight=1.0, partial_captions=0.1,
-                                caption_edition=2),
-        # Stage 5: after stage 4 the shapes were the one attribute still missed (evaluator: 38-53 %; squares and
-        # hexagons read as circles, stars lose their arms). Re-run from the true latent noised to sigma 0.25, 1 and
-        # 14.6, it read the right shape in 21, 16 and 12 of 32 images: the outline is lost at low noise, where the
-        # eps error on the edge latents was 10x that on flat areas. The edge term weights that error up (see
-        # engine/training/diffusion_trainer.py); everything else is stage 4's.
-        DiffusionTrainingConfig(steps=5000, batch_size=16, lr=3e-4, text_lr=1e-3, ema_decay=0.999, warmup=100, seed=4,
-                                lowfreq_weight=1.0, lowfreq_pool=4, lowfreq_sigma_cap=15.0, noise_offset=0.1,
-                                mean_weight=1.0, high_noise_share=0.3, text_aux_weight=1.0, partial_captions=0.1,
-                                caption_edition=2, edge_weight=4.0),
-    )
+    continuations: tuple[DiffusionTrainingConfig, ...] = (_STAGE_2, _STAGE_3, _STAGE_4, _STAGE_5)
     seed: int = 1234
 
     def scaled(self, factor: float) -> "DemoRecipe":

@@ -80,6 +80,7 @@ class DiffusionTrainingConfig:
     partial_captions: float = 0.0
     # Which wording and attribute heads the demo recipe's sampler uses (engine/demo/scenes.CAPTION_EDITIONS).
     caption_edition: int = 1
+    # Weight of the eps error counted again on the clean latents' outlines (latent_edge_map; module docstring).
     edge_weight: float = 0.0
 
 
