@@ -227,6 +227,24 @@ def test_train_demo_continues_from_a_saved_checkpoint_exactly_as_the_whole_chain
     assert not torch.equal(open_state_dict(tmp_path / "two.safetensors")["model.diffusion_model.out.2.weight"],
                            cont["model.diffusion_model.out.2.weight"])  # stage 3 did train
 
+    # A file made before the recipe tuned its decoder (the shipped file of an earlier recipe, say): the decoder
+    # tune runs too, and the result is still the whole chain's, bit for bit.
+    assert three.decoder_steps > 0
+    untuned = replace(two, decoder_steps=0)
+    train_demo(untuned, tmp_path / "untuned.safetensors", work_dir=work, log=quiet, threads=1)
+    dec_key = "first_stage_model.decoder.mid.block_1.conv2.weight"
+    assert not open_state_dict(tmp_path / "untuned.safetensors")[dec_key].any()  # the analytic start: zero
+    fresh2 = tmp_path / "fresh2"
+    fresh2.mkdir()
+    for name in ("vae.pt", "latents.pt"):
+        shutil.copy(work / name, fresh2 / name)
+    lines: list[str] = []
+    train_demo(three, tmp_path / "cont2.safetensors", work_dir=fresh2, log=lines.append, threads=1,
+               start_from=tmp_path / "untuned.safetensors")
+    assert any(line.startswith("decoder-only tune") for line in lines)
+    cont2 = open_state_dict(tmp_path / "cont2.safetensors")
+    assert all(torch.equal(full[k], cont2[k]) for k in full)
+
     with pytest.raises(ValueError, match="differs in diffusion"):
         train_demo(replace(three, diffusion=replace(three.diffusion, lr=1e-3)), tmp_path / "x.safetensors", log=quiet,
                    threads=1, start_from=tmp_path / "two.safetensors")

@@ -25,6 +25,7 @@ from engine.demo.scenes import (
 )
 from engine.text_encoder import TextEncoderConfig, build_text_encoder
 from engine.tokenizer import load_clip_tokenizer
+from engine.training.decoder_tune import train_decoder
 from engine.training.diffusion_trainer import DiffusionTrainingConfig, TextToImageModel, train_text_to_image
 from engine.training.vae_init import init_block_average_vae
 from engine.training.vae_trainer import calibrate_latent_scale, train_vae
@@ -76,14 +77,20 @@ class DemoRecipe:
     # weights learns around that very slowly (measured: width 96, 1,400 steps, 59 CPU minutes, still red -> orange,
     # green -> pink). The analytic start reproduces every colour exactly (8x8 blocks; on 24 held-out renders
     # MAE 2.5/255 and the evaluator reads background 100 %, object colour 98 %, shape 87 %, position 100 %).
-    # Fine-tuning it 60 steps at lr 1e-4 made it worse (MAE 6.4/255, shape 79 %): the shipped recipe trains 0
-    # VAE steps; a gentler fine-tune is future work.
+    # Fine-tuning all of it 60 steps at lr 1e-4 made it worse (MAE 6.4/255, shape 79 %): the recipe trains 0 VAE
+    # steps, and then tunes the decoder alone under a constraint that keeps flat areas flat (decoder_steps below).
     vae: VAEConfig = VAEConfig(ch=128, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
     vae_init: str = "block-average"
     vae_steps: int = 0
     vae_batch: int = 8
     vae_crop: int = 32
     vae_lr: float = 1e-4
+    # A decoder-only fine-tune (engine/training/decoder_tune.py) on the training scenes: the analytic decoder draws
+    # every latent as a flat 8x8 block, and the tuned one draws the outlines the blocks' mixed colours imply. It
+    # changes no latent, so it needs no diffusion stage retrained (and --start-from adds it to a finished file).
+    decoder_steps: int = 2000
+    decoder_batch: int = 4
+    decoder_lr: float = 2e-4
     dataset_size: int = 3000
     diffusion: DiffusionTrainingConfig = field(
         default_factory=lambda: DiffusionTrainingConfig(
@@ -108,6 +115,7 @@ class DemoRecipe:
         return replace(
             self,
             vae_steps=max(2, int(self.vae_steps * factor)) if self.vae_steps else 0,
+            decoder_steps=max(2, int(self.decoder_steps * factor)) if self.decoder_steps else 0,
             dataset_size=max(16, int(self.dataset_size * factor)),
             diffusion=_scaled_stage(self.diffusion, factor),
             continuations=tuple(_scaled_stage(c, factor) for c in self.continuations),
@@ -208,6 +216,17 @@ def train_demo(
         if latents_file:
             torch.save({"latents": latents, "key": keys["latents"]}, latents_file)
         log(f"encoded {len(scenes)} training scenes in {time.perf_counter() - t1:.0f} s; latent std {latents.std().item():.3f}")
+    seconds_here = 0.0  # decoder and diffusion training done by this call (a --start-from run adds them to the file's)
+    if earlier_file is not None:
+        _check_earlier_vae(earlier_file, vae)  # before any training: a file of another VAE is refused at once
+    if recipe.decoder_steps:
+        if earlier_file is not None and earlier_file.decoder == _decoder_settings(report["recipe"]):
+            _load_decoder(earlier_file, vae)
+            report["decoder"] = earlier_file.training.get("decoder")
+            log(f"reusing the tuned decoder of {earlier_file.path}")
+        else:
+            report["decoder"] = _tuned_decoder(recipe, vae, scenes, latents, work, keys["decoder"], log)
+            seconds_here += report["decoder"]["seconds"]
 
     def sampler(stage: DiffusionTrainingConfig) -> Callable[[int, torch.Generator], tuple]:
         def sample_batch(n: int, gen: torch.Generator) -> tuple:
@@ -263,12 +282,12 @@ def train_demo(
             on_checkpoint=(lambda step, ema, done=done: on_checkpoint(done + step, ema, vae)) if on_checkpoint else None,
         )
         report["continuations"].append(_stage_report(losses, seconds))
+        seconds_here += seconds
         done += stage.steps
     report["total_seconds"] = time.perf_counter() - t0
     if start_from is not None:
-        # The whole chain's time: the file's run (VAE and encoding included once) plus the stages trained here.
-        report["total_seconds"] = earlier.get("total_seconds", 0.0) + sum(
-            c["seconds"] for c in report["continuations"][stages_done - 1 :])
+        # The whole chain's time: the file's run (VAE and encoding included once) plus what was trained here.
+        report["total_seconds"] = earlier.get("total_seconds", 0.0) + seconds_here
 
     metadata = {
         "modelspec.title": DEMO_MODEL_NAME,
@@ -283,12 +302,60 @@ def train_demo(
     return report
 
 
+# Recipe settings of the decoder-only tune. They are not compared when a file starts a recipe (--start-from): the
+# decoder changes no latent, so any file of the same diffusion recipe can take (or keep) a tuned decoder.
+_DECODER_FIELDS = ("decoder_steps", "decoder_batch", "decoder_lr")
+
+
+def _decoder_settings(recipe_json: dict) -> dict:
+    """A recipe's decoder settings; a file made before they existed (no such field) had an untuned decoder."""
+    if not recipe_json.get("decoder_steps"):
+        return {"decoder_steps": 0}
+    return {k: recipe_json.get(k) for k in _DECODER_FIELDS}
+
+
+def _tuned_decoder(recipe: DemoRecipe, vae: AutoencoderKL, scenes: list[Scene], latents: torch.Tensor,
+                   work: Path | None, key: str, log: LogFn) -> dict:
+    """Tune ``vae``'s decoder in place on the training scenes (or take the work folder's result); its report."""
+    cache = work / f"decoder-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt" if work else None
+    saved = torch.load(cache, weights_only=True) if cache and cache.exists() else None
+    if saved is not None and saved.get("key") == key:
+        vae.decoder.load_state_dict(saved["weights"])
+        log(f"reusing the tuned decoder from {cache}")
+        return saved["report"]
+    t = time.perf_counter()
+    scale = vae.config.scaling_factor
+
+    def sample(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(scenes), (n,), generator=gen).tolist()
+        # Exactly the latents the U-Net learns (and so draws), unscaled; the targets rendered afresh.
+        return latents[idx] / scale, _image_tensor([scenes[i] for i in idx], recipe.size)
+
+    log(f"decoder-only tune: {recipe.decoder_steps} steps at batch {recipe.decoder_batch}")
+    losses = train_decoder(vae, sample, recipe.decoder_steps, batch_size=recipe.decoder_batch, lr=recipe.decoder_lr,
+                           seed=recipe.seed + 3, log=log)
+    report = _stage_report(losses, time.perf_counter() - t)
+    if cache:
+        torch.save({"weights": vae.decoder.state_dict(), "report": report, "key": key}, cache)
+    return report
+
+
+def _load_decoder(earlier: _EarlierFile, vae: AutoencoderKL) -> None:
+    prefix = VAE_PREFIX + "decoder."
+    own = vae.decoder.state_dict()
+    missing = [k for k in own if prefix + k not in earlier.tensors]
+    if missing:
+        raise ValueError(f"{earlier.path}: tensor {prefix + missing[0]} missing")
+    vae.decoder.load_state_dict({k: earlier.tensors[prefix + k].to(v.dtype) for k, v in own.items()})
+
+
 @dataclass(frozen=True)
 class _EarlierFile:
     path: Path
     tensors: StateDict  # opened, not read (safetensors maps the file)
     stages: int  # diffusion stages the file holds
     training: dict  # its training report
+    decoder: dict  # its decoder settings (_decoder_settings)
 
 
 def _check_earlier_stages(path: Path, recipe: DemoRecipe) -> _EarlierFile:
@@ -307,6 +374,9 @@ def _check_earlier_stages(path: Path, recipe: DemoRecipe) -> _EarlierFile:
         theirs["diffusion"] = {**stage_defaults, **theirs["diffusion"]}
     theirs["continuations"] = [{**stage_defaults, **c} for c in theirs.get("continuations", [])]
     their_stages, our_stages = theirs.pop("continuations"), ours.pop("continuations")
+    their_decoder = _decoder_settings(theirs)
+    for k in _DECODER_FIELDS:
+        theirs.pop(k, None), ours.pop(k, None)
     differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
     if differ:
         raise ValueError(f"{path}: made by another recipe (it differs in {', '.join(differ)}); it cannot start this one")
@@ -314,21 +384,32 @@ def _check_earlier_stages(path: Path, recipe: DemoRecipe) -> _EarlierFile:
         if n >= len(our_stages) or stage != our_stages[n]:
             raise ValueError(f"{path}: its diffusion stage {n + 2} was trained with other settings than this recipe's "
                              f"(file: {stage}; recipe: {our_stages[n] if n < len(our_stages) else 'no such stage'})")
-    return _EarlierFile(path, sd, len(their_stages) + 1, training)
+    return _EarlierFile(path, sd, len(their_stages) + 1, training, their_decoder)
+
+
+def _check_earlier_vae(earlier: _EarlierFile, vae: AutoencoderKL) -> None:
+    """The file's VAE must be the one this recipe builds, its decoder aside (tuned here or taken from the file)."""
+    for name, value in vae.state_dict().items():
+        key = VAE_PREFIX + name
+        if name.startswith("decoder."):
+            continue
+        if key not in earlier.tensors:
+            raise ValueError(f"{earlier.path}: tensor {key} missing")
+        if not torch.equal(earlier.tensors[key], value.to(torch.float16)):
+            raise ValueError(f"{earlier.path}: its VAE differs from the one this recipe builds (tensor {key})")
 
 
 def _load_earlier_stages(
     earlier: _EarlierFile, unet: UNetModel, text_encoder: torch.nn.Module, vae: AutoencoderKL
 ) -> tuple[int, dict]:
-    """Load the U-Net and text encoder of a checked earlier file; its VAE must be the one this recipe built."""
+    """Load the U-Net and text encoder of a checked earlier file; its VAE must be the one this recipe built (the
+    decoder aside: train_demo has tuned it or taken the file's)."""
     sd, path = earlier.tensors, earlier.path
     expected = sd1_state_dict(unet, text_encoder, vae, torch.float16)
     missing = [k for k in expected if k not in sd]
     if missing:
         raise ValueError(f"{path}: {len(missing)} tensors missing, first {missing[0]}")
-    for key, value in expected.items():
-        if key.startswith(VAE_PREFIX) and not torch.equal(sd[key], value):
-            raise ValueError(f"{path}: its VAE differs from the one this recipe builds (tensor {key})")
+    _check_earlier_vae(earlier, vae)
     for prefix, module in ((UNET_PREFIX, unet), (CLIP_PREFIX + "text_model.", text_encoder)):
         own = module.state_dict()
         module.load_state_dict({k: sd[prefix + k].to(own[k].dtype) for k in own if prefix + k in expected}, strict=False)
@@ -340,9 +421,11 @@ def _stage_keys(recipe: DemoRecipe) -> dict[str, str]:
     adding a continuation keeps every stage before it."""
     r = _jsonable(asdict(recipe))
     stages = r.pop("continuations")
+    decoder = {k: r.pop(k) for k in _DECODER_FIELDS}  # the diffusion stages don't depend on the decoder
     vae = json.dumps({k: r[k] for k in ("size", "vae", "vae_init", "vae_steps", "vae_batch", "vae_lr", "vae_crop", "seed")}, sort_keys=True)
     latents = json.dumps({"vae": vae, "dataset_size": r["dataset_size"]}, sort_keys=True)
-    keys = {"vae": vae, "latents": latents, "diffusion": json.dumps(r, sort_keys=True)}
+    keys = {"vae": vae, "latents": latents, "diffusion": json.dumps(r, sort_keys=True),
+            "decoder": json.dumps({"latents": latents, **decoder}, sort_keys=True)}
     for k in range(2, len(stages) + 2):
         keys[f"stage{k}"] = json.dumps({"base": r, "continuations": stages[: k - 1]}, sort_keys=True)
     return keys

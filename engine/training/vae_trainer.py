@@ -35,6 +35,17 @@ def vae_loss(vae: AutoencoderKL, images01: torch.Tensor, kl_weight: float, gen: 
     return loss, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
 
 
+def adamw_warmup_cosine(params, lr: float, steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (no weight decay, beta2 0.99) with a linear warmup over the first 5 % of ``steps``, then a cosine decay
+    to 0: the optimizer of the autoencoder trainings."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
+    )
+    return opt, sched
+
+
 def train_vae(
     vae: AutoencoderKL,
     batches: Iterator[torch.Tensor],
@@ -48,11 +59,7 @@ def train_vae(
 ) -> list[float]:
     """Train in place for ``steps`` batches of [0, 1] images; returns the loss of every step."""
     vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
-    )
+    opt, sched = adamw_warmup_cosine(vae.parameters(), lr, steps)
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     start = time.perf_counter()
