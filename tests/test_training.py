@@ -252,6 +252,21 @@ def test_train_demo_continues_from_a_saved_checkpoint_exactly_as_the_whole_chain
         train_demo(two, tmp_path / "x.safetensors", log=quiet, threads=1, start_from=tmp_path / "full.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 
+    # A file of the same recipe whose VAE encoder is not the one the recipe builds: refused, naming the file and the
+    # tensor, before any training (no decoder tune runs, nothing is written).
+    from safetensors.torch import save_file
+
+    tensors = {k: v.clone() for k, v in open_state_dict(tmp_path / "untuned.safetensors").items()}
+    key = "first_stage_model.encoder.conv_in.bias"
+    tensors[key] += 1
+    save_file(tensors, tmp_path / "other-vae.safetensors", metadata=open_state_dict(tmp_path / "untuned.safetensors").metadata)
+    lines.clear()
+    with pytest.raises(ValueError, match=f"other-vae.safetensors: its VAE differs .*tensor {key}"):
+        train_demo(three, tmp_path / "x.safetensors", work_dir=tmp_path / "fresh3", log=lines.append, threads=1,
+                   start_from=tmp_path / "other-vae.safetensors")
+    assert not any(line.startswith("decoder-only tune") for line in lines)
+    assert not (tmp_path / "x.safetensors").exists()
+
 
 def test_latent_edge_map_marks_outlines_not_flat_areas_or_ramps() -> None:
     """The edge term's weights: an object's outline gets them; a flat area, the inside of the object and a

@@ -402,14 +402,13 @@ def _check_earlier_vae(earlier: _EarlierFile, vae: AutoencoderKL) -> None:
 def _load_earlier_stages(
     earlier: _EarlierFile, unet: UNetModel, text_encoder: torch.nn.Module, vae: AutoencoderKL
 ) -> tuple[int, dict]:
-    """Load the U-Net and text encoder of a checked earlier file; its VAE must be the one this recipe built (the
-    decoder aside: train_demo has tuned it or taken the file's)."""
+    """Load the U-Net and text encoder of a checked earlier file (train_demo has checked its VAE with
+    :func:`_check_earlier_vae` before any training)."""
     sd, path = earlier.tensors, earlier.path
     expected = sd1_state_dict(unet, text_encoder, vae, torch.float16)
     missing = [k for k in expected if k not in sd]
     if missing:
         raise ValueError(f"{path}: {len(missing)} tensors missing, first {missing[0]}")
-    _check_earlier_vae(earlier, vae)
     for prefix, module in ((UNET_PREFIX, unet), (CLIP_PREFIX + "text_model.", text_encoder)):
         own = module.state_dict()
         module.load_state_dict({k: sd[prefix + k].to(own[k].dtype) for k in own if prefix + k in expected}, strict=False)
