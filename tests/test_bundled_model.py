@@ -63,8 +63,8 @@ def test_the_bundled_model_draws_the_asked_background_object_colour_and_position
     assert sum(sc.object_color for sc in scores) >= 6, detected
     assert sum(sc.position for sc in scores) >= 6, detected
     # Shape: the shipped file gets it right 70-83 % of the time, depending on the prompts drawn (README, "Training
-    # the demo model"; small hexagons and stars are the misses: the VAE's 8x8 blocks lose their outlines), and 5
-    # of these 8 (stars read as circles or hexagons, a square as a hexagon).
+    # the demo model"; small hexagons and stars are the misses: they come out as round blobs), and 5 of these 8
+    # (stars read as circles or hexagons, a square as a hexagon).
     # At least half, allowing one borderline fit to tip on another CPU; the stage-4 file (38-53 %) gets 3 of
     # these 8 and fails it.
     shapes = [(s.objects[0].shape, (sc.detected.get("object") or {}).get("shape")) for s, sc in zip(scenes, scores)]
