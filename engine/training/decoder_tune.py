@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.training.vae_trainer import adamw_warmup_cosine
+from engine.training.vae_trainer import adamw_warmup_cosine, clipped_update
 from engine.vae import AutoencoderKL, ResnetBlock
 
 LogFn = Callable[[str], None]
@@ -150,12 +150,8 @@ def train_decoder(
         z, target = torch.where(flip, z.flip(-1), z), torch.where(flip, target.flip(-1), target)
         recon = decode_for_training(vae, z, skip_level0=skip)
         loss = F.mse_loss(recon, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        _zero_sum_(blocks)
-        sched.step()
+        clipped_update(loss, opt, sched, params)
+        _zero_sum_(blocks)  # back onto the zero-sum kernels (the schedule's step only sets the next lr)
         losses.append(loss.item())
         if log and (step % log_every == 0 or step == steps - 1):
             rate = (step + 1) / (time.perf_counter() - start)

@@ -46,6 +46,17 @@ def adamw_warmup_cosine(params, lr: float, steps: int) -> tuple[torch.optim.Adam
     return opt, sched
 
 
+def clipped_update(loss: torch.Tensor, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+                   params: list[torch.nn.Parameter], max_norm: float = 1.0) -> None:
+    """One training update of the autoencoder trainings: the gradients of ``loss``, clipped to a total norm of
+    ``max_norm`` over ``params``, an optimizer step, then the schedule's step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+    sched.step()
+
+
 def train_vae(
     vae: AutoencoderKL,
     batches: Iterator[torch.Tensor],
@@ -59,18 +70,15 @@ def train_vae(
 ) -> list[float]:
     """Train in place for ``steps`` batches of [0, 1] images; returns the loss of every step."""
     vae.train().requires_grad_(True)
-    opt, sched = adamw_warmup_cosine(vae.parameters(), lr, steps)
+    params = list(vae.parameters())
+    opt, sched = adamw_warmup_cosine(params, lr, steps)
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     start = time.perf_counter()
     for step in range(steps):
         images = next(batches)
         loss, parts = vae_loss(vae, images, kl_weight, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        clipped_update(loss, opt, sched, params)
         losses.append(loss.item())
         if log and (step % log_every == 0 or step == steps - 1):
             rate = (step + 1) / (time.perf_counter() - start)
