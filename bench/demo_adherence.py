@@ -90,6 +90,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--seed", type=int, default=1000)
     args = ap.parse_args()
+    for name in ("n", "steps"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not args.model.is_file():
+        ap.error(f"--model {args.model}: no such file")
 
     pipe = Pipeline.load(args.model, device="cpu", dtype="float32", max_batch_size=16)
     print(f"model {args.model.name} ({pipe.models.checkpoint.short_hash}), native {pipe.models.native_size}px, "
