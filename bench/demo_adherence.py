@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from engine.bundled import bundled_model_path  # noqa: E402
-from engine.demo.evaluate import red_share, score_image  # noqa: E402
+from engine.demo.evaluate import color_shares, score_image  # noqa: E402
 from engine.demo.scenes import Scene, random_scene  # noqa: E402
 from engine.pipeline import GenerationRequest, Pipeline  # noqa: E402
 
@@ -73,13 +73,15 @@ def accuracy(pipe: Pipeline, items: list[Scene], cfg: float, steps: int, seed: i
     return acc
 
 
-def mean_red(pipe: Pipeline, prompts: list[str], negative: str, steps: int, cfg: float, seed: int) -> float:
+def mean_shares(pipe: Pipeline, prompts: list[str], negative: str, steps: int, cfg: float, seed: int) -> dict[str, float]:
+    """Each named colour's mean share of the pixels of the prompts' renders."""
     size = pipe.models.native_size
     requests = [
         GenerationRequest(p, seed=seed + i, negative_prompt=negative, width=size, height=size, steps=steps, cfg_scale=cfg)
         for i, p in enumerate(prompts)
     ]
-    return sum(red_share(r.image) for r in pipe.generate(requests)) / len(prompts)
+    shares = [color_shares(r.image) for r in pipe.generate(requests)]
+    return {c: sum(s[c] for s in shares) / len(shares) for c in shares[0]}
 
 
 def main() -> None:
@@ -118,11 +120,15 @@ def main() -> None:
 
     red_prompts = [s.caption for s in scenes(args.seed + 2, args.n // 2, False) if "red" in s.caption][: max(4, args.n // 4)]
     free = ["a large circle in the center", "a small square on the left", "a star at the top", "a hexagon on the right"] * max(1, args.n // 16)
-    for label, prompts in (("prompts naming red", red_prompts), ("prompts naming no colour", free)):
-        plain = mean_red(pipe, prompts, "", args.steps, args.cfg, args.seed)
-        negative = mean_red(pipe, prompts, "red", args.steps, args.cfg, args.seed)
-        print(f"red pixel share, {label} ({len(prompts)}): no negative {plain:.3f}, negative 'red' {negative:.3f} "
-              f"(ratio {negative / max(plain, 1e-9):.2f})")
+    free_plain = mean_shares(pipe, free, "", args.steps, args.cfg, args.seed)
+    # Red, and the colour the model draws most when the prompt names none (red may hardly come up there at all).
+    most = max(free_plain, key=free_plain.get)
+    for colour, label, prompts in (("red", "prompts naming red", red_prompts), ("red", "prompts naming no colour", free),
+                                   (most, "prompts naming no colour", free)):
+        plain = (free_plain if prompts is free else mean_shares(pipe, prompts, "", args.steps, args.cfg, args.seed))[colour]
+        negative = mean_shares(pipe, prompts, colour, args.steps, args.cfg, args.seed)[colour]
+        print(f"{colour} pixel share, {label} ({len(prompts)}): no negative {plain:.3f}, negative '{colour}' "
+              f"{negative:.3f} (ratio {negative / max(plain, 1e-9):.2f})")
 
     size = pipe.models.native_size
     req = GenerationRequest("a large red circle in the center, blue background", seed=1, width=size, height=size, steps=25, cfg_scale=args.cfg)

@@ -7,7 +7,7 @@ import random
 
 from engine.bundled import bundled_model_path
 from engine.checkpoint import detect_family, open_state_dict
-from engine.demo.evaluate import red_share, score_image
+from engine.demo.evaluate import color_shares, score_image
 from engine.demo.recipe import DEMO_LICENSE, DemoRecipe
 from engine.demo.scenes import Scene, random_scene
 from engine.pipeline import GenerationRequest, Pipeline
@@ -62,26 +62,30 @@ def test_the_bundled_model_draws_the_asked_background_object_colour_and_position
     assert sum(sc.background for sc in scores) >= 6, detected
     assert sum(sc.object_color for sc in scores) >= 6, detected
     assert sum(sc.position for sc in scores) >= 6, detected
-    # Shape: the shipped file gets it right 70-83 % of the time, depending on the prompts drawn (README, "Training
-    # the demo model"; small hexagons and stars are the misses: they come out as round blobs), and 5 of these 8
-    # (stars read as circles or hexagons, a square as a hexagon).
-    # At least half, allowing one borderline fit to tip on another CPU; the stage-4 file (38-53 %) gets 3 of
-    # these 8 and fails it.
+    # Shape: the shipped file gets it right 78-90 % of the time, depending on the prompts drawn (README, "Training
+    # the demo model"; small hexagons and stars are the usual misses: they come out as round blobs), and 7 of
+    # these 8 (a small star read as a circle). At least 6, allowing one borderline fit to tip on another CPU; the
+    # stage-5 file (70-83 %) gets 5 of these 8 and fails it, the stage-4 file (38-53 %) 3.
     shapes = [(s.objects[0].shape, (sc.detected.get("object") or {}).get("shape")) for s, sc in zip(scenes, scores)]
-    assert sum(sc.shape for sc in scores) >= 4, shapes
+    assert sum(sc.shape for sc in scores) >= 6, shapes
 
 
 def test_a_negative_prompt_removes_the_colour_it_names() -> None:
-    """Prompts that name no colour, with and without the negative prompt "red": the red pixels must mostly go."""
+    """Prompts that name no colour, with and without a negative prompt naming the colour the model draws most for
+    them: that colour's pixels must mostly go. (Chosen by rule, not by name: which colours come up unasked is the
+    model's choice; the stage-7 file draws almost no red there, the stage-5 file drew 9 % red.)"""
     pipe = Pipeline.load(MODEL, device="cpu", dtype="float32")
     size = pipe.models.native_size
     prompts = ["a large circle in the center", "a small square on the left", "a star at the top", "a hexagon on the right"] * 2
 
-    def red(negative: str) -> float:
+    def shares(negative: str) -> dict[str, float]:
         requests = [GenerationRequest(p, seed=1000 + i, negative_prompt=negative, width=size, height=size, steps=25, cfg_scale=6.0,
                                       sampler="DPM++ 2M Karras") for i, p in enumerate(prompts)]
-        return sum(red_share(r.image) for r in pipe.generate(requests)) / len(prompts)
+        per_image = [color_shares(r.image) for r in pipe.generate(requests)]
+        return {c: sum(s[c] for s in per_image) / len(per_image) for c in per_image[0]}
 
-    plain, negative = red(""), red("red")
-    assert plain > 0.02, plain  # red does come up without the negative prompt, so the comparison means something
-    assert negative < 0.5 * plain, (plain, negative)
+    plain = shares("")
+    most = max(plain, key=plain.get)
+    assert plain[most] > 0.1, plain  # it does come up without the negative prompt, so the comparison means something
+    negative = shares(most)
+    assert negative[most] < 0.5 * plain[most], (most, plain, negative)

@@ -245,6 +245,24 @@ def test_train_demo_continues_from_a_saved_checkpoint_exactly_as_the_whole_chain
     cont2 = open_state_dict(tmp_path / "cont2.safetensors")
     assert all(torch.equal(full[k], cont2[k]) for k in full)
 
+    # A file made before the recipe had its focused decoder tune: only that tune runs, from the file's decoder,
+    # and the result is again the whole chain's.
+    assert three.decoder_focus_steps > 0
+    train_demo(replace(two, decoder_focus_steps=0), tmp_path / "unfocused.safetensors", work_dir=work, log=quiet, threads=1)
+    assert not torch.equal(open_state_dict(tmp_path / "unfocused.safetensors")[dec_key], full[dec_key])
+    fresh4 = tmp_path / "fresh4"
+    fresh4.mkdir()
+    for name in ("vae.pt", "latents.pt"):
+        shutil.copy(work / name, fresh4 / name)
+    lines = []
+    report = train_demo(three, tmp_path / "cont3.safetensors", work_dir=fresh4, log=lines.append, threads=1,
+                        start_from=tmp_path / "unfocused.safetensors")
+    assert [line.split(":")[0] for line in lines if line.startswith("decoder-only tune")] == [
+        "decoder-only tune focused on small objects (80% of samples)"]
+    assert report["decoder_focus"]["seconds"] > 0
+    cont3 = open_state_dict(tmp_path / "cont3.safetensors")
+    assert all(torch.equal(full[k], cont3[k]) for k in full)
+
     with pytest.raises(ValueError, match="differs in diffusion"):
         train_demo(replace(three, diffusion=replace(three.diffusion, lr=1e-3)), tmp_path / "x.safetensors", log=quiet,
                    threads=1, start_from=tmp_path / "two.safetensors")
@@ -321,3 +339,28 @@ def test_edge_weight_adds_the_outline_error_and_draws_nothing_more() -> None:
         eps_hat = model.unet(x_t, t.float(), model.text_encoder(input_ids=ids).last_hidden_state)
     term = 4.0 * (latent_edge_map(outlined) * (eps_hat - noise).square()).mean().item()
     assert term > 0 and b - a == pytest.approx(term, rel=1e-4)
+
+
+def test_focused_sampling_draws_small_objects_of_the_named_shapes_at_the_share_asked() -> None:
+    import random
+
+    from engine.demo.recipe import _focus_indices, _focused
+    from engine.demo.scenes import random_scene
+
+    rng = random.Random(5)
+    scenes = [random_scene(rng, held_out=False) for _ in range(400)]
+    focus = _focus_indices(scenes, ("star", "hexagon"))
+    assert len(focus) > 0
+    for i in focus.tolist():
+        assert any(o.size == "small" and o.shape in ("star", "hexagon") for o in scenes[i].objects)
+    outside = [i for i in range(len(scenes)) if i not in set(focus.tolist())]
+    assert all(not any(o.size == "small" and o.shape in ("star", "hexagon") for o in scenes[i].objects) for i in outside)
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, len(scenes), (4000,), generator=gen)
+    in_focus = torch.isin(_focused(idx, focus, 0.5, gen), focus).float().mean().item()
+    natural = torch.isin(idx, focus).float().mean().item()
+    # Half the draws come from the focus set, the other half keep their natural share of it.
+    assert abs(in_focus - (0.5 + 0.5 * natural)) < 0.03
+    assert torch.equal(_focused(idx, focus, 0.0, gen), idx)
+    with pytest.raises(ValueError, match="focus shapes.*name one or more of circle"):
+        _focus_indices(scenes, ("rhombus",))

@@ -150,11 +150,17 @@ def classify_color(rgb) -> str:
     return _NAMES[int(_nearest_color_index(np.asarray(rgb, dtype=np.float32).reshape(3)))]
 
 
+def color_shares(image) -> dict[str, float]:
+    """Share of the image's pixels whose nearest named colour is each colour (e.g. to show that a negative
+    prompt "red" removed red from the picture); the shares add up to 1."""
+    idx = _nearest_color_index(_to_rgb_array(image))
+    counts = np.bincount(idx.ravel(), minlength=len(_NAMES)) / idx.size
+    return {name: float(c) for name, c in zip(_NAMES, counts)}
+
+
 def red_share(image) -> float:
-    """Share of the image's pixels whose nearest named colour is "red" (e.g. to show that a negative prompt
-    "red" removed red from the picture)."""
-    arr = _to_rgb_array(image)
-    return float((_nearest_color_index(arr) == _NAMES.index("red")).mean())
+    """Share of the image's pixels whose nearest named colour is "red"."""
+    return color_shares(image)["red"]
 
 
 # --- input --------------------------------------------------------------------------------------------------

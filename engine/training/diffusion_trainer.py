@@ -82,6 +82,10 @@ class DiffusionTrainingConfig:
     caption_edition: int = 1
     # Weight of the eps error counted again on the clean latents' outlines (latent_edge_map; module docstring).
     edge_weight: float = 0.0
+    # Share of each batch the demo recipe's sampler draws from the scenes holding a small object of one of
+    # ``focus_shapes`` (the rest uniformly from all scenes); 0 draws exactly what earlier recipes drew.
+    focus_share: float = 0.0
+    focus_shapes: tuple[str, ...] = ()
 
 
 def tokenize_captions(captions: Sequence[str], tokenizer: ClipTokenizer) -> torch.Tensor:
