@@ -120,12 +120,14 @@ def main() -> None:
 
     red_prompts = [s.caption for s in scenes(args.seed + 2, args.n // 2, False) if "red" in s.caption][: max(4, args.n // 4)]
     free = ["a large circle in the center", "a small square on the left", "a star at the top", "a hexagon on the right"] * max(1, args.n // 16)
+    red_plain = mean_shares(pipe, red_prompts, "", args.steps, args.cfg, args.seed)
     free_plain = mean_shares(pipe, free, "", args.steps, args.cfg, args.seed)
     # Red, and the colour the model draws most when the prompt names none (red may hardly come up there at all).
     most = max(free_plain, key=free_plain.get)
-    for colour, label, prompts in (("red", "prompts naming red", red_prompts), ("red", "prompts naming no colour", free),
-                                   (most, "prompts naming no colour", free)):
-        plain = (free_plain if prompts is free else mean_shares(pipe, prompts, "", args.steps, args.cfg, args.seed))[colour]
+    for colour, label, prompts, plain_shares in (("red", "prompts naming red", red_prompts, red_plain),
+                                                 ("red", "prompts naming no colour", free, free_plain),
+                                                 (most, "prompts naming no colour", free, free_plain)):
+        plain = plain_shares[colour]
         negative = mean_shares(pipe, prompts, colour, args.steps, args.cfg, args.seed)[colour]
         print(f"{colour} pixel share, {label} ({len(prompts)}): no negative {plain:.3f}, negative '{colour}' "
               f"{negative:.3f} (ratio {negative / max(plain, 1e-9):.2f})")

@@ -349,7 +349,7 @@ def test_focused_sampling_draws_small_objects_of_the_named_shapes_at_the_share_a
 
     rng = random.Random(5)
     scenes = [random_scene(rng, held_out=False) for _ in range(400)]
-    focus = _focus_indices(scenes, ("star", "hexagon"))
+    focus = _focus_indices(scenes, ("star", "hexagon"), "a test")
     assert len(focus) > 0
     for i in focus.tolist():
         assert any(o.size == "small" and o.shape in ("star", "hexagon") for o in scenes[i].objects)
@@ -362,5 +362,23 @@ def test_focused_sampling_draws_small_objects_of_the_named_shapes_at_the_share_a
     # Half the draws come from the focus set, the other half keep their natural share of it.
     assert abs(in_focus - (0.5 + 0.5 * natural)) < 0.03
     assert torch.equal(_focused(idx, focus, 0.0, gen), idx)
-    with pytest.raises(ValueError, match="focus shapes.*name one or more of circle"):
-        _focus_indices(scenes, ("rhombus",))
+    with pytest.raises(ValueError, match="a test: no training scene holds a small star"):
+        _focus_indices([s for i, s in enumerate(scenes) if i not in set(focus.tolist())], ("star",), "a test")
+
+
+def test_bad_focus_settings_are_refused_naming_the_stage_before_anything_trains(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from engine.demo.recipe import DemoRecipe, train_demo
+
+    recipe = DemoRecipe().scaled(0.0005)
+    last = len(recipe.continuations) + 1
+    bad_stage = replace(recipe.continuations[-1], focus_shapes=("star", "rhombus"))
+    lines: list[str] = []
+    with pytest.raises(ValueError, match=f"diffusion stage {last}: focus shapes .*rhombus.*name one or more of circle"):
+        train_demo(replace(recipe, continuations=(*recipe.continuations[:-1], bad_stage)), tmp_path / "x.safetensors",
+                   work_dir=tmp_path / "work", log=lines.append, threads=1)
+    with pytest.raises(ValueError, match="the focused decoder tune: focus share 1.5 must be above 0 and at most 1"):
+        train_demo(replace(recipe, decoder_focus_share=1.5), tmp_path / "x.safetensors", work_dir=tmp_path / "work",
+                   log=lines.append, threads=1)
+    assert lines == [] and not (tmp_path / "x.safetensors").exists()  # nothing trained, nothing written

@@ -188,6 +188,13 @@ def train_demo(
     for n, stage in enumerate((recipe.diffusion, *recipe.continuations), start=1):
         if stage.caption_edition not in CAPTION_EDITIONS:
             raise ValueError(f"diffusion stage {n}: unknown caption_edition {stage.caption_edition} (known: {CAPTION_EDITIONS})")
+    # Focus settings are checked before hours of earlier stages are trained, not when their stage begins.
+    focused = {f"diffusion stage {n}": (stage.focus_share, stage.focus_shapes)
+               for n, stage in enumerate((recipe.diffusion, *recipe.continuations), start=1) if stage.focus_share}
+    if recipe.decoder_steps and recipe.decoder_focus_steps:
+        focused["the focused decoder tune"] = (recipe.decoder_focus_share, recipe.decoder_focus_shapes)
+    for what, (share, shapes) in focused.items():
+        _check_focus(what, share, shapes)
     keys = _stage_keys(recipe)
     # A file from another recipe is refused before any work is done.
     earlier_file = _check_earlier_stages(Path(start_from), recipe) if start_from is not None else None
@@ -225,6 +232,8 @@ def train_demo(
     t1 = time.perf_counter()
     rng = random.Random(recipe.seed + 2)
     scenes = [random_scene(rng, held_out=False) for _ in range(recipe.dataset_size)]
+    for what, (_, shapes) in focused.items():
+        _focus_indices(scenes, shapes, what)  # a focus set with no scene is refused before any training too
     latents_file = work / "latents.pt" if work else None
     saved = torch.load(latents_file, weights_only=True) if latents_file and latents_file.exists() else None
     if saved is not None and saved.get("key") == keys["latents"]:
@@ -262,7 +271,7 @@ def train_demo(
             seconds_here += report["decoder_focus"]["seconds"]
 
     def sampler(stage: DiffusionTrainingConfig) -> Callable[[int, torch.Generator], tuple]:
-        focus = _focus_indices(scenes, stage.focus_shapes) if stage.focus_share else None
+        focus = _focus_indices(scenes, stage.focus_shapes, "a diffusion stage") if stage.focus_share else None
 
         def sample_batch(n: int, gen: torch.Generator) -> tuple:
             idx = torch.randint(0, len(scenes), (n,), generator=gen)
@@ -356,15 +365,20 @@ def _decoder_settings(recipe_json: dict) -> dict:
     return settings
 
 
-def _focus_indices(scenes: list[Scene], shapes) -> torch.Tensor:
-    """Indices of the scenes holding a small object of one of ``shapes``."""
+def _check_focus(what: str, share: float, shapes) -> None:
+    """Refuse a focus share outside (0, 1] or focus shapes that are not scene shapes, naming the setting's owner."""
+    if not 0 < share <= 1:
+        raise ValueError(f"{what}: focus share {share} must be above 0 and at most 1")
+    if not shapes or set(shapes) - set(SHAPES):
+        raise ValueError(f"{what}: focus shapes {list(shapes)}: name one or more of {', '.join(SHAPES)}")
+
+
+def _focus_indices(scenes: list[Scene], shapes, what: str) -> torch.Tensor:
+    """Indices of the scenes holding a small object of one of ``shapes`` (checked by :func:`_check_focus`)."""
     wanted = set(shapes)
-    unknown = wanted - set(SHAPES)
-    if unknown or not wanted:
-        raise ValueError(f"focus shapes {sorted(shapes)}: name one or more of {', '.join(SHAPES)}")
     idx = [i for i, s in enumerate(scenes) if any(o.size == "small" and o.shape in wanted for o in s.objects)]
     if not idx:
-        raise ValueError(f"no training scene holds a small {' or '.join(sorted(wanted))}: nothing to focus on")
+        raise ValueError(f"{what}: no training scene holds a small {' or '.join(sorted(wanted))}: nothing to focus on")
     return torch.tensor(idx)
 
 
@@ -386,7 +400,7 @@ def _tuned_decoder(recipe: DemoRecipe, vae: AutoencoderKL, scenes: list[Scene], 
         return saved["report"]
     t = time.perf_counter()
     scale = vae.config.scaling_factor
-    focus_idx = _focus_indices(scenes, recipe.decoder_focus_shapes) if focus else None
+    focus_idx = _focus_indices(scenes, recipe.decoder_focus_shapes, "the focused decoder tune") if focus else None
 
     def sample(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, len(scenes), (n,), generator=gen)
