@@ -1,4 +1,4 @@
-"""How well the bundled demo model follows prompts, scored by pixel analysis (engine/demo/evaluate.py).
+"""How well the bundled demo model follows prompts, scored by pixel analysis (demo/evaluate.py).
 
 Run from the repository root::
 
@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from demo.evaluate import color_shares, score_image  # noqa: E402
+from demo.scenes import Scene, random_scene  # noqa: E402
 from engine.bundled import bundled_model_path  # noqa: E402
-from engine.demo.evaluate import color_shares, score_image  # noqa: E402
-from engine.demo.scenes import Scene, random_scene  # noqa: E402
 from engine.pipeline import GenerationRequest, Pipeline  # noqa: E402
 
 ATTRIBUTES = ("background", "object_color", "shape", "position")

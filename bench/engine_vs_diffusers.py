@@ -21,7 +21,7 @@ What it does
 2. Runs each side in its own subprocess, so ``ru_maxrss`` (peak resident set, loading included) is that
    side's alone:
 
-   - **ours**: ``engine.models.load_sd1`` -> ``engine.pipeline.Pipeline`` -> ``Pipeline.generate`` with one
+   - **ours**: ``engine.loading.load_checkpoint`` -> ``engine.pipeline.Pipeline`` -> ``Pipeline.generate`` with one
      256x256 ``DPM++ 2M Karras`` request at CFG 7 (cond + uncond in one U-Net batch of 2). The only
      substitution: ``Pipeline._conditioning`` returns a fixed random conditioning tensor instead of
      running the (random) CLIP model, so both sides see the same context. ``Pipeline._decode`` is wrapped
@@ -170,7 +170,7 @@ def _make_checkpoint(preset: dict, path: Path, seed: int) -> dict:
     from torch import nn
 
     from engine.checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, file_sha256
-    from engine.models import META_TEXT_HEADS, META_UNET_HEADS
+    from engine.loading import META_TEXT_HEADS, META_UNET_HEADS
     from engine.text_encoder import TextEncoderConfig, build_text_encoder
     from engine.unet import UNetConfig, UNetModel
     from engine.vae import AutoencoderKL, VAEConfig
@@ -220,12 +220,12 @@ def _run_ours(preset: dict, path: Path, args) -> dict:
     import torch
 
     _setup_threads(args.threads)
-    from engine.models import load_sd1
+    from engine.loading import load_checkpoint
     from engine.pipeline import GenerationRequest, Pipeline
 
     rss_import = _maxrss_mb()
     t0 = time.perf_counter()
-    models = load_sd1(path, device="cpu", dtype=torch.float32)
+    models = load_checkpoint(path, device="cpu", dtype=torch.float32)
     pipe = Pipeline(models)
     load_s = time.perf_counter() - t0
     rss_load, rss_load_now = _maxrss_mb(), _rss_mb()

@@ -188,9 +188,9 @@ def _flop_per_image(path: Path, device, dtype, size: int, steps: int, context_di
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from engine.models import load_sd1
+    from engine.loading import load_checkpoint
 
-    models = load_sd1(path, device=device, dtype=dtype)
+    models = load_checkpoint(path, device=device, dtype=dtype)
     lat = size // 8
     x = torch.randn(2, 4, lat, lat, device=device, dtype=dtype)
     t = torch.tensor([500.0, 500.0], device=device)

@@ -43,7 +43,7 @@ def run_case(case: str, args: argparse.Namespace, work: Path) -> dict:
 
     torch.set_num_threads(args.threads)
     if case.startswith("model"):
-        from engine.upscale.models import load_upscaler
+        from engine.upscale.networks import load_upscaler
         from engine.upscale.random_models import random_esrgan, write_upscaler
 
         path = work / f"esrgan-nf{args.nf}-nb{args.blocks}.safetensors"

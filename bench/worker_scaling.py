@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                                             args.batch_size)
         db, store = open_database(settings.db_url), open_store(settings.store_url)
         jobs = load_jobs(db, units[0])
-        pipe = get_pipeline(jobs[0].model_path, jobs[0].model_sha256, device="cpu", max_batch_size=args.batch_size)
+        pipe = get_pipeline(jobs[0].model.path, jobs[0].model.sha256, device="cpu", max_batch_size=args.batch_size)
         pipe.generate([j.request() for j in jobs])  # warm, as the workers are
         t = time.perf_counter()
         for unit in units:
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
                 t = time.perf_counter()
                 result = pool.run(run_id, units)
                 seconds = time.perf_counter() - t
-            assert result["rendered"] == args.images, result
+            assert result.counts.rendered == args.images, result
             ips = args.images / seconds
             one = one or (ips if n == 1 else None)
             vs_one = f"{ips / one:11.2f}x" if one else f"{'':>12}"

@@ -1,6 +1,7 @@
-"""Opening model files: safetensors (memory-mapped) or, on request, pickled .ckpt; family detection; hashes.
+"""Opening model files: safetensors (memory-mapped) or, on request, pickled .ckpt; hashes.
 
-Nothing here builds a network; :mod:`engine.models` does that from the state dicts opened here.
+Nothing here builds a network; :mod:`engine.loading` does that from the state dicts opened here, after
+:mod:`engine.families` has said what the file is.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import json
 import os
 import struct
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -169,48 +169,6 @@ def open_state_dict(path: str | os.PathLike[str], allow_pickle: bool = False) ->
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(p, f"cannot be opened as safetensors ({exc})") from exc
     return StateDict(p, None, handle=handle, metadata=handle.metadata())
-
-
-@dataclass(frozen=True)
-class Family:
-    """What a checkpoint is; only ``sd1`` and ``sd1-inpaint`` are rendered today."""
-
-    name: str
-    supported: bool
-    reason: str = ""
-
-
-def detect_family(sd: StateDict) -> Family:
-    keys = sd
-    if any(k.startswith("conditioner.embedders.") for k in keys) or f"{UNET_PREFIX}label_emb.0.0.weight" in keys:
-        return Family("sdxl", False, "SDXL checkpoints are not supported yet (SD 1.x only)")
-    if not any(k.startswith(UNET_PREFIX) for k in keys):
-        if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
-            return Family("lora", False, "this is a LoRA file, not a checkpoint; LoRA support is separate work")
-        if any(k.startswith(("encoder.", "decoder.", f"{VAE_PREFIX}encoder.", f"{VAE_PREFIX}decoder.")) for k in keys):
-            return Family("vae", False, "this is a standalone VAE; pass it with --vae alongside a checkpoint")
-        raise CheckpointError(sd.path, f"not a Stable Diffusion checkpoint: no '{UNET_PREFIX}*' tensors")
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return Family("sd2", False, "SD 2.x checkpoints (OpenCLIP text encoder) are not supported yet (SD 1.x only)")
-    attn = f"{UNET_PREFIX}middle_block.1.transformer_blocks.0.attn2.to_k.weight"
-    proj = f"{UNET_PREFIX}middle_block.1.proj_in.weight"
-    for key in (attn, proj):
-        if key not in keys:
-            raise CheckpointError(sd.path, "missing tensor of the U-Net's cross-attention middle block", key)
-    context_dim = sd.shape(attn)[1]
-    if context_dim == 2048:
-        return Family("sdxl", False, "SDXL checkpoints are not supported yet (SD 1.x only)")
-    if context_dim == 1024 or len(sd.shape(proj)) == 2:
-        return Family("sd2", False, "SD 2.x checkpoints are not supported yet (SD 1.x only)")
-    conv_in = f"{UNET_PREFIX}input_blocks.0.0.weight"
-    if conv_in not in keys:
-        raise CheckpointError(sd.path, "missing tensor", conv_in)
-    in_ch = sd.shape(conv_in)[1]
-    if in_ch == 9:
-        return Family("sd1-inpaint", True)
-    if in_ch != 4:
-        return Family(f"sd1-{in_ch}ch", False, f"U-Net with {in_ch} input channels (e.g. instruct-pix2pix) is not supported")
-    return Family("sd1", True)
 
 
 # ---- hashes -------------------------------------------------------------------------------------------------

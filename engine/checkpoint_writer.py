@@ -1,4 +1,4 @@
-"""Writing networks back out as a single-file SD 1.x checkpoint (the layout :mod:`engine.models` loads)."""
+"""Writing networks back out as a single-file SD 1.x checkpoint (the layout :mod:`engine.loading` loads)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
 from engine.checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
-from engine.models import META_TEXT_HEADS, META_UNET_HEADS
+from engine.loading import META_TEXT_HEADS, META_UNET_HEADS
 from engine.unet import UNetModel
 from engine.vae import AutoencoderKL
 

@@ -42,3 +42,12 @@ def resolve_dtype(name: str | torch.dtype = "auto", device: torch.device | None 
         return DTYPES[name.lower()]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}: use auto, {', '.join(sorted(set(DTYPES)))}") from None
+
+
+def free_device_memory(device: torch.device) -> None:
+    """Give back what dead tensors held (after an out-of-memory error), so a retry starts from a clean device."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

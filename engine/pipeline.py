@@ -8,7 +8,7 @@ Reproducibility: each image gets its own CPU generator seeded with its seed; its
 ancestral noise draw come from that generator in float32, then move to the device. The same seed therefore
 gives the same image whatever the batch size, the position in the batch, or ``-n``.
 
-Big img2img passes (above :data:`engine.upscale.tiling.AUTO_TILE_PIXELS`), and any request that sets ``tile``,
+Big img2img passes (above :data:`engine.tiling.AUTO_TILE_PIXELS`), and any request that sets ``tile``,
 are denoised and VAE-coded in overlapping tiles blended with feathered seams, so memory follows the tile, not
 the image; the noise is still drawn for the whole latent from the image's generator, so tiling never changes
 which noise a seed gives.
@@ -26,12 +26,12 @@ import torch
 from PIL import Image
 
 from engine.conditioning import PromptEncoder
-from engine.devices import resolve_device, resolve_dtype
+from engine.devices import free_device_memory, resolve_device, resolve_dtype
 from engine.image_ops import fit_image, latent_mask, mask_to_tensor, pil_to_tensor01, tensor01_to_pil
-from engine.models import SD1Models, load_sd1
+from engine.loading import LoadedModels, load_checkpoint
 from engine.samplers import SamplerSpec, get_sampler, sample, sampler_sigmas
 from engine.schedule import DiscreteSchedule
-from engine.upscale.tiling import Region, resolve_tile, run_tiled
+from engine.tiling import Region, resolve_tile, run_tiled
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ class GenerationRequest:
     def has_init(self) -> bool:
         return self.init_image is not None or self.init_latent is not None
 
-    def validate(self) -> None:
+    def validate(self) -> SamplerSpec:
+        """Check the request; returns its sampler, resolved from the name here and nowhere else."""
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         for name, value in (("width", self.width), ("height", self.height)):
@@ -90,13 +91,12 @@ class GenerationRequest:
             raise ValueError("give an init image or an init latent, not both")
         if self.tile is not None and (self.tile < 0 or (self.tile and (self.tile < 64 or self.tile % 8))):
             raise ValueError(f"tile must be 0 (never tile) or a multiple of 8 of at least 64, got {self.tile}")
-        get_sampler(self.sampler)
+        return get_sampler(self.sampler)
 
-    def batch_key(self) -> tuple:
-        """Requests with equal keys run in one U-Net batch."""
+    def batch_key(self, sampler: SamplerSpec) -> tuple:
+        """Requests with equal keys run in one U-Net batch; ``sampler`` is what :meth:`validate` resolved."""
         strength = self.strength if self.has_init else None
-        return (self.width, self.height, self.steps, get_sampler(self.sampler).name, self.mode, strength,
-                self.init_latent is not None, self.tile)
+        return (self.width, self.height, self.steps, sampler, self.mode, strength, self.init_latent is not None, self.tile)
 
 
 @dataclass
@@ -114,13 +114,15 @@ def _fmt(value: float) -> str:
 
 
 class Pipeline:
-    """An SD 1.x checkpoint loaded once and kept warm across many ``generate`` calls."""
+    """A checkpoint loaded once and kept warm across many ``generate`` calls."""
 
-    def __init__(self, models: SD1Models, *, max_batch_size: int = 8, schedule: DiscreteSchedule | None = None):
+    def __init__(self, models: LoadedModels, *, max_batch_size: int = 8, schedule: DiscreteSchedule | None = None):
         self.models = models
         self.device = models.device
         self.dtype = models.dtype
         self.max_batch_size = max(1, max_batch_size)
+        self.fits: int | None = None  # images per engine call that fit the device; None: no out-of-memory seen
+        self.oom_halvings = 0
         self.schedule = schedule or DiscreteSchedule.sd1()
         self.prompts = PromptEncoder(models.text_encoder, models.tokenizer, self.device, self.dtype)
         self.latent_channels = models.vae.config.z_channels
@@ -138,19 +140,20 @@ class Pipeline:
         max_batch_size: int = 8,
     ) -> "Pipeline":
         dev = resolve_device(device)
-        models = load_sd1(checkpoint, vae_path=vae, device=dev, dtype=resolve_dtype(dtype, dev), allow_pickle=allow_pickle)
+        models = load_checkpoint(checkpoint, vae_path=vae, device=dev, dtype=resolve_dtype(dtype, dev), allow_pickle=allow_pickle)
         return cls(models, max_batch_size=max_batch_size)
 
     # ---- public -------------------------------------------------------------------------------------------
 
     def generate(self, requests: Sequence[GenerationRequest], progress: ProgressFn | None = None) -> list[GenerationResult]:
-        for r in requests:
-            r.validate()
+        samplers = [r.validate() for r in requests]
         groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault(r.batch_key(), []).append(i)
-        batches = [idx[j : j + self.max_batch_size] for idx in groups.values() for j in range(0, len(idx), self.max_batch_size)]
-        total = sum(self._steps_run(requests[b[0]]) for b in batches)
+        for i, (r, sampler) in enumerate(zip(requests, samplers)):
+            groups.setdefault(r.batch_key(sampler), []).append(i)
+        # Each batch with the sampler its requests share (it is part of their key).
+        batches = [(samplers[idx[0]], idx[j : j + self.max_batch_size])
+                   for idx in groups.values() for j in range(0, len(idx), self.max_batch_size)]
+        total = sum(self._steps_run(requests[b[0]], sampler) for sampler, b in batches)
         done = 0
 
         def step(_: int, __: int) -> None:
@@ -160,24 +163,49 @@ class Pipeline:
                 progress(done, total)
 
         results: list[GenerationResult | None] = [None] * len(requests)
-        for batch in batches:
-            for i, result in zip(batch, self._run_batch([requests[i] for i in batch], step)):
+        for sampler, batch in batches:
+            for i, result in zip(batch, self._run_fitting([requests[i] for i in batch], sampler, step)):
                 results[i] = result
         return [r for r in results if r is not None]
 
+    def _run_fitting(self, reqs: list[GenerationRequest], sampler: SamplerSpec, on_step: ProgressFn) -> list[GenerationResult]:
+        """``reqs`` in as few engine calls as fit the device: on out-of-memory, free what the failed call held,
+        halve the images per call and go on. What fits is remembered for this pipeline, so later batches don't hit
+        the same wall first. A single image that does not fit is the caller's error. Results do not depend on the
+        split: every image has its own seeded generator."""
+        results: list[GenerationResult] = []
+        i = 0
+        while i < len(reqs):
+            size = min(self.fits or len(reqs), len(reqs) - i)
+            try:
+                results.extend(self._run_batch(reqs[i : i + size], sampler, on_step))
+                i += size
+                continue
+            except torch.OutOfMemoryError as exc:
+                if size == 1:
+                    raise
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            # Retry outside the except block: the exception's traceback holds the failed call's frames and, through
+            # them, its tensors; only once it is gone can the memory be returned.
+            free_device_memory(self.device)
+            self.fits = max(1, size // 2)
+            self.oom_halvings += 1
+            log.warning("out of memory on %s rendering %d image(s) in one call (%s); halving to %d and retrying",
+                        self.device, size, message, self.fits)
+        return results
+
     # ---- internals ----------------------------------------------------------------------------------------
 
-    def _sigmas(self, req: GenerationRequest) -> torch.Tensor:
-        spec = get_sampler(req.sampler)
-        sigmas = sampler_sigmas(spec, self.schedule, req.steps)
+    def _sigmas(self, req: GenerationRequest, sampler: SamplerSpec) -> torch.Tensor:
+        sigmas = sampler_sigmas(sampler, self.schedule, req.steps)
         if not req.has_init:
             return sigmas
         # img2img runs the last int(steps * strength) steps of the full schedule (at least one).
         run = max(1, min(req.steps, int(req.steps * req.strength)))
         return sigmas[req.steps - run :]
 
-    def _steps_run(self, req: GenerationRequest) -> int:
-        return len(self._sigmas(req)) - 1
+    def _steps_run(self, req: GenerationRequest, sampler: SamplerSpec) -> int:
+        return len(self._sigmas(req, sampler)) - 1
 
     def _initial_noise(self, gens: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
         return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens]).to(self.device)
@@ -191,15 +219,14 @@ class Pipeline:
         return resolve_tile(req.tile, req.width * req.height, max(64, self.models.native_size // 8 * 8))
 
     @torch.inference_mode()
-    def _run_batch(self, reqs: list[GenerationRequest], on_step: ProgressFn) -> list[GenerationResult]:
+    def _run_batch(self, reqs: list[GenerationRequest], sampler: SamplerSpec, on_step: ProgressFn) -> list[GenerationResult]:
         first = reqs[0]
-        spec: SamplerSpec = get_sampler(first.sampler)
         b = len(reqs)
         lh, lw = first.height // self.vae_factor, first.width // self.vae_factor
         shape = (self.latent_channels, lh, lw)
         gens = [torch.Generator("cpu").manual_seed(r.seed) for r in reqs]
         noise = self._initial_noise(gens, shape)
-        sigmas = self._sigmas(first)
+        sigmas = self._sigmas(first, sampler)
         tile = self.tile_size(first)
 
         cond = self._conditioning(reqs)
@@ -226,8 +253,8 @@ class Pipeline:
         denoiser = self._denoiser(cond, cfg, concat, init_latent if not self.models.is_inpainting else None, repaint)
         if tile is not None:
             denoiser = self._tiled_denoiser(denoiser, tile)
-        noise_fn = (lambda i: self._initial_noise(gens, shape)) if spec.ancestral else None
-        latents = sample(spec, denoiser, x, sigmas, noise_fn=noise_fn, callback=on_step)
+        noise_fn = (lambda i: self._initial_noise(gens, shape)) if sampler.ancestral else None
+        latents = sample(sampler, denoiser, x, sigmas, noise_fn=noise_fn, callback=on_step)
 
         images = self._decode(latents, tile)
         if pixel_mask is not None and init_pixels is not None:
@@ -235,7 +262,7 @@ class Pipeline:
             images = init_pixels * (1 - pixel_mask) + images * pixel_mask
         kept = latents.detach().float().cpu()
         return [
-            GenerationResult(request=r, image=tensor01_to_pil(img), parameters=self._parameters(r), latents=kept[i])
+            GenerationResult(request=r, image=tensor01_to_pil(img), parameters=self._parameters(r, sampler), latents=kept[i])
             for i, (r, img) in enumerate(zip(reqs, images))
         ]
 
@@ -337,11 +364,11 @@ class Pipeline:
             images = self.models.vae.decode_latents(latents.float()).float()
         return images
 
-    def _parameters(self, r: GenerationRequest) -> dict[str, str]:
+    def _parameters(self, r: GenerationRequest, sampler: SamplerSpec) -> dict[str, str]:
         m = self.models
         p = {
             "Steps": str(r.steps),
-            "Sampler": get_sampler(r.sampler).name,
+            "Sampler": sampler.name,
             "CFG scale": _fmt(r.cfg_scale),
             "Seed": str(r.seed),
             "Size": f"{r.width}x{r.height}",

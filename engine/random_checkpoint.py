@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import torch
 from engine.checkpoint_writer import save_sd1_checkpoint, sd1_state_dict
-from engine.models import META_TEXT_HEADS, META_UNET_HEADS
+from engine.loading import META_TEXT_HEADS, META_UNET_HEADS
 from engine.text_encoder import TextEncoderConfig, build_text_encoder
 from engine.unet import UNetConfig, UNetModel
 from engine.vae import AutoencoderKL, VAEConfig

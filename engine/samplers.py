@@ -1,8 +1,10 @@
 """Samplers in k-diffusion form: the model is seen as a denoiser D(x, sigma) ~ E[x0 | x], where
 x = x0 + sigma * noise, and each sampler walks x down a given sigma sequence.
 
-Names are A1111's display names, since those are what users type and what the PNG infotext
-("Sampler: DPM++ 2M Karras") records. The formulas follow DESIGN.md "Samplers".
+One function per sampler, the step written out as the maths (DESIGN.md "Samplers"); a registry maps
+A1111's display names, since those are what users type and what the PNG infotext ("Sampler: DPM++ 2M
+Karras") records, to a function and a sigma schedule. A name is resolved once, when a request is
+validated; :func:`sample` then calls the resolved function, and no step looks at a name.
 
 Everything runs in float32. The per-step scalars (sigma ratios, expm1(-h), ...) are computed as
 Python floats (double) from the float32 sigmas: that keeps them exact-ish and avoids a device
@@ -25,6 +27,10 @@ __all__ = [
     "Denoiser",
     "SamplerSpec",
     "SAMPLERS",
+    "ddim",
+    "dpmpp_2m",
+    "euler",
+    "euler_ancestral",
     "get_sampler",
     "sampler_sigmas",
     "sample",
@@ -32,14 +38,96 @@ __all__ = [
 
 # D(x (B,C,H,W), sigma (B,)) -> estimate of the clean latent, same shape as x.
 Denoiser = Callable[[Tensor, Tensor], Tensor]
+# What a sampler function calls: D at one sigma for the whole batch, checked and in float32.
+Model = Callable[[Tensor, float], Tensor]
+NoiseFn = Callable[[int], Tensor]  # step index -> standard normal noise like x, on x's device
+StepDone = Callable[[int], None]
+
+
+# ---- the samplers: sigmas are Python floats, all > 0 but the last, which may be 0 ------------------------------
+
+
+def euler(model: Model, x: Tensor, sigmas: list[float], noise: NoiseFn | None, step_done: StepDone) -> Tensor:
+    for i, (s, s_next) in enumerate(zip(sigmas, sigmas[1:])):
+        denoised = model(x, s)
+        d = (x - denoised) / s
+        x = x + d * (s_next - s)
+        step_done(i)
+    return x
+
+
+def ddim(model: Model, x: Tensor, sigmas: list[float], noise: NoiseFn | None, step_done: StepDone) -> Tensor:
+    # DDIM with eta=0 is exactly an Euler step in sigma space; what makes it DDIM is its schedule
+    # (see DiscreteSchedule.ddim_sigmas).
+    return euler(model, x, sigmas, noise, step_done)
+
+
+def euler_ancestral(model: Model, x: Tensor, sigmas: list[float], noise: NoiseFn | None, step_done: StepDone) -> Tensor:
+    assert noise is not None  # sample() refuses an ancestral sampler without noise
+    for i, (s, s_next) in enumerate(zip(sigmas, sigmas[1:])):
+        denoised = model(x, s)
+        # Split the step into a deterministic move to sigma_down and fresh noise of sigma_up, with
+        # sigma_down^2 + sigma_up^2 = sigma_next^2 so the marginal noise level is right.
+        sigma_up = min(s_next, math.sqrt(max(s_next**2 * (s**2 - s_next**2) / s**2, 0.0)))
+        sigma_down = math.sqrt(max(s_next**2 - sigma_up**2, 0.0))
+        d = (x - denoised) / s
+        x = x + d * (sigma_down - s)
+        if s_next > 0:
+            x = x + noise(i) * sigma_up
+        step_done(i)
+    return x
+
+
+def dpmpp_2m(model: Model, x: Tensor, sigmas: list[float], noise: NoiseFn | None, step_done: StepDone) -> Tensor:
+    old_denoised: Tensor | None = None
+    h_last = 0.0
+    for i, (s, s_next) in enumerate(zip(sigmas, sigmas[1:])):
+        denoised = model(x, s)
+        if s_next == 0:
+            # h = inf: the exponential integrator's update degenerates to x = D (k-diffusion's
+            # sigma_next = 0 branch); written out to avoid inf * 0.
+            x = denoised
+        else:
+            # t = -log(sigma) is half-log-SNR; the solver is exact for D constant over the step.
+            h = math.log(s) - math.log(s_next)
+            if old_denoised is None:
+                d = denoised
+            else:
+                # Second order: extrapolate D linearly in t from the previous step's estimate.
+                r = h_last / h
+                d = (1.0 + 1.0 / (2.0 * r)) * denoised - (1.0 / (2.0 * r)) * old_denoised
+            x = (s_next / s) * x - math.expm1(-h) * d
+            h_last = h
+        old_denoised = denoised
+        step_done(i)
+    return x
+
+
+SamplerFn = Callable[[Model, Tensor, list[float], NoiseFn | None, StepDone], Tensor]
+_FUNCTIONS: dict[str, SamplerFn] = {f.__name__: f for f in (euler, euler_ancestral, dpmpp_2m, ddim)}
+_SCHEDULES: dict[str, Callable[[DiscreteSchedule, int], Tensor]] = {
+    "default": lambda schedule, steps: schedule.default_sigmas(steps),
+    "karras": lambda schedule, steps: schedule.karras_sigmas(steps),
+    "ddim": lambda schedule, steps: schedule.ddim_sigmas(steps),
+}
+
+
+# ---- the registry -----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class SamplerSpec:
     name: str  # A1111 display name, exactly as A1111 writes it into infotext
-    method: str  # "euler" | "euler_ancestral" | "dpmpp_2m" | "ddim"
+    method: str  # the sampler function: "euler" | "euler_ancestral" | "dpmpp_2m" | "ddim"
     schedule: str  # "default" | "karras" | "ddim"
     ancestral: bool  # needs fresh noise per step
+
+    @property
+    def function(self) -> SamplerFn:
+        try:
+            return _FUNCTIONS[self.method]
+        except KeyError:
+            raise ValueError(f"unknown sampler method {self.method!r} in sampler {self.name!r}") from None
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
@@ -52,8 +140,6 @@ SAMPLERS: dict[str, SamplerSpec] = {
         SamplerSpec("DDIM", "ddim", "ddim", False),
     )
 }
-
-_METHODS = frozenset({"euler", "euler_ancestral", "dpmpp_2m", "ddim"})
 
 
 def _fold(name: str) -> str:
@@ -88,13 +174,13 @@ def get_sampler(name: str) -> SamplerSpec:
 
 def sampler_sigmas(spec: SamplerSpec, schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
     """The float32 sigma sequence (steps+1 entries) the sampler walks for `steps` model calls."""
-    if spec.schedule == "default":
-        return schedule.default_sigmas(steps)
-    if spec.schedule == "karras":
-        return schedule.karras_sigmas(steps)
-    if spec.schedule == "ddim":
-        return schedule.ddim_sigmas(steps)
-    raise ValueError(f"unknown schedule {spec.schedule!r} in sampler {spec.name!r}")
+    sigmas = _SCHEDULES.get(spec.schedule)
+    if sigmas is None:
+        raise ValueError(f"unknown schedule {spec.schedule!r} in sampler {spec.name!r}")
+    return sigmas(schedule, steps)
+
+
+# ---- running one ------------------------------------------------------------------------------------------------
 
 
 def _check_sigmas(sigmas: Tensor) -> list[float]:
@@ -132,65 +218,29 @@ def sample(
     ancestral samplers and called only for steps that add noise (sigma_next > 0), in step order.
     callback(i, total) is called after step i (0-based) completes; total = len(sigmas) - 1.
     """
-    if spec.method not in _METHODS:
-        raise ValueError(f"unknown sampler method {spec.method!r} in sampler {spec.name!r}")
+    function = spec.function
     if spec.ancestral and noise_fn is None:
         raise ValueError(f"sampler {spec.name!r} is ancestral and needs noise_fn (step index -> noise like x)")
     sig = _check_sigmas(sigmas)
     total = len(sig) - 1
     x = x.to(torch.float32)
-    batch = x.shape[0]
+    shape, device = tuple(x.shape), x.device
 
-    def denoise(s: float) -> Tensor:
-        sigma_vec = torch.full((batch,), s, dtype=torch.float32, device=x.device)
-        out = denoiser(x, sigma_vec)
-        if out.shape != x.shape:
-            raise ValueError(f"denoiser returned shape {tuple(out.shape)}, expected {tuple(x.shape)}")
+    def model(latent: Tensor, s: float) -> Tensor:
+        out = denoiser(latent, torch.full((shape[0],), s, dtype=torch.float32, device=device))
+        if tuple(out.shape) != shape:
+            raise ValueError(f"denoiser returned shape {tuple(out.shape)}, expected {shape}")
         return out.to(torch.float32)
 
-    old_denoised: Tensor | None = None
-    h_last = 0.0
-    for i in range(total):
-        s, s_next = sig[i], sig[i + 1]
-        denoised = denoise(s)
+    def noise(i: int) -> Tensor:
+        assert noise_fn is not None
+        n = noise_fn(i)
+        if tuple(n.shape) != shape:
+            raise ValueError(f"noise_fn({i}) returned shape {tuple(n.shape)}, expected {shape}")
+        return n.to(device=device, dtype=torch.float32)
 
-        if spec.method in ("euler", "ddim"):
-            # DDIM with eta=0 is exactly this Euler step in sigma space (see DiscreteSchedule.ddim_sigmas).
-            d = (x - denoised) / s
-            x = x + d * (s_next - s)
-
-        elif spec.method == "euler_ancestral":
-            # Split the step into a deterministic move to sigma_down and fresh noise of sigma_up, with
-            # sigma_down^2 + sigma_up^2 = sigma_next^2 so the marginal noise level is right.
-            sigma_up = min(s_next, math.sqrt(max(s_next**2 * (s**2 - s_next**2) / s**2, 0.0)))
-            sigma_down = math.sqrt(max(s_next**2 - sigma_up**2, 0.0))
-            d = (x - denoised) / s
-            x = x + d * (sigma_down - s)
-            if s_next > 0:
-                assert noise_fn is not None  # checked above
-                noise = noise_fn(i)
-                if tuple(noise.shape) != tuple(x.shape):
-                    raise ValueError(f"noise_fn({i}) returned shape {tuple(noise.shape)}, expected {tuple(x.shape)}")
-                x = x + noise.to(device=x.device, dtype=torch.float32) * sigma_up
-
-        else:  # dpmpp_2m
-            if s_next == 0:
-                # h = inf: the exponential integrator's update degenerates to x = D (k-diffusion's
-                # sigma_next = 0 branch); written out to avoid inf * 0.
-                x = denoised
-            else:
-                # t = -log(sigma) is half-log-SNR; the solver is exact for D constant over the step.
-                h = math.log(s) - math.log(s_next)
-                if old_denoised is None:
-                    d_eff = denoised
-                else:
-                    # Second order: extrapolate D linearly in t from the previous step's estimate.
-                    r = h_last / h
-                    d_eff = (1.0 + 1.0 / (2.0 * r)) * denoised - (1.0 / (2.0 * r)) * old_denoised
-                x = (s_next / s) * x - math.expm1(-h) * d_eff
-                h_last = h
-            old_denoised = denoised
-
+    def step_done(i: int) -> None:
         if callback is not None:
             callback(i, total)
-    return x
+
+    return function(model, x, sig, noise if noise_fn is not None else None, step_done)

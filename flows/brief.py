@@ -166,6 +166,11 @@ def _decode(data: bytes, file: str) -> tuple[str, str]:
         ) from None
 
 
+# Briefs are read with the csv module and openpyxl, not pandas: every message names a physical line, and
+# pandas.read_csv numbers records (a quoted cell spanning lines would shift every later line), rejects a row with more
+# cells than the header (reported here per row) and a quote left open at the end of the file (kept here as text);
+# pandas.read_excel turns formula errors (#N/A, #DIV/0!) into NaN, so a bad cell would pass as an empty one, and drops
+# a sheet's empty trailing columns (still in Brief.columns).
 def _read_csv(data: bytes, file: str) -> tuple[list[tuple[int, list[str]]], str]:
     text, encoding = _decode(data, file)
     first = next((ln for ln in text.splitlines() if ln.strip()), "")

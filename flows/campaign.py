@@ -31,11 +31,11 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.brief import Brief, BriefError, read_brief
 from flows.device_pool import DevicePool, PoolConfig, plan_workers
-from flows.licensing import ModelInfo, describe_model, ensure_model
-from flows.oom import oom_safe
+from flows.model_registry import ModelInfo, describe_model, ensure_model
+from flows.counts import STAGES, RenderCounts
 from flows.planning import Plan, default_model_path, plan_brief
 from flows.recording import finish_run, mark_crashed_runs, start_run, sync_plan
-from flows.rendering import get_pipeline, load_jobs, render_jobs
+from flows.rendering import render_variants
 from flows.settings import Settings, load_settings
 from flows.templating import load_channels, load_styles
 from storage.assets import AssetStore, open_store
@@ -164,21 +164,16 @@ def plan_run(brief: Brief, settings: Settings, strict: bool, flow_run_id: str | 
 
 
 @task(name="render-batch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def render_batch(run_id: int, variant_ids: list[int], settings: Settings) -> dict[str, int]:
+def render_batch(run_id: int, variant_ids: list[int], settings: Settings) -> RenderCounts:
     db, store = open_resources(settings)
-    jobs = load_jobs(db, variant_ids)
-    if not jobs:
-        return {"rendered": 0, "failed": 0, "skipped": 0, "seconds": {}}
-    first = jobs[0]
-    pipeline = oom_safe(get_pipeline(first.model_path, first.model_sha256, device=settings.device, dtype=settings.dtype,
-                                     max_batch_size=settings.batch_size))
-    counts = render_jobs(jobs, pipeline=pipeline, store=store, db=db, run_id=run_id, on_event=_emit)  # type: ignore[arg-type]
-    _emit("skipped", counts["skipped"])
+    counts = render_variants(variant_ids, db=db, store=store, run_id=run_id, device=settings.device,
+                             dtype=settings.dtype, batch_size=settings.batch_size, on_event=_emit)
+    _emit("skipped", counts.skipped)
     return counts
 
 
 @task(name="render-on-devices", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def render_on_devices(run_id: int, batches: list[list[int]], settings: Settings) -> dict:
+def render_on_devices(run_id: int, batches: list[list[int]], settings: Settings) -> RenderCounts:
     """Every batch on one worker process per device; units of one engine batch go to whichever worker is free."""
     open_resources(settings)  # the database at head before the workers open it
     specs = plan_workers(settings.devices, settings.device)
@@ -188,32 +183,24 @@ def render_on_devices(run_id: int, batches: list[list[int]], settings: Settings)
     with DevicePool(specs, config) as pool:
         result = pool.run(run_id, units, on_event=_emit)
     log.info("run %s on %s: %s units per worker, %d re-queued after a worker died, %d out-of-memory halvings", run_id,
-             ", ".join(s.name for s in specs), result["units_per_worker"], result["requeued"], result["oom_halvings"])
-    _emit("skipped", result["skipped"])
-    return result
+             ", ".join(s.name for s in specs), result.units_per_worker, result.requeued, result.counts.oom_halvings)
+    _emit("skipped", result.counts.skipped)
+    return result.counts
 
 
-def render_planned(run_id: int, batches: list[list[int]], settings: Settings) -> dict:
+def render_planned(run_id: int, batches: list[list[int]], settings: Settings) -> RenderCounts:
     """Render ``batches`` here: on one device in this process, or on a worker process per device."""
-    total: dict = {"rendered": 0, "failed": 0, "skipped": 0,
-                   "seconds": {"engine": 0.0, "postprocess": 0.0, "store": 0.0, "record": 0.0}}
     if not batches:
-        return total
+        return RenderCounts()
     specs = plan_workers(settings.devices, settings.device)
     if len(specs) > 1:
-        results = [render_on_devices(run_id, batches, settings)]
-    else:
-        local = replace(settings, device=specs[0].here)  # in this process: no pinning, so cuda:1 stays cuda:1
-        results = [render_batch(run_id, batch, local) for batch in batches]
-    for result in results:
-        for k in ("rendered", "failed", "skipped"):
-            total[k] += result[k]
-        for k, v in result.get("seconds", {}).items():
-            total["seconds"][k] = total["seconds"].get(k, 0.0) + v
-    return total
+        return render_on_devices(run_id, batches, settings)
+    local = replace(settings, device=specs[0].here)  # in this process: no pinning, so cuda:1 stays cuda:1
+    return RenderCounts.total(render_batch(run_id, batch, local) for batch in batches)
 
 
-def _fan_out(run_id: int, batches: list[list[int]], settings: Settings, flow_run_id: str | None, config: str | None) -> tuple[dict, list[dict]]:
+def _fan_out(run_id: int, batches: list[list[int]], settings: Settings, flow_run_id: str | None,
+             config: str | None) -> tuple[RenderCounts, list[dict]]:
     """Render ``batches`` as shards on the work pool's workers; counts come from the database once all are done."""
     from flows.sharding import ShardError, run_shards, shard_outcome
 
@@ -233,8 +220,9 @@ def _fan_out(run_id: int, batches: list[list[int]], settings: Settings, flow_run
     _emit("failed", outcome["failed"] + outcome["left"])
     if report.gave_up:
         raise ShardError("; ".join(report.gave_up))
-    result = {"rendered": outcome["rendered"], "skipped": outcome["skipped"], "failed": outcome["failed"] + outcome["left"],
-              "seconds": {"engine": outcome["engine_seconds"], "shards": time.perf_counter() - t0}}
+    result = RenderCounts(rendered=outcome["rendered"], skipped=outcome["skipped"], failed=outcome["failed"] + outcome["left"],
+                          seconds={**dict.fromkeys(STAGES, 0.0), "engine": outcome["engine_seconds"],
+                                   "shards": time.perf_counter() - t0})
     return result, report.shards
 
 
@@ -259,7 +247,7 @@ def campaign_run(brief_path: str, strict: bool = False, overrides: dict | None =
     t_plan = time.perf_counter() - t0
     counts = {"planned": planned.planned, "rendered": 0, "skipped": planned.already_done, "failed": 0,
               "invalid_rows": len({p for p in planned.problems})}
-    stage_seconds = {"engine": 0.0, "postprocess": 0.0, "store": 0.0, "record": 0.0}
+    result = RenderCounts()
     shards: list[dict] = []
     error = None
     status = "completed"
@@ -269,10 +257,9 @@ def campaign_run(brief_path: str, strict: bool = False, overrides: dict | None =
                                       str(flow_run.id) if flow_run.id else None, config)
         else:
             result = render_planned(planned.run_id, planned.batches, settings)
-        for k in ("rendered", "failed", "skipped"):
-            counts[k] += result[k]
-        for k, v in result.get("seconds", {}).items():
-            stage_seconds[k] = stage_seconds.get(k, 0.0) + v
+        counts["rendered"] += result.rendered
+        counts["failed"] += result.failed
+        counts["skipped"] += result.skipped
     except BaseException as exc:
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         raise
@@ -281,7 +268,7 @@ def campaign_run(brief_path: str, strict: bool = False, overrides: dict | None =
             status = "completed_with_failures"
         db, _ = open_resources(settings)
         seconds = time.perf_counter() - t0
-        timings = {"plan": round(t_plan, 4), **{k: round(v, 4) for k, v in stage_seconds.items()}, "total": round(seconds, 4)}
+        timings = {"plan": round(t_plan, 4), **{k: round(v, 4) for k, v in result.seconds.items()}, "total": round(seconds, 4)}
         finish_run(db, planned.run_id, status, counts, timings, error)
     return RunSummary(
         run_id=planned.run_id, status=status, counts=counts, seconds=seconds, store_url=settings.store_url,
@@ -300,7 +287,7 @@ def campaign_shard(run_id: int, batches: list[list[int]], shard_settings: dict |
 
     settings = resolve(shard_settings or {}, config)
     result = render_planned(run_id, batches, settings)
-    return {"run_id": run_id, "rendered": result["rendered"], "failed": result["failed"], "skipped": result["skipped"],
+    return {"run_id": run_id, "rendered": result.rendered, "failed": result.failed, "skipped": result.skipped,
             "worker": os.environ.get("PREFECT__WORKER_NAME"), "host": socket.gethostname(), "pid": os.getpid()}
 
 

@@ -6,9 +6,9 @@ engine batches one at a time from a queue.
   ``CUDA_VISIBLE_DEVICES`` (it sees one GPU, ``cuda:0``); CPU workers see none and split the cores.
 * :class:`DevicePool` starts the workers and hands out *units* (one engine batch of variant ids) to whichever
   worker is idle, so a slow unit (a larger size, a slower GPU) never holds up the others. A worker renders a
-  unit exactly as the single-process path does (:func:`flows.rendering.render_jobs`: engine, post-process,
-  store, record in one transaction), so the files are the same bytes. Out-of-memory halves the batch
-  (:mod:`flows.oom`).
+  unit exactly as the single-process path does (:func:`flows.rendering.render_variants`: engine, post-process,
+  store, record in one transaction), so the files are the same bytes. Out-of-memory halves the batch (inside
+  the engine).
 * A worker that dies (killed, segfault, driver reset) while holding a unit: the unit goes back to the front of
   the queue for the others, and a fresh worker takes the dead one's device (``restarts`` times per device).
   Nothing is duplicated: a unit is recorded in one transaction, a re-rendered unit skips variants that are
@@ -37,14 +37,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
-__all__ = ["DeviceError", "DevicePool", "PoolConfig", "PoolError", "WorkerSpec", "plan_workers"]
+from flows.counts import RenderCounts
+
+__all__ = ["DeviceError", "DevicePool", "PoolConfig", "PoolError", "PoolResult", "WorkerSpec", "plan_workers"]
 
 log = logging.getLogger(__name__)
 
 EventFn = Callable[[str, int], None]
 # (event, worker name, worker pid, unit index): dispatched | started | finished | requeued | died | respawned
 Observer = Callable[[str, str, "int | None", "int | None"], None]
-STAGES = ("engine", "postprocess", "store", "record")
 
 
 class PoolError(RuntimeError):
@@ -128,6 +129,9 @@ class PoolConfig:
     store_url: str
     dtype: str = "auto"
     batch_size: int = 4
+    # Called once in each worker before it renders (a picklable top-level function or partial): where a caller
+    # sets up what a worker process needs beyond the engine, e.g. a test that gives the device less memory.
+    worker_init: Callable[[], None] | None = None
 
 
 def _worker_main(conn: Connection, spec: WorkerSpec, config: PoolConfig, env: dict[str, str]) -> None:
@@ -145,11 +149,12 @@ def _worker_main(conn: Connection, spec: WorkerSpec, config: PoolConfig, env: di
 
         if spec.threads:
             torch.set_num_threads(spec.threads)
-        from flows.oom import oom_safe
-        from flows.rendering import get_pipeline, load_jobs, render_jobs
+        from flows.rendering import render_variants
         from storage.assets import open_store
         from storage.database import open_database
 
+        if config.worker_init is not None:
+            config.worker_init()
         db = open_database(config.db_url, upgrade=False)  # the coordinator's process has brought it to head
         store = open_store(config.store_url)
     except BaseException:
@@ -168,16 +173,9 @@ def _worker_main(conn: Connection, spec: WorkerSpec, config: PoolConfig, env: di
         _, index, run_id, ids = msg
         conn.send(("started", index, None))
         try:
-            counts: dict = {"rendered": 0, "failed": 0, "skipped": 0, "oom_halvings": 0, "seconds": {}}
-            jobs = load_jobs(db, ids)
-            if jobs:
-                first = jobs[0]
-                pipe = oom_safe(get_pipeline(first.model_path, first.model_sha256, device=spec.device, dtype=config.dtype,
-                                             max_batch_size=config.batch_size), spec.name)
-                before = pipe.halvings
-                counts = render_jobs(jobs, pipeline=pipe, store=store, db=db, run_id=run_id,  # type: ignore[arg-type]
+            counts = render_variants(ids, db=db, store=store, run_id=run_id, device=spec.device, dtype=config.dtype,
+                                     batch_size=config.batch_size,
                                      on_event=lambda event, n, i=index: conn.send(("event", i, (event, n))))
-                counts["oom_halvings"] = pipe.halvings - before
             conn.send(("done", index, counts))
         except Exception:
             conn.send(("error", index, traceback.format_exc()))
@@ -228,13 +226,13 @@ class _Slot:
 
 
 @dataclass
-class _Totals:
-    rendered: int = 0
-    failed: int = 0
-    skipped: int = 0
-    oom_halvings: int = 0
+class PoolResult:
+    """What a pool's run did: the counts summed over workers, units re-queued after a worker died, and how many
+    units each worker finished."""
+
+    counts: RenderCounts = field(default_factory=RenderCounts)
     requeued: int = 0
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    units_per_worker: dict[str, int] = field(default_factory=dict)
 
 
 def _context(specs: Sequence[WorkerSpec]) -> mp.context.BaseContext:
@@ -246,7 +244,7 @@ def _context(specs: Sequence[WorkerSpec]) -> mp.context.BaseContext:
     ctx = mp.get_context("forkserver")
     # Imported once in the fork server, so every worker starts with the engine already loaded (ignored once the
     # fork server is running).
-    ctx.set_forkserver_preload(["flows.rendering", "flows.oom", "flows.device_pool", "storage.database", "storage.assets"])
+    ctx.set_forkserver_preload(["flows.rendering", "flows.device_pool", "storage.database", "storage.assets"])
     return ctx
 
 
@@ -322,14 +320,11 @@ class DevicePool:
 
     # ---- running --------------------------------------------------------------------------------------------
 
-    def run(self, run_id: int, units: Sequence[Sequence[int]], on_event: EventFn | None = None) -> dict:
-        """Render ``units`` (each one engine batch of variant ids) of run ``run_id`` on the workers; returns counts
-        (rendered / failed / skipped), ``seconds`` per stage summed over workers, ``requeued``, ``oom_halvings``
-        and ``units_per_worker``."""
+    def run(self, run_id: int, units: Sequence[Sequence[int]], on_event: EventFn | None = None) -> PoolResult:
+        """Render ``units`` (each one engine batch of variant ids) of run ``run_id`` on the workers."""
         pending: deque[_Unit] = deque(_Unit(i, list(ids)) for i, ids in enumerate(units) if ids)
         outstanding = len(pending)
-        totals = _Totals()
-        done_by: dict[str, int] = {}
+        totals = PoolResult()
         while outstanding:
             self._dispatch(pending, run_id)
             live = [s for s in self._slots if s.state != "dead"]
@@ -343,11 +338,8 @@ class DevicePool:
                 slot = watched[ready]
                 if slot.state == "dead" or (ready is not slot.conn and ready != slot.proc.sentinel):  # type: ignore[union-attr]
                     continue  # already handled in this round (its pipe and its sentinel were both ready)
-                outstanding -= self._service(slot, pending, run_id, totals, done_by, on_event,
-                                             died=ready is not slot.conn)
-        return {"rendered": totals.rendered, "failed": totals.failed, "skipped": totals.skipped,
-                "seconds": totals.seconds, "requeued": totals.requeued, "oom_halvings": totals.oom_halvings,
-                "units_per_worker": done_by}
+                outstanding -= self._service(slot, pending, run_id, totals, on_event, died=ready is not slot.conn)
+        return totals
 
     def _dispatch(self, pending: deque[_Unit], run_id: int) -> None:
         for slot in self._slots:
@@ -364,21 +356,20 @@ class DevicePool:
             slot.state, slot.unit = "busy", unit
             self._observe("dispatched", slot, unit.index)
 
-    def _service(self, slot: _Slot, pending: deque[_Unit], run_id: int, totals: _Totals, done_by: dict[str, int],
-                 on_event: EventFn | None, died: bool) -> int:
+    def _service(self, slot: _Slot, pending: deque[_Unit], run_id: int, totals: PoolResult, on_event: EventFn | None,
+                 died: bool) -> int:
         """Handle what ``slot`` sent (all of it, if it died); returns how many units it finished."""
         finished = 0
         try:
             while slot.conn.poll():  # type: ignore[union-attr]
-                finished += self._handle(slot, slot.conn.recv(), pending, totals, done_by, on_event)  # type: ignore[union-attr]
+                finished += self._handle(slot, slot.conn.recv(), pending, totals, on_event)  # type: ignore[union-attr]
         except (EOFError, OSError):
             died = True
         if died or not slot.proc.is_alive():  # type: ignore[union-attr]
             finished += self._lost(slot, pending, run_id, totals, on_event)
         return finished
 
-    def _handle(self, slot: _Slot, msg: tuple, pending: deque[_Unit], totals: _Totals, done_by: dict[str, int],
-                on_event: EventFn | None) -> int:
+    def _handle(self, slot: _Slot, msg: tuple, pending: deque[_Unit], totals: PoolResult, on_event: EventFn | None) -> int:
         kind, index, payload = msg
         if kind == "ready":
             slot.state, slot.pid = "idle", payload
@@ -392,15 +383,10 @@ class DevicePool:
             if on_event is not None:
                 on_event(*payload)
         elif kind == "done":
-            totals.rendered += payload["rendered"]
-            totals.failed += payload["failed"]
-            totals.skipped += payload["skipped"]
-            totals.oom_halvings += payload.get("oom_halvings", 0)
-            for k, v in payload.get("seconds", {}).items():
-                totals.seconds[k] = totals.seconds.get(k, 0.0) + v
+            totals.counts += payload
             slot.state, slot.unit = "idle", None
             slot.units_done += 1
-            done_by[slot.spec.name] = done_by.get(slot.spec.name, 0) + 1
+            totals.units_per_worker[slot.spec.name] = totals.units_per_worker.get(slot.spec.name, 0) + 1
             self._observe("finished", slot, index)
             return 1
         elif kind == "error":
@@ -419,7 +405,7 @@ class DevicePool:
             raise PoolError(payload)
         return 0
 
-    def _lost(self, slot: _Slot, pending: deque[_Unit], run_id: int, totals: _Totals, on_event: EventFn | None) -> int:
+    def _lost(self, slot: _Slot, pending: deque[_Unit], run_id: int, totals: PoolResult, on_event: EventFn | None) -> int:
         """``slot``'s worker is gone: re-queue its unit (or give the unit up), start a replacement."""
         slot.proc.join(timeout=5)  # type: ignore[union-attr]
         code = slot.proc.exitcode  # type: ignore[union-attr]
@@ -432,7 +418,7 @@ class DevicePool:
             if unit.attempts >= self.unit_attempts:
                 failed = self._give_up(unit, run_id, f"render worker died {unit.attempts} times on this batch "
                                                      f"(last: {slot.spec.name}, exit code {code})")
-                totals.failed += failed
+                totals.counts.failed += failed
                 if on_event is not None and failed:
                     on_event("failed", failed)
                 finished = 1
@@ -474,10 +460,10 @@ class DevicePool:
 def wait_until_ready(pool: DevicePool, timeout: float = 120.0) -> None:
     """For benchmarks: block until every worker has started (so start-up is not timed as rendering)."""
     deadline = time.monotonic() + timeout
-    totals = _Totals()
+    totals = PoolResult()
     while any(s.state == "starting" for s in pool._slots):
         if time.monotonic() > deadline:
             raise PoolError("render workers did not start in time")
         for slot in pool._slots:
             if slot.state == "starting" and slot.conn.poll(0.05):  # type: ignore[union-attr]
-                pool._service(slot, deque(), 0, totals, {}, None, died=False)
+                pool._service(slot, deque(), 0, totals, None, died=False)

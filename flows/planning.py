@@ -14,9 +14,9 @@ For every valid row and each of its channels:
   canonical chain with each file pinned by its sha256 (``model(4x.pth, sha256=...)``), so the identity changes
   when the file's bytes do, and rendering finds the file by its hash in ``models``.
 
-A variant's *identity* is a sha256 over everything that determines the delivered file (campaign, row, channel,
-template, prompt, negative prompt, seed, model sha256, sampler, steps, CFG, clip skip, sizes, format,
-post-processing). Re-running a brief plans the same identities, so finished variants are skipped; editing a
+A variant's settings are one record, :class:`storage.variants.VariantSpec`; its *identity* is a sha256 over
+everything that determines the delivered file (campaign, row, channel, template, prompt, negative prompt, seed, model
+sha256, sampler, steps, CFG, clip skip, sizes, format, post-processing). Re-running a brief plans the same identities, so finished variants are skipped; editing a
 row's prompt makes new identities (new assets), and never overwrites an old file.
 
 Problems found while planning (template errors, a missing model file, a licence that forbids the row's use) are
@@ -25,8 +25,6 @@ reported like brief problems, with file, line and column; ``strict`` turns any o
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -35,11 +33,11 @@ from pathlib import Path
 from engine.checkpoint import CheckpointError
 from engine.upscale.chain import MAX_SIDE
 from flows.brief import Brief, BriefError, BriefProblem, BriefRow
-from flows.licensing import ModelInfo, check_license
+from flows.licence_policy import check_license
+from flows.model_registry import ModelInfo
 from flows.settings import Settings
 from flows.templating import ChannelFormat, PromptVariant, StylePreset, TemplateError, native_size_for, render_prompts
-from storage.assets import asset_key
-from storage.image_metadata import EXTENSIONS
+from storage.variants import VariantSpec
 
 __all__ = ["Plan", "PlannedVariant", "plan_brief"]
 
@@ -49,32 +47,30 @@ ModelResolver = Callable[[str], ModelInfo]
 
 @dataclass(frozen=True)
 class PlannedVariant:
+    """One planned image: the row, channel, prompt variation and model it came from, and its settings (``spec``,
+    the record that recording, rendering and the gallery share)."""
+
     row: BriefRow
     channel: ChannelFormat
     prompt: PromptVariant
-    variant_index: int
-    seed: int
     model: ModelInfo
-    sampler: str
-    steps: int
-    cfg_scale: float
-    clip_skip: int
-    gen_width: int
-    gen_height: int
-    postprocess: str
-    identity: str
-    storage_key: str
+    spec: VariantSpec
     # (chain step index, model) of every upscaler file the channel's chain uses, in chain order
     upscalers: tuple[tuple[int, ModelInfo], ...] = ()
 
     @property
-    def out_format(self) -> str:
-        return self.channel.format
+    def identity(self) -> str:
+        return self.spec.identity
+
+    @property
+    def storage_key(self) -> str:
+        return self.spec.storage_key
 
     @property
     def batch_group(self) -> tuple:
         """Variants that can share a model load and a U-Net batch."""
-        return (self.model.sha256, self.gen_width, self.gen_height, self.steps, self.sampler, self.clip_skip)
+        spec = self.spec
+        return (spec.model_sha256, spec.gen_width, spec.gen_height, spec.steps, spec.sampler, spec.clip_skip)
 
 
 @dataclass
@@ -138,19 +134,6 @@ def resolve_chain(channel: ChannelFormat, gen: tuple[int, int], resolve: Callabl
     return chain.canonical(), tuple(upscalers)
 
 
-def variant_identity(*, campaign: str, row_id: str, channel: str, template: str, prompt: str, negative: str, index: int,
-                     seed: int, model_sha256: str, sampler: str, steps: int, cfg_scale: float, clip_skip: int,
-                     gen: tuple[int, int], out: tuple[int, int], fmt: str, max_kb: int | None, post: str) -> str:
-    """sha256 over everything that determines a delivered file (planning and re-rendering must agree on it)."""
-    fields = {
-        "campaign": campaign, "row_id": row_id, "channel": channel, "template": template, "prompt": prompt,
-        "negative": negative, "index": index, "seed": seed, "model": model_sha256, "sampler": sampler, "steps": steps,
-        "cfg": cfg_scale, "clip_skip": clip_skip, "gen": list(gen), "out": list(out), "format": fmt, "max_kb": max_kb,
-        "post": post,
-    }
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
 def plan_brief(
     brief: Brief,
     settings: Settings,
@@ -203,21 +186,16 @@ def plan_brief(
                 post, upscalers = _row_chain(chains, upscaler_files, channel, (gen_w, gen_h), resolve_model, row.license)
                 for i in range(row.variants):
                     prompt = prompts[i % len(prompts)]
-                    seed = (row.seed + i) % SEED_MODULUS
-                    ident = variant_identity(
-                        campaign=row.campaign, row_id=row.row_id, channel=channel.name, template=prompt.template_name,
-                        prompt=prompt.prompt, negative=prompt.negative_prompt, index=i, seed=seed, model_sha256=model.sha256,
-                        sampler=settings.sampler, steps=settings.steps, cfg_scale=settings.cfg_scale, clip_skip=settings.clip_skip,
-                        gen=(gen_w, gen_h), out=(channel.width, channel.height), fmt=channel.format, max_kb=channel.max_kb,
-                        post=post,
+                    spec = VariantSpec(
+                        campaign=row.campaign, row_key=row.row_id, channel=channel.name, template=prompt.template_name,
+                        variant_index=i, prompt=prompt.prompt, negative_prompt=prompt.negative_prompt,
+                        seed=(row.seed + i) % SEED_MODULUS, model_sha256=model.sha256, sampler=settings.sampler,
+                        steps=settings.steps, cfg_scale=settings.cfg_scale, clip_skip=settings.clip_skip,
+                        gen_width=gen_w, gen_height=gen_h, out_width=channel.width, out_height=channel.height,
+                        out_format=channel.format, out_max_kb=channel.max_kb, postprocess=post,
                     )
-                    key = asset_key(row.campaign, row.row_id, channel.name, i, seed, EXTENSIONS[channel.format], tag=ident[:10])
-                    row_variants.append(PlannedVariant(
-                        row=row, channel=channel, prompt=prompt, variant_index=i, seed=seed, model=model,
-                        sampler=settings.sampler, steps=settings.steps, cfg_scale=settings.cfg_scale, clip_skip=settings.clip_skip,
-                        gen_width=gen_w, gen_height=gen_h, postprocess=post, identity=ident, storage_key=key,
-                        upscalers=upscalers,
-                    ))
+                    row_variants.append(PlannedVariant(row=row, channel=channel, prompt=prompt, model=model, spec=spec,
+                                                       upscalers=upscalers))
         except TemplateError as exc:
             problems.append(BriefProblem(file, row.line, "channels", str(exc)))
             skipped.append(row)

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from flows.brief import Brief as ParsedBrief
-from flows.licensing import enter_model
+from flows.model_registry import enter_model
 from flows.planning import Plan
 from flows.settings import Settings
 from storage.assets import StoredAsset
@@ -140,26 +140,21 @@ def _sync_plan(db: Database, plan: Plan, run_id: int) -> dict[str, VariantState]
                     s.add(row)
                     s.flush()
                     rows[(campaign.id, v.row.row_id)] = row
-                pkey = (row.id, v.channel.name, v.prompt.template_name, v.prompt.variation_index)
+                pkey = (row.id, v.spec.channel, v.spec.template, v.prompt.variation_index)
                 prompt = prompts.get(pkey)
                 if prompt is None:
                     prompt = s.scalar(select(PromptRecord).where(
-                        PromptRecord.row_id == row.id, PromptRecord.channel == v.channel.name,
-                        PromptRecord.template == v.prompt.template_name, PromptRecord.variation_index == v.prompt.variation_index))
+                        PromptRecord.row_id == row.id, PromptRecord.channel == v.spec.channel,
+                        PromptRecord.template == v.spec.template, PromptRecord.variation_index == v.prompt.variation_index))
                     if prompt is None:
-                        prompt = PromptRecord(row_id=row.id, channel=v.channel.name, template=v.prompt.template_name,
-                                              variation_index=v.prompt.variation_index, prompt=v.prompt.prompt,
-                                              negative_prompt=v.prompt.negative_prompt)
+                        prompt = PromptRecord(row_id=row.id, channel=v.spec.channel, template=v.spec.template,
+                                              variation_index=v.prompt.variation_index, prompt=v.spec.prompt,
+                                              negative_prompt=v.spec.negative_prompt)
                         s.add(prompt)
                         s.flush()
                     prompts[pkey] = prompt
-                variant = Variant(
-                    identity=v.identity, row_id=row.id, prompt_id=prompt.id, model_id=v.model.id, first_run_id=run_id,
-                    channel=v.channel.name, variant_index=v.variant_index, seed=v.seed, sampler=v.sampler, steps=v.steps,
-                    cfg_scale=v.cfg_scale, clip_skip=v.clip_skip, gen_width=v.gen_width, gen_height=v.gen_height,
-                    out_width=v.channel.width, out_height=v.channel.height, out_format=v.channel.format, out_max_kb=v.channel.max_kb,
-                    postprocess=v.postprocess, storage_key=v.storage_key, status="planned",
-                )
+                variant = Variant(identity=v.identity, row_id=row.id, prompt_id=prompt.id, model_id=v.model.id,
+                                  first_run_id=run_id, storage_key=v.storage_key, status="planned", **v.spec.variant_columns())
                 s.add(variant)
                 new_variants.append(variant)
                 existing[v.identity] = variant

@@ -22,7 +22,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -31,17 +31,19 @@ from sqlalchemy import select
 from engine.image_ops import cover_fit
 from engine.pipeline import GenerationRequest, GenerationResult, Pipeline
 from engine.upscale.chain import Chain, ChainError, Fit, parse_chain
-from engine.upscale.models import ModelUpscaler, UpscalerError, load_upscaler
+from engine.upscale.networks import ModelUpscaler, UpscalerError, load_upscaler
 from engine.upscale.runner import UpscalerResolver, apply_hires, apply_pixel_steps
+from flows.counts import RenderCounts
 from flows.recording import AssetRecord, record_assets, record_failure
 from storage.retrying import retry_call
 from storage.assets import AssetStore
 from storage.database import Database
 from storage.image_metadata import CONTENT_TYPES, encode_image, format_infotext, xmp_packet
-from storage.schema import BriefRowRecord, Campaign, ModelRecord, PromptRecord, Variant
+from storage.schema import ModelRecord
+from storage.variants import ModelRef, VariantSpec, load_variants
 
-__all__ = ["RenderJob", "UpscalerRef", "cover_resize", "encode_within_cap", "get_pipeline", "load_jobs", "parse_postprocess",
-           "render_jobs"]
+__all__ = ["RenderJob", "cover_resize", "encode_within_cap", "get_pipeline", "load_jobs", "parse_postprocess",
+           "render_jobs", "render_variants"]
 
 log = logging.getLogger(__name__)
 EventFn = Callable[[str, int], None]  # ("rendered" | "failed" | "upscaled", count)
@@ -72,7 +74,7 @@ def get_pipeline(path: str, sha256: str, *, device: str = "auto", dtype: str = "
 
 
 def clear_pipelines() -> None:
-    from engine.upscale.models import clear_upscalers
+    from engine.upscale.networks import clear_upscalers
 
     with _PIPELINE_LOCK:
         _PIPELINES.clear()
@@ -80,93 +82,43 @@ def clear_pipelines() -> None:
 
 
 @dataclass(frozen=True)
-class UpscalerRef:
-    """An upscaler file a job's chain uses, as ``models`` records it."""
-
-    sha256: str
-    path: str
-    name: str
-    short_hash: str
-    license: str | None
-
-
-@dataclass(frozen=True)
 class RenderJob:
+    """A recorded variant to render: its spec, where its file goes, its model and its chain's upscaler files."""
+
     variant_id: int
     identity: str
-    campaign: str
-    row_key: str
-    channel: str
-    prompt: str
-    negative_prompt: str
-    seed: int
-    sampler: str
-    steps: int
-    cfg_scale: float
-    clip_skip: int
-    gen_width: int
-    gen_height: int
-    out_width: int
-    out_height: int
-    out_format: str
-    out_max_kb: int | None
-    postprocess: str
+    spec: VariantSpec
     storage_key: str
-    model_path: str
-    model_name: str
-    model_sha256: str
-    model_short_hash: str
-    model_license: str | None
     status: str
-    upscalers: tuple[UpscalerRef, ...] = ()  # the chain's model files in chain order
+    model: ModelRef
+    upscalers: tuple[ModelRef, ...] = ()  # the chain's model files in chain order
 
     @property
     def chain(self) -> Chain:
-        return parse_postprocess(self.postprocess)
+        return parse_postprocess(self.spec.postprocess)
 
     @property
     def upscales(self) -> bool:
         """True when post-processing is more than the default cover-resize."""
-        return _COVER.fullmatch(self.postprocess) is None and not parse_postprocess(self.postprocess).is_plain_fit
+        return _COVER.fullmatch(self.spec.postprocess) is None and not self.chain.is_plain_fit
 
     def request(self) -> GenerationRequest:
-        return GenerationRequest(prompt=self.prompt, negative_prompt=self.negative_prompt, seed=self.seed, width=self.gen_width,
-                                 height=self.gen_height, steps=self.steps, cfg_scale=self.cfg_scale, sampler=self.sampler,
-                                 clip_skip=self.clip_skip)
+        return GenerationRequest(**self.spec.engine_arguments())
 
 
 def load_jobs(db: Database, variant_ids: Sequence[int]) -> list[RenderJob]:
     """The jobs of ``variant_ids``, in that order."""
     with db.session() as s:
-        rows = s.execute(
-            select(Variant, PromptRecord, ModelRecord, BriefRowRecord.row_key, Campaign.name)
-            .join(PromptRecord, Variant.prompt_id == PromptRecord.id)
-            .join(ModelRecord, Variant.model_id == ModelRecord.id)
-            .join(BriefRowRecord, Variant.row_id == BriefRowRecord.id)
-            .join(Campaign, BriefRowRecord.campaign_id == Campaign.id)
-            .where(Variant.id.in_(list(variant_ids)))
-        ).all()
-        jobs = {
-            v.id: RenderJob(
-                variant_id=v.id, identity=v.identity, campaign=campaign, row_key=row_key, channel=v.channel, prompt=p.prompt,
-                negative_prompt=p.negative_prompt, seed=v.seed, sampler=v.sampler, steps=v.steps, cfg_scale=v.cfg_scale,
-                clip_skip=v.clip_skip, gen_width=v.gen_width, gen_height=v.gen_height, out_width=v.out_width,
-                out_height=v.out_height, out_format=v.out_format, out_max_kb=v.out_max_kb, postprocess=v.postprocess,
-                storage_key=v.storage_key, model_path=m.path, model_name=m.name, model_sha256=m.sha256,
-                model_short_hash=m.short_hash, model_license=m.license, status=v.status,
-            )
-            for v, p, m, row_key, campaign in rows
-        }
-        pins = {j.variant_id: _pins(j.postprocess) for j in jobs.values()}
+        stored = load_variants(s, list(variant_ids))
+        pins = {vid: _pins(v.spec.postprocess) for vid, v in stored.items()}
         wanted = {sha for shas in pins.values() for sha in shas}
-        refs = {
-            m.sha256: UpscalerRef(m.sha256, m.path, m.name, m.short_hash, m.license)
-            for m in (s.scalars(select(ModelRecord).where(ModelRecord.sha256.in_(wanted))) if wanted else ())
-        }
-    for vid, shas in pins.items():
-        if shas:
-            jobs[vid] = replace(jobs[vid], upscalers=tuple(refs[sha] for sha in shas if sha in refs))
-    return [jobs[i] for i in variant_ids if i in jobs]
+        refs = {m.sha256: ModelRef.of(m)
+                for m in (s.scalars(select(ModelRecord).where(ModelRecord.sha256.in_(wanted))) if wanted else ())}
+    return [
+        RenderJob(v.id, v.identity, v.spec, v.storage_key, v.status, v.model,
+                  tuple(refs[sha] for sha in pins[v.id] if sha in refs))
+        for v in (stored[i] for i in variant_ids if i in stored)
+    ]
 
 
 def _pins(postprocess: str) -> list[str]:
@@ -223,53 +175,68 @@ def encode_within_cap(image: Image.Image, fmt: str, infotext_for: Callable[[int 
 
 
 def _infotext(job: RenderJob, parameters: dict[str, str], quality: int | None) -> str:
+    spec = job.spec
     params = dict(parameters)
-    params["Model hash"] = job.model_short_hash
-    params["Model"] = job.model_name
+    params["Model hash"] = job.model.short_hash
+    params["Model"] = job.model.name
     # The chain as people write it; the pinned sha256 of each file is in the database (and the XMP packet).
-    params["Postprocess"] = job.chain.canonical(pins=False) if job.upscales else job.postprocess
+    params["Postprocess"] = job.chain.canonical(pins=False) if job.upscales else spec.postprocess
     if job.upscalers:
         params["Upscaler"] = ", ".join(f"{u.name} ({u.short_hash})" for u in job.upscalers)
         params["Upscaler license"] = ", ".join(u.license or "unknown" for u in job.upscalers)
-    params["Output size"] = f"{job.out_width}x{job.out_height}"
+    params["Output size"] = f"{spec.out_width}x{spec.out_height}"
     if quality is not None:
         params["Output quality"] = str(quality)
-    if job.model_license:
-        params["Model license"] = job.model_license
+    if job.model.license:
+        params["Model license"] = job.model.license
     params["Variant"] = job.identity[:16]
-    return format_infotext(job.prompt, job.negative_prompt, params)
+    return format_infotext(spec.prompt, spec.negative_prompt, params)
+
+
+def render_variants(variant_ids: Sequence[int], *, db: Database, store: AssetStore, run_id: int, device: str = "auto",
+                    dtype: str = "auto", batch_size: int = 8, on_event: EventFn | None = None) -> RenderCounts:
+    """The one way variants are rendered (a campaign task, a device worker, the re-render queue, the benches):
+    load their jobs, get the process's pipeline for their model, and :func:`render_jobs` them. The variants must
+    share a model (a planned batch does). Out-of-memory halving happens inside the engine."""
+    jobs = load_jobs(db, variant_ids)
+    if not jobs:
+        return RenderCounts()
+    pipeline = get_pipeline(jobs[0].model.path, jobs[0].model.sha256, device=device, dtype=dtype,
+                            max_batch_size=batch_size)
+    halvings = pipeline.oom_halvings
+    counts = render_jobs(jobs, pipeline=pipeline, store=store, db=db, run_id=run_id, on_event=on_event)
+    counts.oom_halvings += pipeline.oom_halvings - halvings
+    return counts
 
 
 def render_jobs(jobs: Sequence[RenderJob], *, pipeline: Pipeline, store: AssetStore, db: Database, run_id: int,
-                on_event: EventFn | None = None) -> dict:
+                on_event: EventFn | None = None) -> RenderCounts:
     """Render, post-process, store and record ``jobs`` (all of one model and batch group), one engine batch
     (``pipeline.max_batch_size`` images) at a time, so progress and records follow each batch.
 
-    Returns counts (rendered / failed / skipped) and ``seconds`` spent per stage (engine / postprocess / store /
-    record), which the run adds up into its timings.
+    Returns the counts (rendered / failed / skipped) and the seconds spent per stage, which the run adds up.
 
     A failure of the engine fails that batch's variants; a failure while encoding or storing one image fails that
     variant only. Such failures are recorded and counted, not raised: one bad asset does not stop a run.
     """
-    counts: dict = {"rendered": 0, "failed": 0, "skipped": 0}
-    counts["seconds"] = {"engine": 0.0, "postprocess": 0.0, "store": 0.0, "record": 0.0}
     todo = [j for j in jobs if j.status != "done"]
-    counts["skipped"] = len(jobs) - len(todo)
+    counts = RenderCounts(skipped=len(jobs) - len(todo))
     size = max(1, pipeline.max_batch_size)
     for i in range(0, len(todo), size):
         _render_batch(todo[i : i + size], pipeline, store, db, run_id, counts, on_event)
     return counts
 
 
-def _fail(db: Database, jobs: Sequence[RenderJob], run_id: int, error: str, counts: dict, on_event: EventFn | None) -> None:
+def _fail(db: Database, jobs: Sequence[RenderJob], run_id: int, error: str, counts: RenderCounts,
+          on_event: EventFn | None) -> None:
     record_failure(db, [j.variant_id for j in jobs], run_id, error)
-    counts["failed"] += len(jobs)
+    counts.failed += len(jobs)
     if on_event:
         on_event("failed", len(jobs))
 
 
 def _hires_pass(todo: Sequence[RenderJob], results: list[GenerationResult], pipeline: Pipeline, db: Database, run_id: int,
-                counts: dict, on_event: EventFn | None) -> dict[int, GenerationResult]:
+                counts: RenderCounts, on_event: EventFn | None) -> dict[int, GenerationResult]:
     """Results ready for the pixel steps, by position in ``todo``: the first pass's, or the hires fix's for jobs
     whose chain starts with one (one engine call per distinct chain). Jobs that failed here are left out."""
     ready: dict[int, GenerationResult] = {}
@@ -283,7 +250,7 @@ def _hires_pass(todo: Sequence[RenderJob], results: list[GenerationResult], pipe
         if chain.hires is None:
             ready[k] = results[k]
         else:
-            groups.setdefault(job.postprocess, []).append(k)
+            groups.setdefault(job.spec.postprocess, []).append(k)
     for members in groups.values():
         jobs = [todo[k] for k in members]
         try:
@@ -297,8 +264,8 @@ def _hires_pass(todo: Sequence[RenderJob], results: list[GenerationResult], pipe
 
 
 def _render_batch(todo: Sequence[RenderJob], pipeline: Pipeline, store: AssetStore, db: Database, run_id: int,
-                  counts: dict, on_event: EventFn | None) -> None:
-    timings = counts["seconds"]
+                  counts: RenderCounts, on_event: EventFn | None) -> None:
+    timings = counts.seconds
     t0 = time.perf_counter()
     try:
         results = pipeline.generate([j.request() for j in todo])
@@ -317,6 +284,7 @@ def _render_batch(todo: Sequence[RenderJob], pipeline: Pipeline, store: AssetSto
         result = ready.get(k)
         if result is None:
             continue
+        spec = job.spec
         try:
             t1 = time.perf_counter()
             if job.upscales:
@@ -324,21 +292,22 @@ def _render_batch(todo: Sequence[RenderJob], pipeline: Pipeline, store: AssetSto
                 if on_event:
                     on_event("upscaled", 1)
             else:
-                image = cover_resize(result.image, job.out_width, job.out_height)
-            if image.size != (job.out_width, job.out_height):
-                raise ValueError(f"post-processing made {image.width}x{image.height}, the channel needs {job.out_width}x{job.out_height}")
-            meta = {"Model": job.model_name, "ModelSHA256": job.model_sha256, "VariantIdentity": job.identity}
+                image = cover_resize(result.image, spec.out_width, spec.out_height)
+            if image.size != (spec.out_width, spec.out_height):
+                raise ValueError(f"post-processing made {image.width}x{image.height}, the channel needs {spec.out_width}x{spec.out_height}")
+            meta = {"Model": job.model.name, "ModelSHA256": job.model.sha256, "VariantIdentity": job.identity}
             if job.upscales:
-                meta["Postprocess"] = job.postprocess
+                meta["Postprocess"] = spec.postprocess
             xmp = xmp_packet(meta)
             data, infotext = encode_within_cap(
-                image, job.out_format, lambda q, p=result.parameters, j=job: _infotext(j, p, q), xmp, job.out_max_kb
+                image, spec.out_format, lambda q, p=result.parameters, j=job: _infotext(j, p, q), xmp, spec.out_max_kb
             )
             t2 = time.perf_counter()
-            stored = retry_call(store.put, job.storage_key, data, CONTENT_TYPES[job.out_format])
+            stored = retry_call(store.put, job.storage_key, data, CONTENT_TYPES[spec.out_format])
             timings["postprocess"] += t2 - t1
             timings["store"] += time.perf_counter() - t2
-            records.append(AssetRecord(job.variant_id, stored, job.out_format, job.out_width, job.out_height, infotext, per_image))
+            records.append(AssetRecord(job.variant_id, stored, spec.out_format, spec.out_width, spec.out_height, infotext,
+                                       per_image))
         except Exception as exc:
             log.exception("variant %s failed after rendering", job.variant_id)
             _fail(db, [job], run_id, f"{type(exc).__name__}: {exc}", counts, on_event)
@@ -347,6 +316,6 @@ def _render_batch(todo: Sequence[RenderJob], pipeline: Pipeline, store: AssetSto
     # by Prefect (storing again is a no-op for identical bytes), and the run fails rather than lose the record.
     record_assets(db, run_id, records)
     timings["record"] += time.perf_counter() - t3
-    counts["rendered"] += len(records)
+    counts.rendered += len(records)
     if on_event:
         on_event("rendered", len(records))

@@ -17,15 +17,13 @@ from prefect import flow
 from sqlalchemy import select, update
 
 from flows.campaign import open_resources
-from flows.planning import variant_identity
 from flows.recording import RUN_ACTOR, finish_run, start_run
-from flows.rendering import get_pipeline, load_jobs, render_jobs
+from flows.rendering import render_variants
 from flows.settings import load_settings
-from storage.assets import asset_key
 from storage.database import Database, audit, retry_transient
-from storage.image_metadata import EXTENSIONS
 from storage.review_schema import RerenderRequest
 from storage.schema import Variant, VariantUpscaler, utcnow
+from storage.variants import VariantSpec
 
 __all__ = ["rerender_queue"]
 
@@ -60,28 +58,13 @@ def _variant_for(db: Database, request_id: int, settings: dict, run_id: int) -> 
         origin = s.get(Variant, source["source_variant_id"])
         if origin is None:
             raise LookupError(f"source variant {source['source_variant_id']} no longer exists")
-        index = origin.variant_index
-        ident = variant_identity(
-            campaign=source["campaign"], row_id=source["row_key"], channel=source["channel"], template=source["template"],
-            prompt=source["prompt"], negative=source["negative_prompt"], index=index, seed=source["seed"],
-            model_sha256=source["model_sha256"], sampler=source["sampler"], steps=source["steps"],
-            cfg_scale=source["cfg_scale"], clip_skip=source["clip_skip"], gen=(source["gen_width"], source["gen_height"]),
-            out=(source["out_width"], source["out_height"]), fmt=source["out_format"], max_kb=source["out_max_kb"],
-            post=source["postprocess"],
-        )
+        spec = VariantSpec.from_dict(source, variant_index=origin.variant_index)
+        ident = spec.identity
         existing = s.scalar(select(Variant).where(Variant.identity == ident))
         if existing is not None:
             return Claimed(request_id, existing.id, False)
-        key = asset_key(source["campaign"], source["row_key"], source["channel"], index, source["seed"],
-                        EXTENSIONS[source["out_format"]], tag=ident[:10])
-        variant = Variant(
-            identity=ident, row_id=origin.row_id, prompt_id=origin.prompt_id, model_id=origin.model_id, first_run_id=run_id,
-            channel=source["channel"], variant_index=index, seed=source["seed"], sampler=source["sampler"],
-            steps=source["steps"], cfg_scale=source["cfg_scale"], clip_skip=source["clip_skip"],
-            gen_width=source["gen_width"], gen_height=source["gen_height"], out_width=source["out_width"],
-            out_height=source["out_height"], out_format=source["out_format"], out_max_kb=source["out_max_kb"],
-            postprocess=source["postprocess"], storage_key=key, status="planned",
-        )
+        variant = Variant(identity=ident, row_id=origin.row_id, prompt_id=origin.prompt_id, model_id=origin.model_id,
+                          first_run_id=run_id, storage_key=spec.storage_key, status="planned", **spec.variant_columns())
         s.add(variant)
         s.flush()
         if variant.postprocess == origin.postprocess:  # the same chain: the same upscaler files
@@ -122,16 +105,14 @@ def rerender_queue(overrides: dict | None = None, config: str | None = None, lim
         request_id, request_settings = claimed
         try:
             target = _variant_for(db, request_id, request_settings, run_id)
-            [job] = load_jobs(db, [target.variant_id])
-            if job.status == "done":
+            result = render_variants([target.variant_id], db=db, store=store, run_id=run_id, device=settings.device,
+                                     dtype=settings.dtype, batch_size=1)
+            if result.skipped:
                 counts["reused"] += 1
                 _finish_request(db, request_id, "done", target.variant_id, None)
                 outcomes.append({"request": request_id, "variant": target.variant_id, "status": "reused"})
                 continue
-            pipeline = get_pipeline(job.model_path, job.model_sha256, device=settings.device, dtype=settings.dtype,
-                                    max_batch_size=1)
-            result = render_jobs([job], pipeline=pipeline, store=store, db=db, run_id=run_id)
-            if result["rendered"] != 1:
+            if result.rendered != 1:
                 raise RuntimeError(f"variant {target.variant_id} failed; see its error in the database")
             counts["rendered"] += 1
             _finish_request(db, request_id, "done", target.variant_id, None)

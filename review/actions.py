@@ -15,7 +15,8 @@ from sqlalchemy import select
 from review.queries import ReviewConfig, review_state_dict
 from storage.database import Database, audit
 from storage.review_schema import REVIEW_STATUSES, RerenderRequest, ReviewSettings, ReviewState
-from storage.schema import Asset, BriefRowRecord, Campaign, ModelRecord, PromptRecord, Variant, utcnow
+from storage.schema import Asset, BriefRowRecord, Campaign, PromptRecord, Variant, utcnow
+from storage.variants import load_variants
 
 __all__ = ["ActionError", "GROUPS", "ReviewChange", "apply_review", "queue_rerender", "set_review_settings"]
 
@@ -135,27 +136,15 @@ def queue_rerender(db: Database, variant_id: int, *, actor: str, overrides: dict
     sampler). Returns (request id, whether it is new): the same request already waiting is not queued twice."""
     changes = _check_overrides(overrides or {})
     with db.session() as s:
-        found = s.execute(
-            select(Variant, PromptRecord, ModelRecord, BriefRowRecord, Campaign)
-            .join(PromptRecord, PromptRecord.id == Variant.prompt_id)
-            .join(ModelRecord, ModelRecord.id == Variant.model_id)
-            .join(BriefRowRecord, BriefRowRecord.id == Variant.row_id)
-            .join(Campaign, Campaign.id == BriefRowRecord.campaign_id)
-            .where(Variant.id == variant_id)
-        ).first()
+        found = load_variants(s, [variant_id]).get(variant_id)
         if found is None:
             raise ActionError(f"no variant {variant_id}", status=404)
-        variant, prompt, model, row, campaign = found
+        variation_index = s.scalar(select(PromptRecord.variation_index).where(PromptRecord.id == found.prompt_id))
         # A copy of everything that determines the image: the worker must not depend on rows that may change.
         settings = {
-            "source_variant_id": variant.id, "source_identity": variant.identity, "campaign": campaign.name,
-            "row_id": row.id, "row_key": row.row_key, "channel": variant.channel, "template": prompt.template,
-            "variation_index": prompt.variation_index, "prompt": prompt.prompt, "negative_prompt": prompt.negative_prompt,
-            "seed": variant.seed, "sampler": variant.sampler, "steps": variant.steps, "cfg_scale": variant.cfg_scale,
-            "clip_skip": variant.clip_skip, "gen_width": variant.gen_width, "gen_height": variant.gen_height,
-            "out_width": variant.out_width, "out_height": variant.out_height, "out_format": variant.out_format,
-            "out_max_kb": variant.out_max_kb, "postprocess": variant.postprocess, "model_id": model.id,
-            "model_sha256": model.sha256, "model_path": model.path,
+            "source_variant_id": found.id, "source_identity": found.identity, "row_id": found.row_id,
+            "variation_index": variation_index, "model_id": found.model.id, "model_path": found.model.path,
+            **found.spec.as_dict(),
         }
         settings.update(changes)
         settings["changed"] = sorted(changes)

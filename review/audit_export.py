@@ -32,6 +32,7 @@ from review.export import find_campaign
 from storage.database import Database
 from storage.review_schema import ABResult, ExportRecord, ReviewState
 from storage.schema import Asset, AuditEntry, Brief, BriefRowRecord, ModelRecord, PromptRecord, Run, Variant, utcnow
+from storage.variants import with_joins
 
 __all__ = ["AuditExport", "AuditExportError", "CSV_COLUMNS", "audit_export", "to_csv", "to_json"]
 
@@ -90,12 +91,8 @@ def audit_export(db: Database, campaign_ref: str | int) -> AuditExport:
         if campaign is None:
             raise AuditExportError(f"no campaign {campaign_ref!r}")
         found = s.execute(
-            select(Asset, Variant, PromptRecord, ModelRecord, BriefRowRecord, Brief)
-            .join(Variant, Variant.id == Asset.variant_id)
-            .join(PromptRecord, PromptRecord.id == Variant.prompt_id)
-            .join(ModelRecord, ModelRecord.id == Variant.model_id)
-            .join(BriefRowRecord, BriefRowRecord.id == Variant.row_id)
-            .join(Brief, Brief.id == BriefRowRecord.brief_id)
+            with_joins(select(Asset, Variant, PromptRecord, ModelRecord, BriefRowRecord, Brief),
+                       asset=True, prompt=True, model=True, brief=True)
             .where(BriefRowRecord.campaign_id == campaign.id)
             .order_by(BriefRowRecord.row_key, Variant.channel, Variant.variant_index, Asset.id)
         ).all()

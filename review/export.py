@@ -33,6 +33,7 @@ from storage.assets import AssetStore, validate_key
 from storage.database import Database, audit
 from storage.review_schema import ExportRecord, ReviewState
 from storage.schema import Asset, BriefRowRecord, Campaign, ModelRecord, Variant
+from storage.variants import with_joins
 
 __all__ = [
     "CHANNEL_PATTERNS",
@@ -159,11 +160,8 @@ def _names(items: list[dict[str, Any]], naming: dict[str, str]) -> list[str]:
 
 def _select(s: Session, campaign: Campaign, approved_only: bool) -> list[dict[str, Any]]:
     stmt = (
-        select(Asset, Variant, BriefRowRecord.row_key, ModelRecord, ReviewState)
-        .join(Variant, Variant.id == Asset.variant_id)
-        .join(BriefRowRecord, BriefRowRecord.id == Variant.row_id)
-        .join(ModelRecord, ModelRecord.id == Variant.model_id)
-        .outerjoin(ReviewState, ReviewState.variant_id == Variant.id)
+        with_joins(select(Asset, Variant, BriefRowRecord.row_key, ModelRecord, ReviewState),
+                   asset=True, row=True, model=True, review=True)
         .where(BriefRowRecord.campaign_id == campaign.id)
         .order_by(BriefRowRecord.row_key, Variant.row_id, Variant.channel, ReviewState.ab_group, Variant.variant_index, Variant.id)
     )

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from storage.review_schema import ABResult, RerenderRequest, ReviewSettings, ReviewState
 from storage.schema import Asset, Brief, BriefRowRecord, Campaign, ModelRecord, PromptRecord, Run, Variant
+from storage.variants import with_joins
 
 __all__ = [
     "Card",
@@ -69,17 +70,13 @@ def campaign_summaries(s: Session) -> list[CampaignSummary]:
     counts = {
         cid: (rows, total, approved, rejected)
         for cid, rows, total, approved, rejected in s.execute(
-            select(
+            with_joins(select(
                 BriefRowRecord.campaign_id,
                 func.count(func.distinct(Variant.row_id)),
                 func.count(Variant.id),
                 func.count(Variant.id).filter(_status() == "approved"),
                 func.count(Variant.id).filter(_status() == "rejected"),
-            )
-            .select_from(Variant)
-            .join(Asset, Asset.variant_id == Variant.id)
-            .join(BriefRowRecord, BriefRowRecord.id == Variant.row_id)
-            .outerjoin(ReviewState, ReviewState.variant_id == Variant.id)
+            ), asset=True, row=True, review=True)
             .group_by(BriefRowRecord.campaign_id)
         )
     }
@@ -107,11 +104,8 @@ def readiness(s: Session, campaign_id: int, needed: int, *, row_id: int | None =
               channel: str | None = None) -> dict[tuple[int, str], Readiness]:
     """(row id, channel) -> approved / needed / total reviewable variants."""
     stmt = (
-        select(Variant.row_id, Variant.channel, func.count(Variant.id), func.count(Variant.id).filter(_status() == "approved"))
-        .select_from(Variant)
-        .join(Asset, Asset.variant_id == Variant.id)
-        .join(BriefRowRecord, BriefRowRecord.id == Variant.row_id)
-        .outerjoin(ReviewState, ReviewState.variant_id == Variant.id)
+        with_joins(select(Variant.row_id, Variant.channel, func.count(Variant.id),
+                          func.count(Variant.id).filter(_status() == "approved")), asset=True, row=True, review=True)
         .where(BriefRowRecord.campaign_id == campaign_id)
         .group_by(Variant.row_id, Variant.channel)
     )
@@ -250,15 +244,8 @@ def gallery(s: Session, campaign_id: int, filters: Filters, needed: int) -> Gall
 
 def _campaign_variants(stmt, campaign_id: int):
     """``stmt`` over a campaign's stored variants with their asset, row, prompt, model and review state."""
-    return (
-        stmt.select_from(Variant)
-        .join(Asset, Asset.variant_id == Variant.id)
-        .join(BriefRowRecord, BriefRowRecord.id == Variant.row_id)
-        .join(PromptRecord, PromptRecord.id == Variant.prompt_id)
-        .join(ModelRecord, ModelRecord.id == Variant.model_id)
-        .outerjoin(ReviewState, ReviewState.variant_id == Variant.id)
-        .where(BriefRowRecord.campaign_id == campaign_id)
-    )
+    return with_joins(stmt, asset=True, row=True, prompt=True, model=True, review=True).where(
+        BriefRowRecord.campaign_id == campaign_id)
 
 
 def _filter_options(s: Session, campaign_id: int) -> dict[str, list[Any]]:
@@ -294,13 +281,8 @@ def _iso(value: dt.datetime | None) -> str | None:
 def variant_detail(s: Session, variant_id: int) -> dict[str, Any] | None:
     """Everything the detail panel shows (and the audit export reuses): settings, model, row, run, review state."""
     found = s.execute(
-        select(Variant, Asset, PromptRecord, ModelRecord, BriefRowRecord, Brief, Campaign)
-        .join(Asset, Asset.variant_id == Variant.id)
-        .join(PromptRecord, PromptRecord.id == Variant.prompt_id)
-        .join(ModelRecord, ModelRecord.id == Variant.model_id)
-        .join(BriefRowRecord, BriefRowRecord.id == Variant.row_id)
-        .join(Brief, Brief.id == BriefRowRecord.brief_id)
-        .join(Campaign, Campaign.id == BriefRowRecord.campaign_id)
+        with_joins(select(Variant, Asset, PromptRecord, ModelRecord, BriefRowRecord, Brief, Campaign),
+                   asset=True, prompt=True, model=True, brief=True, campaign=True)
         .where(Variant.id == variant_id)
     ).first()
     if found is None:
@@ -361,9 +343,7 @@ def review_state_dict(state: ReviewState | None) -> dict[str, Any]:
 def campaign_of_variant(s: Session, variant_id: int) -> tuple[int, int, str] | None:
     """(campaign id, row id, channel) of a reviewable variant, None if there is no such variant with an asset."""
     found = s.execute(
-        select(BriefRowRecord.campaign_id, Variant.row_id, Variant.channel)
-        .join(BriefRowRecord, BriefRowRecord.id == Variant.row_id)
-        .join(Asset, Asset.variant_id == Variant.id)
+        with_joins(select(BriefRowRecord.campaign_id, Variant.row_id, Variant.channel), row=True, asset=True)
         .where(Variant.id == variant_id)
     ).first()
     return None if found is None else (found[0], found[1], found[2])

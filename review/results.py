@@ -16,6 +16,7 @@ import io
 from dataclasses import dataclass, field
 from typing import Literal
 
+import pandas as pd
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -23,6 +24,7 @@ from review.stats import Arm, Verdict, verdict
 from storage.database import Database, audit
 from storage.review_schema import ABResult, ExportRecord, ReviewState
 from storage.schema import Asset, BriefRowRecord, Variant, utcnow
+from storage.variants import with_joins
 
 __all__ = ["ABTest", "GroupStats", "ImportSummary", "METRICS", "ResultsError", "ab_tests", "import_results", "parse_results"]
 
@@ -76,6 +78,8 @@ def _parse(data: bytes, source: str) -> tuple[list[ParsedResult], list[str]]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         return [], [f"{source}: not UTF-8 text"]
+    # The csv module, not pandas.read_csv: problems name the file's lines, and read_csv rejects a row with more cells
+    # than the header (extra cells are ignored here) and a quote left open at the end of the file.
     sample = text[:4096]
     delimiter = ";" if sample.count(";") > sample.count(",") else ","  # European spreadsheet exports use ';'
     reader = csv.reader(io.StringIO(text), delimiter=delimiter)
@@ -234,30 +238,29 @@ def ab_tests(s: Session, campaign_id: int, *, confidence: float, metric: str = "
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r} (known: {', '.join(METRICS)})")
     rows = s.execute(
-        select(Variant.row_id, BriefRowRecord.row_key, Variant.channel, ReviewState.ab_group, Asset.id,
-               ABResult.impressions, ABResult.clicks, ABResult.conversions)
-        .select_from(ABResult)
-        .join(Asset, Asset.id == ABResult.asset_id)
-        .join(Variant, Variant.id == Asset.variant_id)
-        .join(BriefRowRecord, BriefRowRecord.id == Variant.row_id)
-        .outerjoin(ReviewState, ReviewState.variant_id == Variant.id)
+        with_joins(select(Variant.row_id, BriefRowRecord.row_key, Variant.channel, ReviewState.ab_group, Asset.id,
+                          ABResult.impressions, ABResult.clicks, ABResult.conversions), asset=True, row=True, review=True)
+        .join(ABResult, ABResult.asset_id == Asset.id)
         .where(BriefRowRecord.campaign_id == campaign_id)
         .order_by(BriefRowRecord.row_key, Variant.row_id, Variant.channel, ReviewState.ab_group, Asset.id)
     ).all()
-    tests: dict[tuple[int, str], tuple[str, dict[str, GroupStats], list[int]]] = {}
-    for row_id, row_key, channel, group, asset_id, impressions, clicks, conversions in rows:
-        _, groups, ungrouped = tests.setdefault((row_id, channel), (row_key, {}, []))
-        if not group:
-            ungrouped.append(asset_id)
-            continue
-        g = groups.setdefault(group, GroupStats(group))
-        g.asset_ids.append(asset_id)
-        g.impressions += impressions
-        g.clicks += clicks
-        g.conversions += conversions
+    return _summarise(pd.DataFrame([tuple(r) for r in rows], columns=_VIEW_COLUMNS), confidence=confidence, metric=metric)
+
+
+_VIEW_COLUMNS = ["row_id", "row_key", "channel", "group", "asset_id", "impressions", "clicks", "conversions"]
+
+
+def _summarise(results: pd.DataFrame, *, confidence: float, metric: str) -> list[ABTest]:
+    """One test per brief row and channel in the rows' order; per test, each A/B group's sums, groups by name."""
+    results = results.assign(group=results["group"].fillna(""))
     out = []
-    for (row_id, channel), (row_key, groups, ungrouped) in tests.items():
-        arms = [Arm(g.name, g.successes(metric), g.impressions) for g in groups.values()]
-        out.append(ABTest(row_id, row_key, channel, sorted(groups.values(), key=lambda g: g.name),
-                          verdict(arms, confidence), len(ungrouped)))
+    for (row_id, channel), test in results.groupby(["row_id", "channel"], sort=False, dropna=False):
+        sums = test[test["group"] != ""].groupby("group").agg(
+            asset_ids=("asset_id", list), impressions=("impressions", "sum"),
+            clicks=("clicks", "sum"), conversions=("conversions", "sum"))
+        groups = [GroupStats(g.Index, [int(a) for a in g.asset_ids], int(g.impressions), int(g.clicks), int(g.conversions))
+                  for g in sums.itertuples()]
+        arms = [Arm(g.name, g.successes(metric), g.impressions) for g in groups]
+        out.append(ABTest(int(row_id), test["row_key"].iloc[0], channel, groups, verdict(arms, confidence),
+                          int((test["group"] == "").sum())))
     return out

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import random
 
+from demo.evaluate import color_shares, score_image
+from demo.recipe import DEMO_LICENSE, DemoRecipe
+from demo.scenes import Scene, random_scene
 from engine.bundled import bundled_model_path
-from engine.checkpoint import detect_family, open_state_dict
-from engine.demo.evaluate import color_shares, score_image
-from engine.demo.recipe import DEMO_LICENSE, DemoRecipe
-from engine.demo.scenes import Scene, random_scene
+from engine.checkpoint import open_state_dict
+from engine.families import detect_family
 from engine.pipeline import GenerationRequest, Pipeline
 
 MODEL = bundled_model_path()

@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 
 from flows.brief import BriefError
 from flows.campaign import campaign_run
-from flows.licensing import register_model
+from flows.model_registry import register_model
 from storage.assets import open_store
 from storage.database import open_database
 from storage.image_metadata import TRAINED_ALGORITHMIC_MEDIA, parse_infotext, read_image_metadata
@@ -212,7 +212,7 @@ def test_killed_run_resumes_without_duplicates(tmp_path: Path, campaign_model: P
     store_dir = tmp_path / "assets"
     env = dict(os.environ, PREFECT_API_URL=prefect_harness, ADFORGE_DB_URL=sqlite_db_url, ADFORGE_STORE_URL=str(store_dir),
                ADFORGE_MODEL=str(campaign_model))
-    cmd = [sys.executable, "-m", "flows.cli", "run", str(brief), "--steps", "3", "--batch-size", "1"]
+    cmd = [sys.executable, "-m", "cli", "run", str(brief), "--steps", "3", "--batch-size", "1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     db = open_database(sqlite_db_url)
     deadline = time.monotonic() + 180

@@ -27,11 +27,11 @@ from engine.checkpoint import (
     VAE_PREFIX,
     CheckpointError,
     a1111_short_hash,
-    detect_family,
     file_sha256,
     open_state_dict,
 )
-from engine.models import load_sd1
+from engine.families import detect_family
+from engine.loading import load_checkpoint
 from engine.text_encoder import TextEncoderConfig
 from engine.unet import SD1_NUM_HEADS, UNetConfig, UNetModel
 from engine.vae import VAEConfig
@@ -62,7 +62,7 @@ def tiny_file(tmp_path_factory: pytest.TempPathFactory, tiny_sd) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_models(tiny_file: Path):
-    return load_sd1(tiny_file)
+    return load_checkpoint(tiny_file)
 
 
 def _save(path: Path, sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
@@ -117,7 +117,7 @@ def test_tiny_sd1_loads_with_the_files_weights_and_configs(tiny_models, tiny_sd,
 def test_older_clip_layout_without_text_model_level_loads(tmp_path: Path, tiny_sd) -> None:
     sd = _rename(tiny_sd, TEXT_PREFIX, CLIP_PREFIX)
     assert not any(k.startswith(TEXT_PREFIX) for k in sd) and any(k.startswith(CLIP_PREFIX) for k in sd)
-    m = load_sd1(_save(tmp_path / "old.safetensors", sd))
+    m = load_checkpoint(_save(tmp_path / "old.safetensors", sd))
     assert m.family.name == "sd1"
     _assert_weights_equal(m.text_encoder, _sub(sd, CLIP_PREFIX))
 
@@ -127,7 +127,7 @@ def test_nine_input_channels_is_sd1_inpaint(tmp_path: Path, tiny_sd) -> None:
     sd = {**tiny_sd, conv_in: torch.randn(TINY_UNET.model_channels, 9, 3, 3)}
     path = _save(tmp_path / "inpaint.safetensors", sd)
     assert detect_family(open_state_dict(path)).name == "sd1-inpaint"
-    m = load_sd1(path)
+    m = load_checkpoint(path)
     assert m.family.name == "sd1-inpaint" and m.is_inpainting
     assert m.unet.config == replace(TINY_UNET, in_channels=9)
 
@@ -147,7 +147,7 @@ def test_config_inference_is_read_from_the_file_not_assumed(tmp_path: Path) -> N
     text = TextEncoderConfig(vocab_size=49410, hidden_size=48, intermediate_size=50, num_layers=1, num_heads=3, max_position_embeddings=77)
     vae = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=2)
     path = _save(tmp_path / "variant.safetensors", random_sd1_state_dict(3, unet=unet, text=text, vae=vae), sd1_metadata(unet, text))
-    m = load_sd1(path)
+    m = load_checkpoint(path)
     assert m.unet.config == unet
     assert _text_config(m.text_encoder) == text
     assert m.vae.config == vae
@@ -207,7 +207,7 @@ def test_sd2_and_sdxl_are_detected_and_refused(tmp_path: Path, tiny_sd, make, fa
     fam = detect_family(open_state_dict(path))
     assert fam.name == family and not fam.supported
     with pytest.raises(CheckpointError, match="not supported yet") as info:
-        load_sd1(path)
+        load_checkpoint(path)
     assert str(path) in str(info.value)
     assert ("SDXL" if family == "sdxl" else "SD 2") in str(info.value)
 
@@ -222,7 +222,7 @@ def test_lora_file_is_refused_with_its_own_message(tmp_path: Path) -> None:
     path = _save(tmp_path / "style-lora.safetensors", sd, {})
     assert detect_family(open_state_dict(path)).name == "lora"
     with pytest.raises(CheckpointError, match="LoRA file, not a checkpoint") as info:
-        load_sd1(path)
+        load_checkpoint(path)
     assert str(path) in str(info.value)
 
 
@@ -232,14 +232,14 @@ def test_vae_only_file_is_refused_with_its_own_message(tmp_path: Path, tiny_sd, 
     path = _save(tmp_path / "vae.safetensors", sd, {})
     assert detect_family(open_state_dict(path)).name == "vae"
     with pytest.raises(CheckpointError, match="standalone VAE.*--vae") as info:
-        load_sd1(path)
+        load_checkpoint(path)
     assert str(path) in str(info.value)
 
 
 def test_file_of_unrelated_tensors_is_not_a_checkpoint(tmp_path: Path) -> None:
     path = _save(tmp_path / "other.safetensors", {"fc.weight": torch.zeros(2, 2)}, {})
     with pytest.raises(CheckpointError, match="not a Stable Diffusion checkpoint") as info:
-        load_sd1(path)
+        load_checkpoint(path)
     assert str(path) in str(info.value)
 
 
@@ -249,7 +249,7 @@ def test_file_of_unrelated_tensors_is_not_a_checkpoint(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.safetensors"
     with pytest.raises(CheckpointError, match="not found") as info:
-        load_sd1(path)
+        load_checkpoint(path)
     assert str(path) in str(info.value) and info.value.path == str(path)
 
 
@@ -257,7 +257,7 @@ def test_directory(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     path.mkdir()
     with pytest.raises(CheckpointError, match="directory") as info:
-        load_sd1(path)
+        load_checkpoint(path)
     assert str(path) in str(info.value)
 
 
@@ -265,7 +265,7 @@ def test_text_file_renamed_safetensors(tmp_path: Path) -> None:
     path = tmp_path / "download.safetensors"
     path.write_text("<!DOCTYPE html><html><body>403 Forbidden</body></html>\n")
     with pytest.raises(CheckpointError, match="not a safetensors file") as info:
-        load_sd1(path)
+        load_checkpoint(path)
     assert str(path) in str(info.value)
 
 
@@ -286,7 +286,7 @@ def test_truncated_safetensors(tmp_path: Path, tiny_file: Path, where: str) -> N
     path = tmp_path / "cut.safetensors"
     path.write_bytes(data[:cut])
     with pytest.raises(CheckpointError, match="truncated") as info:
-        load_sd1(path)
+        load_checkpoint(path)
     assert str(path) in str(info.value)
 
 
@@ -301,7 +301,7 @@ def test_corrupt_header_json(tmp_path: Path, tiny_file: Path) -> None:
     path = tmp_path / "corrupt.safetensors"
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupt safetensors header") as info:
-        load_sd1(path)
+        load_checkpoint(path)
     assert str(path) in str(info.value)
 
 
@@ -356,7 +356,7 @@ def test_missing_tensor_names_its_full_key(tmp_path: Path, tiny_sd, key: str) ->
     assert key in tiny_sd
     path = _save(tmp_path / "partial.safetensors", {k: v for k, v in tiny_sd.items() if k != key})
     with pytest.raises(CheckpointError, match="missing tensor") as info:
-        load_sd1(path)
+        load_checkpoint(path)
     assert info.value.key == key
     assert f"'{key}'" in str(info.value) and str(path) in str(info.value)
 
@@ -377,7 +377,7 @@ def test_wrong_shape_names_its_key(tmp_path: Path, tiny_sd, key: str) -> None:
     sd[key] = torch.zeros((t.shape[0] + 1, *t.shape[1:]))
     path = _save(tmp_path / "bad-shape.safetensors", sd)
     with pytest.raises(CheckpointError, match="shape") as info:
-        load_sd1(path)
+        load_checkpoint(path)
     assert f"'{key}'" in str(info.value) and str(path) in str(info.value)
     stem = key.rpartition(".")[0]
     assert info.value.key in (key, stem + ".weight", stem + ".bias")
@@ -387,7 +387,7 @@ def test_unexpected_tensor_is_refused_not_ignored(tmp_path: Path, tiny_sd) -> No
     key = UNET_PREFIX + "input_blocks.1.0.extra.weight"
     path = _save(tmp_path / "extra.safetensors", {**tiny_sd, key: torch.zeros(3)})
     with pytest.raises(CheckpointError, match="unexpected tensor") as info:
-        load_sd1(path)
+        load_checkpoint(path)
     assert info.value.key == key
 
 
@@ -395,7 +395,7 @@ def test_text_encoder_width_must_match_unet_context(tmp_path: Path) -> None:
     sd = random_sd1_state_dict(0, text=replace(TINY_TEXT, hidden_size=48, num_heads=3))
     path = _save(tmp_path / "mixed.safetensors", sd, sd1_metadata(TINY_UNET, replace(TINY_TEXT, num_heads=3)))
     with pytest.raises(CheckpointError, match="48 wide.*expects 32") as info:
-        load_sd1(path)
+        load_checkpoint(path)
     assert str(path) in str(info.value)
 
 
@@ -407,7 +407,7 @@ def test_pickle_refused_without_allow_pickle(tmp_path: Path, suffix: str) -> Non
     path = tmp_path / f"model{suffix}"
     torch.save({"fc.weight": torch.zeros(1)}, path)
     with pytest.raises(CheckpointError, match="--allow-pickle") as info:
-        load_sd1(path)
+        load_checkpoint(path)
     assert str(path) in str(info.value)
 
 
@@ -415,7 +415,7 @@ def test_pickle_refused_without_allow_pickle(tmp_path: Path, suffix: str) -> Non
 def test_ckpt_loads_with_allow_pickle(tmp_path: Path, tiny_sd, wrapped: bool) -> None:
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": tiny_sd, "global_step": 470000, "epoch": 3} if wrapped else tiny_sd, path)
-    m = load_sd1(path, allow_pickle=True)
+    m = load_checkpoint(path, allow_pickle=True)
     assert m.family.name == "sd1"
     # A pickle has no metadata: head counts fall back to SD1's 8 (U-Net) and CLIP's 64-wide heads (text).
     assert m.unet.config == TINY_UNET and TINY_UNET.num_heads == SD1_NUM_HEADS
@@ -427,7 +427,7 @@ def test_ckpt_loads_with_allow_pickle(tmp_path: Path, tiny_sd, wrapped: bool) ->
 def test_legacy_non_zip_ckpt_loads_with_allow_pickle(tmp_path: Path, tiny_sd) -> None:
     path = tmp_path / "old-format.ckpt"
     torch.save({"state_dict": tiny_sd}, path, _use_new_zipfile_serialization=False)
-    _assert_weights_equal(load_sd1(path, allow_pickle=True).text_encoder, _sub(tiny_sd, TEXT_PREFIX))
+    _assert_weights_equal(load_checkpoint(path, allow_pickle=True).text_encoder, _sub(tiny_sd, TEXT_PREFIX))
 
 
 class _RunsCode:
@@ -445,7 +445,7 @@ def test_pickle_that_runs_code_is_refused_even_with_allow_pickle(tmp_path: Path,
     marker = tmp_path / "pwned"
     torch.save({"state_dict": tiny_sd, "payload": _RunsCode(str(marker))}, path)
     with pytest.raises(CheckpointError, match="weights-only") as info:
-        load_sd1(path, allow_pickle=True)
+        load_checkpoint(path, allow_pickle=True)
     assert str(path) in str(info.value)
     assert not marker.exists()
     # the payload is real: an unrestricted unpickler would have run it
@@ -470,7 +470,7 @@ def test_separate_vae_replaces_the_checkpoints(tmp_path: Path, tiny_file: Path, 
     vae_sd = {k: v * -0.5 + 0.25 for k, v in _sub(tiny_sd, VAE_PREFIX).items()}  # a VAE with other weights
     vae_sd_file = {prefix + k: v for k, v in vae_sd.items()}
     vae_path = _save(tmp_path / "vae-ft-mse.safetensors", vae_sd_file, {})
-    m = load_sd1(tiny_file, vae_path=vae_path)
+    m = load_checkpoint(tiny_file, vae_path=vae_path)
     decoder = {k: v for k, v in vae_sd.items() if k.startswith("decoder.")}
     state = m.vae.state_dict()
     for k, v in decoder.items():
@@ -573,7 +573,7 @@ def test_float32_cpu_parameters_are_the_memory_mapped_file(tiny_models, tiny_fil
 
 
 def test_bfloat16_loading(tiny_file: Path, tiny_sd) -> None:
-    m = load_sd1(tiny_file, dtype=torch.bfloat16)
+    m = load_checkpoint(tiny_file, dtype=torch.bfloat16)
     assert m.dtype == torch.bfloat16
     for module in (m.unet, m.text_encoder, m.vae):
         assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
@@ -587,7 +587,7 @@ _MEMORY_PROBE = r"""
 import gc, json, resource, sys
 import torch
 torch.set_num_threads(1)
-from engine.models import load_sd1
+from engine.loading import load_checkpoint
 
 def status_kb(field):
     with open("/proc/self/status") as f:
@@ -596,7 +596,7 @@ def status_kb(field):
                 return int(line.split()[1])
 
 big, tiny = sys.argv[1], sys.argv[2]
-m = load_sd1(tiny)  # warm-up: lazy imports, tokenizer, first-call allocations
+m = load_checkpoint(tiny)  # warm-up: lazy imports, tokenizer, first-call allocations
 del m
 gc.collect()
 # Reset the peak mark so that it is the load's own. (ru_maxrss is not usable here: after fork+exec it keeps the
@@ -607,7 +607,7 @@ try:
 except OSError:
     pass
 base = status_kb("VmRSS")
-m = load_sd1(big)
+m = load_checkpoint(big)
 after_load, peak_load = status_kb("VmRSS"), status_kb("VmHWM")
 n_bytes = 0
 total = 0.0
@@ -647,7 +647,7 @@ def test_peak_memory_of_loading_a_large_checkpoint(tmp_path: Path, tiny_sd, tiny
     load_peak = (r["peak_load_kb"] - r["base_kb"]) * 1024
     peak_growth = (r["peak_kb"] - r["base_kb"]) * 1024
     print(
-        f"\nfile {size / 1e6:.0f} MB: RSS +{load_growth / 1e6:.1f} MB after load_sd1 (peak during it +{load_peak / 1e6:.1f} MB), "
+        f"\nfile {size / 1e6:.0f} MB: RSS +{load_growth / 1e6:.1f} MB after load_checkpoint (peak during it +{load_peak / 1e6:.1f} MB), "
         f"peak +{peak_growth / 1e6:.1f} MB after paging in every weight = {peak_growth / size:.2f}x file size"
     )
     # zero-copy: building the networks neither reads the weights into private memory nor copies them

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows.cli import app
+from cli.app import app
 from storage.image_metadata import parse_infotext, read_png_metadata
 
 runner = CliRunner()

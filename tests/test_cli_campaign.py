@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.campaign import close_resources
-from flows.cli import app
+from cli.app import app
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "briefs" / "spring-launch.csv"

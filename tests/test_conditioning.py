@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from engine.conditioning import PromptEncoder, chunk_prompt
-from engine.models import load_sd1
+from engine.loading import load_checkpoint
 from engine.tokenizer import BOS_ID, EOS_ID, load_clip_tokenizer
 
 
 @pytest.fixture(scope="module")
 def encoder(tiny_checkpoint: Path) -> PromptEncoder:
-    m = load_sd1(tiny_checkpoint)
+    m = load_checkpoint(tiny_checkpoint)
     return PromptEncoder(m.text_encoder, m.tokenizer, m.device, m.dtype)
 
 

@@ -1,4 +1,4 @@
-"""The decoder-only fine-tune (engine/training/decoder_tune.py): it lowers the reconstruction loss, changes no
+"""The decoder-only fine-tune (demo/decoder_tune.py): it lowers the reconstruction loss, changes no
 weight outside the decoder's tuned blocks (so every latent stays what the U-Net learned), leaves flat areas
 exactly as the analytic start draws them, and its training shortcut computes exactly what the full decoder
 computes."""
@@ -9,10 +9,10 @@ import random
 
 import torch
 
-from engine.demo.recipe import _image_tensor
-from engine.demo.scenes import random_scene
-from engine.training.decoder_tune import decode_for_training, decoder_tune_parameters, train_decoder
-from engine.training.vae_init import init_block_average_vae
+from demo.dataset import image_tensor
+from demo.decoder_tune import decode_for_training, decoder_tune_parameters, train_decoder
+from demo.scenes import random_scene
+from demo.vae_init import init_block_average_vae
 from engine.vae import AutoencoderKL, VAEConfig
 
 SIZE = 64
@@ -28,7 +28,7 @@ def test_decoder_tune_lowers_the_loss_and_changes_only_the_tuned_blocks() -> Non
     torch.manual_seed(0)
     vae = _analytic_vae()
     rng = random.Random(3)
-    images = _image_tensor([random_scene(rng) for _ in range(4)], SIZE)
+    images = image_tensor([random_scene(rng) for _ in range(4)], SIZE)
     with torch.no_grad():
         z = vae.encode(images * 2 - 1)[0]
     # A flat 256-px image (32 latents across): the tuned blocks reach 11 latents (2 per block and level, at their

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from engine.demo.evaluate import Score, classify_color, red_share, score_image
-from engine.demo.scenes import (
+from demo.evaluate import Score, classify_color, red_share, score_image
+from demo.scenes import (
     COLORS,
     POSITIONS,
     SHAPES,
@@ -292,7 +292,7 @@ def test_two_object_scene_judges_what_is_at_the_first_objects_place() -> None:
 def test_partial_captions_state_only_what_they_name() -> None:
     import random as _random
 
-    from engine.demo.scenes import (
+    from demo.scenes import (
         CAPTION_ATTRIBUTES, COLORS, EDITION_ATTRIBUTES, POSITION_PHRASES, attribute_targets, partial_caption, random_scene,
     )
 
@@ -329,7 +329,7 @@ def test_captions_state_the_gradient_direction_without_changing_the_scenes() -> 
     a caption -- the demo model's training set -- are the same as when stages 1-3 were trained."""
     import random as _random
 
-    from engine.demo.scenes import caption, partial_caption, random_scene
+    from demo.scenes import caption, partial_caption, random_scene
 
     gradients = [s for s in (random_scene(_random.Random(k)) for k in range(60)) if s.is_gradient]
     assert len(gradients) > 5

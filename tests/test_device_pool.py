@@ -1,8 +1,9 @@
-"""Render workers on one machine (flows/device_pool.py) and out-of-memory halving (flows/oom.py), on the CPU: two
+"""Render workers on one machine (flows/device_pool.py) and out-of-memory halving (in the engine), on the CPU: two
 CPU worker processes on the tiny campaign model stand in for two GPUs. Every image is real output of the engine."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -16,12 +17,12 @@ from sqlalchemy import func, select
 from engine.pipeline import GenerationRequest, Pipeline
 from flows.campaign import PlannedRun, campaign_run, close_resources, plan_run, validate_brief
 from flows.device_pool import DeviceError, DevicePool, PoolConfig, WorkerSpec, plan_workers
-from flows.oom import TEST_LATENT_CAP_ENV, OomHalvingPipeline, install_latent_cap
-from flows.rendering import clear_pipelines, get_pipeline, load_jobs, render_jobs
+from flows.rendering import clear_pipelines, render_variants
 from flows.settings import Settings, SettingsError, load_settings
 from storage.assets import open_store
 from storage.database import open_database, sqlite_url
 from storage.schema import Asset, AuditEntry, Variant
+from tests.helpers import cap_unet_latents
 
 BRIEF = "campaign,row_id,subject,channels,variants\n" + "".join(
     f"pool,row-{i},a {colour} circle,instagram_square,5\n" for i, colour in enumerate(("red", "blue"))
@@ -94,25 +95,24 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_images(campaign_model: Pat
     expected = [r.image.tobytes() for r in single.generate(requests)]
 
     pipe = Pipeline.load(campaign_model, device="cpu", max_batch_size=4)
-    cap = install_latent_cap(pipe, 2)  # room for one image's CFG pair
-    wrapper = OomHalvingPipeline(pipe, "test-device")
-    with caplog.at_level(logging.WARNING, logger="flows.oom"):
-        got = wrapper.generate(requests)
+    cap = cap_unet_latents(2, pipe.models.unet)  # room for one image's CFG pair
+    with caplog.at_level(logging.WARNING, logger="engine.pipeline"):
+        got = pipe.generate(requests)
     assert [r.image.tobytes() for r in got] == expected
     assert [r.request.seed for r in got] == [0, 1, 2, 3]
-    assert (wrapper.limit, wrapper.halvings) == (1, 2)
+    assert (pipe.fits, pipe.oom_halvings) == (1, 2)
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2
-    assert messages[0].startswith("out of memory on test-device rendering 4 image(s) in one call (")
+    assert messages[0].startswith("out of memory on cpu rendering 4 image(s) in one call (")
     assert messages[0].endswith("halving to 2 and retrying")
     assert "halving to 1" in messages[1]
     # What fits is remembered: the next batch does not run into the wall first.
-    assert len(wrapper.generate(requests[:2])) == 2 and wrapper.halvings == 2
+    assert len(pipe.generate(requests[:2])) == 2 and pipe.oom_halvings == 2
     # One image that does not fit is a real error (recorded against its variants), not an endless loop.
     cap.remove()
-    install_latent_cap(pipe, 1)
+    cap_unet_latents(1, pipe.models.unet)
     with pytest.raises(torch.OutOfMemoryError, match="holds 1"):
-        wrapper.generate(requests[:1])
+        pipe.generate(requests[:1])
 
 
 # ------------------------------------------------------------------------------------------------ the pool
@@ -142,9 +142,7 @@ def _render_here(settings: Settings, planned: PlannedRun) -> None:
     """The single-process path: this process, one device."""
     db, store = open_database(settings.db_url), open_store(settings.store_url)
     for batch in planned.batches:
-        jobs = load_jobs(db, batch)
-        pipe = get_pipeline(jobs[0].model_path, jobs[0].model_sha256, device="cpu", max_batch_size=settings.batch_size)
-        render_jobs(jobs, pipeline=pipe, store=store, db=db, run_id=planned.run_id)
+        render_variants(batch, db=db, store=store, run_id=planned.run_id, device="cpu", batch_size=settings.batch_size)
     db.dispose()
 
 
@@ -190,7 +188,7 @@ def test_killed_worker_batch_goes_to_the_others(tmp_path: Path, campaign_model: 
     with _pool(settings, observer=observer) as pool:
         result = pool.run(planned.run_id, units, on_event=lambda event, n: rendered.append((event, n)))
     assert killed, "worker cpu#2 never started a batch"
-    assert (result["rendered"], result["failed"], result["skipped"], result["requeued"]) == (VARIANTS, 0, 0, 1)
+    assert (result.counts.rendered, result.counts.failed, result.counts.skipped, result.requeued) == (VARIANTS, 0, 0, 1)
     assert sum(n for event, n in rendered if event == "rendered") == VARIANTS
     assert ("died", "cpu#2", killed["pid"], killed["unit"]) in events
     assert ("requeued", "cpu#2", killed["pid"], killed["unit"]) in events
@@ -212,19 +210,18 @@ def test_out_of_memory_in_a_worker_halves_and_never_fails_the_run(tmp_path: Path
     gets batches of 2: it halves once (and keeps the smaller size), logs it through the coordinator, and renders
     what a batch size of 1 would. The worker is spawned, a fresh interpreter that pins its device before it imports
     torch, as GPU workers are."""
-    monkeypatch.setenv(TEST_LATENT_CAP_ENV, "2")
     settings, planned, units = _planned(tmp_path, campaign_model, "oom", steps=2)
-    config = PoolConfig(settings.db_url, settings.store_url, settings.dtype, settings.batch_size)
+    config = PoolConfig(settings.db_url, settings.store_url, settings.dtype, settings.batch_size,
+                        worker_init=functools.partial(cap_unet_latents, 2))
     with caplog.at_level(logging.WARNING), DevicePool(plan_workers("cpu", threads=1), config, start_method="spawn") as pool:
         result = pool.run(planned.run_id, units)
-    assert (result["rendered"], result["failed"], result["oom_halvings"]) == (VARIANTS, 0, 1)
+    assert (result.counts.rendered, result.counts.failed, result.counts.oom_halvings) == (VARIANTS, 0, 1)
     [halved] = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
     assert halved.startswith("[render worker cpu] out of memory on cpu rendering 2 image(s) in one call ("
-                             f"{TEST_LATENT_CAP_ENV}=2: out of memory for a U-Net call on 4 latents")
+                             "latent cap 2: out of memory for a U-Net call on 4 latents")
     assert halved.endswith("halving to 1 and retrying")
     _rendered_once(settings, VARIANTS)
 
-    monkeypatch.delenv(TEST_LATENT_CAP_ENV)
     reference, ref_planned, _ = _planned(tmp_path, campaign_model, "reference", batch_size=1, steps=2)
     _render_here(reference, ref_planned)
     assert _files(settings) == _files(reference)

@@ -12,16 +12,8 @@ from sqlalchemy import func, select
 
 from engine.checkpoint import CheckpointError
 from engine.random_checkpoint import write_random_sd1
-from flows.licensing import (
-    KNOWN_LICENSES,
-    LicenseError,
-    ModelInfo,
-    check_license,
-    describe_model,
-    ensure_model,
-    normalize_license,
-    register_model,
-)
+from flows.licence_policy import KNOWN_LICENSES, LicenseError, check_license, normalize_license
+from flows.model_registry import ModelInfo, describe_model, ensure_model, register_model
 from storage.database import Database
 from storage.schema import AuditEntry, ModelRecord
 

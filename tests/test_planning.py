@@ -12,7 +12,7 @@ import pytest
 
 from engine.random_checkpoint import write_random_sd1
 from flows.brief import Brief, BriefError, read_brief
-from flows.licensing import ModelInfo, describe_model
+from flows.model_registry import ModelInfo, describe_model
 from flows.planning import Plan, plan_brief
 from flows.settings import Settings, load_settings
 from flows.templating import ChannelFormat, StylePreset, native_size_for
@@ -89,18 +89,18 @@ def test_counts_seeds_and_sizes(make_plan: Callable[..., Plan], channels: dict[s
     groups = plan.by_row()
     assert {k: len(v) for k, v in groups.items()} == {("Spring Launch", "hero"): 6, ("Spring Launch", "wide"): 2}
     for v in plan.variants:
-        assert v.seed == v.row.seed + v.variant_index
-        assert (v.gen_width, v.gen_height) == native_size_for(channels[v.channel.name], 64)
-        assert v.postprocess == f"cover-lanczos({v.channel.width}x{v.channel.height})"
-        assert v.out_format == channels[v.channel.name].format
+        assert v.spec.seed == v.row.seed + v.spec.variant_index
+        assert (v.spec.gen_width, v.spec.gen_height) == native_size_for(channels[v.channel.name], 64)
+        assert v.spec.postprocess == f"cover-lanczos({v.channel.width}x{v.channel.height})"
+        assert v.spec.out_format == channels[v.channel.name].format
         assert v.model.native_size == 64 and v.model.license == "apache-2.0"
-        assert (v.sampler, v.steps, v.cfg_scale, v.clip_skip) == ("DPM++ 2M Karras", 25, 7.0, 1)
+        assert (v.spec.sampler, v.spec.steps, v.spec.cfg_scale, v.spec.clip_skip) == ("DPM++ 2M Karras", 25, 7.0, 1)
     hero_story = [v for v in plan.variants if v.row.row_id == "hero" and v.channel.name == "story"]
-    assert [(v.variant_index, v.seed) for v in hero_story] == [(0, 500), (1, 501), (2, 502)]
+    assert [(v.spec.variant_index, v.spec.seed) for v in hero_story] == [(0, 500), (1, 501), (2, 502)]
     story = hero_story[0]
-    assert story.gen_height > story.gen_width  # portrait channel, portrait generation
+    assert story.spec.gen_height > story.spec.gen_width  # portrait channel, portrait generation
     wide = [v for v in plan.variants if v.channel.name == "leaderboard"][0]
-    assert wide.gen_width > wide.gen_height
+    assert wide.spec.gen_width > wide.spec.gen_height
 
 
 def test_prompt_variations_cycle_over_variants(make_plan: Callable[..., Plan]) -> None:
@@ -116,9 +116,9 @@ def test_prompt_variations_cycle_over_variants(make_plan: Callable[..., Plan]) -
 def test_seeds_stay_below_int64(make_plan: Callable[..., Plan]) -> None:
     """A base seed at the top of the range still gives seeds torch accepts (< 2**63)."""
     plan = make_plan([row("edge", variants=2, seed=2**63 - 1)])
-    assert plan.variants[0].seed == 2**63 - 1
-    assert all(0 <= v.seed < 2**63 for v in plan.variants)
-    assert len({v.seed for v in plan.variants}) == 2
+    assert plan.variants[0].spec.seed == 2**63 - 1
+    assert all(0 <= v.spec.seed < 2**63 for v in plan.variants)
+    assert len({v.spec.seed for v in plan.variants}) == 2
 
 
 def test_batch_groups_share_model_and_generation_size(make_plan: Callable[..., Plan]) -> None:
@@ -168,7 +168,7 @@ def test_changing_steps_changes_every_identity(make_plan: Callable[..., Plan], t
     before = make_plan(rows)
     after = make_plan(rows, settings=load_settings({"steps": 10}, env={}, cwd=tmp_path))
     assert set(_identities(before)).isdisjoint(_identities(after))
-    assert {v.steps for v in after.variants} == {10}
+    assert {v.spec.steps for v in after.variants} == {10}
     assert {v.storage_key for v in before.variants}.isdisjoint(v.storage_key for v in after.variants)
 
 
@@ -191,10 +191,10 @@ def test_storage_keys_end_with_identity_tag(make_plan: Callable[..., Plan]) -> N
     """A key is campaign/row/channel/vNN-sSEED-<identity[:10]>.<ext>: a new prompt never overwrites an old file."""
     plan = make_plan([row("hero", "instagram_square, leaderboard", variants=2, seed=40)])
     for v in plan.variants:
-        ext = EXTENSIONS[v.out_format]
+        ext = EXTENSIONS[v.spec.out_format]
         assert v.storage_key.endswith(f"-{v.identity[:10]}.{ext}")
         assert v.storage_key.split("/")[2] == v.channel.name
-        assert v.storage_key.split("/")[-1] == f"v{v.variant_index:02d}-s{v.seed}-{v.identity[:10]}.{ext}"
+        assert v.storage_key.split("/")[-1] == f"v{v.spec.variant_index:02d}-s{v.spec.seed}-{v.identity[:10]}.{ext}"
     assert len({v.storage_key for v in plan.variants}) == len(plan.variants)
 
 

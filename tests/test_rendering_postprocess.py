@@ -13,6 +13,7 @@ from PIL import Image
 
 from flows.rendering import FileSizeError, RenderJob, _infotext, cover_resize, encode_within_cap
 from flows.templating import ChannelFormat, load_channels, native_size_for
+from storage.variants import ModelRef, VariantSpec
 from storage.image_metadata import TRAINED_ALGORITHMIC_MEDIA, encode_image, parse_infotext, read_image_metadata, xmp_packet
 
 QUALITIES = (92, 85, 78, 70, 60, 50)
@@ -47,14 +48,15 @@ def noise(width: int = 192, height: int = 192, seed: int = 0) -> Image.Image:
 
 
 def job(fmt: str = "jpeg", max_kb: int | None = None) -> RenderJob:
-    return RenderJob(
-        variant_id=1, identity="0123456789abcdef" * 4, campaign="Spring", row_key="hero", channel="banner",
-        prompt="running shoe, studio light", negative_prompt="blurry", seed=42, sampler="DPM++ 2M Karras", steps=20,
-        cfg_scale=7.0, clip_skip=1, gen_width=64, gen_height=64, out_width=192, out_height=192, out_format=fmt,
-        out_max_kb=max_kb, postprocess="cover-lanczos(192x192)", storage_key="spring/hero/banner/v00-s42.jpg",
-        model_path="/m/tiny.safetensors", model_name="tiny", model_sha256="ab" * 32, model_short_hash="abababab12",
-        model_license="apache-2.0", status="planned",
+    spec = VariantSpec(
+        campaign="Spring", row_key="hero", channel="banner", template="default", variant_index=0,
+        prompt="running shoe, studio light", negative_prompt="blurry", seed=42, model_sha256="ab" * 32,
+        sampler="DPM++ 2M Karras", steps=20, cfg_scale=7.0, clip_skip=1, gen_width=64, gen_height=64, out_width=192,
+        out_height=192, out_format=fmt, out_max_kb=max_kb, postprocess="cover-lanczos(192x192)",
     )
+    model = ModelRef(1, "ab" * 32, "/m/tiny.safetensors", "tiny", "abababab12", "apache-2.0")
+    return RenderJob(variant_id=1, identity="0123456789abcdef" * 4, spec=spec,
+                     storage_key="spring/hero/banner/v00-s42.jpg", status="planned", model=model)
 
 
 def infotext_for(j: RenderJob) -> Callable[[int | None], str]:

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from flows.campaign import campaign_run
-from flows.cli import app
+from cli.app import app
 from flows.rerender import rerender_queue
 from review.actions import queue_rerender
 from storage.database import open_database

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
+from cli.app import app
 from review.actions import ReviewChange, apply_review
 from review.auth import authenticate
 from storage.assets import open_store

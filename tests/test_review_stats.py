@@ -82,3 +82,28 @@ def test_verdict_with_three_groups_uses_bonferroni() -> None:
 def test_verdict_checks_confidence() -> None:
     with pytest.raises(ValueError):
         verdict([Arm("A", 1, 2), Arm("B", 1, 2)], confidence=1.0)
+
+
+def test_results_table_sums_groups_per_row_and_channel() -> None:
+    import pandas as pd
+
+    from review.results import _VIEW_COLUMNS, _summarise
+
+    rows = [  # as the query orders them: row_key, row, channel, group (no group first), asset
+        (7, "hero-01", "banner", None, 1, 500, 9, 1),
+        (7, "hero-01", "banner", "A", 2, 1000, 200, 5),
+        (7, "hero-01", "banner", "A", 4, 1000, 100, 0),
+        (7, "hero-01", "banner", "B", 3, 1000, 150, 2),
+        (7, "hero-01", "story", "", 5, 10, 1, 0),
+        (3, "teaser", "banner", "B", 6, 100, 1, 1),
+    ]
+    tests = _summarise(pd.DataFrame(rows, columns=_VIEW_COLUMNS), confidence=0.95, metric="ctr")
+    assert [(t.row_id, t.row_key, t.channel, t.ungrouped_assets) for t in tests] == [
+        (7, "hero-01", "banner", 1), (7, "hero-01", "story", 1), (3, "teaser", "banner", 0)]
+    a, b = tests[0].groups
+    assert (a.name, a.asset_ids, a.impressions, a.clicks, a.conversions) == ("A", [2, 4], 2000, 300, 5)
+    assert (b.name, b.asset_ids, b.impressions, b.clicks, b.conversions) == ("B", [3], 1000, 150, 2)
+    assert all(type(v) is int for v in (tests[0].row_id, a.impressions, a.clicks, *a.asset_ids))
+    assert tests[0].verdict == verdict([Arm("A", 300, 2000), Arm("B", 150, 1000)], 0.95)
+    assert tests[1].groups == [] and tests[1].verdict.reason == "needs results for at least two groups"
+    assert _summarise(pd.DataFrame([], columns=_VIEW_COLUMNS), confidence=0.95, metric="ctr") == []

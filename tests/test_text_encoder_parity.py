@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.checkpoint import CLIP_PREFIX, open_state_dict
-from engine.models import load_sd1
+from engine.loading import load_checkpoint
 from engine.text_encoder import encode_tokens
 from engine.tokenizer import BOS_ID, EOS_ID
 from engine.random_checkpoint import TINY_TEXT, TINY_UNET, random_sd1_state_dict, sd1_metadata
@@ -54,7 +54,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, state_dict) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(checkpoint: Path):
-    return load_sd1(checkpoint).text_encoder
+    return load_checkpoint(checkpoint).text_encoder
 
 
 # ---- the reference ------------------------------------------------------------------------------------------
@@ -170,7 +170,7 @@ def test_older_layout_without_text_model_level_matches_reference(tmp_path: Path,
     path = _write(tmp_path / "old.safetensors", state_dict, text_model_level=False)
     assert not any(k.startswith(REF_PREFIX) for k in open_state_dict(path))
     ref = _reference_from_file(path, CLIP_PREFIX)
-    model = load_sd1(path).text_encoder
+    model = load_checkpoint(path).text_encoder
     ids = _ids()
     for clip_skip in (1, 2):
         torch.testing.assert_close(encode_tokens(model, ids, clip_skip), ref.encode(ids, clip_skip), rtol=0, atol=TOL)

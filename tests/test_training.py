@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.demo.recipe import _image_tensor
-from engine.demo.scenes import caption, random_scene
+from demo.dataset import image_tensor
+from demo.scenes import caption, random_scene
 from engine.random_checkpoint import TINY_TEXT, TINY_UNET, TINY_VAE
 from engine.text_encoder import build_text_encoder
 from engine.tokenizer import load_clip_tokenizer
@@ -31,7 +31,7 @@ def _scenes(seed: int, n: int):
 def test_vae_training_lowers_the_loss_and_calibration_keeps_reconstructions() -> None:
     torch.manual_seed(0)
     vae = AutoencoderKL(TINY_VAE)
-    images = _image_tensor(_scenes(0, 8), SIZE)
+    images = image_tensor(_scenes(0, 8), SIZE)
 
     def batches():
         while True:
@@ -82,7 +82,7 @@ def test_diffusion_training_lowers_the_loss() -> None:
 def test_text_attribute_heads_teach_the_encoder_the_background_colour() -> None:
     """The training-only heads read the states after EOS; a few steps make them name each caption's background,
     and the text encoder (not only the head) is what changed."""
-    from engine.demo.scenes import ATTRIBUTE_CLASSES, attribute_targets
+    from demo.scenes import ATTRIBUTE_CLASSES, attribute_targets
     from engine.training.diffusion_trainer import TextToImageModel, padding_state_mean, text_aux_loss, tokenize_captions
 
     unet, text, _ = _diffusion_setup()
@@ -118,7 +118,7 @@ def test_text_attribute_heads_teach_the_encoder_the_background_colour() -> None:
 def test_attribute_heads_a_caption_edition_does_not_train_change_nothing() -> None:
     """Stages trained with caption edition 1 (the shipped model's stages 1-3) train exactly as before the heads for
     position, size and gradient direction existed: heads without targets take no part in the loss or the update."""
-    from engine.demo.scenes import ATTRIBUTE_CLASSES, attribute_targets
+    from demo.scenes import ATTRIBUTE_CLASSES, attribute_targets
 
     scenes = _scenes(3, 16)
     latents = torch.randn(len(scenes), 4, 4, 4, generator=torch.Generator().manual_seed(1))
@@ -171,9 +171,10 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
 def test_train_demo_cli_writes_a_loadable_sd1_checkpoint_and_resumes(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from engine.checkpoint import detect_family, open_state_dict
-    from engine.models import load_sd1
-    from flows.cli import app
+    from engine.checkpoint import open_state_dict
+    from engine.families import detect_family
+    from engine.loading import load_checkpoint
+    from cli.app import app
 
     out, work = tmp_path / "demo.safetensors", tmp_path / "work"
     args = ["train", "demo", "--out", str(out), "--work-dir", str(work), "--scale", "0.0005", "--threads", "1"]
@@ -181,9 +182,9 @@ def test_train_demo_cli_writes_a_loadable_sd1_checkpoint_and_resumes(tmp_path: P
     assert res.exit_code == 0, res.output
     sd = open_state_dict(out)
     assert detect_family(sd).name == "sd1" and sd.metadata["adforge.native_size"] == "128"
-    models = load_sd1(out)
+    models = load_checkpoint(out)
     assert models.native_size == 128 and models.unet.config.model_channels == 64
-    from engine.demo.recipe import DemoRecipe
+    from demo.recipe import DemoRecipe
 
     # One resumable state per diffusion stage: the first from scratch, each continuation from the one before.
     stages = 1 + len(DemoRecipe().continuations)
@@ -201,7 +202,8 @@ def test_train_demo_continues_from_a_saved_checkpoint_exactly_as_the_whole_chain
     from dataclasses import replace
 
     from engine.checkpoint import open_state_dict
-    from engine.demo.recipe import DemoRecipe, train_demo
+    from demo.recipe import DemoRecipe
+    from demo.train import train_demo
 
     two = DemoRecipe().scaled(0.0005)
     small = lambda stage: replace(stage, batch_size=2)  # noqa: E731
@@ -344,12 +346,12 @@ def test_edge_weight_adds_the_outline_error_and_draws_nothing_more() -> None:
 def test_focused_sampling_draws_small_objects_of_the_named_shapes_at_the_share_asked() -> None:
     import random
 
-    from engine.demo.recipe import _focus_indices, _focused
-    from engine.demo.scenes import random_scene
+    from demo.dataset import focus_indices, focused
+    from demo.scenes import random_scene
 
     rng = random.Random(5)
     scenes = [random_scene(rng, held_out=False) for _ in range(400)]
-    focus = _focus_indices(scenes, ("star", "hexagon"), "a test")
+    focus = focus_indices(scenes, ("star", "hexagon"), "a test")
     assert len(focus) > 0
     for i in focus.tolist():
         assert any(o.size == "small" and o.shape in ("star", "hexagon") for o in scenes[i].objects)
@@ -357,19 +359,20 @@ def test_focused_sampling_draws_small_objects_of_the_named_shapes_at_the_share_a
     assert all(not any(o.size == "small" and o.shape in ("star", "hexagon") for o in scenes[i].objects) for i in outside)
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(0, len(scenes), (4000,), generator=gen)
-    in_focus = torch.isin(_focused(idx, focus, 0.5, gen), focus).float().mean().item()
+    in_focus = torch.isin(focused(idx, focus, 0.5, gen), focus).float().mean().item()
     natural = torch.isin(idx, focus).float().mean().item()
     # Half the draws come from the focus set, the other half keep their natural share of it.
     assert abs(in_focus - (0.5 + 0.5 * natural)) < 0.03
-    assert torch.equal(_focused(idx, focus, 0.0, gen), idx)
+    assert torch.equal(focused(idx, focus, 0.0, gen), idx)
     with pytest.raises(ValueError, match="a test: no training scene holds a small star"):
-        _focus_indices([s for i, s in enumerate(scenes) if i not in set(focus.tolist())], ("star",), "a test")
+        focus_indices([s for i, s in enumerate(scenes) if i not in set(focus.tolist())], ("star",), "a test")
 
 
 def test_bad_focus_settings_are_refused_naming_the_stage_before_anything_trains(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from engine.demo.recipe import DemoRecipe, train_demo
+    from demo.recipe import DemoRecipe
+    from demo.train import train_demo
 
     recipe = DemoRecipe().scaled(0.0005)
     last = len(recipe.continuations) + 1

@@ -14,20 +14,21 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from engine.upscale.chain import parse_chain
-from engine.upscale.models import clear_upscalers, inspect_upscaler
+from engine.upscale.networks import clear_upscalers, inspect_upscaler
 from engine.upscale.random_models import random_compact, random_esrgan, write_upscaler
 from flows.brief import read_brief
 from flows.campaign import campaign_run, make_plan
-from flows.cli import app as cli_app
-from flows.licensing import ensure_model, register_model
-from flows.planning import cover_description, variant_identity
+from cli.app import app as cli_app
+from flows.model_registry import ensure_model, register_model
+from flows.planning import cover_description
 from flows.recording import start_run, sync_plan
-from flows.rendering import get_pipeline, load_jobs, render_jobs
+from flows.rendering import load_jobs, render_variants
 from flows.settings import load_settings
 from flows.templating import load_channels
 from storage.assets import open_store
 from storage.database import Database, open_database
 from storage.image_metadata import parse_infotext, read_image_metadata
+from storage.variants import VariantSpec
 from storage.schema import Asset, ModelRecord, Variant, VariantUpscaler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,14 +222,16 @@ def test_default_and_explicit_fit_keep_the_old_identity(tmp_path: Path, campaign
     by_channel: dict[str, list] = {}
     for v in the_plan.variants:
         by_channel.setdefault(v.channel.name, []).append(v)
-    assert {v.postprocess for v in the_plan.variants} == {cover_description(by_channel["plain"][0].channel)} == {"cover-lanczos(200x120)"}
+    assert {v.spec.postprocess for v in the_plan.variants} == {cover_description(by_channel["plain"][0].channel)} == {"cover-lanczos(200x120)"}
     for p, sp in zip(by_channel["plain"], by_channel["spelled"]):
         assert p.upscalers == sp.upscalers == ()
-        expected = variant_identity(
-            campaign=p.row.campaign, row_id=p.row.row_id, channel="spelled", template=sp.prompt.template_name,
-            prompt=sp.prompt.prompt, negative=sp.prompt.negative_prompt, index=sp.variant_index, seed=sp.seed,
-            model_sha256=sp.model.sha256, sampler=sp.sampler, steps=sp.steps, cfg_scale=sp.cfg_scale, clip_skip=sp.clip_skip,
-            gen=(sp.gen_width, sp.gen_height), out=(200, 120), fmt="jpeg", max_kb=8192, post="cover-lanczos(200x120)")
+        expected = VariantSpec(
+            campaign=p.row.campaign, row_key=p.row.row_id, channel="spelled", template=sp.prompt.template_name,
+            prompt=sp.prompt.prompt, negative_prompt=sp.prompt.negative_prompt, variant_index=sp.spec.variant_index,
+            seed=sp.spec.seed, model_sha256=sp.model.sha256, sampler=sp.spec.sampler, steps=sp.spec.steps,
+            cfg_scale=sp.spec.cfg_scale, clip_skip=sp.spec.clip_skip, gen_width=sp.spec.gen_width,
+            gen_height=sp.spec.gen_height, out_width=200, out_height=120, out_format="jpeg", out_max_kb=8192,
+            postprocess="cover-lanczos(200x120)").identity
         assert sp.identity == expected
 
 
@@ -254,11 +257,9 @@ def test_one_failed_upscale_fails_only_its_variants(tmp_path: Path, campaign_mod
         doomed.unlink()
         clear_upscalers()
         events: list[tuple[str, int]] = []
-        jobs = load_jobs(db, [s.id for s in states.values()])
-        pipeline = get_pipeline(str(campaign_model), the_plan.variants[0].model.sha256, device="cpu", max_batch_size=8)
-        counts = render_jobs(jobs, pipeline=pipeline, store=open_store(str(tmp_path / "assets")), db=db, run_id=run_id,
-                             on_event=lambda e, n: events.append((e, n)))
-        assert (counts["rendered"], counts["failed"]) == (4, 2)
+        counts = render_variants([s.id for s in states.values()], db=db, store=open_store(str(tmp_path / "assets")),
+                                 run_id=run_id, device="cpu", batch_size=8, on_event=lambda e, n: events.append((e, n)))
+        assert (counts.rendered, counts.failed) == (4, 2)
         with db.session() as s:
             status = {(v.channel, v.variant_index): (v.status, v.error) for v in s.scalars(select(Variant))}
         assert {k: st for k, (st, _) in status.items()} == {

@@ -14,7 +14,7 @@ from PIL import Image
 from engine.pipeline import GenerationRequest, Pipeline
 from engine.upscale.chain import Hires, parse_chain
 from engine.upscale.hires import hires_fix
-from engine.upscale.models import clear_upscalers, load_upscaler
+from engine.upscale.networks import clear_upscalers, load_upscaler
 from engine.upscale.random_models import random_compact, write_upscaler
 from engine.upscale.runner import file_resolver, run_chain
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from engine.upscale.models import UpscalerError, clear_upscalers, inspect_upscaler, lanczos, load_upscaler
+from engine.upscale.networks import UpscalerError, clear_upscalers, inspect_upscaler, lanczos, load_upscaler
 from engine.upscale.random_models import random_compact, random_esrgan, write_upscaler
-from engine.upscale.tiling import AUTO_TILE_PIXELS, balanced_tile, plan_tiles, resolve_tile, run_tiled, tile_starts
+from engine.tiling import AUTO_TILE_PIXELS, balanced_tile, plan_tiles, resolve_tile, run_tiled, tile_starts
 
 # Receptive-field radius, in input pixels, of the test networks: a pixel further than this from a tile's inner
 # edge sees exactly what it would see in the whole image. ESRGAN with one RRDB: 17 convolutions at input

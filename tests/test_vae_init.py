@@ -1,4 +1,4 @@
-"""The analytic VAE start (engine/training/vae_init.py): exact colours through SD's GroupNorm-ended topology."""
+"""The analytic VAE start (demo/vae_init.py): exact colours through SD's GroupNorm-ended topology."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.training.vae_init import init_block_average_vae
+from demo.vae_init import init_block_average_vae
 from engine.vae import AutoencoderKL, VAEConfig
 
 

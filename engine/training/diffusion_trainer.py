@@ -19,18 +19,16 @@ background by 0.15 latent units), while that error costs almost nothing in eps-M
   at high noise the mean of x_t says less about the background and the caption has to say it.
 * ``mean_weight``: the same idea for the whole image's mean per channel, weighted by sigma^2 without a cap: at
   sigma 14.6 (where sampling starts) only the caption can say the background's colour, and that first prediction
-  fixes it for the rest of the sampling (measured on the first shipped file: the x0 mean barely moves after
-  sigma ~5).
+  fixes it for the rest of the sampling.
 * ``high_noise_share``: that share of each batch draws t from ``high_noise_from``..999 instead of 0..999, since
   uniform t spends only 30 % of the samples where the background is decided.
 
 One addition for shapes: ``edge_weight`` adds the eps error again on the latent pixels where the clean latents
 change (the object's outline; :func:`latent_edge_map`). An object's shape lives in a few edge latents (a small
 object is 4 latents across), and plain MSE spends its capacity evenly over the flat areas that make up most of
-every image. Measured on the stage-4 demo model: re-run from the true latent noised to sigma 0.25, the evaluator
-read the right shape in 21 of 32 images, from sigma 1.0 in 16 -- the outline is lost at low noise, where eps
-units (not x0 units) are the right weighting. A per-pixel weight leaves the loss's minimiser (the conditional
-mean) where it was; it only moves where a model short of capacity and steps makes its errors.
+every image. The outline is lost at low noise, where eps units (not x0 units) are the right weighting. A
+per-pixel weight leaves the loss's minimiser (the conditional mean) where it was; it only moves where a model
+short of capacity and steps makes its errors.
 """
 
 from __future__ import annotations
@@ -76,16 +74,8 @@ class DiffusionTrainingConfig:
     high_noise_share: float = 0.0
     high_noise_from: int = 700
     text_aux_weight: float = 0.0
-    # Share of captions the batch sampler replaces by a part of themselves (the demo recipe's sampler reads it).
-    partial_captions: float = 0.0
-    # Which wording and attribute heads the demo recipe's sampler uses (engine/demo/scenes.CAPTION_EDITIONS).
-    caption_edition: int = 1
     # Weight of the eps error counted again on the clean latents' outlines (latent_edge_map; module docstring).
     edge_weight: float = 0.0
-    # Share of each batch the demo recipe's sampler draws from the scenes holding a small object of one of
-    # ``focus_shapes`` (the rest uniformly from all scenes); 0 draws exactly what earlier recipes drew.
-    focus_share: float = 0.0
-    focus_shapes: tuple[str, ...] = ()
 
 
 def tokenize_captions(captions: Sequence[str], tokenizer: ClipTokenizer) -> torch.Tensor:

@@ -19,7 +19,7 @@ Steps (arguments by name; the first one of ``model``, ``lanczos`` and ``fit`` ma
     Scale (Lanczos) to cover W x H and crop the centre: the exact delivered size. Only as the last step.
 
 ``tile`` is in pixels (the model's input pixels for ``model``, the re-rendered image's pixels for ``hires``);
-``0`` never tiles; without it a step tiles when its output is above :data:`engine.upscale.tiling.AUTO_TILE_PIXELS`.
+``0`` never tiles; without it a step tiles when its output is above :data:`engine.tiling.AUTO_TILE_PIXELS`.
 ``sha256`` pins a model file's content: the chain then names exactly one file, wherever it lies.
 
 :meth:`Chain.canonical` writes the one text form of a chain (every argument that has a fixed default is written

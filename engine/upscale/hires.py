@@ -12,7 +12,7 @@ its native size first and then letting img2img add detail at the larger size avo
 
 Deterministic: the second pass's noise comes from a fresh generator seeded with the image's seed (drawn for
 the whole latent, on the CPU, whatever the batch or the tiling), so the same seed gives the same image.
-Above :data:`engine.upscale.tiling.AUTO_TILE_PIXELS` (or with ``tile=``) the second pass denoises and decodes
+Above :data:`engine.tiling.AUTO_TILE_PIXELS` (or with ``tile=``) the second pass denoises and decodes
 in feathered tiles, so a 4096 x 4096 result needs the memory of a tile, not of the image.
 """
 
@@ -28,7 +28,7 @@ from PIL import Image
 
 from engine.pipeline import GenerationRequest, GenerationResult, ProgressFn
 from engine.upscale.chain import Hires, hires_size
-from engine.upscale.models import ModelUpscaler
+from engine.upscale.networks import ModelUpscaler
 
 __all__ = ["Generator", "hires_fix", "hires_parameters", "hires_requests"]
 

@@ -19,7 +19,7 @@ from engine.image_ops import cover_fit
 from engine.pipeline import GenerationRequest, GenerationResult, Pipeline, ProgressFn
 from engine.upscale.chain import Chain, Fit, Hires, Lanczos, ModelStep, Step
 from engine.upscale.hires import Generator, hires_fix
-from engine.upscale.models import ModelUpscaler, lanczos, load_upscaler
+from engine.upscale.networks import ModelUpscaler, lanczos, load_upscaler
 
 __all__ = ["UpscalerResolver", "apply_hires", "apply_pixel_steps", "chain_parameters", "file_resolver", "run_chain"]
 

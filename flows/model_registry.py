@@ -1,15 +1,14 @@
-"""Model files and their licences: registering them, and refusing a model a brief row may not use.
+"""The model registry: every model file a run uses has a row in ``models`` (path, sha256, A1111 hash, family,
+licence, whether commercial use is allowed).
 
-Every model file a run uses has a row in ``models`` (path, sha256, A1111 hash, family, licence, whether
-commercial use is allowed). ``adforge models add PATH --license ID [--commercial yes|no]`` registers one;
-a file that was never registered is entered on first use with the licence its own metadata declares
-(``modelspec.license``, as our bundled model and many trainers write it) or, failing that, as unknown.
-A brief row whose ``license`` column is ``commercial`` (the default) refuses a model whose commercial use is
-forbidden *or unknown*: an asset a company ships must be traceable to a licence that allows it.
+``adforge models add PATH --license ID [--commercial yes|no]`` registers one; a file that was never registered is
+entered on first use with the licence its own metadata declares (``modelspec.license``, as our bundled model and
+many trainers write it) or, failing that, as unknown. Whether a row may use a model is the licence policy's
+(:mod:`flows.licence_policy`).
 
-Upscaler files (ESRGAN-family ``.pth`` / ``.safetensors`` that spandrel recognises, see
-:mod:`engine.upscale.models`) are models like any other here: same table (``kind`` = ``upscaler``), same
-registration, same refusal for commercial rows. Their ``.pth`` files are read with ``weights_only`` unpickling.
+Upscaler files (ESRGAN-family ``.pth`` / ``.safetensors`` that spandrel recognises) are models like any other here:
+same table (``kind`` = ``upscaler``), same registration. Their ``.pth`` files are read with ``weights_only``
+unpickling.
 """
 
 from __future__ import annotations
@@ -20,32 +19,14 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from engine.checkpoint import PICKLE_SUFFIXES, CheckpointError, a1111_short_hash, detect_family, file_sha256, open_state_dict
+from engine.checkpoint import PICKLE_SUFFIXES, CheckpointError, a1111_short_hash, file_sha256, open_state_dict
+from engine.families import detect_family
 from engine.upscale.chain import MODEL_SUFFIXES as UPSCALER_SUFFIXES
+from flows.licence_policy import KNOWN_LICENSES, LicenseError, commercial_use_of, normalize_license
 from storage.database import Database, audit
 from storage.schema import ModelRecord
 
-__all__ = ["KNOWN_LICENSES", "LicenseError", "ModelInfo", "check_license", "describe_model", "ensure_model", "enter_model",
-           "normalize_license", "register_model"]
-
-# Licence id -> commercial use allowed. Facts from ../shared/DESIGN.md ("Licences to know") and the SPDX list.
-KNOWN_LICENSES: dict[str, bool] = {
-    "creativeml-openrail-m": True,  # SD 1.x; use-based restrictions travel with the model
-    "creativeml-openrail++-m": True,  # SDXL
-    "stability-community": True,  # SD 3.x; an enterprise licence is needed above USD 1M yearly revenue
-    "apache-2.0": True,
-    "mit": True,
-    "cc-by-4.0": True,
-    "cc-by-sa-4.0": True,
-    "cc0-1.0": True,
-    "cc-by-nc-4.0": False,
-    "cc-by-nc-sa-4.0": False,  # several popular upscalers
-    "cc-by-nc-nd-4.0": False,
-}
-
-
-class LicenseError(ValueError):
-    pass
+__all__ = ["ModelInfo", "describe_model", "ensure_model", "enter_model", "register_model"]
 
 
 @dataclass(frozen=True)
@@ -70,10 +51,6 @@ class ModelInfo:
         return "upscaler" if self.kind == "upscaler" else "model"
 
 
-def normalize_license(license_id: str) -> str:
-    return license_id.strip().lower().replace(" ", "-").replace("_", "-")
-
-
 @dataclass(frozen=True)
 class _Inspected:
     """What a model file is, read without building a diffusion model."""
@@ -92,7 +69,7 @@ def _kind(family: str) -> str:
 
 def _as_upscaler(path: Path) -> tuple[_Inspected | None, str | None]:
     """The file as an upscaler, or (None, why not)."""
-    from engine.upscale.models import UpscalerError, inspect_upscaler
+    from engine.upscale.networks import UpscalerError, inspect_upscaler
 
     try:
         up = inspect_upscaler(path)
@@ -132,7 +109,7 @@ def _inspect(path: Path, allow_pickle: bool) -> _Inspected:
 
 
 def _native_size(metadata: dict[str, str], family: str) -> int:
-    from engine.models import META_NATIVE_SIZE, SD1_NATIVE_SIZE
+    from engine.loading import META_NATIVE_SIZE, SD1_NATIVE_SIZE
 
     try:
         return int(metadata.get(META_NATIVE_SIZE, SD1_NATIVE_SIZE))
@@ -184,38 +161,33 @@ def register_model(db: Database, path: str | os.PathLike[str], license_id: str, 
         return _info(record, found)
 
 
-def ensure_model(db: Database, path: str | os.PathLike[str], *, allow_pickle: bool = False, actor: str = "system:run") -> ModelInfo:
-    """The model's row, entered on first use with the licence its file metadata declares (or unknown)."""
+def _from_file(p: Path, found: _Inspected) -> ModelInfo:
+    """What the file itself declares (``id`` 0: not registered)."""
+    declared = found.metadata.get("modelspec.license")
+    lic = normalize_license(declared) if declared else None
+    return ModelInfo(id=0, path=str(p.resolve()), name=found.metadata.get("modelspec.title") or p.stem, sha256=found.sha256,
+                     short_hash=a1111_short_hash(found.sha256), family=found.family, license=lic,
+                     commercial_use=commercial_use_of(lic), native_size=found.native_size, kind=found.kind, scale=found.scale)
+
+
+def _inspect_file(path: str | os.PathLike[str], allow_pickle: bool) -> tuple[Path, _Inspected]:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(p, "no such model file")
-    found = _inspect(p, allow_pickle)
-    sha, metadata = found.sha256, found.metadata
+    return p, _inspect(p, allow_pickle)
+
+
+def ensure_model(db: Database, path: str | os.PathLike[str], *, allow_pickle: bool = False, actor: str = "system:run") -> ModelInfo:
+    """The model's row, entered on first use with the licence its file metadata declares (or unknown)."""
+    p, found = _inspect_file(path, allow_pickle)
     with db.session() as s:
-        record = s.scalar(select(ModelRecord).where(ModelRecord.sha256 == sha))
-        if record is not None:
-            if record.path != str(p.resolve()):
-                record.path = str(p.resolve())  # moved or copied: same bytes, same model
-            return _info(record, found)
-        declared = metadata.get("modelspec.license")
-        lic = normalize_license(declared) if declared else None
-        record = ModelRecord(
-            sha256=sha, short_hash=a1111_short_hash(sha), name=metadata.get("modelspec.title") or p.stem, path=str(p.resolve()),
-            family=found.family, kind=found.kind, license=lic, commercial_use=KNOWN_LICENSES.get(lic) if lic else None,
-            license_source="file-metadata" if lic else "unknown",
-        )
-        s.add(record)
-        s.flush()
-        audit(s, actor=actor, action="model.discovered", entity="model", entity_id=record.id,
-              after={"path": record.path, "sha256": sha, "license": lic, "commercial_use": record.commercial_use,
-                     "license_source": record.license_source})
-        return _info(record, found)
+        return _info(enter_model(s, _from_file(p, found), actor=actor), found)
 
 
 def enter_model(s, info: ModelInfo, *, actor: str = "system:run") -> ModelRecord:
-    """The row of a model :func:`describe_model` described, entered in session ``s`` if it is new (as
-    :func:`ensure_model` would: with the licence its file declared, else unknown; a known one moved to
-    ``info.path`` gets that path). For callers that are already inside a transaction, such as recording a plan."""
+    """The row of a model :func:`describe_model` described, entered in session ``s`` if it is new (with the licence
+    its file declared, else unknown; a known one moved to ``info.path`` gets that path). For callers that are already
+    inside a transaction, such as recording a plan."""
     record = s.scalar(select(ModelRecord).where(ModelRecord.sha256 == info.sha256))
     if record is not None:
         if record.path != info.path:
@@ -236,36 +208,10 @@ def enter_model(s, info: ModelInfo, *, actor: str = "system:run") -> ModelRecord
 def describe_model(path: str | os.PathLike[str], db: Database | None = None, *, allow_pickle: bool = False) -> ModelInfo:
     """Like :func:`ensure_model` but writes nothing: the registered row if there is one, else what the file
     declares (``id`` 0)."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(p, "no such model file")
-    found = _inspect(p, allow_pickle)
-    sha, metadata = found.sha256, found.metadata
+    p, found = _inspect_file(path, allow_pickle)
     if db is not None:
         with db.session() as s:
-            record = s.scalar(select(ModelRecord).where(ModelRecord.sha256 == sha))
+            record = s.scalar(select(ModelRecord).where(ModelRecord.sha256 == found.sha256))
             if record is not None:
                 return _info(record, found)
-    declared = metadata.get("modelspec.license")
-    lic = normalize_license(declared) if declared else None
-    return ModelInfo(id=0, path=str(p.resolve()), name=metadata.get("modelspec.title") or p.stem, sha256=sha,
-                     short_hash=a1111_short_hash(sha), family=found.family, license=lic,
-                     commercial_use=KNOWN_LICENSES.get(lic) if lic else None, native_size=found.native_size,
-                     kind=found.kind, scale=found.scale)
-
-
-def check_license(model: ModelInfo, constraint: str) -> str | None:
-    """None if a row with licence constraint ``constraint`` (``commercial`` / ``any``) may use ``model``,
-    else the reason it may not."""
-    if constraint != "commercial" or model.commercial_use is True:
-        return None
-    what = model.noun
-    if model.commercial_use is False:
-        return (f"{what} '{model.name}' ({model.short_hash}) is licensed '{model.license}', which forbids commercial use, "
-                f"and the row needs commercial use (set its license column to 'any' for non-commercial work)")
-    if model.license:  # declared, but not a licence whose commercial terms adforge knows
-        return (f"{what} '{model.name}' ({model.short_hash}) is licensed '{model.license}', and whether that allows "
-                f"commercial use is unknown; the row needs commercial use; register it: "
-                f"adforge models add {model.path} --license {model.license} --commercial yes|no")
-    return (f"{what} '{model.name}' ({model.short_hash}) has no licence on record, and the row needs commercial use; "
-            f"register it: adforge models add {model.path} --license <id> --commercial yes|no")
+    return _from_file(p, found)

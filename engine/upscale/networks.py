@@ -23,7 +23,7 @@ from PIL import Image
 from engine.checkpoint import CheckpointError, a1111_short_hash, file_sha256, open_state_dict
 from engine.image_ops import pil_to_tensor01, tensor01_to_pil
 from engine.upscale.chain import MODEL_SUFFIXES, lanczos_size
-from engine.upscale.tiling import resolve_tile, run_tiled
+from engine.tiling import resolve_tile, run_tiled
 
 __all__ = ["ModelUpscaler", "UpscalerError", "UpscalerInfo", "clear_upscalers", "inspect_upscaler", "lanczos",
            "load_upscaler", "read_upscaler_state_dict"]

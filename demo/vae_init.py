@@ -3,8 +3,7 @@
 Why: the LDM decoder ends in ``GroupNorm(32) -> SiLU -> conv_out``. GroupNorm normalises each group of channels
 over its channels *and* the whole image, so on a flat-colour area the absolute level of a channel is gone;
 what survives is only the pattern *within* a group. A VAE trained from random weights must discover a code that
-survives that, and on our procedural scenes (flat colours, no texture) it does so very slowly: measured, a
-96-wide VAE after 1,400 steps (59 CPU minutes) still shifted red to orange and green to pink.
+survives that, and on our procedural scenes (flat colours, no texture) it does so very slowly (demo/NOTES.md).
 
 The trick: with 4 channels per group (width 128), a group holding ``(s, -s, A, -A)`` for a signal ``s`` and a
 large constant ``A`` has mean exactly 0 and a variance of ``(E[s^2] + A^2) / 2``, which for ``|s| <= 1`` and

@@ -1,4 +1,7 @@
-"""Building the three networks of an SD 1.x checkpoint from an opened file, on a device, in a dtype.
+"""Loading a checkpoint: building its networks from an opened file, on a device, in a dtype.
+
+Only the families whose row in :mod:`engine.families` says ``supported`` get this far: today SD 1.x (UNet, CLIP
+text encoder, VAE), plain or inpainting.
 
 Networks are created on the meta device and then given the file's tensors with ``assign=True``: on the CPU in
 the file's own dtype the parameters *are* the memory-mapped tensors (no copy), so loading a checkpoint costs
@@ -22,14 +25,13 @@ from engine.checkpoint import (
     UNET_PREFIX,
     VAE_PREFIX,
     CheckpointError,
-    Family,
     ShapeView,
     StateDict,
     a1111_short_hash,
-    detect_family,
     file_sha256,
     open_state_dict,
 )
+from engine.families import SD1, Family, detect_family
 from engine.text_encoder import (
     TextEncoderConfig,
     build_text_encoder,
@@ -44,7 +46,7 @@ from engine.vae import AutoencoderKL, VAEConfig, normalize_vae_state_dict, vae_c
 META_UNET_HEADS = "adforge.unet.num_heads"
 META_TEXT_HEADS = "adforge.text_encoder.num_heads"
 META_NATIVE_SIZE = "adforge.native_size"
-SD1_NATIVE_SIZE = 512
+SD1_NATIVE_SIZE = SD1.native_size
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class ModelFile:
 
 
 @dataclass
-class SD1Models:
+class LoadedModels:
     unet: UNetModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
@@ -76,12 +78,12 @@ class SD1Models:
     vae_file: ModelFile | None
     device: torch.device
     dtype: torch.dtype
-    # The resolution the model was trained at: 512 for SD 1.x, or what our own files record in metadata.
+    # The resolution the model was trained at: the family's, or what our own files record in metadata.
     native_size: int = SD1_NATIVE_SIZE
 
     @property
     def is_inpainting(self) -> bool:
-        return self.family.name == "sd1-inpaint"
+        return self.family.inpainting
 
 
 def _prefixed(sd: StateDict, prefix: str) -> Mapping[str, str]:
@@ -231,38 +233,41 @@ def load_text_encoder(sd: StateDict, device: torch.device, dtype: torch.dtype) -
     return model  # type: ignore[return-value]
 
 
-def load_vae(sd: StateDict, prefix: str, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
+def load_vae(sd: StateDict, prefix: str, device: torch.device, dtype: torch.dtype, family: Family = SD1) -> AutoencoderKL:
     keys = {k: v for k, v in _prefixed(sd, prefix).items() if k.split(".")[0] in {"encoder", "decoder", "quant_conv", "post_quant_conv"}}
     if not keys:
         raise CheckpointError(sd.path, f"no VAE tensors ('{prefix}encoder.*', '{prefix}decoder.*')")
     _check_missing_weights(sd, keys)
     shapes = normalize_vae_state_dict({n: torch.empty(sd.shape(f), device="meta") for n, f in keys.items()})
-    cfg: VAEConfig = _config(sd, "VAE", lambda: vae_config_from_state_dict(shapes), keys)
+    cfg: VAEConfig = _config(sd, "VAE", lambda: vae_config_from_state_dict(shapes, scaling_factor=family.latent_scale), keys)
     return _materialize(  # type: ignore[return-value]
         lambda: AutoencoderKL(cfg), sd, keys, device, dtype, transform=normalize_vae_state_dict
     )
 
 
-def load_standalone_vae(path: str | os.PathLike[str], device: torch.device, dtype: torch.dtype, allow_pickle: bool) -> AutoencoderKL:
+def load_standalone_vae(
+    path: str | os.PathLike[str], device: torch.device, dtype: torch.dtype, allow_pickle: bool, family: Family = SD1
+) -> AutoencoderKL:
     sd = open_state_dict(path, allow_pickle)
     prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in sd) else ""
-    return load_vae(sd, prefix, device, dtype)
+    return load_vae(sd, prefix, device, dtype, family)
 
 
-def load_sd1(
+def load_checkpoint(
     path: str | os.PathLike[str],
     *,
     vae_path: str | os.PathLike[str] | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
-) -> SD1Models:
-    """Load a single-file SD 1.x checkpoint (and optionally a separate VAE file)."""
+) -> LoadedModels:
+    """Load a single-file checkpoint of a supported family (and optionally a separate VAE file)."""
     device = torch.device(device)
     sd = open_state_dict(path, allow_pickle)
-    family = detect_family(sd)
-    if not family.supported:
-        raise CheckpointError(sd.path, family.reason)
+    detection = detect_family(sd)
+    if detection.family is None or not detection.supported:
+        raise CheckpointError(sd.path, detection.reason)
+    family = detection.family
     unet = load_unet(sd, device, dtype)
     text_encoder = load_text_encoder(sd, device, dtype)
     if text_encoder.config.hidden_size != unet.config.context_dim:
@@ -271,8 +276,9 @@ def load_sd1(
             f"the text encoder is {text_encoder.config.hidden_size} wide but the U-Net's cross-attention expects "
             f"{unet.config.context_dim}: the file mixes parts of different models",
         )
-    vae = load_standalone_vae(vae_path, device, dtype, allow_pickle) if vae_path else load_vae(sd, VAE_PREFIX, device, dtype)
-    return SD1Models(
+    vae = (load_standalone_vae(vae_path, device, dtype, allow_pickle, family) if vae_path
+           else load_vae(sd, VAE_PREFIX, device, dtype, family))
+    return LoadedModels(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
@@ -282,5 +288,5 @@ def load_sd1(
         vae_file=ModelFile.of(vae_path) if vae_path else None,
         device=device,
         dtype=dtype,
-        native_size=_heads(sd, META_NATIVE_SIZE, SD1_NATIVE_SIZE) or SD1_NATIVE_SIZE,
+        native_size=_heads(sd, META_NATIVE_SIZE, family.native_size) or family.native_size,
     )

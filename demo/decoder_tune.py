@@ -1,16 +1,15 @@
 """Fine-tuning a VAE's decoder alone, so that it draws sharp outlines from the latents the encoder already makes.
 
-Why (the demo model): the analytic VAE start (:mod:`engine.training.vae_init`) encodes each 8x8 block to its
+Why (the demo model): the analytic VAE start (:mod:`demo.vae_init`) encodes each 8x8 block to its
 mean colour and decodes every latent back to a flat 8x8 block, so every picture is a 16x16 mosaic and a shape
-survives only in the mixed colours of its edge blocks (measured: the evaluator reads the right shape in 26 of 32
-re-encoded true renders). The mixed colours of a block and its neighbours still say where the outline runs, and
+survives only in the mixed colours of its edge blocks. The mixed colours of a block and its neighbours still say where the outline runs, and
 a decoder can learn to draw it. The encoder -- and so every latent the U-Net was trained on -- stays exactly as
 it is: a tuned decoder can be put into a file whose U-Net is already trained.
 
 What trains: the residual blocks of the decoder's mid block and of every level but the full-resolution one
 (level 0). The trunk (``conv_in``, the upsampling convs, ``norm_out``, ``conv_out``, ``post_quant_conv``) keeps the
-analytic start's linear pass-through (training every VAE weight at lr 1e-4 made the loss jump from 0.10 to 6.0
-within 6 steps), and so does the mid block's attention.
+analytic start's linear pass-through (training every VAE weight breaks it within a few steps), and so does the
+mid block's attention.
 
 Edges only: each block's last conv (``conv2``, zero at the start) is kept *zero-sum* -- for every output and
 input channel its 3x3 taps add up to 0 (projected after every optimizer step) -- and its bias stays 0. A
@@ -20,16 +19,12 @@ block adds nothing at a pixel whose 5x5 neighbourhood (at its level, inside the 
 border non-constant) is flat. Stacked, the tuned decoder draws the inside of a large flat area flat, at the
 analytic start's colour up to a uniform shift through the final GroupNorm's image-wide statistics (under one
 level of 255; tested), and what the tune can change gathers on outlines and near the image border (which the loss
-sees like any other pixel). Without the constraint the tune did not train at all. Measured on a fixed
-batch of 6 scenes: one Adam step of only 1e-5 on a single unconstrained ``conv2``, taken *down* the gradient,
-raised the loss (0.0392 -> 0.0400), because every flat pixel, exactly right at the start, moves with it; lr 1e-4
-on all blocks took the loss from 0.039 to 0.37 in one step, and runs of 1,200 steps at lr 2e-5 to 3e-4 rose
-instead of falling. With the constraint, lr 1e-4 lowers the loss from the first step.
+sees like any other pixel). Without the constraint the tune does not train at all: even a tiny step taken
+down the gradient of a single unconstrained ``conv2`` raises the loss, because every flat pixel, exactly right
+at the start, moves with it (demo/NOTES.md has the measurements).
 
-The loss is MSE alone. Measured, 300 steps at lr 2e-4 (batch 4): with SD's L1 + MSE the mean loss went from
-0.032 to 0.031 and the evaluator read as many shapes as before; with MSE alone it went from 0.0094 to 0.0070 and
-the held-out shapes read rose from 25 to 29 of 32 (L1's kink at zero error makes every exactly-right pixel push
-back against any change).
+The loss is MSE alone: L1's kink at zero error makes every exactly-right pixel push back against any change
+(with SD's L1 + MSE the tune left the loss and the shapes read where they were).
 
 Level 0 stays the identity it starts as, for speed: its two blocks run at the full 128x128 and cost three
 quarters of the decoder's arithmetic, and detail at the 64x64 level (2x2 pixels) is enough to draw the demo's

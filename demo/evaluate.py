@@ -1,8 +1,8 @@
-"""Score a rendered image against the :class:`~engine.demo.scenes.Scene` its prompt described, by pixel analysis.
+"""Score a rendered image against the :class:`~demo.scenes.Scene` its prompt described, by pixel analysis.
 
 No model is involved: the evaluator only looks at pixels, so it can judge the demo model's samples (and is itself
-tested on :func:`engine.demo.scenes.render` output, clean and degraded). The pipeline, all at a working size of
-:data:`~engine.demo.scenes.NATIVE_SIZE` pixels (larger or smaller images are resized first):
+tested on :func:`demo.scenes.render` output, clean and degraded). The pipeline, all at a working size of
+:data:`~demo.scenes.NATIVE_SIZE` pixels (larger or smaller images are resized first):
 
 1. **Background colour.** The median colour of each side of an outer frame (6% of the canvas wide) is taken per
    channel, so an object that grazes the frame or some blotches don't move it. An expected *solid* background is
@@ -28,15 +28,15 @@ tested on :func:`engine.demo.scenes.render` output, clean and degraded). The pip
    it is left, to skip anti-aliased edges and thin star arms) is named by :func:`classify_color`.
 5. **Shape.** A soft coverage ``alpha`` in [0, 1] is computed around the component by projecting each pixel onto
    the line from the local background colour to the object colour (alpha blending undone). For each shape of
-   :data:`~engine.demo.scenes.SHAPES` the centre and radius that reproduce ``alpha``'s area and centroid are
-   solved analytically, the shape is drawn with :func:`~engine.demo.scenes.shape_mask`, sharp and softened by
+   :data:`~demo.scenes.SHAPES` the centre and radius that reproduce ``alpha``'s area and centroid are
+   solved analytically, the shape is drawn with :func:`~demo.scenes.shape_mask`, sharp and softened by
    :data:`TEMPLATE_BLURS`, and its soft IoU with ``alpha`` measured; the two best shapes are also tried with the
    radius scaled by :data:`RADIUS_SCALES`. The best shape wins if its IoU reaches :data:`MIN_SHAPE_IOU` (else
    "unknown"). The closest call is circle vs hexagon (IoU ~0.07 apart on clean renders, ~0.02 in the worst
    degraded small cases).
 6. **Position.** The winning fit's centre (the area centroid, except for the triangle whose centre sits 0.2 r
    above its centroid), as a fraction of the canvas, is named by the nearest entry of
-   :data:`~engine.demo.scenes.POSITIONS`.
+   :data:`~demo.scenes.POSITIONS`.
 
 No component -> ``object_color``, ``shape`` and ``position`` are all False.
 """
@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageFilter
 
-from engine.demo.scenes import COLORS, NATIVE_SIZE, POSITIONS, SHAPES, Scene, shape_mask
+from demo.scenes import COLORS, NATIVE_SIZE, POSITIONS, SHAPES, Scene, shape_mask
 
 WORK_SIZE = NATIVE_SIZE
 FRAME_FRACTION = 0.06  # width of the border frame the background is measured on
@@ -142,7 +142,7 @@ def _nearest_color_index(rgb: np.ndarray) -> np.ndarray:
 
 
 def classify_color(rgb) -> str:
-    """Name of the :data:`~engine.demo.scenes.COLORS` entry nearest to ``rgb`` (0-255) by CIE76 distance in
+    """Name of the :data:`~demo.scenes.COLORS` entry nearest to ``rgb`` (0-255) by CIE76 distance in
     L*a*b*: perceptually even enough that the nearest name is the one a person would give (plain RGB distance
     overweights differences among dark colours and underweights them among light ones). The palette's closest
     pair (blue/purple) is ~28 apart; a +-12 per-channel shift moves a palette colour by up to ~20 (black the

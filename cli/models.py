@@ -1,0 +1,154 @@
+"""``adforge models``: inspect model files, write random test checkpoints and upscalers, register licences, list."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from cli.errors import fail
+from cli.options import ConfigOpt, DbOpt, load_settings
+
+__all__ = ["app", "models_add", "models_init_random", "models_init_random_upscaler", "models_inspect", "models_list"]
+
+app = typer.Typer(no_args_is_help=True, help="Model files: inspect, make random test checkpoints.")
+
+
+@app.command("init-random")
+def models_init_random(
+    path: Annotated[Path, typer.Argument(help="Where to write the .safetensors file.")],
+    preset: Annotated[str, typer.Option(help="tiny (a few MB, instant) or sd15 (real SD 1.5 shapes, ~4.3 GB).")] = "tiny",
+    seed: Annotated[int, typer.Option()] = 0,
+    inpaint: Annotated[bool, typer.Option(help="9-channel inpainting U-Net.")] = False,
+    native_size: Annotated[
+        int | None, typer.Option(min=8, help="Resolution recorded as the model's native size (default: 128 tiny, 512 sd15).")
+    ] = None,
+) -> None:
+    """Write a random-weight SD 1.x checkpoint in the real single-file layout.
+
+    It renders noise by design: use it to smoke-test a machine, the loader and the pipeline, or to benchmark
+    at real SD 1.5 shapes, without downloading anything."""
+    from engine.random_checkpoint import write_random_sd1
+
+    try:
+        # Random numbers made by our own code: we can license them, so runs may use the file for any purpose.
+        size = native_size or (512 if preset == "sd15" else 128)
+        write_random_sd1(path, preset, seed=seed, inpaint=inpaint,
+                         metadata={"modelspec.title": path.stem, "modelspec.license": "Apache-2.0", "adforge.native_size": str(size)})
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--preset") from None
+    typer.echo(str(path))
+
+
+@app.command("init-random-upscaler")
+def models_init_random_upscaler(
+    path: Annotated[Path, typer.Argument(help="Where to write it: .safetensors or .pth.")],
+    arch: Annotated[str, typer.Option(help="esrgan (RRDBNet, as RealESRGAN_x4plus) or compact (Real-ESRGAN Compact).")] = "esrgan",
+    scale: Annotated[int, typer.Option(help="2 or 4.")] = 4,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Write a small random-weight super-resolution file in a real layout (spandrel loads it like a downloaded one).
+
+    It upscales into noise by design: use it to try upscale chains, tiling and licences without downloading
+    anything. The .safetensors file declares Apache-2.0 (our own random numbers); a .pth carries no metadata."""
+    from engine.upscale.random_models import random_compact, random_esrgan, write_upscaler
+
+    if scale not in (2, 4):
+        raise typer.BadParameter("2 or 4", param_hint="--scale")
+    nets = {"esrgan": lambda: random_esrgan(num_filters=16, num_blocks=1, scale=scale, seed=seed),
+            "compact": lambda: random_compact(num_feat=16, num_conv=4, scale=scale, seed=seed)}
+    if arch not in nets:
+        raise typer.BadParameter("esrgan or compact", param_hint="--arch")
+    safetensors = path.suffix.lower() in (".safetensors", ".sft")
+    metadata = {"modelspec.title": path.stem, "modelspec.license": "Apache-2.0"} if safetensors else None
+    try:
+        write_upscaler(nets[arch](), path, metadata)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="PATH") from None
+    typer.echo(str(path))
+
+
+@app.command("inspect")
+def models_inspect(
+    path: Annotated[Path, typer.Argument(help="Checkpoint or upscaler file.")],
+    allow_pickle: Annotated[bool, typer.Option(help="Allow .ckpt pickles (weights-only unpickling).")] = False,
+) -> None:
+    """Family, architecture read from the tensor shapes, and hashes of a checkpoint (without loading it) or of an
+    upscaler (its architecture and scale, as spandrel reads them)."""
+    from engine.checkpoint import CheckpointError, a1111_short_hash, file_sha256, open_state_dict
+    from engine.families import detect_family
+    from engine.upscale.chain import MODEL_SUFFIXES
+    from engine.upscale.networks import UpscalerError, inspect_upscaler, read_upscaler_state_dict
+
+    try:
+        sd = open_state_dict(path, allow_pickle)
+        family = detect_family(sd)
+    except CheckpointError as exc:
+        if path.suffix.lower() in MODEL_SUFFIXES and exc.key is None:
+            try:
+                up = inspect_upscaler(path)
+            except UpscalerError:
+                pass
+            else:
+                typer.echo(f"file:        {path}")
+                typer.echo(f"upscaler:    {up.arch}, {up.scale}x ({up.purpose})")
+                typer.echo(f"tensors:     {len(read_upscaler_state_dict(path)[0])}")
+                typer.echo(f"sha256:      {up.sha256}")
+                typer.echo(f"model hash:  {up.short_hash}")
+                return
+        raise fail(exc, 2) from None
+    sha = file_sha256(path)
+    typer.echo(f"file:        {path}")
+    typer.echo(f"family:      {family.name}" + ("" if family.supported else f" (unsupported: {family.reason})"))
+    typer.echo(f"tensors:     {len(sd)}")
+    typer.echo(f"sha256:      {sha}")
+    typer.echo(f"model hash:  {a1111_short_hash(sha)}")
+
+
+@app.command("add")
+def models_add(
+    path: Annotated[Path, typer.Argument(help="Model file (.safetensors).")],
+    license_id: Annotated[str, typer.Option("--license", help="Licence id, e.g. creativeml-openrail-m, cc-by-nc-sa-4.0.")],
+    commercial: Annotated[str | None, typer.Option(help="yes / no: may assets be used commercially? Default: known for common licences.")] = None,
+    name: Annotated[str | None, typer.Option(help="Display name (default: file name).")] = None,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Register a model file and its licence (required before commercial rows may use an unlabelled model)."""
+    settings = load_settings(config, db_url=db)
+    from engine.checkpoint import CheckpointError
+    from flows.licence_policy import LicenseError
+    from flows.model_registry import register_model
+    from storage.database import open_database
+
+    flag: bool | None = None
+    if commercial is not None:
+        if commercial.lower() not in ("yes", "no", "true", "false"):
+            raise typer.BadParameter("expected yes or no", param_hint="--commercial")
+        flag = commercial.lower() in ("yes", "true")
+    try:
+        info = register_model(open_database(settings.db_url), path, license_id, flag, name=name)
+    except (LicenseError, CheckpointError) as exc:
+        raise fail(exc, 2) from None
+    typer.echo(f"registered {info.name} ({info.short_hash}, {info.family}): licence {info.license}, "
+               f"commercial use {'allowed' if info.commercial_use else 'not allowed'}")
+
+
+@app.command("list")
+def models_list(db: DbOpt = None, config: ConfigOpt = None) -> None:
+    """Registered and discovered models with their licences."""
+    settings = load_settings(config, db_url=db)
+    from sqlalchemy import select
+
+    from storage.database import open_database
+    from storage.schema import ModelRecord
+
+    out = Console(highlight=False)
+    with open_database(settings.db_url).session() as s:
+        for m in s.scalars(select(ModelRecord).order_by(ModelRecord.id)):
+            commercial = {True: "allowed", False: "not allowed", None: "unknown"}[m.commercial_use]
+            out.print(f"{m.id}  {escape(m.name)} ({m.short_hash}, {m.family})  licence {m.license or 'unknown'} "
+                      f"({m.license_source}), commercial use {commercial}  {escape(m.path)}", soft_wrap=True)

@@ -1,0 +1,53 @@
+"""What several command groups share: option declarations, settings resolution, the audit actor, opening the database.
+
+Settings resolve as everywhere in adforge: flag > environment > adforge.toml > default (``flows.settings``).
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.errors import fail
+
+__all__ = ["CampaignOpt", "ConfigOpt", "DbOpt", "ModelOpt", "ReviewDbOpt", "StoreOpt", "actor", "load_settings", "open_db"]
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="adforge.toml to read (default: ./adforge.toml if present).")]
+DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (env ADFORGE_DB_URL). Default: sqlite under ./adforge-data/.")]
+# The review commands (gallery, users, export, results, audit) have always shown the shorter help.
+ReviewDbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (env ADFORGE_DB_URL).")]
+StoreOpt = Annotated[str | None, typer.Option("--store", help="Asset store: folder, file:// or s3://bucket/prefix (env ADFORGE_STORE_URL).")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Default model for rows without one (env ADFORGE_MODEL). Default: bundled.")]
+CampaignOpt = Annotated[str, typer.Option("--campaign", "-c", help="Campaign name (or id).")]
+
+
+def load_settings(config: Path | None, **overrides):
+    """The resolved settings (``overrides``: command-line values, None = not given); bad settings exit with 2."""
+    from flows.settings import SettingsError, load_settings as resolve
+
+    try:
+        return resolve(overrides, config=config)
+    except SettingsError as exc:
+        raise fail(exc, 2) from None
+
+
+def open_db(url: str):
+    """The metadata database (created or upgraded as needed); one that cannot be opened exits with 2."""
+    from storage.database import DatabaseError, open_database
+
+    try:
+        return open_database(url)
+    except DatabaseError as exc:
+        raise fail(exc, 2) from None
+
+
+def actor() -> str:
+    """Who the audit log names for an action taken from the command line: ``cli:<login name>``."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # no login name (containers without a passwd entry)
+        return f"cli:uid-{os.getuid()}"

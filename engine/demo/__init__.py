@@ -1,1 +1,0 @@
-"""The bundled demo model's world: a procedural captioned dataset and the pixel evaluator that scores renders."""

@@ -1,0 +1,213 @@
+"""One variant, one record: :class:`VariantSpec` holds every setting that determines a delivered file, and this
+module owns the joins that read it back (variant -> prompt -> model -> row -> campaign).
+
+Planning builds a spec per planned image, recording writes it, rendering reads it back and turns it into an engine
+request, the gallery's re-render queue copies it, re-rendering rebuilds it from that copy. All of them go through
+the spec's fields, so a new setting is declared once, here, with three facts in its field metadata:
+
+* ``identity``: its key in the identity hash. A field added later (``since_default=True``) enters the hash only
+  when it differs from its default, so every asset planned before the field existed keeps its identity.
+* ``column``: the ``variants`` column that stores it (default: the field's name; ``None``: stored elsewhere,
+  in ``prompts``, ``models`` or ``brief_rows``, and read back through the join).
+* ``engine``: the engine request's argument it becomes (``None``: not an engine setting, e.g. the output format).
+
+Adding a setting then touches this record, the schema and its migration, and the engine request; nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import cached_property
+from typing import Any
+
+from sqlalchemy import Select
+
+from storage.assets import asset_key
+from storage.image_metadata import EXTENSIONS
+from storage.review_schema import ReviewState
+from storage.schema import Asset, Brief, BriefRowRecord, Campaign, ModelRecord, PromptRecord, Variant
+
+__all__ = ["ModelRef", "StoredVariant", "VariantSpec", "load_variants", "spec_from_rows", "with_joins"]
+
+_SAME = object()  # metadata default: "same as the field's name"
+
+
+def _setting(identity: str, *, column: Any = _SAME, engine: Any = None, default: Any = MISSING,
+             since_default: bool = False) -> Any:
+    meta = {"identity": identity, "column": column, "engine": engine, "since_default": since_default}
+    return field(metadata=meta) if default is MISSING else field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """Everything that determines one delivered file. Field order is the identity's historical order only by
+    coincidence: the hash is over sorted keys."""
+
+    # where the image belongs (stored through the row, campaign and prompt tables)
+    campaign: str = _setting("campaign", column=None)
+    row_key: str = _setting("row_id", column=None)
+    channel: str = _setting("channel")
+    template: str = _setting("template", column=None)
+    variant_index: int = _setting("index")
+    # what the engine renders
+    prompt: str = _setting("prompt", column=None, engine="prompt")
+    negative_prompt: str = _setting("negative", column=None, engine="negative_prompt")
+    seed: int = _setting("seed", engine="seed")
+    model_sha256: str = _setting("model", column=None)
+    sampler: str = _setting("sampler", engine="sampler")
+    steps: int = _setting("steps", engine="steps")
+    cfg_scale: float = _setting("cfg", engine="cfg_scale")
+    clip_skip: int = _setting("clip_skip", engine="clip_skip")
+    gen_width: int = _setting("gen", engine="width")
+    gen_height: int = _setting("gen", engine="height")
+    # what is delivered
+    out_width: int = _setting("out")
+    out_height: int = _setting("out")
+    out_format: str = _setting("format")
+    out_max_kb: int | None = _setting("max_kb")
+    postprocess: str = _setting("post")
+
+    # ------------------------------------------------------------------ identity
+
+    @cached_property
+    def identity(self) -> str:
+        """sha256 over everything that determines the delivered file. Fields sharing a key (``gen``: width and
+        height) hash as a list in field order, as they always did."""
+        keyed: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["since_default"] and value == f.default:
+                continue
+            key = f.metadata["identity"]
+            if key in keyed:
+                previous = keyed[key]
+                keyed[key] = (previous if isinstance(previous, list) else [previous]) + [value]
+            elif key in _PAIRED:
+                keyed[key] = [value]
+            else:
+                keyed[key] = value
+        payload = json.dumps(keyed, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+    @property
+    def storage_key(self) -> str:
+        """Where the file is stored: campaign / row / channel / ``vNN-sSEED-<identity prefix>.ext``."""
+        return asset_key(self.campaign, self.row_key, self.channel, self.variant_index, self.seed,
+                         EXTENSIONS[self.out_format], tag=self.identity[:10])
+
+    # ------------------------------------------------------------------ conversions
+
+    def engine_arguments(self) -> dict[str, Any]:
+        """The engine request's keyword arguments (``GenerationRequest(**spec.engine_arguments())``)."""
+        return {f.metadata["engine"]: getattr(self, f.name) for f in fields(self) if f.metadata["engine"]}
+
+    def variant_columns(self) -> dict[str, Any]:
+        """The settings stored on the ``variants`` row itself (the rest live in the joined rows)."""
+        return {_column(f): getattr(self, f.name) for f in fields(self) if f.metadata["column"] is not None}
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **fallback: Any) -> "VariantSpec":
+        """The spec of a copy made by :meth:`as_dict` (extra keys are ignored). ``fallback`` fills fields the copy
+        lacks: a field added later takes its default, one that copies from older versions never carried (the
+        variant index of an early re-render request) comes from ``fallback``."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in data:
+                values[f.name] = data[f.name]
+            elif f.name in fallback:
+                values[f.name] = fallback[f.name]
+        return cls(**values)
+
+
+_PAIRED = frozenset(f.metadata["identity"] for f in fields(VariantSpec)
+                    if sum(g.metadata["identity"] == f.metadata["identity"] for g in fields(VariantSpec)) > 1)
+
+
+def _column(f) -> str:
+    return f.name if f.metadata["column"] is _SAME else f.metadata["column"]
+
+
+def spec_from_rows(variant: Variant, prompt: PromptRecord, model_sha256: str, row_key: str, campaign: str) -> VariantSpec:
+    """The spec a stored variant was planned from: its own columns plus what the joined rows hold."""
+    stored = {f.name: getattr(variant, _column(f)) for f in fields(VariantSpec) if f.metadata["column"] is not None}
+    return VariantSpec(campaign=campaign, row_key=row_key, template=prompt.template, prompt=prompt.prompt,
+                       negative_prompt=prompt.negative_prompt, model_sha256=model_sha256, **stored)
+
+
+# ---------------------------------------------------------------------------------------------------- the joins
+
+_JOINS = {
+    "asset": (Asset, Asset.variant_id == Variant.id),
+    "prompt": (PromptRecord, PromptRecord.id == Variant.prompt_id),
+    "model": (ModelRecord, ModelRecord.id == Variant.model_id),
+    "row": (BriefRowRecord, BriefRowRecord.id == Variant.row_id),
+    "brief": (Brief, Brief.id == BriefRowRecord.brief_id),
+    "campaign": (Campaign, Campaign.id == BriefRowRecord.campaign_id),
+}
+
+
+def with_joins(stmt: Select, *, asset: bool = False, prompt: bool = False, model: bool = False, row: bool = False,
+               brief: bool = False, campaign: bool = False, review: bool = False) -> Select:
+    """``stmt`` from ``variants`` joined to the tables asked for: the one place the variant's joins are spelled.
+    ``asset`` keeps only stored variants; ``review`` is an outer join (a variant without a decision is pending);
+    ``brief`` and ``campaign`` bring the row in too."""
+    wanted = {"asset": asset, "prompt": prompt, "model": model, "row": row or brief or campaign, "brief": brief,
+              "campaign": campaign}
+    stmt = stmt.select_from(Variant)
+    for name, (table, on) in _JOINS.items():
+        if wanted[name]:
+            stmt = stmt.join(table, on)
+    if review:
+        stmt = stmt.outerjoin(ReviewState, ReviewState.variant_id == Variant.id)
+    return stmt
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model file as the ``models`` table records it."""
+
+    id: int
+    sha256: str
+    path: str
+    name: str
+    short_hash: str
+    license: str | None
+
+    @classmethod
+    def of(cls, m: ModelRecord) -> "ModelRef":
+        return cls(m.id, m.sha256, m.path, m.name, m.short_hash, m.license)
+
+
+@dataclass(frozen=True)
+class StoredVariant:
+    """A recorded variant: its id, identity (as recorded), status and storage key, the spec it was planned from,
+    and its model."""
+
+    id: int
+    identity: str
+    spec: VariantSpec
+    status: str
+    storage_key: str
+    model: ModelRef
+    row_id: int
+    prompt_id: int
+
+
+def load_variants(session, variant_ids: list[int]) -> dict[int, StoredVariant]:
+    """The recorded variants among ``variant_ids``, by id (missing ids are left out)."""
+    from sqlalchemy import select
+
+    out: dict[int, StoredVariant] = {}
+    for i in range(0, len(variant_ids), 500):  # stay under SQLite's bound-parameter limit
+        chunk = list(variant_ids[i : i + 500])
+        stmt = with_joins(select(Variant, PromptRecord, ModelRecord, BriefRowRecord.row_key, Campaign.name),
+                          prompt=True, model=True, campaign=True).where(Variant.id.in_(chunk))
+        for v, p, m, row_key, campaign_name in session.execute(stmt):
+            spec = spec_from_rows(v, p, m.sha256, row_key, campaign_name)
+            out[v.id] = StoredVariant(v.id, v.identity, spec, v.status, v.storage_key, ModelRef.of(m), v.row_id, v.prompt_id)
+    return out
