@@ -66,9 +66,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -79,158 +77,30 @@ WORK = ROOT / "bench" / "_work"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# The model presets, the checkpoint writer and the diffusers side live in helper modules beside this script.
+from bench._diffusers_reference import run_diffusers  # noqa: E402
+from bench._sd15_random import PRESETS, make_checkpoint  # noqa: E402
+from bench._worker_common import maxrss_mb, profile_table, rss_mb, setup_threads, shared_inputs  # noqa: E402
+
 SAMPLER = "DPM++ 2M Karras"
-
-# Plain data, so the diffusers worker never needs to import the engine (its RSS stays diffusers' own).
-PRESETS: dict[str, dict] = {
-    # SD 1.5: these equal engine.unet.UNetConfig(), TextEncoderConfig() (CLIP ViT-L/14) and VAEConfig() defaults.
-    "full": {
-        "unet": {
-            "in_channels": 4,
-            "out_channels": 4,
-            "model_channels": 320,
-            "channel_mult": (1, 2, 4, 4),
-            "num_res_blocks": 2,
-            "attention_levels": (0, 1, 2),
-            "num_heads": 8,
-            "context_dim": 768,
-        },
-        "text": {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_layers": 12, "num_heads": 12},
-        "vae": {"ch": 128, "ch_mult": (1, 2, 4, 4), "num_res_blocks": 2, "z_channels": 4},
-        "size": 256,
-        "file": "sd15-random.safetensors",
-    },
-    # Same topology, narrow: a smoke run in seconds per step.
-    "small": {
-        "unet": {
-            "in_channels": 4,
-            "out_channels": 4,
-            "model_channels": 32,
-            "channel_mult": (1, 2, 4, 4),
-            "num_res_blocks": 2,
-            "attention_levels": (0, 1, 2),
-            "num_heads": 8,
-            "context_dim": 64,
-        },
-        "text": {"vocab_size": 49408, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 2},
-        "vae": {"ch": 32, "ch_mult": (1, 1, 2, 2), "num_res_blocks": 1, "z_channels": 4},
-        "size": 128,
-        "file": "sd15-small-random.safetensors",
-    },
-}
-VAE_SCALE = 0.18215
-
-
-# ---- helpers shared by the workers -------------------------------------------------------------------------
-
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def _inputs(preset: dict, seed: int):
-    """The shared inputs: (1, 4, h, w) noise from the image's own seeded CPU generator (as the engine draws
-    it) and a (2, 77, context) conditioning tensor, row 0 = prompt, row 1 = negative prompt."""
-    import torch
-
-    lat = preset["size"] // 8
-    noise = torch.randn((4, lat, lat), generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)[None]
-    ctx = preset["unet"]["context_dim"]
-    cond = torch.randn((2, 77, ctx), generator=torch.Generator("cpu").manual_seed(seed + 1), dtype=torch.float32)
-    return noise, cond
-
-
-def _setup_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)
-
-
-def _profile_table(fn, rows: int = 18) -> str:
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
-
-
-# ---- worker: write the random checkpoint ------------------------------------------------------------------
-
-def _make_checkpoint(preset: dict, path: Path, seed: int) -> dict:
-    import torch
-    from safetensors.torch import save_file
-    from torch import nn
-
-    from engine.checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, file_sha256
-    from engine.loading import META_TEXT_HEADS, META_UNET_HEADS
-    from engine.text_encoder import TextEncoderConfig, build_text_encoder
-    from engine.unet import UNetConfig, UNetModel
-    from engine.vae import AutoencoderKL, VAEConfig
-
-    ucfg = UNetConfig(**preset["unet"])
-    tcfg = TextEncoderConfig(**preset["text"])
-    vcfg = VAEConfig(**preset["vae"])
-    with torch.device("meta"):
-        nets = [
-            (UNET_PREFIX, UNetModel(ucfg)),
-            (CLIP_PREFIX + "text_model.", build_text_encoder(tcfg)),
-            (VAE_PREFIX, AutoencoderKL(vcfg)),
-        ]
-    gen = torch.Generator("cpu").manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    for prefix, net in nets:
-        norm_params = {
-            f"{mod_name}.{p_name}"
-            for mod_name, mod in net.named_modules()
-            if isinstance(mod, (nn.GroupNorm, nn.LayerNorm))
-            for p_name, _ in mod.named_parameters(recurse=False)
-        }
-        for name, meta in net.state_dict().items():
-            if not meta.is_floating_point():
-                continue  # CLIP position_ids: rebuilt by the loader
-            shape = tuple(meta.shape)
-            value = torch.randn(shape, generator=gen, dtype=torch.float32)
-            if name in norm_params:
-                value = (1.0 if name.endswith("weight") else 0.0) + 0.1 * value
-            elif len(shape) >= 2:
-                value /= math.sqrt(math.prod(shape[1:]))  # unit-variance activations layer to layer
-            else:
-                value *= 0.05  # biases
-            tensors[prefix + name] = value
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={META_UNET_HEADS: str(ucfg.num_heads), META_TEXT_HEADS: str(tcfg.num_heads)})
-    n_params = sum(t.numel() for t in tensors.values())
-    del tensors
-    os.replace(tmp, path)
-    file_sha256(path)  # warm the hash cache, so the timed load does not hash 4 GB
-    return {"params": n_params, "bytes": path.stat().st_size}
-
 
 # ---- worker: our engine ------------------------------------------------------------------------------------
 
 def _run_ours(preset: dict, path: Path, args) -> dict:
     import torch
 
-    _setup_threads(args.threads)
+    setup_threads(args.threads)
     from engine.loading import load_checkpoint
     from engine.pipeline import GenerationRequest, Pipeline
 
-    rss_import = _maxrss_mb()
+    rss_import = maxrss_mb()
     t0 = time.perf_counter()
     models = load_checkpoint(path, device="cpu", dtype=torch.float32)
     pipe = Pipeline(models)
     load_s = time.perf_counter() - t0
-    rss_load, rss_load_now = _maxrss_mb(), _rss_mb()
+    rss_load, rss_load_now = maxrss_mb(), rss_mb()
 
-    noise, cond = _inputs(preset, args.seed)
+    noise, cond = shared_inputs(preset, args.seed)
     size = preset["size"]
     seen: dict = {}
 
@@ -242,7 +112,7 @@ def _run_ours(preset: dict, path: Path, args) -> dict:
     real_decode = pipe._decode
 
     def decode(latents, *args, **kwargs):
-        seen["rss_sampling"] = _maxrss_mb()
+        seen["rss_sampling"] = maxrss_mb()
         seen["latents"] = latents.detach().clone()
         t = time.perf_counter()
         images = real_decode(latents, *args, **kwargs)
@@ -265,7 +135,7 @@ def _run_ours(preset: dict, path: Path, args) -> dict:
         cpu_marks.append(time.process_time())
 
     pipe.generate([req], progress=progress)
-    rss_decode = _maxrss_mb()
+    rss_decode = maxrss_mb()
     if seen.get("conditioning_calls") != 1 or "latents" not in seen:
         raise RuntimeError("Pipeline internals changed: the bench's _conditioning/_decode hooks were not used")
 
@@ -294,144 +164,7 @@ def _run_ours(preset: dict, path: Path, args) -> dict:
         x = noise * sigmas[1]
         s = sigmas[1:2].expand(1).clone()
         den(x, s)  # warm
-        out["profile"] = _profile_table(lambda: den(x, s))
-    return out
-
-
-# ---- worker: diffusers -------------------------------------------------------------------------------------
-
-def _diffusers_unet_config(u: dict) -> dict:
-    levels = range(len(u["channel_mult"]))
-    return {
-        "sample_size": 64,
-        "in_channels": u["in_channels"],
-        "out_channels": u["out_channels"],
-        "block_out_channels": [u["model_channels"] * m for m in u["channel_mult"]],
-        "layers_per_block": u["num_res_blocks"],
-        "down_block_types": ["CrossAttnDownBlock2D" if i in u["attention_levels"] else "DownBlock2D" for i in levels],
-        "up_block_types": ["CrossAttnUpBlock2D" if i in u["attention_levels"] else "UpBlock2D" for i in reversed(levels)],
-        "cross_attention_dim": u["context_dim"],
-        "attention_head_dim": u["num_heads"],  # diffusers' legacy name: for SD 1.x it is the head count
-        "use_linear_projection": False,
-        "norm_num_groups": 32,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-    }
-
-
-def _diffusers_vae_config(v: dict, size: int) -> dict:
-    n = len(v["ch_mult"])
-    return {
-        "sample_size": size,
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D"] * n,
-        "up_block_types": ["UpDecoderBlock2D"] * n,
-        "block_out_channels": [v["ch"] * m for m in v["ch_mult"]],
-        "layers_per_block": v["num_res_blocks"],
-        "latent_channels": v["z_channels"],
-        "norm_num_groups": 32,
-        "scaling_factor": VAE_SCALE,
-    }
-
-
-
-def load_diffusers_models(path, preset: dict):
-    """diffusers' UNet2DConditionModel and AutoencoderKL holding the same weights as our checkpoint file, converted
-    offline with diffusers' own LDM converters (built on the meta device, then assigned: no double copy)."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-    from safetensors import safe_open
-
-    handle = safe_open(str(path), framework="pt", device="cpu")
-    ckpt = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(("model.diffusion_model.", "first_stage_model."))}
-    ucfg = _diffusers_unet_config(preset["unet"])
-    vcfg = _diffusers_vae_config(preset["vae"], preset["size"])
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**ucfg)
-        vae = AutoencoderKL(**vcfg)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, ucfg), strict=True, assign=True)
-    vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, vcfg), strict=True, assign=True)
-    return unet, vae
-
-def _run_diffusers(preset: dict, path: Path, args) -> dict:
-    import numpy as np
-    import torch
-
-    _setup_threads(args.threads)
-    from diffusers import DPMSolverMultistepScheduler
-    from diffusers.utils import logging as dlogging
-
-    dlogging.set_verbosity_error()
-    rss_import = _maxrss_mb()
-    t0 = time.perf_counter()
-    unet, vae = load_diffusers_models(path, preset)
-    for m in (unet, vae):
-        m.eval().requires_grad_(False)
-        left = [n for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_meta]
-        if left:
-            raise RuntimeError(f"{type(m).__name__}: tensors left on the meta device: {left[:5]}")
-    sched = DPMSolverMultistepScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True,
-    )
-    load_s = time.perf_counter() - t0
-    rss_load, rss_load_now = _maxrss_mb(), _rss_mb()
-
-    noise, cond = _inputs(preset, args.seed)
-    # diffusers' pipeline order: uncond rows first, then text rows.
-    context = torch.cat([cond[1:2], cond[0:1]])
-    steps = args.steps + 1
-    sched.set_timesteps(steps, device="cpu")
-    sigma0 = float(sched.sigmas[0])
-    ac = sched.alphas_cumprod.double().numpy()
-    log_sigmas = np.log(((1 - ac) / ac) ** 0.5)
-    frac_t = [float(sched._sigma_to_t(np.array(float(s)), log_sigmas)) for s in sched.sigmas[:-1]]
-
-    def unet_eps(latents: torch.Tensor, i: int, t: torch.Tensor) -> torch.Tensor:
-        latent_in = sched.scale_model_input(torch.cat([latents] * 2), t)
-        t_in = t if args.diffusers_int_t else torch.tensor(frac_t[i], dtype=torch.float32)
-        eps = unet(latent_in, t_in, encoder_hidden_states=context, return_dict=False)[0]
-        eps_u, eps_c = eps.chunk(2)
-        return eps_u + args.cfg * (eps_c - eps_u)
-
-    marks = [time.perf_counter()]
-    cpu_marks = [time.process_time()]
-    with torch.inference_mode():
-        latents = noise * (sigma0 / math.sqrt(sigma0**2 + 1.0))  # VP scale of x = sigma_max * noise
-        for i, t in enumerate(sched.timesteps):
-            eps = unet_eps(latents, i, t)
-            latents = sched.step(eps, t, latents, return_dict=False)[0]
-            marks.append(time.perf_counter())
-            cpu_marks.append(time.process_time())
-        rss_sampling = _maxrss_mb()
-        t1 = time.perf_counter()
-        images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-        images = ((images + 1.0) / 2.0).clamp(0.0, 1.0)
-        decode_s = time.perf_counter() - t1
-    rss_decode = _maxrss_mb()
-
-    out = {
-        "load_s": load_s,
-        "step_s": [b - a for a, b in zip(marks, marks[1:])],
-        "step_cpu_s": [b - a for a, b in zip(cpu_marks, cpu_marks[1:])],
-        "decode_s": decode_s,
-        "rss_import_mb": rss_import,
-        "rss_load_mb": rss_load,
-        "rss_load_now_mb": rss_load_now,
-        "rss_sampling_mb": rss_sampling,
-        "rss_decode_mb": rss_decode,
-    }
-    torch.save({"latents": latents.clone(), "images": images.clone()}, args.out_tensors)
-
-    if args.profile:
-        sched.set_timesteps(steps, device="cpu")
-        t = sched.timesteps[1]
-        x = noise * float(sched.sigmas[1]) / math.sqrt(float(sched.sigmas[1]) ** 2 + 1.0)
-        with torch.inference_mode():
-            unet_eps(x, 1, t)  # warm
-        out["profile"] = _profile_table(lambda: unet_eps(x, 1, t))
+        out["profile"] = profile_table(lambda: den(x, s))
     return out
 
 
@@ -486,10 +219,10 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--repeat must be >= 1")
 
     if args.worker == "checkpoint":
-        args.result.write_text(json.dumps(_make_checkpoint(preset, ckpt, args.seed)))
+        args.result.write_text(json.dumps(make_checkpoint(preset, ckpt, args.seed)))
         return
     if args.worker:
-        run = _run_ours if args.worker == "ours" else _run_diffusers
+        run = _run_ours if args.worker == "ours" else run_diffusers
         args.result.write_text(json.dumps(run(preset, ckpt, args)))
         return
 

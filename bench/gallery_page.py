@@ -1,6 +1,6 @@
 """Gallery page speed: a row/channel grid of 500 variants in headless Chromium, against the 2 s target.
 
-Builds a world with ``tests.review_world`` (SQLite, local asset store; ``--variants`` stored variants in one brief
+Builds a world with ``tests.review.world`` (SQLite, local asset store; ``--variants`` stored variants in one brief
 row and channel), serves the gallery with uvicorn on 127.0.0.1, signs in through the form, then opens the grid
 page ``--runs`` times, each in a fresh browser context (no browser cache), and reads the browser's own clocks
 (Navigation Timing, from navigation start):
@@ -120,8 +120,7 @@ def main() -> None:
     from review.thumbs import ThumbnailCache
     from storage.assets import open_store
     from storage.database import open_database, sqlite_url
-    from tests.review_world import PASSWORD, build_world
-    from tests.test_gallery_browser import _serve
+    from tests.review.world import PASSWORD, build_world, serve_app
 
     default_eager = review.pages.EAGER_THUMBS
     settings = [int(x) for x in args.eager_thumbs.split(",")] if args.eager_thumbs else [default_eager]
@@ -157,7 +156,7 @@ def main() -> None:
         html_kb = len(first.content) / 1024
 
         # ---- the browser
-        server, thread, port = _serve(app)
+        server, thread, port = serve_app(app)
         base = f"http://127.0.0.1:{port}"
         runs: dict[int, list[dict[str, float]]] = {n: [] for n in settings}
         try:

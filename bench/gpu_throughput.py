@@ -8,7 +8,7 @@ How to run (from the repository root)::
     .venv/bin/python bench/gpu_throughput.py --cpu           # the small CPU config (what runs without CUDA)
 
 Without CUDA it says so and runs a small config on the CPU instead: the same topology with narrow widths
-(``small`` in bench/engine_vs_diffusers.py), 128x128, 4 steps, float32, batch 1/2, variants eager and
+(``small`` in bench/_sd15_random.py), 128x128, 4 steps, float32, batch 1/2, variants eager and
 channels_last (``--variants`` adds compile; it takes minutes to compile on a small CPU).
 
 What is measured
@@ -38,7 +38,6 @@ diffusers' eager throughput and >= 40 % MFU at batch 8 and up.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import sys
@@ -50,20 +49,16 @@ WORK = ROOT / "bench" / "_work"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# The model presets, the checkpoint writer and the diffusers loading, shared with bench/engine_vs_diffusers.py.
+from bench._diffusers_reference import load_diffusers_models  # noqa: E402
+from bench._sd15_random import PRESETS, make_checkpoint  # noqa: E402
+
 SAMPLER = "DPM++ 2M Karras"
 CFG = 7.0
 # Dense (no sparsity) fp16/bf16 tensor-core peak, TFLOP/s, from the vendors' data sheets.
 PEAK_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0,
                "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0, "RTX 4090": 165.2}
 VARIANTS = ("eager", "flash", "channels_last", "compile", "channels_last+compile", "compile+cudagraphs")
-
-
-def _shared():
-    """bench/engine_vs_diffusers.py's model presets and its checkpoint / diffusers-config helpers."""
-    spec = importlib.util.spec_from_file_location("engine_vs_diffusers", ROOT / "bench" / "engine_vs_diffusers.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
 
 
 def _sync(device) -> None:
@@ -153,12 +148,12 @@ class Ours:
 
 
 class Diffusers:
-    def __init__(self, shared, preset: dict, path: Path, device, dtype, cond):
+    def __init__(self, preset: dict, path: Path, device, dtype, cond):
         from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
         from diffusers.utils import logging as dlogging
 
         dlogging.set_verbosity_error()
-        unet, vae = shared.load_diffusers_models(path, preset)
+        unet, vae = load_diffusers_models(path, preset)
         unet.to(device, dtype).eval().requires_grad_(False)
         vae.to(device, dtype).eval().requires_grad_(False)
         sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -244,11 +239,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("ADFORGE_CACHE_DIR", str(WORK / "cache"))
-    shared = _shared()
     cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda:0" if cuda else "cpu")
     if cuda:
-        preset = dict(shared.PRESETS["full"], size=args.size or 512)
+        preset = dict(PRESETS["full"], size=args.size or 512)
         dtypes = args.dtypes or "fp16,bf16"
         batches = args.batches or "1,4,8,16"
         variants = args.variants or ",".join(VARIANTS)
@@ -259,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cudnn.benchmark = True
         print(f"device: {torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA {torch.version.cuda})")
     else:
-        preset = dict(shared.PRESETS["small"], size=args.size or 128)
+        preset = dict(PRESETS["small"], size=args.size or 128)
         dtypes = args.dtypes or "fp32"
         batches = args.batches or "1,2"
         variants = args.variants or "eager,channels_last"
@@ -285,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     path = WORK / preset["file"]
     if not path.exists():
         print(f"writing the random-weight checkpoint {path} (once) ...", flush=True)
-        shared._make_checkpoint(preset, path, seed=1234)
+        make_checkpoint(preset, path, seed=1234)
     gen = torch.Generator("cpu").manual_seed(7)
     cond = torch.randn(2, 77, preset["unet"]["context_dim"], generator=gen)
     peak, peak_source = _peak_tflops(device, args.peak_tflops)
@@ -300,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
               f"data-sheet peak {f'{peak:.0f} TFLOP/s' if peak else 'n/a'} ({peak_source})", flush=True)
         sides: list[tuple[str, object]] = []
         if not args.no_diffusers:
-            sides.append(("diffusers eager", lambda: Diffusers(shared, preset, path, device, dtype, cond)))
+            sides.append(("diffusers eager", lambda: Diffusers(preset, path, device, dtype, cond)))
         for variant in variant_list:
             sides.append((f"ours {variant}", lambda v=variant: Ours(path, device, dtype, cond, v)))
         for label, make in sides:

@@ -12,7 +12,7 @@ matrix product. Each worker gets ``--threads`` torch threads (default 1), so N w
 
 For each N: a fresh database and folder store, the brief planned, a pool of N CPU workers started and warmed (one
 batch each, not timed: process start and model load are a per-run cost, reported separately), then every batch
-of the run timed. The reference is the single-process path in this process (``render_jobs`` on one pipeline,
+of the run timed. The reference is the single-process path in this process (``render_variants`` on one pipeline,
 same threads): the ratios are images/s against it, and against 1 worker. On a machine with fewer free cores than
 workers the curve flattens where the cores run out; the load average is printed to tell.
 """
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from engine.random_checkpoint import write_random_sd1
     from flows.device_pool import DevicePool, PoolConfig, plan_workers, wait_until_ready
-    from flows.rendering import get_pipeline, load_jobs, render_jobs
+    from flows.rendering import get_pipeline, load_jobs, render_variants
     from storage.assets import open_store
     from storage.database import open_database
 
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         pipe = get_pipeline(jobs[0].model.path, jobs[0].model.sha256, device="cpu", max_batch_size=args.batch_size)
         pipe.generate([j.request() for j in jobs])  # warm, as the workers are
         t = time.perf_counter()
-        for unit in units:
-            render_jobs(load_jobs(db, unit), pipeline=pipe, store=store, db=db, run_id=run_id)
+        for unit in units:  # the pipeline is this process's, warm: render_variants finds it again
+            render_variants(unit, db=db, store=store, run_id=run_id, device="cpu", batch_size=args.batch_size)
         reference = args.images / (time.perf_counter() - t)
         db.dispose()
         print(f"\n{'':>14} {'images/s':>9} {'vs 1 process':>13} {'vs 1 worker':>12} {'per worker':>11} {'start+load s':>13}")

@@ -185,7 +185,7 @@ def plan(
     settings = load_settings(config, model=model, db_url=db)
     from flows.brief import BriefError, read_brief
     from flows.campaign import make_plan
-    from flows.templating import load_channels
+    from flows.channels import load_channels
     try:
         tdir = Path(settings.templates_dir) if settings.templates_dir else None
         parsed = read_brief(brief, known_channels=set(load_channels(tdir / "channels.yaml" if tdir else None)), strict=strict)

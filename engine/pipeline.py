@@ -20,6 +20,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 from fractions import Fraction
 
 import torch
@@ -116,6 +117,12 @@ def _fmt(value: float) -> str:
 class Pipeline:
     """A checkpoint loaded once and kept warm across many ``generate`` calls."""
 
+    # Matrix kernels (MKL on the CPU) pick their blocking by matrix size, so a row's result can change in the last
+    # bits with the number of rows beside it; over a sampler's steps that shows in the pixels. On these device types
+    # the networks therefore see one image at a time (its cond/uncond pair together, as a batch of one has it): the
+    # same seed gives the same bytes whatever the batch. GPUs keep whole batches, for throughput.
+    BATCH_INVARIANT_DEVICES: ClassVar[frozenset[str]] = frozenset({"cpu"})
+
     def __init__(self, models: LoadedModels, *, max_batch_size: int = 8, schedule: DiscreteSchedule | None = None):
         self.models = models
         self.device = models.device
@@ -123,6 +130,7 @@ class Pipeline:
         self.max_batch_size = max(1, max_batch_size)
         self.fits: int | None = None  # images per engine call that fit the device; None: no out-of-memory seen
         self.oom_halvings = 0
+        self.batch_invariant = self.device.type in self.BATCH_INVARIANT_DEVICES
         self.schedule = schedule or DiscreteSchedule.sd1()
         self.prompts = PromptEncoder(models.text_encoder, models.tokenizer, self.device, self.dtype)
         self.latent_channels = models.vae.config.z_channels
@@ -291,7 +299,6 @@ class Pipeline:
     ) -> Callable[..., torch.Tensor]:
         """D(x, sigma[, region]); ``region`` (latent top, bottom, left, right) says which part of the image ``x``
         is when the denoiser runs on a tile, so the inpainting inputs are cut to match."""
-        unet = self.models.unet
         schedule = self.schedule
         b = cfg.shape[0]
         # cfg 1 means "cond only": skip the uncond half of the batch entirely.
@@ -309,7 +316,7 @@ class Pipeline:
             x_in = (x * c_in).repeat(reps, 1, 1, 1)
             if concat_in is not None:
                 x_in = torch.cat([x_in.to(self.dtype), cut(concat_in, region)], dim=1)
-            eps = unet(x_in, t.repeat(reps), context).float()
+            eps = self._unet_rows(x_in, t.repeat(reps), context, reps)
             if use_uncond:
                 eps_c, eps_u = eps.chunk(2)
                 eps = eps_u + cfg[:, None, None, None] * (eps_c - eps_u)
@@ -321,6 +328,22 @@ class Pipeline:
             return denoised
 
         return denoise
+
+    def _unet_rows(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, reps: int) -> torch.Tensor:
+        """The U-Net on ``reps`` stacked copies of a batch of images (cond rows, then uncond rows); with
+        :attr:`batch_invariant`, one image's rows per call."""
+        unet = self.models.unet
+        b = x_in.shape[0] // reps
+        if not self.batch_invariant or b == 1:
+            return unet(x_in, t, context).float()
+        per_image = [unet(x_in[rows], t[rows], context[rows]).float()
+                     for rows in ([i + k * b for k in range(reps)] for i in range(b))]
+        return torch.cat([part[k : k + 1] for k in range(reps) for part in per_image])
+
+    def _per_image(self, run: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
+        if not self.batch_invariant or batch.shape[0] == 1:
+            return run(batch)
+        return torch.cat([run(batch[i : i + 1]) for i in range(batch.shape[0])])
 
     def _inpaint_concat(
         self, init_pixels: torch.Tensor | None, pixel_mask: torch.Tensor | None, b: int, hw: tuple[int, int],
@@ -348,7 +371,7 @@ class Pipeline:
             f = self.vae_factor
             return run_tiled(pixels01, lambda part, _: self._encode(part), tile=tile, overlap=self._vae_overlap(tile),
                              scale=Fraction(1, f), align=f, balance=True)
-        return self.models.vae.encode_latents(pixels01.to(self.dtype)).float()
+        return self._per_image(lambda px: self.models.vae.encode_latents(px.to(self.dtype)).float(), pixels01)
 
     def _decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         if tile is not None:
@@ -356,12 +379,12 @@ class Pipeline:
             return run_tiled(latents, lambda part, _: self._decode(part), tile=tile // f,
                              overlap=self._vae_overlap(tile) // f, scale=f, balance=True)
         vae = self.models.vae
-        images = vae.decode_latents(latents.to(vae.dtype)).float()
+        images = self._per_image(lambda z: vae.decode_latents(z.to(vae.dtype)).float(), latents)
         if not torch.isfinite(images).all() and vae.dtype != torch.float32:
             # SD 1.x VAEs overflow in float16 on some images; redo that decode in float32, like A1111.
             log.warning("VAE produced NaNs in %s; decoding in float32 from now on", vae.dtype)
             self.models.vae = vae.float()
-            images = self.models.vae.decode_latents(latents.float()).float()
+            images = self._per_image(lambda z: self.models.vae.decode_latents(z.float()).float(), latents)
         return images
 
     def _parameters(self, r: GenerationRequest, sampler: SamplerSpec) -> dict[str, str]:

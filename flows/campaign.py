@@ -37,7 +37,8 @@ from flows.planning import Plan, default_model_path, plan_brief
 from flows.recording import finish_run, mark_crashed_runs, start_run, sync_plan
 from flows.rendering import render_variants
 from flows.settings import Settings, load_settings
-from flows.templating import load_channels, load_styles
+from flows.channels import load_channels
+from flows.styles import load_styles
 from storage.assets import AssetStore, open_store
 from storage.database import Database, open_database
 
@@ -245,8 +246,6 @@ def campaign_run(brief_path: str, strict: bool = False, overrides: dict | None =
     _emit("planned", planned.planned)
     _emit("skipped", planned.already_done)
     t_plan = time.perf_counter() - t0
-    counts = {"planned": planned.planned, "rendered": 0, "skipped": planned.already_done, "failed": 0,
-              "invalid_rows": len({p for p in planned.problems})}
     result = RenderCounts()
     shards: list[dict] = []
     error = None
@@ -257,13 +256,12 @@ def campaign_run(brief_path: str, strict: bool = False, overrides: dict | None =
                                       str(flow_run.id) if flow_run.id else None, config)
         else:
             result = render_planned(planned.run_id, planned.batches, settings)
-        counts["rendered"] += result.rendered
-        counts["failed"] += result.failed
-        counts["skipped"] += result.skipped
     except BaseException as exc:
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         raise
     finally:
+        counts = (RenderCounts(skipped=planned.already_done) + result).run_counts(
+            planned=planned.planned, invalid_rows=len(set(planned.problems)))
         if status == "completed" and counts["failed"]:
             status = "completed_with_failures"
         db, _ = open_resources(settings)

@@ -38,6 +38,11 @@ class RenderCounts:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
         return self
 
+    def run_counts(self, *, planned: int, invalid_rows: int) -> dict[str, int]:
+        """A run's counts as its record and summary keep them."""
+        return {"planned": planned, "rendered": self.rendered, "skipped": self.skipped, "failed": self.failed,
+                "invalid_rows": invalid_rows}
+
     @classmethod
     def total(cls, parts) -> "RenderCounts":
         out = cls()

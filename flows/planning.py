@@ -33,10 +33,12 @@ from pathlib import Path
 from engine.checkpoint import CheckpointError
 from engine.upscale.chain import MAX_SIDE
 from flows.brief import Brief, BriefError, BriefProblem, BriefRow
+from flows.channels import ChannelFormat, native_size_for
 from flows.licence_policy import check_license
 from flows.model_registry import ModelInfo
 from flows.settings import Settings
-from flows.templating import ChannelFormat, PromptVariant, StylePreset, TemplateError, native_size_for, render_prompts
+from flows.styles import StylePreset
+from flows.templating import PromptVariant, TemplateError, render_prompts
 from storage.variants import VariantSpec
 
 __all__ = ["Plan", "PlannedVariant", "plan_brief"]

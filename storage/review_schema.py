@@ -13,7 +13,7 @@
 * ``ab_results``       delivery results per asset (impressions, clicks, conversions), the latest import wins; every
                        import is in the audit log with before/after.
 
-Kept equal to migration ``0002_review`` by ``tests/test_database.py`` (autogenerate finds no difference).
+Kept equal to migration ``0002_review`` by ``tests/storage/test_database.py`` (autogenerate finds no difference).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ What each table answers for an auditor:
                   UPDATE and DELETE on it (see the migration), so the record cannot be edited quietly.
 
 The schema is created and upgraded by the Alembic migrations in ``storage/migrations``; these models and
-the migrations are kept equal by ``tests/test_database.py`` (autogenerate finds no difference).
+the migrations are kept equal by ``tests/storage/test_database.py`` (autogenerate finds no difference).
 """
 
 from __future__ import annotations

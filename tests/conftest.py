@@ -4,11 +4,16 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
 from engine.random_checkpoint import write_random_sd1
+from tests.helpers import POSTGRES_URL
+
+if TYPE_CHECKING:
+    from engine.pipeline import Pipeline
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -45,9 +50,24 @@ def tiny_inpaint_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(write_random_sd1(tmp_path_factory.mktemp("models") / "tiny-sd1-inpainting.safetensors", seed=1, inpaint=True))
 
 
-# ------------------------------------------------------------------------------------------------ services
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint: Path) -> Pipeline:
+    """A float32 CPU pipeline on ``tiny_checkpoint``, one per test module."""
+    from engine.pipeline import Pipeline
 
-POSTGRES_URL = os.environ.get("ADFORGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    return Pipeline.load(tiny_checkpoint, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def nc_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint whose metadata declares a non-commercial licence (CC BY-NC-SA) and a title, "NC Model"."""
+    return Path(write_random_sd1(
+        tmp_path_factory.mktemp("lic") / "nc-model.safetensors", seed=11,
+        metadata={"modelspec.license": "CC-BY-NC-SA-4.0", "modelspec.title": "NC Model"},
+    ))
+
+
+# ------------------------------------------------------------------------------------------------ services
 
 
 def _service_missing(what: str) -> None:
@@ -200,7 +220,7 @@ def campaign_caches(prefect_harness: str) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def channels():
     """The project's channel formats (templates/channels.yaml)."""
-    from flows.templating import load_channels
+    from flows.channels import load_channels
 
     return load_channels()
 
@@ -208,6 +228,24 @@ def channels():
 @pytest.fixture(scope="session")
 def styles():
     """The project's style presets (templates/styles.yaml)."""
-    from flows.templating import load_styles
+    from flows.styles import load_styles
 
     return load_styles()
+
+
+# ------------------------------------------------------------------------------------------------ review
+
+
+@pytest.fixture(scope="module")
+def cheap_password_hashes() -> Iterator[None]:
+    """For modules that add users and sign them in (``pytestmark = pytest.mark.usefixtures(...)``): argon2's default
+    cost is ~0.25 s per hash on a 2-core machine; these tests check logic, not hash strength."""
+    from argon2 import PasswordHasher
+
+    import review.auth
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(review.auth, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
+        review.auth._dummy_hash.cache_clear()
+        yield
+    review.auth._dummy_hash.cache_clear()

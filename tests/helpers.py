@@ -1,9 +1,33 @@
-"""Helpers shared by the test packages (fixtures live in ``tests/conftest.py``)."""
+"""Helpers shared by the test packages: plain functions and constants, imported as ``from tests.helpers import ...``
+(fixtures live in ``tests/conftest.py``; the review tests' database world in ``tests/review/world.py``)."""
 
 from __future__ import annotations
 
+import csv
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.hooks import RemovableHandle
+
+if TYPE_CHECKING:
+    from engine.pipeline import GenerationRequest
+    from engine.vae import AutoencoderKL
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository (prefect.yaml, templates/, examples/, models/)
+EXAMPLE_BRIEFS = ROOT / "examples" / "briefs"
+PREFECT = Path(sys.executable).parent / "prefect"  # this environment's Prefect CLI
+POSTGRES_URL = os.environ.get("ADFORGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+# ------------------------------------------------------------------------------------------------ engine
 
 
 def cap_unet_latents(cap: int, unet: torch.nn.Module | None = None) -> RemovableHandle:
@@ -25,3 +49,76 @@ def cap_unet_latents(cap: int, unet: torch.nn.Module | None = None) -> Removable
     if unet is not None:
         return unet.register_forward_pre_hook(check)
     return torch.nn.modules.module.register_module_forward_pre_hook(check)
+
+
+def make_req(*, seed: int, **defaults: Any) -> Callable[..., GenerationRequest]:
+    """A test module's ``req(seed=<seed>, **kw)``: a GenerationRequest from ``defaults`` (4 steps at CFG 5 unless
+    they say otherwise), any field overridden by ``kw``."""
+    from engine.pipeline import GenerationRequest
+
+    base = {"steps": 4, "cfg_scale": 5.0, **defaults}
+
+    def req(seed: int = seed, **kw: Any) -> GenerationRequest:
+        return GenerationRequest(**{**base, "seed": seed, **kw})
+
+    return req
+
+
+def arr(image: Image.Image) -> np.ndarray:
+    """An image's pixels as signed integers, so that differences between two images do not wrap around."""
+    return np.asarray(image, dtype=np.int16)
+
+
+def analytic_vae() -> AutoencoderKL:
+    """The demo's analytic VAE start (demo/vae_init.py) on a 4-level, one-block-per-level VAE, in eval mode."""
+    from demo.vae_init import init_block_average_vae
+    from engine.vae import AutoencoderKL, VAEConfig
+
+    vae = AutoencoderKL(VAEConfig(ch=128, ch_mult=(1, 1, 1, 1), num_res_blocks=1))
+    init_block_average_vae(vae, seed=0)
+    return vae.eval()
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def write_text(path: Path, text: str) -> Path:
+    """``text`` into ``path`` (UTF-8), making its folder first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_brief(path: Path, rows: Iterable[str | Mapping[str, Any]], header: Sequence[str]) -> Path:
+    """A CSV brief: the ``header`` line, then one line per row, given either as a line of CSV text (written as is)
+    or as a mapping of column -> value (columns it leaves out stay empty; values quoted as CSV needs)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        if isinstance(row, str):
+            out.write(row + "\n")
+        else:
+            writer.writerow([row.get(k, "") for k in header])
+    path.write_text(out.getvalue(), encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ subprocesses
+
+
+def run_prefect(*args: str, env: Mapping[str, str]) -> str:
+    """``prefect <args>`` (this environment's CLI) in the repository root with exactly ``env``; its stdout. A failure
+    fails the test, showing both streams."""
+    proc = subprocess.run([str(PREFECT), *args], cwd=ROOT, env=dict(env), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"prefect {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def batched_device_with_latent_cap(cap: int) -> None:
+    """A render worker's ``worker_init``: this process's pipelines batch images per network call as on a GPU, on
+    a device that holds ``cap`` latents per U-Net call."""
+    from engine.pipeline import Pipeline
+
+    Pipeline.BATCH_INVARIANT_DEVICES = frozenset()
+    cap_unet_latents(cap)

@@ -1,0 +1,192 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import openpyxl
+import pytest
+
+from flows.brief import BriefError, BriefProblem, derive_seed, read_brief
+from tests.helpers import EXAMPLE_BRIEFS as EXAMPLES
+
+CHANNELS = ("instagram_square", "story", "banner")
+HEADER = "campaign,row_id,subject,channels"
+
+
+def write(tmp_path: Path, text: str, name: str = "brief.csv", encoding: str = "utf-8") -> Path:
+    p = tmp_path / name
+    p.write_bytes(text.encode(encoding))
+    return p
+
+
+def messages(exc_info: pytest.ExceptionInfo[BriefError]) -> list[str]:
+    return [str(p) for p in exc_info.value.problems]
+
+
+# --------------------------------------------------------------------------- the example brief
+
+
+def test_example_csv_and_xlsx_give_identical_rows():
+    csv_brief = read_brief(EXAMPLES / "spring-launch.csv", known_channels=CHANNELS, strict=True)
+    xlsx_brief = read_brief(EXAMPLES / "spring-launch.xlsx", known_channels=CHANNELS, strict=True)
+    assert csv_brief.rows == xlsx_brief.rows
+    assert len(csv_brief.rows) == 4
+    assert csv_brief.problems == [] and csv_brief.encoding == "utf-8" and xlsx_brief.encoding is None
+    assert len(csv_brief.sha256) == 64 and csv_brief.sha256 != xlsx_brief.sha256
+    hero, teaser = csv_brief.rows[:2]
+    assert hero.campaign == "spring-launch-2025" and hero.row_id == "hero-01" and hero.line == 2
+    assert hero.channels == ("instagram_square", "story", "banner")
+    assert teaser.channels == ("story", "banner")  # semicolon-separated inside the cell
+    assert hero.variants == 4 and hero.model is None and hero.license == "commercial"
+    assert teaser.negative_prompt == "blurry, text, watermark"
+    assert [r.extra for r in csv_brief.rows][0] == {"tagline": "Fresh for spring"}
+    assert all(2 <= r.variants <= 4 and r.style for r in csv_brief.rows)
+
+
+def test_derived_seeds_are_stable_and_differ_per_row():
+    rows = read_brief(EXAMPLES / "spring-launch.csv").rows
+    assert [r.seed for r in rows] == [derive_seed(r.campaign, r.row_id) for r in rows]
+    assert len({r.seed for r in rows}) == len(rows)
+    assert all(0 <= r.seed < 2**31 for r in rows)
+    # first 4 bytes of sha256(b"spring\x00r1"), top bit cleared
+    assert derive_seed("spring", "r1") == derive_seed("spring", "r1") == 0x5B0CF8DE
+    assert derive_seed("spring", "r1") != derive_seed("spring", "r2") != derive_seed("sprin", "gr2")
+
+
+# --------------------------------------------------------------------------- encodings and dialects
+
+
+def test_bom_semicolon_and_header_spelling(tmp_path):
+    text = "Campaign;Row ID;SUBJECT;Channels;Negative-Prompt;Seed\r\nspring;r1;a red circle;story, banner;blurry;7\r\n"
+    brief = read_brief(write(tmp_path, text, encoding="utf-8-sig"), strict=True)
+    assert brief.encoding == "utf-8-sig"
+    (row,) = brief.rows
+    assert (row.campaign, row.row_id, row.channels, row.negative_prompt, row.seed) == (
+        "spring", "r1", ("story", "banner"), "blurry", 7
+    )
+
+
+def test_cp1252_fallback(tmp_path):
+    text = f"{HEADER},message\nspring,r1,Caf\u00e9 cr\u00e8me,story,\u201cFresh\u201d \u2013 for \u20ac5\n"
+    brief = read_brief(write(tmp_path, text, encoding="cp1252"), strict=True)
+    assert brief.encoding == "cp1252" and brief.problems == []
+    assert brief.rows[0].subject == "Caf\u00e9 cr\u00e8me"
+    assert brief.rows[0].message == "\u201cFresh\u201d \u2013 for \u20ac5"
+
+
+def test_whitespace_blank_lines_and_extra_columns(tmp_path):
+    text = (
+        f"\n{HEADER}, Tag Line ,cta\n\n"
+        "  spring , r1 , a red circle ,  Story  ,  Fresh!  ,\n,,,,,\nspring,r2,a blue star,banner,,Buy\n"
+    )
+    brief = read_brief(write(tmp_path, text), strict=True)
+    r1, r2 = brief.rows
+    assert (r1.campaign, r1.row_id, r1.subject, r1.channels, r1.line) == ("spring", "r1", "a red circle", ("story",), 4)
+    assert r1.extra == {"tag_line": "Fresh!", "cta": ""}
+    assert r2.extra == {"tag_line": "", "cta": "Buy"} and r2.line == 6
+
+
+def test_xlsx_whole_floats_empty_rows_and_text_cells(tmp_path):
+    p = tmp_path / "brief.xlsx"
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.append(["campaign", "row_id", "subject", "channels", "variants", "seed"])
+    ws.append(["spring", "007", "a red circle", "story", 4.0, 12.0])
+    ws.append([])
+    ws.append(["spring", 8, "a blue star", "banner", 2.5, None])
+    wb.save(p)
+    brief = read_brief(p)
+    (row,) = brief.rows
+    assert (row.row_id, row.variants, row.seed, row.line) == ("007", 4, 12, 2)
+    assert [str(x) for x in brief.problems] == [f"{p}:4: column 'variants': '2.5' is not a whole number"]
+
+
+# --------------------------------------------------------------------------- problems
+
+
+def test_every_bad_value_is_reported_with_file_line_and_column(tmp_path):
+    text = (
+        f"{HEADER},variants,seed,license\n"
+        "spring,r1,a red circle,story,four,,\n"
+        "spring,r2,,story,-2,-1,free\n"
+        "spring,r3,a star,tiktok; banner,2,9223372036854775808,ANY\n"
+        "spring,r4,a square,,,,\n"
+        "spring,r5,a square,story,3,42,Any\n"
+    )
+    p = write(tmp_path, text, name="spring.csv")
+    brief = read_brief(p, known_channels=CHANNELS)
+    assert [str(x) for x in brief.problems] == [
+        f"{p}:2: column 'variants': 'four' is not a whole number",
+        f"{p}:3: column 'subject': required value is empty",
+        f"{p}:3: column 'variants': '-2' must be at least 1",
+        f"{p}:3: column 'seed': '-1' must not be negative",
+        f"{p}:3: column 'license': unknown licence 'free' (expected 'commercial' or 'any')",
+        f"{p}:4: column 'channels': unknown channel 'tiktok' (known: banner, instagram_square, story)",
+        f"{p}:4: column 'seed': '9223372036854775808' is too large (must be below 2**63)",
+        f"{p}:5: column 'channels': required value is empty",
+    ]
+    assert brief.problems[0] == BriefProblem(str(p), 2, "variants", "'four' is not a whole number")
+    (row,) = brief.rows
+    assert (row.row_id, row.variants, row.seed, row.license) == ("r5", 3, 42, "any")
+
+
+def test_duplicate_row_ids_name_both_lines_and_drop_both_rows(tmp_path):
+    text = f"{HEADER}\nspring,r1,a red circle,story\nspring,r2,a star,story\nspring,R1,a square,banner\n"
+    p = write(tmp_path, text)
+    brief = read_brief(p)
+    assert [str(x) for x in brief.problems] == [f"{p}:4: column 'row_id': duplicate row_id 'R1' (also on line 2)"]
+    assert [r.row_id for r in brief.rows] == ["r2"]
+
+
+def test_strict_raises_on_any_problem_default_keeps_good_rows(tmp_path):
+    p = write(tmp_path, f"{HEADER},variants\nspring,r1,a red circle,story,x\nspring,r2,a star,story,2\n")
+    assert [r.row_id for r in read_brief(p).rows] == ["r2"]
+    with pytest.raises(BriefError) as exc_info:
+        read_brief(p, strict=True)
+    assert str(exc_info.value) == f"{p}:2: column 'variants': 'x' is not a whole number"
+
+
+def test_missing_required_columns_raise_even_when_not_strict(tmp_path):
+    p = write(tmp_path, "Campaign,Product,channels\nspring,a red circle,story\n")
+    with pytest.raises(BriefError) as exc_info:
+        read_brief(p)
+    assert str(exc_info.value) == (
+        f"{p}: column 'row_id': required column is missing\n{p}: column 'subject': required column is missing"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("empty.csv", b"", "{p}: file is empty: no header row"),
+        ("blank.csv", b"\n \n,,\n", "{p}: file is empty: no header row"),
+        ("header.csv", HEADER.encode() + b"\n", "{p}: brief has a header but no rows"),
+        ("brief.txt", b"x", "{p}: unsupported file type '.txt' (expected .csv or .xlsx)"),
+        ("binary.csv", b"PK\x03\x04\x00\x00", "{p}: cannot read file: it is binary, not CSV text"),
+        ("bad.csv", b"campaign\n\x81\x8d\xff\n", "{p}: cannot read file: neither UTF-8 nor cp1252 text (byte 9)"),
+        ("fake.xlsx", b"not a zip", "{p}: cannot read file: not a readable .xlsx workbook (File is not a zip file)"),
+    ],
+)
+def test_file_level_problems(tmp_path, name, content, expected):
+    p = tmp_path / name
+    p.write_bytes(content)
+    with pytest.raises(BriefError) as exc_info:
+        read_brief(p)
+    assert messages(exc_info) == [expected.format(p=p)]
+
+
+def test_missing_file_is_named(tmp_path):
+    p = tmp_path / "nope.csv"
+    with pytest.raises(BriefError) as exc_info:
+        read_brief(p)
+    assert messages(exc_info) == [f"{p}: cannot read file: No such file or directory"]
+    assert isinstance(exc_info.value, ValueError)
+
+
+def test_header_problems(tmp_path):
+    p = write(tmp_path, f"{HEADER},Row-ID,\nspring,r1,a red circle,story,r1b,oops\n")
+    with pytest.raises(BriefError) as exc_info:
+        read_brief(p)
+    assert messages(exc_info) == [
+        f"{p}:1: column 'row_id': appears twice (columns 2 and 5)",
+        f"{p}:1: column 6 has values but no header",
+    ]
