@@ -6,6 +6,8 @@
                        is pending. The *history* of decisions is the audit log; this table is the latest state only.
 * ``review_settings``  per campaign: how many approved variants make a row and channel "ready", and the confidence
                        an A/B winner needs. A campaign without a row uses the gallery's defaults.
+* ``sessions``         signed-in sessions, server side, so that signing out or a password change ends them.
+* ``sign_in_attempts`` every sign-in attempt, for the per-account and per-address limits.
 * ``rerender_queue``   "re-render with these settings" requests; the gallery only queues (it must not import the
                        engine), a worker drains the queue.
 * ``exports``          every export zip made: by whom, which assets under which file names. Results files name
@@ -21,7 +23,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from storage.schema import Base, utcnow
@@ -34,6 +36,8 @@ __all__ = [
     "RerenderRequest",
     "ReviewSettings",
     "ReviewState",
+    "SessionRecord",
+    "SignInAttempt",
     "User",
 ]
 
@@ -51,6 +55,35 @@ class User(Base):
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     last_login_at: Mapped[dt.datetime | None] = mapped_column()
+    # Set after too many failed sign-ins in a row; sign-in is refused until then (an admin can clear it).
+    locked_until: Mapped[dt.datetime | None] = mapped_column()
+
+
+class SessionRecord(Base):
+    """A signed-in session, server side: the cookie carries a random token, this row its sha256. Signing out,
+    a password or role change, disabling or removing the user revoke the rows, so a copied cookie stops working."""
+
+    __tablename__ = "sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 hex of the cookie's token
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column()
+    revoked_at: Mapped[dt.datetime | None] = mapped_column()
+    address: Mapped[str | None] = mapped_column(String(64))  # the client's address at sign-in
+
+
+class SignInAttempt(Base):
+    """Every sign-in attempt, for rate limits per account and per address (the audit log has the failures too)."""
+
+    __tablename__ = "sign_in_attempts"
+    __table_args__ = (Index("ix_sign_in_attempts_name_at", "name", "at"), Index("ix_sign_in_attempts_address_at", "address", "at"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    name: Mapped[str] = mapped_column(String(64))  # as typed (cut to 64 characters); may name no user
+    address: Mapped[str] = mapped_column(String(64))
+    succeeded: Mapped[bool] = mapped_column(Boolean)
 
 
 class ReviewState(Base):

@@ -190,6 +190,11 @@ class Variant(Base):
     storage_key: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default="planned", index=True)  # planned | done | failed
     error: Mapped[str | None] = mapped_column(Text)
+    # The run rendering it now: a run claims a variant before rendering it, in one atomic update, so two runs of
+    # the same brief never render it twice. A claim of a run that finished or crashed is void.
+    # (A plain run id, no foreign key: SQLite cannot add one to an existing table without rebuilding it.)
+    claim_run_id: Mapped[int | None] = mapped_column(Integer)
+    claimed_at: Mapped[dt.datetime | None] = mapped_column()
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     row: Mapped[BriefRowRecord] = relationship()
