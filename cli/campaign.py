@@ -16,6 +16,7 @@ from rich.text import Text
 
 from cli.errors import console, fail, print_problems, rejected
 from cli.options import ConfigOpt, DbOpt, ModelOpt, StoreOpt, load_settings
+from flows.safe_text import visible
 
 __all__ = ["app", "assets", "plan", "rerender", "run", "runs"]
 
@@ -30,6 +31,16 @@ def _quiet_prefect() -> None:
     logging.getLogger("prefect.server").setLevel(logging.CRITICAL)
 
 
+def _run_errors_off_console() -> None:
+    """A failed task or flow run is logged by Prefect with its traceback; the command says what failed in one
+    line instead. Those records still reach Prefect's API (its UI keeps them); only the console skips them.
+    Call after Prefect set up its logging (importing the flows does)."""
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PrefectConsoleHandler" and not getattr(handler, "_adforge_quiet_runs", False):
+            handler.addFilter(lambda record: not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")))
+            handler._adforge_quiet_runs = True  # type: ignore[attr-defined]
+
+
 class _RateColumn(ProgressColumn):
     def __init__(self, started: float):
         super().__init__()
@@ -40,6 +51,12 @@ class _RateColumn(ProgressColumn):
         elapsed = time.perf_counter() - self.started
         rate = done / elapsed if elapsed > 0 and done else 0.0
         return Text(f"{rate:.2f} img/s")
+
+
+def _shown(text: object) -> str:
+    """Text that came from a brief (or a model file), for the terminal: control characters written as escapes
+    (an ANSI sequence in a cell cannot recolour, move or hide output), then Rich markup escaped."""
+    return escape(visible(str(text)))
 
 
 def _existing_database(url: str):
@@ -91,8 +108,11 @@ def run(
     from flows.brief import BriefError
     from flows.campaign import campaign_run, set_progress_listener
     from flows.device_pool import DeviceError, PoolError
+    from flows.prefect_server import start_temporary_server
     from flows.sharding import ShardError
+    from storage.database import DatabaseError
 
+    _run_errors_off_console()
     started = time.perf_counter()
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -118,6 +138,11 @@ def run(
             fields[event] += count
             bar.update(task_id, advance=count, **fields)
 
+        try:
+            start_temporary_server()  # without PREFECT_API_URL: a server that dies with this process, even on kill -9
+        except Exception as exc:
+            bar.stop()
+            raise fail(f"cannot start Prefect's temporary server: {str(exc).strip().splitlines()[0]}", 1) from None
         set_progress_listener(on_event)
         try:
             summary = campaign_run(os.fspath(brief), strict=strict, overrides={k: v for k, v in overrides.items() if v is not None},
@@ -125,12 +150,12 @@ def run(
         except BriefError as exc:
             bar.stop()
             raise rejected("brief", exc.problems, "nothing was rendered or recorded") from None
-        except (DeviceError, PoolError, ShardError) as exc:
+        except (DeviceError, PoolError, ShardError, DatabaseError) as exc:
             bar.stop()
             raise fail(exc, 1) from None
         finally:
             set_progress_listener(None)
-    print_problems(summary["problems"], "rows skipped")
+    print_problems([visible(p) for p in summary["problems"]], "rows skipped")
     c = summary["counts"]
     console.print(
         f"[bold]run {summary['run_id']}[/bold] {summary['status']}: planned {c['planned']}, rendered {c['rendered']}, "
@@ -183,12 +208,13 @@ def plan(
 ) -> None:
     """Show what a run would make (rows x channels x prompt variations x seeds) without rendering anything."""
     settings = load_settings(config, model=model, db_url=db)
-    from flows.brief import BriefError, read_brief
+    from flows.brief import BriefError, BriefLimits, read_brief
     from flows.campaign import make_plan
     from flows.channels import load_channels
     try:
         tdir = Path(settings.templates_dir) if settings.templates_dir else None
-        parsed = read_brief(brief, known_channels=set(load_channels(tdir / "channels.yaml" if tdir else None)), strict=strict)
+        parsed = read_brief(brief, known_channels=set(load_channels(tdir / "channels.yaml" if tdir else None)), strict=strict,
+                            limits=BriefLimits.from_settings(settings))
         the_plan = make_plan(parsed, settings, _existing_database(settings.db_url), strict)
     except BriefError as exc:
         raise rejected("brief", exc.problems) from None
@@ -202,19 +228,20 @@ def plan(
         seeds = sorted({v.spec.seed for v in vs})
         seed_text = f"seeds {seeds[0]}..{seeds[-1]}" if len(seeds) > 1 else f"seed {seeds[0]}"
         out.print(
-            f"{escape(campaign)} / {escape(row_id)} / {channel}: {len(vs)} image(s), template {v0.prompt.template_name}, "
+            f"{_shown(campaign)} / {_shown(row_id)} / {_shown(channel)}: {len(vs)} image(s), template {_shown(v0.prompt.template_name)}, "
             f"{len({v.prompt.prompt for v in vs})} prompt variation(s), {seed_text}, generate {v0.spec.gen_width}x{v0.spec.gen_height} "
-            f"-> deliver {v0.channel.width}x{v0.channel.height} {v0.channel.format}, model {escape(v0.model.name)} "
+            f"-> deliver {v0.channel.width}x{v0.channel.height} {v0.channel.format}, model {_shown(v0.model.name)} "
             f"({v0.model.short_hash}, licence {v0.model.license or 'unknown'})",
             soft_wrap=True,
         )
     if details:
         for v in the_plan.variants:
-            out.print(f"{v.storage_key}\tseed {v.spec.seed}\t{escape(v.prompt.prompt)}", soft_wrap=True)
+            out.print(f"{_shown(v.storage_key)}\tseed {v.spec.seed}\t{_shown(v.prompt.prompt)}", soft_wrap=True)
     rows = len({(v.row.campaign, v.row.row_id) for v in the_plan.variants})
     out.print(f"{len(the_plan.variants)} images from {rows} row(s) x {len(groups)} row-channel(s); "
               f"{settings.steps} steps of {settings.sampler}, CFG {settings.cfg_scale:g}")
     print_problems(the_plan.problems, "rows that would be skipped")
+    print_problems(parsed.warnings, "warnings")
 
 
 @app.command()
@@ -238,7 +265,7 @@ def runs(
             counts = ", ".join(f"{k} {c[k]}" for k in ("planned", "rendered", "skipped", "failed") if k in c)
             seconds = (r.timings or {}).get("total")
             took = f" in {seconds:.1f} s" if seconds is not None else ""
-            out.print(f"run {r.id}  {r.status:<23} {r.started_at:%Y-%m-%d %H:%M:%S}  {escape(r.brief_path)}"
+            out.print(f"run {r.id}  {r.status:<23} {r.started_at:%Y-%m-%d %H:%M:%S}  {_shown(r.brief_path)}"
                       f"{'  ' + counts if counts else ''}{took}", soft_wrap=True)
 
 
@@ -270,5 +297,5 @@ def assets(
         for a, v, prompt, camp in s.execute(query):
             n += 1
             out.print(f"{a.id}\t{a.store_url}\t{a.width}x{a.height} {a.format}\t{a.size_bytes // 1024} KiB\t"
-                      f"sha256 {a.sha256[:12]}\tseed {v.seed}\t{escape(prompt)}", soft_wrap=True, highlight=False)
+                      f"sha256 {a.sha256[:12]}\tseed {v.seed}\t{_shown(prompt)}", soft_wrap=True, highlight=False)
     console.print(f"{n} asset(s)")

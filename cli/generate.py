@@ -24,9 +24,9 @@ def _open_image(path: Path, what: str) -> Image.Image:
             im.load()
             return im.copy()
     except FileNotFoundError:
-        raise typer.BadParameter(f"{what} {path} not found") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise typer.BadParameter(f"{what} {path} is not a readable image ({exc})") from None
+        raise typer.BadParameter(f"{what} {path} not found", param_hint=f"--{what.replace(' ', '-')}") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise typer.BadParameter(f"{what} {path} is not a readable image ({exc})", param_hint=f"--{what.replace(' ', '-')}") from None
 
 
 def _next_index(out: Path) -> int:
@@ -38,6 +38,28 @@ def _next_index(out: Path) -> int:
             if m:
                 highest = max(highest, int(m.group(1)))
     return highest + 1
+
+
+_OPTIONS = {"seed": "--seed", "n": "-n", "width": "--width", "height": "--height"}
+# Every result (a PIL image, its latent) stays in memory until all are rendered: RGB plus a float32 latent at 1/8.
+_RESULT_BYTES_PER_PIXEL = 3 + 4 * 4 / 64
+
+
+def _bad(exc) -> typer.BadParameter:
+    """A RequestError as a usage error naming the options to blame."""
+    return typer.BadParameter(str(exc), param_hint=[_OPTIONS.get(p, p) for p in exc.params])
+
+
+def _check_results_fit(n: int, width: int, height: int) -> None:
+    import torch
+
+    from engine.request_limits import RequestError, available_memory, human_bytes
+
+    need = n * width * height * _RESULT_BYTES_PER_PIXEL
+    have = available_memory(torch.device("cpu"))
+    if have is not None and need > have:
+        raise RequestError("n", f"{n} images of {width}x{height} are kept in memory until all are rendered: "
+                                f"{human_bytes(need)}, but {human_bytes(have)} is free; ask for fewer per call")
 
 
 @app.command()
@@ -77,6 +99,7 @@ def generate(
     from engine.checkpoint import CheckpointError
     from engine.image_ops import Outpaint, outpaint_canvas
     from engine.pipeline import GenerationRequest, Pipeline, with_seeds
+    from engine.request_limits import DeviceBudget, RequestError, check_seeds, check_size, size_problem
     from storage.image_metadata import encode_png, format_infotext, write_atomic, xmp_packet
 
     from engine.bundled import bundled_model_path
@@ -95,6 +118,13 @@ def generate(
         raise typer.BadParameter("--outpaint needs --init-image", param_hint="--outpaint")
     if outpaint is not None and mask is not None:
         raise typer.BadParameter("--outpaint makes its own mask; drop --mask", param_hint="--outpaint")
+    # What can be refused before the model loads: seeds out of range, sides no pass may have.
+    try:
+        if seed >= 0:
+            check_seeds(seed, n)
+        check_size(width or 8, height or 8, tiled=True)
+    except RequestError as exc:
+        raise _bad(exc) from None
 
     try:
         with console.status(f"loading {model.name}"):
@@ -107,6 +137,9 @@ def generate(
     if init is not None and outpaint is not None:
         try:
             pad = Outpaint.parse(outpaint).rounded(init.size)
+            problem = size_problem(init.width + pad.left + pad.right, init.height + pad.top + pad.bottom, tiled=True)
+            if problem:
+                raise ValueError(f"the extended canvas: {problem[1]}")
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--outpaint") from None
         init, mask_img = outpaint_canvas(init, pad)
@@ -123,6 +156,11 @@ def generate(
         raise typer.BadParameter("strength 0 would change nothing; use a value in (0, 1]", param_hint="--strength")
     if seed < 0:
         seed = secrets.randbelow(2**32)
+    try:
+        check_seeds(seed, n)
+        _check_results_fit(n, width, height)
+    except RequestError as exc:
+        raise _bad(exc) from None
 
     base = GenerationRequest(
         prompt=prompt,
@@ -140,7 +178,9 @@ def generate(
         mask_blur=mask_blur,
     )
     try:
-        base.validate()
+        base.validate(DeviceBudget.for_models(pipe.models))
+    except RequestError as exc:
+        raise _bad(exc) from None
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -19,7 +21,8 @@ from rich.markup import escape
 from cli.errors import console, fail, rejected
 from cli.options import CampaignOpt, ConfigOpt, ReviewDbOpt, StoreOpt, actor, load_settings, open_db
 
-__all__ = ["app", "audit_app", "audit_export_command", "export_command", "gallery", "results_app", "results_import"]
+__all__ = ["app", "audit_app", "audit_export_command", "export_command", "gallery", "known_samplers", "results_app",
+           "results_import"]
 
 app = typer.Typer()
 results_app = typer.Typer(no_args_is_help=True, help="A/B results: import delivery numbers, see winners.")
@@ -33,6 +36,50 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def known_samplers() -> dict[str, str]:
+    """The sampler names the gallery accepts for a re-render (spelling -> display name), from the engine's
+    registry: each display name and its snake_case / ``k_`` spellings, kept only where the engine accepts them."""
+    from engine.samplers import SAMPLERS, get_sampler
+
+    spellings = [*SAMPLERS, "euler_ancestral", "k_euler_ancestral"]
+    for name in SAMPLERS:
+        snake = re.sub(r"[\s-]+", "_", name.lower().replace("++", "pp"))  # "DPM++ 2M Karras" -> "dpmpp_2m_karras"
+        spellings += [snake, f"k_{snake}"]
+    known: dict[str, str] = {}
+    for spelling in spellings:
+        try:
+            known[spelling] = get_sampler(spelling).name
+        except ValueError:
+            continue
+    return known
+
+
+def _gallery_config(config: Path | None, access_log: Path | None):
+    """The gallery's limits: the ``[gallery]`` table of the config file (beside ``[adforge]``), then the flags."""
+    import tomllib
+
+    from review.config import ConfigError, GalleryConfig
+
+    path = config or (Path(os.environ["ADFORGE_CONFIG"]) if os.environ.get("ADFORGE_CONFIG") else Path("adforge.toml"))
+    table: dict = {}
+    if path.is_file():
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8")).get("gallery", {})
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise fail(f"{path}: {exc}", 2) from None
+        if not isinstance(table, dict):
+            raise fail(f"{path}: 'gallery' must be a table ([gallery])", 2)
+    if access_log is not None:
+        table = {**table, "access_log": str(access_log)}
+    log = table.get("access_log")
+    if isinstance(log, str) and not Path(log).resolve().parent.is_dir():
+        raise fail(f"access log {log}: its folder does not exist", 2)
+    try:
+        return GalleryConfig.from_mapping(table, f"{path} [gallery]")
+    except ConfigError as exc:
+        raise fail(exc, 2) from None
 
 
 def _write_atomic_from(handle, target: Path) -> None:
@@ -54,11 +101,16 @@ def gallery(
     s3_delivery: Annotated[str, typer.Option(help="S3 files: 'presign' (short-lived URLs) or 'proxy' (through the gallery).")] = "presign",
     cache_dir: Annotated[Path | None, typer.Option(help="Thumbnail cache (default ~/.cache/adforge/thumbs).")] = None,
     secure_cookies: Annotated[bool, typer.Option(help="Mark the session cookie Secure (when served over HTTPS).")] = False,
+    access_log: Annotated[Path | None, typer.Option(help="Also append the access log (one line per request) to this file.")] = None,
 ) -> None:
-    """Serve the review gallery (sign in with a user from `adforge users add`)."""
+    """Serve the review gallery (sign in with a user from `adforge users add`). Limits: the [gallery] table of
+    adforge.toml (see the README)."""
     settings = load_settings(config, db_url=db, store_url=store)
     if s3_delivery not in ("presign", "proxy"):
         raise fail("--s3-delivery must be 'presign' or 'proxy'", 2)
+    gallery_config = _gallery_config(config, access_log)
+    import logging
+
     import uvicorn
 
     from review.app import create_app
@@ -68,7 +120,10 @@ def gallery(
     secret = os.environ.get("ADFORGE_GALLERY_SECRET") or None
     application = create_app(settings.db_url, settings.store_url, secret_key=secret, cache_dir=cache_dir,
                              approvals_needed=approvals_needed, confidence=confidence, s3_delivery=s3_delivery,  # type: ignore[arg-type]
-                             secure_cookies=secure_cookies)
+                             secure_cookies=secure_cookies, config=gallery_config, samplers=known_samplers())
+    to_console = logging.StreamHandler(sys.stderr)  # uvicorn's own access log is off (log_level warning): this is it
+    to_console.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("adforge.access").addHandler(to_console)
     if not list_users(application.state.db):
         console.print("[yellow]no users yet:[/yellow] add one with `adforge users add NAME --role admin`")
     if not _is_loopback(host) and not secure_cookies:
@@ -76,7 +131,10 @@ def gallery(
                       "and pass --secure-cookies")
     console.print(f"gallery on http://{host}:{port}/  (database {escape(repr(application.state.db))}, assets "
                   f"{escape(settings.store_url)})", soft_wrap=True)
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(application, host=host, port=port, log_level="warning")
+    finally:
+        logging.getLogger("adforge.access").removeHandler(to_console)
 
 
 @app.command("export")
@@ -91,15 +149,18 @@ def export_command(
     config: ConfigOpt = None,
 ) -> None:
     """Write a zip of a campaign's final files, named by channel convention, with manifest.csv."""
-    from review.export import ExportError, export_campaign
+    from review.export import ExportError, check_pattern, export_campaign
     from storage.assets import open_store
 
     naming: dict[str, str] = {}
     for item in name or []:
         channel, sep, pattern = item.partition("=")
         if not sep or not channel or not pattern:
-            raise fail(f"--name {item!r}: expected CHANNEL=PATTERN", 2)
-        naming[channel.strip()] = pattern
+            raise fail(f"--name {item[:80]!r}: expected CHANNEL=PATTERN", 2)
+        try:
+            naming[channel.strip()] = check_pattern(pattern)
+        except ExportError as exc:
+            raise fail(f"--name {channel.strip()[:40]}: {exc}", 2) from None
     settings = load_settings(config, db_url=db, store_url=store)
     target = out or Path(f"{''.join(ch if ch.isalnum() or ch in '-_.' else '-' for ch in campaign)}-"
                          f"{'approved' if approved else 'all'}.zip")

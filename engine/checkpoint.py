@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -21,8 +22,12 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
-# A safetensors header is JSON of a few hundred KB even for SDXL; anything huge means "not a safetensors file".
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+# A safetensors header is JSON of a few hundred KB even for SDXL (LoRA training metadata adds a few hundred more); the
+# length is checked before a byte of JSON is read, so a crafted header costs at most this much parsing.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+# What torch's weights-only unpickler says about a refused object, without its advice to unpickle unrestricted.
+_UNPICKLER_REASON = re.compile(r"WeightsUnpickler error: (.*?)(?:\. Please|\.?$)|^\s*(Trying to load unsupported GLOBAL .*?)\.?$",
+                               re.MULTILINE)
 
 
 class CheckpointError(ValueError):
@@ -31,7 +36,9 @@ class CheckpointError(ValueError):
     def __init__(self, path: str | os.PathLike[str], message: str, key: str | None = None):
         self.path = str(path)
         self.key = key
-        where = f"{self.path}" + (f" [key {key!r}]" if key else "")
+        # repr() keeps a crafted key's newlines and escapes on one line; the cut keeps a 16 MB key from the message.
+        shown = key if key is None or len(key) <= 200 else key[:200] + "..."
+        where = f"{self.path}" + (f" [key {shown!r}]" if key else "")
         super().__init__(f"{where}: {message}")
 
 
@@ -98,25 +105,35 @@ class ShapeView(Mapping[str, torch.Tensor]):
 
 
 def _check_safetensors_header(path: Path) -> None:
-    """Fail with a plain-words error before handing a non-safetensors or truncated file to the parser."""
+    """Fail with a plain-words error before handing a non-safetensors, truncated or crafted file to the parser."""
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(path, f"not a safetensors file: only {size} bytes")
         (n,) = struct.unpack("<Q", head)
-        if 0 < n <= MAX_HEADER_BYTES and n > size - 8 and f.read(1) == b"{":
+        first = f.read(1)
+        if 0 < n <= MAX_HEADER_BYTES and n > size - 8 and first == b"{":
             # A plausible header length and the start of a JSON header, but the file ends inside it.
             raise CheckpointError(
                 path, f"file is truncated: the header alone needs {8 + n} bytes but the file has {size}; download it again"
             )
+        if n > MAX_HEADER_BYTES and first == b"{":
+            raise CheckpointError(path, f"safetensors header of {n} bytes is over the {MAX_HEADER_BYTES} byte limit "
+                                        "(a real model's header is under 1 MB); refused unread")
         if n == 0 or n > min(MAX_HEADER_BYTES, size - 8):
             raise CheckpointError(path, "not a safetensors file (no valid header); is it a .ckpt renamed, or a download error page?")
         f.seek(8)
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(path, f"corrupt safetensors header ({exc})") from exc
+        raw = f.read(n)
+    if raw.lstrip()[:1] != b"{":
+        raise CheckpointError(path, "corrupt safetensors header (not a JSON object)")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(path, f"corrupt safetensors header ({exc})") from exc
+    except RecursionError:
+        # Python's json parser recurses per nesting level; a real header is three levels deep.
+        raise CheckpointError(path, "corrupt safetensors header (JSON nested too deep; a real header is 3 levels)") from None
     if not isinstance(header, dict):
         raise CheckpointError(path, "corrupt safetensors header (not a JSON object)")
     end = 0
@@ -125,12 +142,26 @@ def _check_safetensors_header(path: Path) -> None:
             continue
         try:
             end = max(end, int(info["data_offsets"][1]))
-        except (TypeError, KeyError, IndexError, ValueError) as exc:
+        except (TypeError, KeyError, IndexError, ValueError, OverflowError) as exc:
             raise CheckpointError(path, "corrupt safetensors header entry", key) from exc
     if 8 + n + end > size:
         raise CheckpointError(
             path, f"file is truncated: the header describes {8 + n + end} bytes but the file has {size}; download it again"
         )
+
+
+def weights_only_refusal(exc: BaseException) -> str:
+    """Why torch's weights-only unpickler refused a file, in one line (torch's own text ends with advice to re-run
+    the load unrestricted, which is exactly what must not be done with a file one does not trust)."""
+    text = str(exc)
+    m = _UNPICKLER_REASON.search(text)
+    if m:
+        return f"it holds more than weights ({(m.group(1) or m.group(2)).strip()})"
+    if "Weights only load failed" in text:
+        return "it holds more than weights (Python objects that weights-only unpickling refuses)"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    first = first.split(". ")[0].rstrip(".")
+    return f"{type(exc).__name__}: {first}" if first else f"{type(exc).__name__}: the file ends early or is not a PyTorch file"
 
 
 def open_state_dict(path: str | os.PathLike[str], allow_pickle: bool = False) -> StateDict:
@@ -143,11 +174,10 @@ def open_state_dict(path: str | os.PathLike[str], allow_pickle: bool = False) ->
     suffix = p.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
-            raise CheckpointError(
-                p,
-                f"{suffix} files are Python pickles that can run code when loaded; convert it to .safetensors, "
-                "or pass --allow-pickle if you trust its source",
-            )
+            raise CheckpointError(p, f"{suffix} files are Python pickles and loading a pickle can run code, so they are "
+                                     "refused by default; --allow-pickle reads .ckpt/.pt/.pth/.bin with weights-only unpickling "
+                                     "(tensors and plain containers; a pickle's code is still refused), or convert the file "
+                                     "to .safetensors")
         try:
             try:
                 obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
@@ -157,7 +187,8 @@ def open_state_dict(path: str | os.PathLike[str], allow_pickle: bool = False) ->
                 # Pre-zipfile (legacy) torch.save format: cannot be memory-mapped, read it into memory.
                 obj = torch.load(p, map_location="cpu", weights_only=True, mmap=False)
         except Exception as exc:  # torch raises many types for bad pickles
-            raise CheckpointError(p, f"cannot be read as a weights-only checkpoint ({exc})") from exc
+            raise CheckpointError(p, f"cannot be read as a weights-only checkpoint: {weights_only_refusal(exc)}; "
+                                     "--allow-pickle never runs a pickle's code: convert it to .safetensors") from exc
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -32,7 +32,8 @@ from engine.image_ops import fit_image, latent_mask, mask_to_tensor, pil_to_tens
 from engine.loading import LoadedModels, load_checkpoint
 from engine.samplers import SamplerSpec, get_sampler, sample, sampler_sigmas
 from engine.schedule import DiscreteSchedule
-from engine.tiling import Region, resolve_tile, run_tiled
+from engine.request_limits import DeviceBudget, check_seeds, check_size
+from engine.tiling import AUTO_TILE_PIXELS, Region, resolve_tile, run_tiled
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +74,18 @@ class GenerationRequest:
     def has_init(self) -> bool:
         return self.init_image is not None or self.init_latent is not None
 
-    def validate(self) -> SamplerSpec:
-        """Check the request; returns its sampler, resolved from the name here and nowhere else."""
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
-        for name, value in (("width", self.width), ("height", self.height)):
-            if value < 8 or value % 8:
-                raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+    @property
+    def tiled(self) -> bool:
+        """Whether the pipeline runs this request in tiles (see :meth:`Pipeline.tile_size`)."""
+        if self.tile is not None:
+            return self.tile > 0
+        return self.has_init and self.width * self.height > AUTO_TILE_PIXELS
+
+    def validate(self, budget: DeviceBudget | None = None) -> SamplerSpec:
+        """Check the request (RequestError names the field); returns its sampler, resolved from the name here and
+        nowhere else. With ``budget``, also refuse a size one image of which cannot fit the device."""
+        check_seeds(self.seed)
+        check_size(self.width, self.height, tiled=self.tiled)
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.cfg_scale < 0:
@@ -92,7 +98,10 @@ class GenerationRequest:
             raise ValueError("give an init image or an init latent, not both")
         if self.tile is not None and (self.tile < 0 or (self.tile and (self.tile < 64 or self.tile % 8))):
             raise ValueError(f"tile must be 0 (never tile) or a multiple of 8 of at least 64, got {self.tile}")
-        return get_sampler(self.sampler)
+        sampler = get_sampler(self.sampler)
+        if budget is not None:
+            budget.check(self.width, self.height, tiled=self.tiled)
+        return sampler
 
     def batch_key(self, sampler: SamplerSpec) -> tuple:
         """Requests with equal keys run in one U-Net batch; ``sampler`` is what :meth:`validate` resolved."""
@@ -154,7 +163,8 @@ class Pipeline:
     # ---- public -------------------------------------------------------------------------------------------
 
     def generate(self, requests: Sequence[GenerationRequest], progress: ProgressFn | None = None) -> list[GenerationResult]:
-        samplers = [r.validate() for r in requests]
+        budget = DeviceBudget.for_models(self.models)
+        samplers = [r.validate(budget) for r in requests]
         groups: dict[tuple, list[int]] = {}
         for i, (r, sampler) in enumerate(zip(requests, samplers)):
             groups.setdefault(r.batch_key(sampler), []).append(i)
@@ -411,5 +421,7 @@ class Pipeline:
 
 
 def with_seeds(request: GenerationRequest, n: int) -> list[GenerationRequest]:
-    """``-n`` images of one request: seeds seed, seed+1, ... as A1111 numbers them."""
+    """``-n`` images of one request: seeds seed, seed+1, ... as A1111 numbers them; RequestError if the last one
+    would pass :data:`SEED_MAX` (seeds never wrap)."""
+    check_seeds(request.seed, n)
     return [replace(request, seed=request.seed + i) for i in range(n)]

@@ -28,32 +28,48 @@ Any other column is kept per row in :attr:`BriefRow.extra` (key = normalised hea
 value = stripped text) for use as a template variable.
 
 Every cell is read as text; nothing is converted behind the user's back (``007`` stays ``007``).
-In ``.xlsx`` files numbers that Excel stores as whole floats (``4.0``) count as whole numbers.
-CSV files are decoded as UTF-8 (with or without BOM), falling back to cp1252 (Excel on Windows);
-:attr:`Brief.encoding` says which was used. The delimiter is ``;`` when the header line has more
-``;`` than ``,`` (European Excel exports), otherwise ``,``. Blank lines/rows are skipped; line
-numbers are physical (header = line 1 when the file starts with it; for ``.xlsx`` the sheet row).
+In ``.xlsx`` files numbers that Excel stores as whole floats (``4.0``) count as whole numbers, and a
+formula cell gives the result saved with it; one saved without a result reads as empty, with a warning
+(:attr:`Brief.warnings`) naming the sheet and cell (:mod:`flows.xlsx_reader`).
+CSV files are decoded as UTF-16 when they start with its byte-order mark, else as UTF-8 (with or
+without BOM), falling back to cp1252 (Excel on Windows); :attr:`Brief.encoding` says which was used.
+The delimiter is ``;`` when the header line has more ``;`` than ``,`` (European Excel exports),
+otherwise ``,``. Blank lines/rows are skipped; line numbers are physical (header = line 1 when the
+file starts with it; for ``.xlsx`` the sheet row).
+
+Limits (:class:`flows.brief_limits.BriefLimits`, the ``brief_max_*`` settings) are checked while the
+file is read: the file's size before it is read, an .xlsx's unpacked size before it is unpacked, and
+rows, cells and characters per cell as they arrive, so reading stops at the first one past a cap.
+``variants`` is capped per row and, times the row's channels, per brief. Values that the database keeps
+in bounded columns (``campaign``, ``row_id``, channel names) are checked against those columns' lengths.
+A ``seed`` plus its row's ``variants`` must stay within ``2**63 - 1``: image *i* uses seed ``seed + i``,
+and nothing wraps.
 
 Validation collects every problem. Rows with problems are left out of :attr:`Brief.rows`. A
-file-level problem (unreadable, unsupported type, empty, header broken, required column missing)
-always raises :class:`BriefError`; with ``strict=True`` any problem does.
+file-level problem (unreadable, unsupported type, too big, empty, header broken, required column
+missing) always raises :class:`BriefError`; with ``strict=True`` any problem does. Cell text quoted in
+a problem is shortened and its control characters are shown as escapes (:mod:`flows.safe_text`).
 """
 
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import hashlib
-import io
 import os
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from flows.brief_limits import COLUMN_LENGTHS, BriefLimits, RecordGuard, setting, too_big
+from flows.brief_problems import BriefError, BriefProblem
+from flows.safe_text import quoted
+from flows.xlsx_reader import XlsxSheet
 
 __all__ = [
     "Brief",
     "BriefError",
+    "BriefLimits",
     "BriefProblem",
     "BriefRow",
     "DEFAULT_LICENSE",
@@ -61,6 +77,7 @@ __all__ = [
     "LICENSES",
     "OPTIONAL_COLUMNS",
     "REQUIRED_COLUMNS",
+    "SEED_LIMIT",
     "derive_seed",
     "normalize_name",
     "read_brief",
@@ -84,7 +101,9 @@ SEED_LIMIT = 2**63  # seeds must be below this (torch.Generator.manual_seed take
 SUPPORTED_SUFFIXES = (".csv", ".xlsx")
 
 _SEP = re.compile(r"[\s_\-]+")
-_WHOLE = re.compile(r"[+-]?[0-9]+")
+_WHOLE = re.compile(r"([+-]?)0*([0-9]+)")
+_WHOLE_FLOAT = re.compile(r"([+-]?)0*([0-9]+)\.0*")
+_HUGE = 10**20  # stands for any whole number of more than 20 digits, which no limit here reaches
 
 
 def normalize_name(name: str) -> str:
@@ -116,43 +135,56 @@ class BriefRow:
     line: int  # 1-based line (CSV) / sheet row (XLSX) where the row starts
 
 
-@dataclass(frozen=True)
-class BriefProblem:
-    file: str
-    line: int | None
-    column: str | None
-    message: str
-
-    def __str__(self) -> str:
-        where = self.file if self.line is None else f"{self.file}:{self.line}"
-        col = "" if self.column is None else f" column '{self.column}':"
-        return f"{where}:{col} {self.message}"
-
-
 @dataclass
 class Brief:
     path: Path
     sha256: str
     rows: list[BriefRow]
     problems: list[BriefProblem]
-    encoding: str | None = None  # "utf-8" / "utf-8-sig" / "cp1252" for CSV, None for XLSX
+    encoding: str | None = None  # "utf-8" / "utf-8-sig" / "utf-16-le" / "utf-16-be" / "cp1252" for CSV, None for XLSX
     columns: tuple[str, ...] = field(default=())  # normalised header names, in file order
-
-
-class BriefError(ValueError):
-    """A brief that cannot be used; ``problems`` holds every problem found, ``str()`` lists one per line."""
-
-    def __init__(self, problems: Sequence[BriefProblem]):
-        self.problems = list(problems)
-        super().__init__("\n".join(str(p) for p in self.problems))
+    # What was read but may not be what the author meant (an .xlsx formula saved without its result); rows stay.
+    warnings: list[BriefProblem] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- reading
 
 
+def _read_bytes(path: Path, file: str, limits: BriefLimits) -> bytes:
+    """The file's bytes, refused by its size before any is read (and cut at the cap if it grows meanwhile)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limits.max_bytes:
+                raise BriefError([too_big(file, size, limits)])
+            data = f.read(limits.max_bytes + 1)
+    except OSError as exc:
+        raise BriefError([BriefProblem(file, None, None, f"cannot read file: {exc.strerror or exc}")]) from None
+    if len(data) > limits.max_bytes:
+        raise BriefError([too_big(file, len(data), limits)])
+    return data
+
+
+_UTF16 = ((b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+
+
 def _decode(data: bytes, file: str) -> tuple[str, str]:
+    def refuse(message: str) -> BriefError:
+        return BriefError([BriefProblem(file, None, None, f"cannot read file: {message}")])
+
+    if data.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        raise refuse("it is UTF-32 text, which is not supported (save it as UTF-8 or UTF-16 CSV)")
+    for bom, encoding in _UTF16:
+        if data.startswith(bom):
+            try:
+                text = data[len(bom):].decode(encoding)
+            except UnicodeDecodeError as exc:
+                raise refuse(f"not valid {encoding.upper()} text (byte {exc.start + len(bom)})") from None
+            if "\x00" in text:
+                raise refuse("it is binary, not CSV text")
+            return text, encoding
     if b"\x00" in data:
-        raise BriefError([BriefProblem(file, None, None, "cannot read file: it is binary, not CSV text")])
+        raise refuse("it is binary, not CSV text")
     try:
         text = data.decode("utf-8-sig")
         return text, ("utf-8-sig" if data.startswith(b"\xef\xbb\xbf") else "utf-8")
@@ -161,74 +193,73 @@ def _decode(data: bytes, file: str) -> tuple[str, str]:
     try:
         return data.decode("cp1252"), "cp1252"
     except UnicodeDecodeError as exc:
-        raise BriefError(
-            [BriefProblem(file, None, None, f"cannot read file: neither UTF-8 nor cp1252 text (byte {exc.start})")]
-        ) from None
+        raise refuse(f"neither UTF-8 nor cp1252 text (byte {exc.start})") from None
 
 
-# Briefs are read with the csv module and openpyxl, not pandas: every message names a physical line, and
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
+
+
+def _lines(text: str) -> Iterator[str]:
+    """``text``'s lines with their endings, one at a time (what StringIO(newline="") gives, without its copy of
+    the whole text at four bytes a character)."""
+    return (m.group() for m in _LINE.finditer(text))
+
+
+def _first_line(text: str) -> str:
+    return next((line for line in _lines(text) if line.strip()), "")
+
+
+# Briefs are read with the csv module and our own .xlsx reader, not pandas: every message names a physical line, and
 # pandas.read_csv numbers records (a quoted cell spanning lines would shift every later line), rejects a row with more
 # cells than the header (reported here per row) and a quote left open at the end of the file (kept here as text);
 # pandas.read_excel turns formula errors (#N/A, #DIV/0!) into NaN, so a bad cell would pass as an empty one, and drops
 # a sheet's empty trailing columns (still in Brief.columns).
-def _read_csv(data: bytes, file: str) -> tuple[list[tuple[int, list[str]]], str]:
+def _read_csv(data: bytes, file: str, guard: RecordGuard) -> tuple[list[tuple[int, list[str]]], str]:
     text, encoding = _decode(data, file)
-    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+    first = _first_line(text)
     delimiter = ";" if first.count(";") > first.count(",") else ","
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    reader = csv.reader(_lines(text), delimiter=delimiter)
     records: list[tuple[int, list[str]]] = []
     start = 1
     try:
         for cells in reader:
-            records.append((start, cells))
+            cells = [c.strip() for c in cells]
+            if any(cells):
+                guard.take(start, cells)
+                records.append((start, cells))
             start = reader.line_num + 1
     except csv.Error as exc:
+        if "field larger than field limit" in str(exc):
+            if guard.limits.max_cell_chars < csv.field_size_limit():
+                raise guard.cell_too_long(start, None) from None
+            # The csv module's own cap (131072 characters, process-wide, so not raised here) is met before ours.
+            raise guard.refuse(start, None, f"cell is longer than the {csv.field_size_limit()} characters a CSV cell "
+                                            "may have (save the brief as .xlsx for longer cells)") from None
         raise BriefError([BriefProblem(file, start, None, f"cannot parse CSV: {exc}")]) from None
     return records, encoding
 
 
-def _cell_text(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "TRUE" if value else "FALSE"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, _dt.datetime) and value.time() == _dt.time():
-        return value.date().isoformat()
-    if isinstance(value, (_dt.date, _dt.time)):
-        return value.isoformat()
-    return str(value)
-
-
-def _read_xlsx(path: Path, file: str) -> list[tuple[int, list[str]]]:
-    import openpyxl  # only needed for .xlsx
-
-    try:
-        wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
-    except Exception as exc:  # zipfile.BadZipFile, KeyError, InvalidFileException, ...
-        problem = BriefProblem(file, None, None, f"cannot read file: not a readable .xlsx workbook ({exc})")
-        raise BriefError([problem]) from None
-    try:
-        if not wb.worksheets:
-            return []
-        return [
-            (n, [_cell_text(v) for v in values])
-            for n, values in enumerate(wb.worksheets[0].iter_rows(values_only=True), start=1)
-        ]
-    finally:
-        wb.close()
+def _read_xlsx(data: bytes, file: str, guard: RecordGuard) -> tuple[list[tuple[int, list[str]]], list[BriefProblem]]:
+    sheet = XlsxSheet(data, file, guard)
+    records = list(sheet.rows())
+    if records:  # the header as wide as the sheet, so that a value under no header is found
+        line, header = records[0]
+        records[0] = (line, header + [""] * (sheet.width - len(header)))
+    return records, sheet.warnings
 
 
 # --------------------------------------------------------------------------- validation
 
 
 def _whole(text: str, *, lenient_float: bool) -> int | None:
-    if _WHOLE.fullmatch(text):
-        return int(text)
-    if lenient_float and re.fullmatch(r"[+-]?[0-9]+\.0*", text):
-        return int(text.split(".")[0])
-    return None
+    """The whole number ``text`` spells, or None; past 20 digits ``±_HUGE`` (int() refuses 4300+ digits, and no
+    limit here needs the exact value)."""
+    match = _WHOLE.fullmatch(text) or (_WHOLE_FLOAT.fullmatch(text) if lenient_float else None)
+    if match is None:
+        return None
+    sign, digits = match.groups()
+    n = _HUGE if len(digits) > 20 else int(digits)
+    return -n if sign == "-" else n
 
 
 def _split_channels(text: str) -> tuple[str, ...]:
@@ -240,32 +271,43 @@ def _split_channels(text: str) -> tuple[str, ...]:
     return tuple(seen)
 
 
+def _too_long(column: str, value: str, what: str = "") -> str | None:
+    """Why ``value`` does not fit the database column ``column``'s values go to, or None."""
+    table_column, most = COLUMN_LENGTHS[column]
+    if len(value) <= most:
+        return None
+    return f"{what}{quoted(value, 40)} is longer than the {most} characters the database keeps ({table_column})"
+
+
+def _read_records(path: Path, file: str, suffix: str, limits: BriefLimits) -> tuple[bytes, list, str | None, list]:
+    data = _read_bytes(path, file, limits)
+    guard = RecordGuard(file, limits, normalize_name)
+    if suffix == ".csv":
+        records, encoding = _read_csv(data, file, guard)
+        return data, records, encoding, []
+    records, warnings = _read_xlsx(data, file, guard)
+    return data, records, None, warnings
+
+
 def read_brief(
     path: str | os.PathLike[str],
     *,
     known_channels: Collection[str] | None = None,
     strict: bool = False,
+    limits: BriefLimits | None = None,
 ) -> Brief:
-    """Read and validate a brief; see the module docstring for columns and rules."""
+    """Read and validate a brief; see the module docstring for columns and rules. ``limits``: the caps
+    (default :class:`BriefLimits`'s; a run passes the settings' own)."""
     path = Path(path)
     file = os.fspath(path)
+    limits = limits or BriefLimits()
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise BriefError(
-            [BriefProblem(file, None, None, f"unsupported file type '{path.suffix}' (expected .csv or .xlsx)")]
+            [BriefProblem(file, None, None, f"unsupported file type {quoted(path.suffix)} (expected .csv or .xlsx)")]
         )
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise BriefError([BriefProblem(file, None, None, f"cannot read file: {exc.strerror or exc}")]) from None
+    data, records, encoding, warnings = _read_records(path, file, suffix, limits)
     sha256 = hashlib.sha256(data).hexdigest()
-
-    if suffix == ".csv":
-        records, encoding = _read_csv(data, file)
-    else:
-        records, encoding = _read_xlsx(path, file), None
-    records = [(line, [c.strip() for c in cells]) for line, cells in records]
-    records = [(line, cells) for line, cells in records if any(cells)]
     if not records:
         raise BriefError([BriefProblem(file, None, None, "file is empty: no header row")])
 
@@ -294,7 +336,6 @@ def read_brief(
         raise BriefError(file_problems)
 
     known = None if known_channels is None else {normalize_name(c) for c in known_channels}
-    lenient = suffix == ".xlsx"
     problems: list[BriefProblem] = []
     candidates: list[BriefRow] = []
     id_lines: dict[str, int] = {}
@@ -309,80 +350,111 @@ def read_brief(
         if len(cells) > len(columns) and any(cells[len(columns) :]):
             bad(None, f"row has {len(cells)} cells but the header has {len(columns)} columns")
         values = {name: (cells[i] if i < len(cells) else "") for name, i in first_at.items()}
-
-        for name in REQUIRED_COLUMNS:
-            if not values[name]:
-                bad(name, "required value is empty")
-
-        channels = _split_channels(values["channels"])
-        if values["channels"] and not channels:
-            bad("channels", "no channel names given")
-        if known is not None:
-            for ch in channels:
-                if ch not in known:
-                    bad("channels", f"unknown channel '{ch}' (known: {', '.join(sorted(known))})")
-
-        variants = DEFAULT_VARIANTS
-        text = values.get("variants", "")
-        if text:
-            n = _whole(text, lenient_float=lenient)
-            if n is None:
-                bad("variants", f"'{text}' is not a whole number")
-            elif n < 1:
-                bad("variants", f"'{text}' must be at least 1")
-            else:
-                variants = n
-
-        seed: int | None = None
-        text = values.get("seed", "")
-        if text:
-            n = _whole(text, lenient_float=lenient)
-            if n is None:
-                bad("seed", f"'{text}' is not a whole number")
-            elif n < 0:
-                bad("seed", f"'{text}' must not be negative")
-            elif n >= SEED_LIMIT:
-                bad("seed", f"'{text}' is too large (must be below 2**63)")
-            else:
-                seed = n
-
-        licence = values.get("license", "").lower() or DEFAULT_LICENSE
-        if licence not in LICENSES:
-            bad("license", f"unknown licence '{values['license']}' (expected 'commercial' or 'any')")
+        row = _check_row(values, line, bad, known, limits, lenient=suffix == ".xlsx")
 
         row_id = values["row_id"]
         if row_id:
             key = row_id.casefold()
             if key in id_lines:
                 duplicated.add(key)
-                bad("row_id", f"duplicate row_id '{row_id}' (also on line {id_lines[key]})")
+                bad("row_id", f"duplicate row_id {quoted(row_id)} (also on line {id_lines[key]})")
             else:
                 id_lines[key] = line
 
         problems.extend(row_problems)
-        if row_problems:
-            continue
-        candidates.append(
-            BriefRow(
-                campaign=values["campaign"],
-                row_id=row_id,
-                subject=values["subject"],
-                channels=channels,
-                message=values.get("message", ""),
-                audience=values.get("audience", ""),
-                style=values.get("style", ""),
-                variants=variants,
-                negative_prompt=values.get("negative_prompt", ""),
-                seed=derive_seed(values["campaign"], row_id) if seed is None else seed,
-                model=values.get("model", "") or None,
-                license=licence,
-                extra={k: v for k, v in values.items() if k not in REQUIRED_COLUMNS and k not in OPTIONAL_COLUMNS},
-                line=line,
-            )
-        )
+        if not row_problems and row is not None:
+            candidates.append(row)
 
+    _check_total(candidates, file, limits)
     if strict and problems:
         raise BriefError(problems)
     # A duplicated row_id makes every row carrying it ambiguous: none of them is used.
     rows = [r for r in candidates if r.row_id.casefold() not in duplicated]
-    return Brief(path=path, sha256=sha256, rows=rows, problems=problems, encoding=encoding, columns=tuple(columns))
+    return Brief(path=path, sha256=sha256, rows=rows, problems=problems, encoding=encoding, columns=tuple(columns),
+                 warnings=warnings)
+
+
+def _check_row(values: dict[str, str], line: int, bad, known: set[str] | None, limits: BriefLimits, *,
+               lenient: bool) -> BriefRow | None:
+    """The row ``values`` make, after every check of its own; each problem goes to ``bad(column, message)``."""
+    for name in REQUIRED_COLUMNS:
+        if not values[name]:
+            bad(name, "required value is empty")
+    for name in ("campaign", "row_id"):
+        if problem := _too_long(name, values[name]):
+            bad(name, problem)
+
+    channels = _split_channels(values["channels"])
+    if values["channels"] and not channels:
+        bad("channels", "no channel names given")
+    for ch in channels:
+        if problem := _too_long("channels", ch, "channel name "):
+            bad("channels", problem)
+        elif known is not None and ch not in known:
+            bad("channels", f"unknown channel {quoted(ch)} (known: {', '.join(sorted(known))})")
+
+    variants = DEFAULT_VARIANTS
+    text = values.get("variants", "")
+    if text:
+        n = _whole(text, lenient_float=lenient)
+        if n is None:
+            bad("variants", f"{quoted(text)} is not a whole number")
+        elif n < 1:
+            bad("variants", f"{quoted(text)} must be at least 1")
+        elif n > limits.max_variants_per_row:
+            bad("variants", f"{quoted(text)} is more than {limits.max_variants_per_row} images per channel "
+                            f"(setting {setting('max_variants_per_row')})")
+        else:
+            variants = n
+
+    seed: int | None = None
+    text = values.get("seed", "")
+    if text:
+        n = _whole(text, lenient_float=lenient)
+        if n is None:
+            bad("seed", f"{quoted(text)} is not a whole number")
+        elif n < 0:
+            bad("seed", f"{quoted(text)} must not be negative")
+        elif n >= SEED_LIMIT:
+            bad("seed", f"{quoted(text)} is too large (must be below 2**63)")
+        elif n + variants - 1 >= SEED_LIMIT:
+            # Image i uses seed + i; wrapping past 2**63 - 1 would silently reuse seeds 0, 1, 2...
+            bad("seed", f"{quoted(text)} is too large for {variants} variants: image i uses seed + i, and the last "
+                        f"must stay within 2**63 - 1 (use a seed of at most {SEED_LIMIT - variants})")
+        else:
+            seed = n
+
+    licence = values.get("license", "").lower() or DEFAULT_LICENSE
+    if licence not in LICENSES:
+        bad("license", f"unknown licence {quoted(values['license'])} (expected 'commercial' or 'any')")
+
+    if not (values["campaign"] and values["row_id"]):
+        return None
+    return BriefRow(
+        campaign=values["campaign"],
+        row_id=values["row_id"],
+        subject=values["subject"],
+        channels=channels,
+        message=values.get("message", ""),
+        audience=values.get("audience", ""),
+        style=values.get("style", ""),
+        variants=variants,
+        negative_prompt=values.get("negative_prompt", ""),
+        seed=derive_seed(values["campaign"], values["row_id"]) if seed is None else seed,
+        model=values.get("model", "") or None,
+        license=licence,
+        extra={k: v for k, v in values.items() if k not in REQUIRED_COLUMNS and k not in OPTIONAL_COLUMNS},
+        line=line,
+    )
+
+
+def _check_total(rows: list[BriefRow], file: str, limits: BriefLimits) -> None:
+    """Refuse a brief whose rows together ask for more images than a brief may (before any is planned)."""
+    total = 0
+    for row in rows:
+        total += row.variants * len(row.channels)
+        if total > limits.max_variants_per_brief:
+            raise BriefError([BriefProblem(
+                file, row.line, "variants",
+                f"the brief asks for more than {limits.max_variants_per_brief} images by this row (each row's "
+                f"variants x its channels; setting {setting('max_variants_per_brief')})")])

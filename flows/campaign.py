@@ -28,19 +28,22 @@ from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from sqlalchemy.exc import SQLAlchemyError
 
 from flows.brief import Brief, BriefError, read_brief
+from flows.brief_limits import BriefLimits
 from flows.device_pool import DevicePool, PoolConfig, plan_workers
 from flows.model_registry import ModelInfo, describe_model, ensure_model
 from flows.counts import STAGES, RenderCounts
 from flows.planning import Plan, default_model_path, plan_brief
-from flows.recording import finish_run, mark_crashed_runs, start_run, sync_plan
+from flows.recording import abandon_run, finish_run, mark_crashed_runs, start_run, sync_plan
 from flows.rendering import render_variants
 from flows.settings import Settings, load_settings
 from flows.channels import load_channels
 from flows.styles import load_styles
 from storage.assets import AssetStore, open_store
-from storage.database import Database, open_database
+from storage.database import Database, DatabaseError, database_failure, open_database
+from storage.retrying import is_permanent
 
 __all__ = ["RunSummary", "campaign_run", "campaign_shard", "open_resources", "render_planned", "set_progress_listener"]
 
@@ -113,9 +116,9 @@ class RunSummary:
 
 
 @task(name="validate-brief", cache_policy=NO_CACHE)
-def validate_brief(brief_path: str, strict: bool, templates_dir: str | None) -> Brief:
+def validate_brief(brief_path: str, strict: bool, templates_dir: str | None, limits: BriefLimits | None = None) -> Brief:
     channels = load_channels(Path(templates_dir) / "channels.yaml" if templates_dir else None)
-    return read_brief(brief_path, known_channels=set(channels), strict=strict)
+    return read_brief(brief_path, known_channels=set(channels), strict=strict, limits=limits)
 
 
 def make_plan(brief: Brief, settings: Settings, db: Database | None, strict: bool) -> Plan:
@@ -164,7 +167,14 @@ def plan_run(brief: Brief, settings: Settings, strict: bool, flow_run_id: str | 
                       problems=[str(p) for p in plan.problems])
 
 
-@task(name="render-batch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def _worth_retrying(_task, _task_run, state) -> bool:
+    """A render task is retried after a failure, except when the database failed for good (full disk, damaged
+    file): rendering the batch again would only fail again at recording it."""
+    exc = state.data if isinstance(getattr(state, "data", None), BaseException) else None
+    return exc is None or not (is_permanent(exc) or isinstance(exc, DatabaseError))
+
+
+@task(name="render-batch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_worth_retrying)
 def render_batch(run_id: int, variant_ids: list[int], settings: Settings) -> RenderCounts:
     db, store = open_resources(settings)
     counts = render_variants(variant_ids, db=db, store=store, run_id=run_id, device=settings.device,
@@ -173,7 +183,7 @@ def render_batch(run_id: int, variant_ids: list[int], settings: Settings) -> Ren
     return counts
 
 
-@task(name="render-on-devices", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+@task(name="render-on-devices", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, retry_condition_fn=_worth_retrying)
 def render_on_devices(run_id: int, batches: list[list[int]], settings: Settings) -> RenderCounts:
     """Every batch on one worker process per device; units of one engine batch go to whichever worker is free."""
     open_resources(settings)  # the database at head before the workers open it
@@ -234,14 +244,24 @@ def _fan_out(run_id: int, batches: list[list[int]], settings: Settings, flow_run
 def campaign_run(brief_path: str, strict: bool = False, overrides: dict | None = None, config: str | None = None,
                  source: str | None = None) -> dict:
     """Render every planned variant of a brief; returns the run summary as a dict. ``source`` is where the brief
-    really came from (an S3 URL the inbox downloaded it from), recorded instead of the local path."""
+    really came from (an S3 URL the inbox downloaded it from), recorded instead of the local path.
+
+    A database that fails (full disk, damaged file, lost server) ends the run with a one-line
+    :class:`~storage.database.DatabaseError` naming the database and the driver's reason."""
+    settings = load_settings(overrides or {}, config=config)
+    try:
+        return _campaign_run(brief_path, strict, settings, config, source)
+    except SQLAlchemyError as exc:
+        raise database_failure(settings.db_url, exc) from exc
+
+
+def _campaign_run(brief_path: str, strict: bool, settings: Settings, config: str | None, source: str | None) -> dict:
     from prefect.runtime import flow_run
 
     t0 = time.perf_counter()
-    settings = load_settings(overrides or {}, config=config)
     if settings.fan_out == 1:
         plan_workers(settings.devices, settings.device)  # devices this machine lacks: refused before anything is recorded
-    brief = validate_brief(brief_path, strict, settings.templates_dir)
+    brief = validate_brief(brief_path, strict, settings.templates_dir, BriefLimits.from_settings(settings))
     planned = plan_run(brief, settings, strict, str(flow_run.id) if flow_run.id else None, source)
     _emit("planned", planned.planned)
     _emit("skipped", planned.already_done)
@@ -258,6 +278,8 @@ def campaign_run(brief_path: str, strict: bool = False, overrides: dict | None =
             result = render_planned(planned.run_id, planned.batches, settings)
     except BaseException as exc:
         status, error = "failed", f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, SQLAlchemyError):
+            error = str(database_failure(settings.db_url, exc))
         raise
     finally:
         counts = (RenderCounts(skipped=planned.already_done) + result).run_counts(
@@ -267,12 +289,27 @@ def campaign_run(brief_path: str, strict: bool = False, overrides: dict | None =
         db, _ = open_resources(settings)
         seconds = time.perf_counter() - t0
         timings = {"plan": round(t_plan, 4), **{k: round(v, 4) for k, v in result.seconds.items()}, "total": round(seconds, 4)}
-        finish_run(db, planned.run_id, status, counts, timings, error)
+        _finish(db, settings, planned.run_id, status, counts, timings, error)
     return RunSummary(
         run_id=planned.run_id, status=status, counts=counts, seconds=seconds, store_url=settings.store_url,
         db_url=settings.redacted()["db_url"], problems=planned.problems, timings=timings,
         flow_run_id=str(flow_run.id) if flow_run.id else None, shards=shards,
     ).__dict__
+
+
+def _finish(db: Database, settings: Settings, run_id: int, status: str, counts: dict, timings: dict,
+            error: str | None) -> None:
+    """Record the run's end. If the database cannot take it (it is what failed), the run is remembered as
+    abandoned: the next run in this process marks it failed, and once this process is gone, the next run on this
+    host marks it crashed, so it never stays 'running'. The error in flight, if any, is the one reported."""
+    try:
+        finish_run(db, run_id, status, counts, timings, error)
+    except SQLAlchemyError as exc:
+        failure = database_failure(settings.db_url, exc)
+        abandon_run(run_id, error or str(failure))
+        log.error("run %s: could not record its end (%s): %s", run_id, status, failure)
+        if error is None:  # nothing else failed: this is the run's error; else the error in flight is reported
+            raise failure from exc
 
 
 @flow(name="campaign-shard", log_prints=False, validate_parameters=True, retries=1, retry_delay_seconds=5)

@@ -177,8 +177,15 @@ def _worker_main(conn: Connection, spec: WorkerSpec, config: PoolConfig, env: di
                                      batch_size=config.batch_size,
                                      on_event=lambda event, n, i=index: conn.send(("event", i, (event, n))))
             conn.send(("done", index, counts))
-        except Exception:
-            conn.send(("error", index, traceback.format_exc()))
+        except Exception as exc:
+            from sqlalchemy.exc import SQLAlchemyError
+
+            if isinstance(exc, SQLAlchemyError):  # past the recording's own retries: the run cannot go on
+                from storage.database import database_failure
+
+                conn.send(("database", index, str(database_failure(config.db_url, exc))))
+            else:
+                conn.send(("error", index, traceback.format_exc()))
 
 
 class _PipeLogHandler(logging.Handler):
@@ -403,6 +410,10 @@ class DevicePool:
         elif kind == "fatal":
             slot.state = "dead"
             raise PoolError(payload)
+        elif kind == "database":  # one line naming the database; another worker would meet the same database
+            from storage.database import DatabaseError
+
+            raise DatabaseError(payload)
         return 0
 
     def _lost(self, slot: _Slot, pending: deque[_Unit], run_id: int, totals: PoolResult, on_event: EventFn | None) -> int:

@@ -6,6 +6,11 @@ run; its unchanged rows then cost nothing, since the campaign run skips variants
 nothing, so it is reported again on every pass until someone fixes it, which is what an inbox owner wants to see.
 
 Each new brief runs :func:`flows.campaign.campaign_run` as a subflow; one brief's failure never stops the others.
+
+Whatever lands in the inbox is read under the brief limits (the ``brief_max_*`` settings, :mod:`flows.brief_limits`):
+a file over ``brief_max_bytes`` is rejected from its size (an S3 object's from its Content-Length, before its body
+is read), and reading never takes more than the cap; the other caps are checked by reading the brief with them
+before a run starts, so a rejected brief costs a bounded read and writes nothing.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from sqlalchemy import select
 
-from flows.brief import BriefError
+from flows.brief import BriefError, BriefLimits, read_brief
+from flows.brief_limits import too_big
 from flows.campaign import campaign_run, open_resources
+from flows.safe_text import visible
 from flows.settings import load_settings
 from storage.assets import LocalAssetStore, S3AssetStore, open_store
 from storage.database import Database
@@ -75,6 +82,33 @@ def list_inbox(inbox: str) -> tuple[LocalAssetStore | S3AssetStore, list[InboxEn
     return store, [InboxEntry(base + key, key, key) for key in store.list() if "/" not in key and _is_brief(key)]
 
 
+class _TooBig(Exception):
+    def __init__(self, size: int):
+        self.size = size
+
+
+def _read_entry(store: LocalAssetStore | S3AssetStore, entry: InboxEntry, max_bytes: int) -> bytes:
+    """The brief's bytes, at most ``max_bytes``: _TooBig (with the size, as far as it was read) past that."""
+    if entry.key is None:
+        with open(entry.name, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise _TooBig(size)
+            data = f.read(max_bytes + 1)
+    else:
+        assert isinstance(store, S3AssetStore)
+        # S3AssetStore.get reads a body whole; here it is read up to the cap.
+        response = store.client.get_object(Bucket=store.bucket, Key=store._full(entry.key))
+        size = response.get("ContentLength") or 0
+        with response["Body"] as body:
+            if size > max_bytes:
+                raise _TooBig(size)
+            data = body.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise _TooBig(len(data))
+    return data
+
+
 def _completed_run(db: Database, sha256: str) -> int | None:
     with db.session() as s:
         return s.scalar(
@@ -89,6 +123,7 @@ def inbox_run(inbox: str, strict: bool = False, overrides: dict | None = None, c
     log = get_run_logger()
     # Settings are resolved once up front: a broken configuration fails the inbox run, not every brief in it.
     settings = load_settings(overrides or {}, config=config)
+    limits = BriefLimits.from_settings(settings)
     db, _ = open_resources(settings)
     store, entries = list_inbox(inbox)
     results: list[BriefResult] = []
@@ -96,14 +131,17 @@ def inbox_run(inbox: str, strict: bool = False, overrides: dict | None = None, c
     with tempfile.TemporaryDirectory(prefix="adforge-inbox-") as tmp:
         for entry in entries:
             try:
+                data = _read_entry(store, entry, limits.max_bytes)
                 if entry.key is None:
                     path = Path(entry.name)
-                    data = path.read_bytes()
                 else:
-                    data = store.get(entry.key)
                     # The brief reader names the file in every problem: keep the original name, not a random one.
                     path = Path(tmp) / entry.file_name
                     path.write_bytes(data)
+            except _TooBig as exc:
+                results.append(BriefResult(entry.name, "rejected", problems=[str(too_big(entry.name, exc.size, limits))]))
+                log.info("%s: rejected\n  %s", visible(entry.name), results[-1].problems[0])
+                continue
             except Exception as exc:  # vanished between listing and reading, unreadable, S3 error, odd key
                 results.append(BriefResult(entry.name, "failed", problems=[f"{entry.name}: cannot read: {exc}"]))
                 continue
@@ -112,8 +150,8 @@ def inbox_run(inbox: str, strict: bool = False, overrides: dict | None = None, c
                 result = BriefResult(entry.name, "skipped", sha256, run_id=first.run_id,
                                      problems=[f"{entry.name}: same content as {first.brief}"])
             else:
-                result = seen[sha256] = _run_brief(entry.name, path, sha256, db, strict, overrides, config)
-            log.info("%s: %s%s", entry.name, result.status, "".join("\n  " + p for p in result.problems))
+                result = seen[sha256] = _run_brief(entry.name, path, sha256, db, strict, overrides, config, limits)
+            log.info("%s: %s%s", visible(entry.name), result.status, "".join("\n  " + p for p in result.problems))
             results.append(result)
     counts = Counter(r.status for r in results)
     log.info("inbox %s: %s", inbox, ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no briefs")
@@ -121,7 +159,7 @@ def inbox_run(inbox: str, strict: bool = False, overrides: dict | None = None, c
 
 
 def _run_brief(name: str, path: Path, sha256: str, db: Database, strict: bool, overrides: dict | None,
-               config: str | None) -> BriefResult:
+               config: str | None, limits: BriefLimits) -> BriefResult:
     """Run one brief unless a brief with its content has completed; ``name`` is what reports call it."""
     if (done := _completed_run(db, sha256)) is not None:
         return BriefResult(name, "skipped", sha256, run_id=done)
@@ -133,11 +171,16 @@ def _run_brief(name: str, path: Path, sha256: str, db: Database, strict: bool, o
         return [p.replace(local, name) for p in problems]
 
     try:
+        # The configured caps, before a run starts (the run reads the brief again, for its own validation).
+        warnings = [f"warning: {w}" for w in read_brief(local, limits=limits).warnings]
+    except BriefError as exc:
+        return BriefResult(name, "rejected", sha256, problems=named([str(p) for p in exc.problems]))
+    try:
         summary = campaign_run(local, strict=strict, overrides=overrides, config=config,
                                source=name if name != local else None)
     except BriefError as exc:
         return BriefResult(name, "rejected", sha256, problems=named([str(p) for p in exc.problems]))
     except Exception as exc:  # model missing, database down, ...: this brief failed, the next one may not
         return BriefResult(name, "failed", sha256, problems=named([f"{name}: {type(exc).__name__}: {exc}"]))
-    return BriefResult(name, "rendered", sha256, run_id=summary["run_id"], problems=named(summary["problems"]),
+    return BriefResult(name, "rendered", sha256, run_id=summary["run_id"], problems=named(summary["problems"] + warnings),
                        counts=summary["counts"])

@@ -105,16 +105,20 @@ def _inspect(path: Path, allow_pickle: bool) -> _Inspected:
                     return found
             raise CheckpointError(path, f"{str(exc).removeprefix(f'{path}: ')}; nor is it an upscaler: {upscaler_problem}") from None
         raise
-    return _Inspected(file_sha256(path), family, _kind(family), metadata, _native_size(metadata, family))
+    return _Inspected(file_sha256(path), family, _kind(family), metadata, _native_size(path, metadata))
 
 
-def _native_size(metadata: dict[str, str], family: str) -> int:
+def _native_size(path: Path, metadata: dict[str, str]) -> int:
     from engine.loading import META_NATIVE_SIZE, SD1_NATIVE_SIZE
 
     try:
-        return int(metadata.get(META_NATIVE_SIZE, SD1_NATIVE_SIZE))
+        native = int(metadata.get(META_NATIVE_SIZE, SD1_NATIVE_SIZE))
     except ValueError:
         return SD1_NATIVE_SIZE
+    # Planning sizes every channel from it: a size no model trains at would only fail later, less clearly.
+    if not 8 <= native <= 8192:
+        raise CheckpointError(path, f"its metadata declares {META_NATIVE_SIZE} {native}, not a size in 8 .. 8192 px")
+    return native
 
 
 def _info(record: ModelRecord, found: _Inspected) -> ModelInfo:

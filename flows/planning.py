@@ -5,7 +5,8 @@ For every valid row and each of its channels:
 * the channel's prompt template is rendered (:func:`flows.templating.render_prompts`, combinatorial
   ``{a|b}`` variations) into one or more prompt variations;
 * ``variants`` images are planned; image ``i`` uses prompt variation ``i mod len(variations)`` and seed
-  ``row.seed + i`` (A1111's batch convention, so a seed seen in the gallery reproduces in any SD tool);
+  ``row.seed + i`` (A1111's batch convention, so a seed seen in the gallery reproduces in any SD tool); a row
+  whose last seed would pass ``2**63 - 1`` is refused (brief validation refuses it first), never wrapped;
 * the generation size is the model's native area at the channel's aspect ratio; post-processing scales the
   image to cover the channel's exact size with Lanczos and centre-crops (``cover-lanczos(WxH)``), unless the
   channel sets an upscale chain (``channels.yaml`` ``upscale:``, see :mod:`engine.upscale.chain`). A chain's
@@ -19,8 +20,15 @@ everything that determines the delivered file (campaign, row, channel, template,
 sha256, sampler, steps, CFG, clip skip, sizes, format, post-processing). Re-running a brief plans the same identities, so finished variants are skipped; editing a
 row's prompt makes new identities (new assets), and never overwrites an old file.
 
-Problems found while planning (template errors, a missing model file, a licence that forbids the row's use) are
-reported like brief problems, with file, line and column; ``strict`` turns any of them into a rejection.
+A row's ``model`` must be a file in one of the model folders (:func:`model_folders`: the ``model_dirs`` setting, and
+the folder of the run's default model) unless ``allow_any_model_path`` is set: the refusal is decided from the path
+alone, before the file is looked at, so a brief cannot learn whether a file exists elsewhere or how big it is. The
+files of a channel's upscale chain come from the operator's ``channels.yaml``, not from the brief, and are not
+restricted.
+
+Problems found while planning (template errors, a missing model file, a model outside the model folders, a licence
+that forbids the row's use) are reported like brief problems, with file, line and column; ``strict`` turns any of
+them into a rejection.
 """
 
 from __future__ import annotations
@@ -31,19 +39,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.checkpoint import CheckpointError
-from engine.upscale.chain import MAX_SIDE
-from flows.brief import Brief, BriefError, BriefProblem, BriefRow
+from engine.request_limits import size_problem
+from engine.upscale.chain import MAX_SIDE, Hires
+from flows.brief import SEED_LIMIT, Brief, BriefError, BriefProblem, BriefRow
+from flows.brief_limits import COLUMN_LENGTHS, MODEL_NAME_LENGTH, TEMPLATE_LENGTH
 from flows.channels import ChannelFormat, native_size_for
 from flows.licence_policy import check_license
 from flows.model_registry import ModelInfo
+from flows.safe_text import quoted
 from flows.settings import Settings
 from flows.styles import StylePreset
 from flows.templating import PromptVariant, TemplateError, render_prompts
 from storage.variants import VariantSpec
 
-__all__ = ["Plan", "PlannedVariant", "plan_brief"]
+__all__ = ["Plan", "PlannedVariant", "model_folders", "plan_brief"]
 
-SEED_MODULUS = 2**63
 ModelResolver = Callable[[str], ModelInfo]
 
 
@@ -133,6 +143,8 @@ def resolve_chain(channel: ChannelFormat, gen: tuple[int, int], resolve: Callabl
         if max(w, h) > MAX_SIDE:
             raise ChainProblem(f"{where}: {step.canonical(pins=False)} would make a {w}x{h} image from {gen[0]}x{gen[1]} "
                                f"(more than {MAX_SIDE} px a side)")
+        if isinstance(step, Hires) and (problem := size_problem(w, h, tiled=step.tile != 0)):
+            raise ChainProblem(f"{where}: {step.canonical(pins=False)} would render {w}x{h} from {gen[0]}x{gen[1]}: {problem[1]}")
     return chain.canonical(), tuple(upscalers)
 
 
@@ -156,7 +168,14 @@ def plan_brief(
     # settings.templates_dir is the templates root (channels.yaml, styles.yaml, prompts/); None = the project's.
     prompts_dir = Path(settings.templates_dir) / "prompts" if settings.templates_dir else None
 
+    folders = None if settings.allow_any_model_path else model_folders(settings, default_model)
+
     for row in brief.rows:
+        refusal = _row_refusal(row, folders)
+        if refusal:
+            problems.append(BriefProblem(file, row.line, *refusal))
+            skipped.append(row)
+            continue
         model_path = row.model or os.fspath(default_model)
         if model_path not in models:
             try:
@@ -164,7 +183,10 @@ def plan_brief(
             except CheckpointError as exc:
                 models[model_path] = f"model {model_path!r} cannot be used: {exc}"
         model = models[model_path]
-        if not isinstance(model, str) and model.kind != "checkpoint":
+        if not isinstance(model, str) and len(model.name) > MODEL_NAME_LENGTH:
+            model = (f"model {model_path!r} is named {quoted(model.name, 40)}, longer than the {MODEL_NAME_LENGTH} "
+                     "characters the database keeps (models.name)")
+        elif not isinstance(model, str) and model.kind != "checkpoint":
             what = {"upscaler": "an upscaler", "lora": "a LoRA", "vae": "a VAE"}.get(model.kind, f"a {model.kind} file")
             model = f"model {model_path!r} is {what}, not a checkpoint" + (
                 " (upscalers go in a channel's upscale chain)" if model.kind == "upscaler" else "")
@@ -184,14 +206,20 @@ def plan_brief(
                 prompts = render_prompts(row, channel, styles=styles, channels=channels, templates_dir=prompts_dir)
                 if not prompts:
                     raise TemplateError(f"template '{channel.template}' rendered no prompt for channel '{channel_name}'")
+                _check_stored_names(channel, prompts)
                 gen_w, gen_h = native_size_for(channel, model.native_size)
+                # The engine's own limits, so a channel or a model's native size it cannot render is a planning problem.
+                if problem := size_problem(gen_w, gen_h, tiled=False):
+                    raise ChainProblem(f"channel '{channel_name}' at native size {model.native_size}: {problem[1]}")
+                if max(channel.width, channel.height) > MAX_SIDE:
+                    raise ChainProblem(f"channel '{channel_name}' delivers {channel.width}x{channel.height}, more than {MAX_SIDE} px a side")
                 post, upscalers = _row_chain(chains, upscaler_files, channel, (gen_w, gen_h), resolve_model, row.license)
                 for i in range(row.variants):
                     prompt = prompts[i % len(prompts)]
                     spec = VariantSpec(
                         campaign=row.campaign, row_key=row.row_id, channel=channel.name, template=prompt.template_name,
                         variant_index=i, prompt=prompt.prompt, negative_prompt=prompt.negative_prompt,
-                        seed=(row.seed + i) % SEED_MODULUS, model_sha256=model.sha256, sampler=settings.sampler,
+                        seed=row.seed + i, model_sha256=model.sha256, sampler=settings.sampler,
                         steps=settings.steps, cfg_scale=settings.cfg_scale, clip_skip=settings.clip_skip,
                         gen_width=gen_w, gen_height=gen_h, out_width=channel.width, out_height=channel.height,
                         out_format=channel.format, out_max_kb=channel.max_kb, postprocess=post,
@@ -213,6 +241,52 @@ def plan_brief(
     if not variants and problems:
         raise BriefError(problems + [BriefProblem(file, None, None, "no row of the brief can be rendered")])
     return Plan(brief=brief, variants=variants, problems=problems, skipped_rows=skipped)
+
+
+def model_folders(settings: Settings, default_model: str | os.PathLike[str]) -> list[Path]:
+    """The folders a brief row's ``model`` may name a file in, resolved (symlinks followed)."""
+    if settings.model_dirs:
+        folders = [Path(d) for d in settings.model_dirs.split(os.pathsep) if d]
+    else:
+        from engine.bundled import bundled_model_path
+
+        folders = [Path("models"), bundled_model_path().parent]
+    folders.append(Path(default_model).parent)
+    return list(dict.fromkeys(f.resolve() for f in folders))
+
+
+def _row_refusal(row: BriefRow, folders: list[Path] | None) -> tuple[str, str] | None:
+    """(column, message) if the row cannot be planned whatever its model holds: a model path outside the model
+    folders, or seeds past 2**63 - 1 (a row built without :func:`flows.brief.read_brief` may have either)."""
+    if row.seed + row.variants - 1 >= SEED_LIMIT:
+        return "seed", (f"{row.seed} + {row.variants} variants passes 2**63 - 1, the largest seed "
+                        f"(use a seed of at most {SEED_LIMIT - row.variants})")
+    if row.model is None or folders is None:
+        return None
+    try:
+        # resolve(): '..' and symlinks cannot lead out of a folder. Only the path is looked at, so the answer is
+        # the same whether or not the file exists.
+        where = Path(row.model).resolve()
+        inside = any(where.is_relative_to(folder) for folder in folders)
+    except (OSError, ValueError, RuntimeError):
+        inside = False
+    if inside:
+        return None
+    return "model", (f"model {quoted(row.model, 200)} is not in a model folder (setting model_dirs; "
+                     "allow_any_model_path lifts this): put the file there, or ask whoever runs adforge to add its folder")
+
+
+def _check_stored_names(channel: ChannelFormat, prompts: list[PromptVariant]) -> None:
+    """The channel and template names go to bounded columns: a channels.yaml name too long for them is a problem
+    here, not a database error half-way through the run."""
+    channel_column, most = COLUMN_LENGTHS["channels"]
+    if len(channel.name) > most:
+        raise TemplateError(f"channel name {quoted(channel.name, 40)} is longer than the {most} characters the database "
+                            f"keeps ({channel_column})")
+    for prompt in prompts:
+        if len(prompt.template_name) > TEMPLATE_LENGTH:
+            raise TemplateError(f"template name {quoted(prompt.template_name, 40)} is longer than the {TEMPLATE_LENGTH} "
+                                "characters the database keeps (prompts.template)")
 
 
 def _row_chain(cache: dict, files: dict[str, ModelInfo | CheckpointError], channel: ChannelFormat, gen: tuple[int, int],

@@ -13,7 +13,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from flows.brief import Brief as ParsedBrief
@@ -24,7 +24,8 @@ from storage.assets import StoredAsset
 from storage.database import Database, audit, retry_transient
 from storage.schema import Asset, Brief, BriefRowRecord, Campaign, PromptRecord, Run, Variant, VariantUpscaler, utcnow
 
-__all__ = ["AssetRecord", "VariantState", "finish_run", "mark_crashed_runs", "record_assets", "record_failure", "start_run", "sync_plan"]
+__all__ = ["AssetRecord", "Claims", "VariantState", "abandon_run", "claim_variants", "finish_run", "mark_crashed_runs",
+           "record_assets", "record_failure", "release_claims", "start_run", "sync_plan"]
 
 RUN_ACTOR = "system:run"
 
@@ -67,20 +68,100 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+# Runs of this process that could not be finished because the database failed (full disk, lost server) while they
+# ended: this process is alive, so mark_crashed_runs would not see them; it marks them failed once it can write.
+_ABANDONED: dict[int, str] = {}
+
+
+def abandon_run(run_id: int, error: str) -> None:
+    """Remember that ``run_id`` ended (with ``error``) but could not be recorded as ended."""
+    _ABANDONED[run_id] = error
+
+
 @retry_transient()
 def mark_crashed_runs(db: Database) -> list[int]:
-    """Runs of this host still 'running' whose process is gone (killed, machine rebooted) become 'crashed'.
-    Runs of other hosts are left alone: only their own host can tell."""
+    """Runs of this host still 'running' whose process is gone (killed, machine rebooted) become 'crashed'; runs of
+    this process whose end could not be recorded (:func:`abandon_run`) become 'failed'. Runs of other hosts are
+    left alone: only their own host can tell."""
     host = socket.gethostname()
     crashed = []
     with db.session() as s:
         for run in s.scalars(select(Run).where(Run.status == "running", Run.host == host)):
-            if run.pid is not None and run.pid != os.getpid() and not _process_alive(run.pid):
+            if run.pid == os.getpid() and run.id in _ABANDONED:
+                error = _ABANDONED[run.id]
+                run.status, run.finished_at, run.error = "failed", utcnow(), error
+                audit(s, actor=RUN_ACTOR, action="run.failed", entity="run", entity_id=run.id, run_id=run.id,
+                      before={"status": "running"}, after={"status": "failed", "error": error, "recorded_late": True})
+                crashed.append(run.id)
+            elif run.pid is not None and run.pid != os.getpid() and not _process_alive(run.pid):
                 run.status, run.finished_at = "crashed", utcnow()
                 audit(s, actor=RUN_ACTOR, action="run.crashed", entity="run", entity_id=run.id, run_id=run.id,
                       before={"status": "running"}, after={"status": "crashed", "pid": run.pid, "host": host})
                 crashed.append(run.id)
+    for run_id in crashed:
+        _ABANDONED.pop(run_id, None)
     return crashed
+
+
+# ------------------------------------------------------------------------------------------------ claims
+
+CLAIM_CHUNK = 500  # ids per statement: under SQLite's bound-parameter limit
+
+
+@dataclass(frozen=True)
+class Claims:
+    """What a claim got: the variants this run renders, and those it leaves to others or that are done."""
+
+    mine: list[int]
+    elsewhere: dict[int, int]  # variant id -> the live run rendering it now
+    done: list[int]
+
+
+@retry_transient()
+def claim_variants(db: Database, run_id: int, variant_ids: list[int]) -> Claims:
+    """Claim ``variant_ids`` for ``run_id`` in one atomic update per chunk: a variant is claimed unless it is done
+    or another *running* run holds it (a claim of a run that ended, failed or crashed is void). Two runs of one
+    brief at once thus never render the same variant; the loser skips it. Re-claiming our own claim is allowed
+    (a retried task, a re-queued worker unit)."""
+    live = select(Run.id).where(Run.status == "running", Run.id != run_id)
+    rows: dict[int, tuple[int | None, str]] = {}
+    with db.session() as s:
+        for i in range(0, len(variant_ids), CLAIM_CHUNK):
+            chunk = variant_ids[i : i + CLAIM_CHUNK]
+            s.execute(
+                update(Variant)
+                .where(Variant.id.in_(chunk), Variant.status != "done",
+                       or_(Variant.claim_run_id.is_(None), Variant.claim_run_id.not_in(live)))
+                .values(claim_run_id=run_id, claimed_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+            rows.update((vid, (claim, status)) for vid, claim, status in s.execute(
+                select(Variant.id, Variant.claim_run_id, Variant.status).where(Variant.id.in_(chunk))))
+    mine, elsewhere, done = [], {}, []
+    for vid in variant_ids:
+        if vid not in rows:
+            continue
+        claim, status = rows[vid]
+        if status == "done":
+            done.append(vid)
+        elif claim == run_id:
+            mine.append(vid)
+        else:
+            elsewhere[vid] = claim
+    return Claims(mine, elsewhere, done)
+
+
+@retry_transient()
+def release_claims(db: Database, run_id: int, variant_ids: list[int]) -> None:
+    """Give back this run's claims on ``variant_ids`` (rendered or failed: either way no longer in hand)."""
+    with db.session() as s:
+        for i in range(0, len(variant_ids), CLAIM_CHUNK):
+            s.execute(
+                update(Variant)
+                .where(Variant.id.in_(variant_ids[i : i + CLAIM_CHUNK]), Variant.claim_run_id == run_id)
+                .values(claim_run_id=None, claimed_at=None)
+                .execution_options(synchronize_session=False)
+            )
 
 
 def _ensure_brief(s, brief: ParsedBrief, name: str | None = None) -> Brief:

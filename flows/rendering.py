@@ -34,7 +34,7 @@ from engine.upscale.chain import Chain, ChainError, Fit, parse_chain
 from engine.upscale.networks import ModelUpscaler, UpscalerError, load_upscaler
 from engine.upscale.runner import UpscalerResolver, apply_hires, apply_pixel_steps
 from flows.counts import RenderCounts
-from flows.recording import AssetRecord, record_assets, record_failure
+from flows.recording import AssetRecord, claim_variants, record_assets, record_failure, release_claims
 from storage.retrying import retry_call
 from storage.assets import AssetStore
 from storage.database import Database
@@ -196,17 +196,38 @@ def _infotext(job: RenderJob, parameters: dict[str, str], quality: int | None) -
 def render_variants(variant_ids: Sequence[int], *, db: Database, store: AssetStore, run_id: int, device: str = "auto",
                     dtype: str = "auto", batch_size: int = 8, on_event: EventFn | None = None) -> RenderCounts:
     """The one way variants are rendered (a campaign task, a device worker, the re-render queue, the benches):
-    load their jobs, get the process's pipeline for their model, and :func:`render_jobs` them. The variants must
-    share a model (a planned batch does). Out-of-memory halving happens inside the engine."""
-    jobs = load_jobs(db, variant_ids)
-    if not jobs:
-        return RenderCounts()
-    pipeline = get_pipeline(jobs[0].model.path, jobs[0].model.sha256, device=device, dtype=dtype,
-                            max_batch_size=batch_size)
-    halvings = pipeline.oom_halvings
-    counts = render_jobs(jobs, pipeline=pipeline, store=store, db=db, run_id=run_id, on_event=on_event)
-    counts.oom_halvings += pipeline.oom_halvings - halvings
-    return counts
+    claim them for ``run_id``, load the jobs this run got, get the process's pipeline for their model, and
+    :func:`render_jobs` them. The variants must share a model (a planned batch does). Out-of-memory halving
+    happens inside the engine.
+
+    Variants done already, or held by another running run (two runs of one brief at once), count as skipped:
+    each variant is rendered by one run only. Claims are given back when the batch ends, rendered or failed."""
+    claims = claim_variants(db, run_id, list(variant_ids))
+    if claims.elsewhere:
+        by_run: dict[int, int] = {}
+        for other in claims.elsewhere.values():
+            by_run[other] = by_run.get(other, 0) + 1
+        log.warning("run %s: skipping %s, being rendered by another run now", run_id,
+                    ", ".join(f"{n} variant(s) of run {other}" for other, n in sorted(by_run.items())))
+    skipped = len(claims.done) + len(claims.elsewhere)
+    if not claims.mine:
+        return RenderCounts(skipped=skipped)
+    try:
+        jobs = load_jobs(db, claims.mine)
+        if not jobs:
+            return RenderCounts(skipped=skipped)
+        pipeline = get_pipeline(jobs[0].model.path, jobs[0].model.sha256, device=device, dtype=dtype,
+                                max_batch_size=batch_size)
+        halvings = pipeline.oom_halvings
+        counts = render_jobs(jobs, pipeline=pipeline, store=store, db=db, run_id=run_id, on_event=on_event)
+        counts.oom_halvings += pipeline.oom_halvings - halvings
+        counts.skipped += skipped
+        return counts
+    finally:
+        try:
+            release_claims(db, run_id, claims.mine)
+        except Exception:  # the database failed; the run's claims are void once it is no longer running anyway
+            log.warning("run %s: could not release its claims on %d variant(s)", run_id, len(claims.mine), exc_info=True)
 
 
 def render_jobs(jobs: Sequence[RenderJob], *, pipeline: Pipeline, store: AssetStore, db: Database, run_id: int,

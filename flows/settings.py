@@ -14,6 +14,8 @@ Defaults need no setup: a SQLite file and an asset folder under ``./adforge-data
     device = "auto"
     devices = "all"          # render workers: all | cpu | cuda:0,cuda:1 (one worker process per entry)
     fan_out = 1              # shards as Prefect flow runs of the campaign-shard deployment (many machines)
+    model_dirs = ["models", "/srv/checkpoints"]   # where a brief's ``model`` column may point
+    brief_max_rows = 20000   # and the other brief_max_* caps (flows/brief_limits.py)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from flows.brief_limits import BriefLimits
 from storage.database import sqlite_url
 
 __all__ = ["ENV_VARS", "Settings", "SettingsError", "devices_problem", "load_settings"]
@@ -37,7 +40,10 @@ ENV_VARS = {
     "device": "ADFORGE_DEVICE",
     "devices": "ADFORGE_DEVICES",
     "fan_out": "ADFORGE_FAN_OUT",
+    "model_dirs": "ADFORGE_MODEL_DIRS",
+    "allow_any_model_path": "ADFORGE_ALLOW_ANY_MODEL_PATH",
 }
+_LIMITS = BriefLimits()
 
 
 class SettingsError(ValueError):
@@ -63,6 +69,19 @@ class Settings:
     fan_out: int = 1
     dtype: str = "auto"
     templates_dir: str | None = None  # None = the project's templates/
+    # Folders a brief's ``model`` column may name files in, joined with os.pathsep (a list in adforge.toml); None =
+    # ./models and the bundled model's folder. The folder of the run's default model is always allowed. A brief
+    # author can otherwise probe the render machine's files ("no such model file", "only 3 bytes").
+    model_dirs: str | None = None
+    allow_any_model_path: bool = False
+    # Caps on a brief, checked while it is read (flows/brief_limits.py says what each counts).
+    brief_max_bytes: int = _LIMITS.max_bytes
+    brief_max_xlsx_bytes: int = _LIMITS.max_xlsx_bytes
+    brief_max_rows: int = _LIMITS.max_rows
+    brief_max_cells: int = _LIMITS.max_cells
+    brief_max_cell_chars: int = _LIMITS.max_cell_chars
+    brief_max_variants_per_row: int = _LIMITS.max_variants_per_row
+    brief_max_variants_per_brief: int = _LIMITS.max_variants_per_brief
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,8 +101,19 @@ class Settings:
 _TYPES = {f.name: f.type for f in fields(Settings)}
 
 
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
 def _coerce(name: str, value: Any, source: str) -> Any:
     kind = _TYPES[name]
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise SettingsError(f"{source}: '{name}' must be true or false, got {value!r}")
+    if name == "model_dirs" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return os.pathsep.join(value)
     try:
         if kind == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -152,7 +182,9 @@ def load_settings(overrides: dict[str, Any] | None = None, *, config: str | os.P
             values[key] = _coerce(key, value, "command line")
             sources[key] = "command line"
     settings = Settings(**values)
-    for key, low in (("steps", 1), ("batch_size", 1), ("cfg_scale", 0), ("fan_out", 1)):
+    limits = tuple((f"brief_max_{name}", 1) for name in ("bytes", "xlsx_bytes", "rows", "cells", "cell_chars",
+                                                          "variants_per_row", "variants_per_brief"))
+    for key, low in (("steps", 1), ("batch_size", 1), ("cfg_scale", 0), ("fan_out", 1), *limits):
         if getattr(settings, key) < low:
             raise SettingsError(f"{sources.get(key, 'default')}: '{key}' must be >= {low}, got {getattr(settings, key)!r}")
     problem = devices_problem(settings.devices)
@@ -161,4 +193,7 @@ def load_settings(overrides: dict[str, Any] | None = None, *, config: str | os.P
     # A relative local store path in a config file or variable is relative to where adforge runs.
     if "://" not in settings.store_url:
         settings = replace(settings, store_url=(base / settings.store_url).resolve().as_posix())
+    if settings.model_dirs:  # likewise its model folders
+        folders = [(base / d).resolve().as_posix() for d in settings.model_dirs.split(os.pathsep) if d.strip()]
+        settings = replace(settings, model_dirs=os.pathsep.join(folders) or None)
     return settings

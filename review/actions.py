@@ -7,6 +7,8 @@ nothing (approving an approved variant) writes nothing.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +20,7 @@ from storage.review_schema import REVIEW_STATUSES, RerenderRequest, ReviewSettin
 from storage.schema import Asset, BriefRowRecord, Campaign, PromptRecord, Variant, utcnow
 from storage.variants import load_variants
 
-__all__ = ["ActionError", "GROUPS", "ReviewChange", "apply_review", "queue_rerender", "set_review_settings"]
+__all__ = ["ActionError", "GROUPS", "ReviewChange", "SamplerNames", "apply_review", "queue_rerender", "set_review_settings"]
 
 # Keys 1..9 in the gallery pick groups A..I: nine arms is already more than any A/B test has traffic for.
 GROUPS = tuple("ABCDEFGHI")
@@ -105,7 +107,32 @@ def apply_review(db: Database, variant_id: int, change: ReviewChange, *, actor: 
 _OVERRIDABLE = {"seed": int, "steps": int, "cfg_scale": float, "sampler": str}
 
 
-def _check_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+def _fold(name: str) -> str:
+    return re.sub(r"[\s_\-]+", "", name.strip().lower())
+
+
+class SamplerNames:
+    """The samplers a re-render may ask for: each accepted spelling -> its display name. This package must not
+    import the engine, so whoever builds the gallery hands them over (``adforge gallery`` takes them from
+    ``engine.samplers``); a name is resolved to its display name when the request is queued, so a request the
+    worker could not render never enters the queue. Case, spaces, ``_`` and ``-`` do not matter."""
+
+    def __init__(self, names: Mapping[str, str]):
+        self._lookup = {_fold(k): v for k, v in names.items()} | {_fold(v): v for v in names.values()}
+        self.display = tuple(dict.fromkeys(names.values()))
+
+    def resolve(self, name: str) -> str:
+        if not self.display:
+            raise ActionError("this gallery was started without the list of samplers, so a re-render cannot change "
+                              "the sampler")
+        found = self._lookup.get(_fold(name))
+        if found is None:
+            shown = name if len(name) <= 64 else name[:64] + "…"
+            raise ActionError(f"unknown sampler {shown!r} (known: {', '.join(self.display)})")
+        return found
+
+
+def _check_overrides(overrides: dict[str, Any], samplers: SamplerNames | None, current_sampler: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in overrides.items():
         if value is None or value == "":
@@ -118,27 +145,31 @@ def _check_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError
             value = kind(value)
         except (TypeError, ValueError):
-            raise ActionError(f"{name} must be a {kind.__name__}, got {value!r}") from None
+            shown = repr(value)
+            raise ActionError(f"{name} must be a {kind.__name__}, got {shown if len(shown) <= 40 else shown[:40] + '…'}") from None
         if name == "seed" and not 0 <= value < 2**63:
             raise ActionError("seed must lie in 0 .. 2^63-1")
         if name == "steps" and not 1 <= value <= 500:
             raise ActionError("steps must lie in 1 .. 500")
         if name == "cfg_scale" and not 0 <= value <= 50:
             raise ActionError("cfg_scale must lie in 0 .. 50")
-        if name == "sampler" and not 0 < len(value.strip()) <= 64:
-            raise ActionError("sampler must be a name of 1-64 characters")
-        out[name] = value.strip() if isinstance(value, str) else value
+        if name == "sampler":
+            # The variant's own sampler needs no list: the page's form always sends it back.
+            value = current_sampler if value.strip() == current_sampler else (samplers or SamplerNames({})).resolve(value)
+        out[name] = value
     return out
 
 
-def queue_rerender(db: Database, variant_id: int, *, actor: str, overrides: dict[str, Any] | None = None) -> tuple[int, bool]:
+def queue_rerender(db: Database, variant_id: int, *, actor: str, overrides: dict[str, Any] | None = None,
+                   samplers: SamplerNames | None = None) -> tuple[int, bool]:
     """Queue one variant for rendering again with its recorded settings (optionally a new seed, steps, CFG or
-    sampler). Returns (request id, whether it is new): the same request already waiting is not queued twice."""
-    changes = _check_overrides(overrides or {})
+    sampler, one of ``samplers``). Returns (request id, whether it is new): the same request already waiting is not
+    queued twice."""
     with db.session() as s:
         found = load_variants(s, [variant_id]).get(variant_id)
         if found is None:
             raise ActionError(f"no variant {variant_id}", status=404)
+        changes = _check_overrides(overrides or {}, samplers, found.spec.sampler)
         variation_index = s.scalar(select(PromptRecord.variation_index).where(PromptRecord.id == found.prompt_id))
         # A copy of everything that determines the image: the worker must not depend on rows that may change.
         settings = {

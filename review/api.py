@@ -11,6 +11,8 @@ from sqlalchemy import select
 
 from review.actions import ReviewChange, apply_review, queue_rerender
 from review.files import asset_response, safe_key
+from review.ids import Id
+from review.middleware import LimitedRoute
 from review.queries import campaign_of_variant, readiness, review_config, variant_detail
 from review.security import CurrentUser, current_user, require_role
 from review.thumbs import THUMB_WIDTHS
@@ -18,7 +20,7 @@ from storage.schema import Asset
 
 __all__ = ["router"]
 
-router = APIRouter()
+router = APIRouter(route_class=LimitedRoute)
 Viewer = Annotated[CurrentUser, Depends(current_user)]
 Reviewer = Annotated[CurrentUser, Depends(require_role("reviewer"))]
 
@@ -53,7 +55,7 @@ def review_result(request: Request, variant_id: int, state: dict[str, Any], chan
 
 
 @router.get("/api/variants/{variant_id}")
-def api_variant(request: Request, variant_id: int, user: Viewer) -> dict[str, Any]:
+def api_variant(request: Request, variant_id: Id, user: Viewer) -> dict[str, Any]:
     with request.app.state.db.session() as s:
         detail = variant_detail(s, variant_id)
     if detail is None:
@@ -64,7 +66,7 @@ def api_variant(request: Request, variant_id: int, user: Viewer) -> dict[str, An
 
 
 @router.post("/api/variants/{variant_id}/review")
-def api_review(request: Request, variant_id: int, body: ReviewBody, user: Reviewer) -> dict[str, Any]:
+def api_review(request: Request, variant_id: Id, body: ReviewBody, user: Reviewer) -> dict[str, Any]:
     fields = body.model_fields_set
     change = ReviewChange(
         status=body.status,
@@ -76,8 +78,8 @@ def api_review(request: Request, variant_id: int, body: ReviewBody, user: Review
 
 
 @router.post("/api/variants/{variant_id}/rerender")
-def api_rerender(request: Request, variant_id: int, body: RerenderBody, user: Reviewer) -> dict[str, Any]:
-    request_id, new = queue_rerender(request.app.state.db, variant_id, actor=user.name,
+def api_rerender(request: Request, variant_id: Id, body: RerenderBody, user: Reviewer) -> dict[str, Any]:
+    request_id, new = queue_rerender(request.app.state.db, variant_id, actor=user.name, samplers=request.app.state.samplers,
                                      overrides=body.model_dump(exclude_none=True))
     return {"variant_id": variant_id, "request_id": request_id, "queued": new}
 
@@ -94,7 +96,7 @@ def _asset(request: Request, asset_id: int) -> Asset:
 
 
 @router.get("/thumbs/{asset_id}")
-def thumbnail(request: Request, asset_id: int, user: Viewer,
+def thumbnail(request: Request, asset_id: Id, user: Viewer,
               w: Annotated[int, Query(description=f"one of {THUMB_WIDTHS}")] = 320) -> Response:
     if w not in THUMB_WIDTHS:
         raise HTTPException(404, f"thumbnail widths are {', '.join(map(str, THUMB_WIDTHS))}")
@@ -118,7 +120,7 @@ def _serve(request: Request, asset: Asset) -> Response:
 
 
 @router.get("/assets/{asset_id}")
-def full_size(request: Request, asset_id: int, user: Viewer) -> Response:
+def full_size(request: Request, asset_id: Id, user: Viewer) -> Response:
     return _serve(request, _asset(request, asset_id))
 
 

@@ -2,15 +2,19 @@
 
 Pages (server-rendered Jinja2, autoescaped) and a small JSON API that the gallery's JavaScript uses for keyboard
 review. Everything needs a signed-in user (``adforge users add``); every change needs the reviewer role and the
-session's CSRF token, and is written to the audit log in the same transaction.
+session's CSRF token, and is written to the audit log in the same transaction. Limits (request bodies, form
+fields, sign-in failures, session length) come from :class:`review.config.GalleryConfig`; the layers that enforce
+them before a route runs are in :mod:`review.middleware`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -23,8 +27,11 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
-from review.actions import ActionError
+from review.actions import ActionError, SamplerNames
+from review.config import GalleryConfig
 from review.files import S3Delivery
+from review.ids import MAX_ID
+from review.middleware import ACCESS_LOGGER, AccessLog, BodyLimit, SecurityHeaders, SignedInGate, wants_json
 from review.queries import ReviewConfig
 from review.security import LoginRequired, csrf_guard, csrf_token, optional_user
 from review.thumbs import ThumbnailCache, default_cache_dir
@@ -34,9 +41,8 @@ from storage.database import open_database
 __all__ = ["create_app"]
 
 HERE = Path(__file__).resolve().parent
-SESSION_HOURS = 12
-# Paths whose clients are scripts or <img> tags: they get status codes, never a redirect to the sign-in page.
-_MACHINE_PREFIXES = ("/api/", "/thumbs/", "/assets/", "/files/")
+# Routes that take files: they get GalleryConfig.max_upload_bytes, every other route max_body_bytes.
+UPLOAD_ROUTES = (("POST", re.compile(r"/campaigns/[^/]+/results")),)
 
 
 def _templates() -> Jinja2Templates:
@@ -77,18 +83,25 @@ def create_app(
     s3_delivery: S3Delivery = "presign",
     presign_seconds: int = 300,
     secure_cookies: bool = False,
+    config: GalleryConfig | None = None,
+    samplers: Mapping[str, str] | None = None,
 ) -> FastAPI:
     """The gallery for one database and asset store.
 
     ``secret_key`` signs session cookies (default: random per process, so a restart signs everyone out);
     ``approvals_needed`` / ``confidence`` are the defaults for campaigns without their own review settings;
     ``s3_delivery`` is ``"presign"`` (redirect to a URL valid ``presign_seconds``) or ``"proxy"``;
-    ``secure_cookies`` marks the session cookie Secure (serve over HTTPS then).
+    ``secure_cookies`` marks the session cookie Secure (serve over HTTPS then); ``config``: limits and account
+    rules; ``samplers``: the sampler names a re-render may ask for, each accepted spelling -> its display name
+    (the caller takes them from the engine, which this package must not import; without them a re-render cannot
+    change the sampler).
     """
     if s3_delivery not in ("presign", "proxy"):
         raise ValueError(f"s3_delivery must be 'presign' or 'proxy', got {s3_delivery!r}")
     if not 10 <= presign_seconds <= 3600:
         raise ValueError("presign_seconds must lie in 10 .. 3600: presigned URLs are meant to be short-lived")
+    config = config or GalleryConfig()
+    log_file = _access_log_file(config.access_log)
     db = open_database(db_url)
     store = open_store(store_url)
 
@@ -96,6 +109,9 @@ def create_app(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
         db.dispose()
+        if log_file is not None:
+            logging.getLogger(ACCESS_LOGGER).removeHandler(log_file)
+            log_file.close()
 
     app = FastAPI(title="adforge review gallery", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan,
                   dependencies=[Depends(csrf_guard)])
@@ -106,32 +122,24 @@ def create_app(
     app.state.s3_delivery = s3_delivery
     app.state.presign_seconds = presign_seconds
     app.state.templates = _templates()
+    app.state.config = config
+    app.state.samplers = SamplerNames(samplers or {})
     img_src = _img_sources(store, s3_delivery)
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        # No inline script anywhere: with this policy an injected <script> would not run even if escaping failed.
-        response.headers.setdefault(
-            "Content-Security-Policy",
-            f"default-src 'self'; img-src {img_src}; script-src 'self'; style-src 'self'; object-src 'none'; "
-            "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
-        )
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        return response
-
-    # Added last = outermost: the session exists before the CSRF guard and the routes look at it.
-    app.add_middleware(SessionMiddleware, secret_key=secret_key or secrets.token_urlsafe(32),
-                       session_cookie="adforge_session", max_age=SESSION_HOURS * 3600, same_site="lax",
-                       https_only=secure_cookies)
+    # No inline script anywhere: with this policy an injected <script> would not run even if escaping failed.
+    security_headers = {
+        "Content-Security-Policy": f"default-src 'self'; img-src {img_src}; script-src 'self'; style-src 'self'; "
+                                   "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "same-origin",
+        "X-Frame-Options": "DENY",
+    }
 
     def machine(request: Request) -> bool:
-        return request.url.path.startswith(_MACHINE_PREFIXES)
+        return wants_json(request.scope)
 
     def error_page(request: Request, status: int, message: str) -> Response:
-        if machine(request) or request.headers.get("accept", "").startswith("application/json"):
+        if machine(request):
             return JSONResponse({"detail": message}, status_code=status)
         return app.state.templates.TemplateResponse(
             request, "error.html", {"status": status, "message": message, "user": optional_user(request),
@@ -143,6 +151,12 @@ def create_app(
             return JSONResponse({"detail": "sign in first"}, status_code=401)
         return RedirectResponse(f"/login?next={exc.next_url}", status_code=303)
 
+    def refused(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, LoginRequired):
+            return JSONResponse({"detail": "sign in first"}, status_code=401) if machine(request) else \
+                RedirectResponse("/login", status_code=303)
+        return error_page(request, getattr(exc, "status_code", 403), str(getattr(exc, "detail", exc)))
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         return error_page(request, exc.status_code, str(exc.detail))
@@ -153,12 +167,47 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
-        return error_page(request, 422 if machine(request) else 400, problems or "invalid request")
+        errors = exc.errors()
+        path_errors = [e for e in errors if tuple(e.get("loc", ()))[:1] == ("path",)]
+        if path_errors:
+            # /assets/abc, /assets/-1, /assets/99999999999999999999: no such thing, said in one line.
+            e = path_errors[0]
+            shown = str(e.get("input", ""))
+            shown = shown if len(shown) <= 40 else shown[:40] + "…"
+            return error_page(request, 404, f"not found: {e['loc'][-1]} must be an id (1 .. {MAX_ID}), got {shown!r}")
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors[:5])
+        in_body = any(tuple(e.get("loc", ()))[:1] == ("body",) for e in errors)
+        return error_page(request, 422 if machine(request) and in_body else 400, problems or "invalid request")
 
     from review import api, pages  # the routers need app.state only at request time
 
     app.include_router(pages.router)
     app.include_router(api.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+
+    # Each layer added wraps the ones added before it. Innermost the gate (the session is there, nothing has read
+    # the body yet); outermost the body cap and the access log, which so see every request, refused ones too.
+    app.add_middleware(SignedInGate, refuse=refused)
+    app.add_middleware(SecurityHeaders, headers=security_headers)
+    app.add_middleware(SessionMiddleware, secret_key=secret_key or secrets.token_urlsafe(32),
+                       session_cookie="adforge_session", max_age=config.session_hours * 3600, same_site="lax",
+                       https_only=secure_cookies)
+    app.add_middleware(BodyLimit, default=config.max_body_bytes,
+                       routes=[(method, path, config.max_upload_bytes) for method, path in UPLOAD_ROUTES])
+    app.add_middleware(AccessLog)
     return app
+
+
+def _access_log_file(path: str | None) -> logging.Handler | None:
+    """A file for the access log (besides whatever handles logger ``adforge.access``), None when not configured."""
+    logger = logging.getLogger(ACCESS_LOGGER)
+    logger.setLevel(logging.INFO)
+    if not path:
+        return None
+    try:
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"access log {path}: cannot open it: {exc.strerror or exc}") from None
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    return handler

@@ -61,6 +61,13 @@ MANIFEST_COLUMNS = [
 ]
 _EXT = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can say: reproducible archives
+# File systems take 255 bytes per name; unzip tools add suffixes of their own. A longer part of a name is cut and
+# gets a hash of the whole part, so two long names stay two names.
+MAX_PART_BYTES = 150
+MAX_NAME_BYTES = 1000
+MAX_SPEC_NUMBER = 255  # widths and precisions in {seed:>20}: more only makes huge names (or none at all)
+_SAMPLE = {"campaign": "c", "row": "r", "channel": "ch", "width": 1, "height": 1, "label": "A", "group": "A",
+           "index": "01", "seed": 1, "asset_id": 1, "ext": "png"}
 
 
 class ExportError(RuntimeError):
@@ -113,12 +120,55 @@ def _slug(text: str) -> str:
 
 
 def check_pattern(pattern: str) -> str:
-    fields = {name for _, name, _, _ in string.Formatter().parse(pattern) if name is not None}
+    shown = pattern if len(pattern) <= 80 else pattern[:80] + "…"
+    if len(pattern.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ExportError(f"file name pattern {shown!r}: longer than {MAX_NAME_BYTES} bytes")
+    try:
+        parsed = list(string.Formatter().parse(pattern))
+    except ValueError as exc:  # a lone "{" or "}"
+        raise ExportError(f"file name pattern {shown!r}: {exc}") from None
+    fields = {name for _, name, _, _ in parsed if name is not None}
     unknown = fields - PLACEHOLDERS
     if unknown:
-        raise ExportError(f"file name pattern {pattern!r}: unknown placeholder(s) {sorted(unknown)} "
+        raise ExportError(f"file name pattern {shown!r}: unknown placeholder(s) {sorted(unknown)} "
                           f"(known: {', '.join(sorted(PLACEHOLDERS))})")
+    for _, name, spec, _ in parsed:
+        if not spec:
+            continue
+        if "{" in spec or "}" in spec:
+            raise ExportError(f"file name pattern {shown!r}: {{{name}:...}} may not hold another placeholder")
+        if any(len(n) > 3 or int(n) > MAX_SPEC_NUMBER for n in re.findall(r"\d+", spec)):
+            spec_shown = spec if len(spec) <= 20 else spec[:20] + "…"
+            raise ExportError(f"file name pattern {shown!r}: width or precision in {{{name}:{spec_shown}}} is over "
+                              f"{MAX_SPEC_NUMBER}")
+    try:
+        pattern.format(**_SAMPLE)  # a format spec that does not fit the value ({campaign:d}) fails here, not mid-export
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise ExportError(f"file name pattern {shown!r}: {exc}") from None
     return pattern
+
+
+def _cut_utf8(text: str, max_bytes: int) -> str:
+    return text.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
+
+
+def cap_name(name: str) -> str:
+    """``name`` with each "/"-separated part at most MAX_PART_BYTES (UTF-8): a longer part keeps its start and its
+    extension and gets "~" + 10 hex of its sha256, so different long parts stay different."""
+    parts = name.split("/")
+    for i, part in enumerate(parts):
+        if len(part.encode("utf-8")) <= MAX_PART_BYTES:
+            continue
+        stem, dot, ext = part.rpartition(".")
+        ext = f".{ext}" if dot and stem and len(ext.encode("utf-8")) <= 16 else ""
+        stem = stem if ext else part
+        tag = "~" + hashlib.sha256(part.encode("utf-8")).hexdigest()[:10]
+        parts[i] = _cut_utf8(stem, MAX_PART_BYTES - len(tag) - len(ext.encode("utf-8"))) + tag + ext
+    capped = "/".join(parts)
+    if len(capped.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ExportError(f"file name {capped[:60]!r}… is longer than {MAX_NAME_BYTES} bytes even with each part cut to "
+                          f"{MAX_PART_BYTES}; use a pattern with fewer '/' parts")
+    return capped
 
 
 def _names(items: list[dict[str, Any]], naming: dict[str, str]) -> list[str]:
@@ -131,7 +181,11 @@ def _names(items: list[dict[str, Any]], naming: dict[str, str]) -> list[str]:
             "width": item["width"], "height": item["height"], "label": label, "group": item["group"] or "",
             "index": f"{item['index']:02d}", "seed": item["seed"], "asset_id": item["asset_id"], "ext": item["ext"],
         }
-        name = naming.get(item["channel"], CHANNEL_PATTERNS.get(item["channel"], DEFAULT_PATTERN)).format(**values)
+        pattern = naming.get(item["channel"], CHANNEL_PATTERNS.get(item["channel"], DEFAULT_PATTERN))
+        try:
+            name = cap_name(pattern.format(**values))
+        except (ValueError, TypeError) as exc:
+            raise ExportError(f"file name pattern {pattern[:80]!r} for asset {item['asset_id']}: {exc}") from None
         try:
             return validate_key(name)  # no absolute paths, '..' or backslashes inside the zip (zip-slip)
         except ValueError as exc:

@@ -16,22 +16,24 @@ from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
 from review.actions import GROUPS, ReviewChange, apply_review, queue_rerender, set_review_settings
 from review.audit_export import audit_export, to_csv, to_json
-from review.auth import authenticate
 from review.export import ExportError, export_campaign
+from review.ids import Id, parse_id
+from review.middleware import LimitedRoute, human_size
 from review.queries import Filters, campaign_summaries, gallery, review_config, rows_overview, variant_detail
 from review.results import METRICS, ResultsError, ab_tests, import_results
-from review.security import CurrentUser, csrf_token, current_user, optional_user, require_role, start_session
+from review.security import (CurrentUser, client_address, csrf_token, current_user, end_session, optional_user,
+                             require_role, start_session)
+from review.signin import sign_in
 from review.thumbs import THUMB_WIDTHS
 from storage.review_schema import REVIEW_STATUSES
 from storage.schema import Campaign
 
 __all__ = ["router"]
 
-router = APIRouter()
+router = APIRouter(route_class=LimitedRoute)
 Viewer = Annotated[CurrentUser, Depends(current_user)]
 Reviewer = Annotated[CurrentUser, Depends(require_role("reviewer"))]
 Admin = Annotated[CurrentUser, Depends(require_role("admin"))]
-MAX_RESULTS_BYTES = 20 * 1024 * 1024
 _CHUNK = 1024 * 1024
 # Grid thumbnails loaded eagerly (the rest are lazy): about a screenful of cards at 1920x1080.
 EAGER_THUMBS = 40
@@ -82,17 +84,20 @@ def login_page(request: Request, next: str = "/") -> Response:
 @router.post("/login")
 def login(request: Request, name: Annotated[str, Form()], password: Annotated[str, Form()],
           next: Annotated[str, Form()] = "/") -> Response:
-    user = authenticate(request.app.state.db, name.strip(), password)
-    if user is None:
-        return render(request, "login.html", {"next": _safe_next(next), "error": "Wrong name or password.", "name": name},
-                      status=401)
-    start_session(request, user)
+    result = sign_in(request.app.state.db, name, password, address=client_address(request), config=request.app.state.config)
+    if result.user is None:
+        response = render(request, "login.html", {"next": _safe_next(next), "error": result.message, "name": name[:64]},
+                          status=result.status)
+        if result.retry_after:
+            response.headers["Retry-After"] = str(result.retry_after)
+        return response
+    start_session(request, result.user)
     return back(_safe_next(next))
 
 
 @router.post("/logout")
 def logout(request: Request) -> Response:
-    request.session.clear()
+    end_session(request)  # the session's row is revoked: a copy of the cookie no longer signs anyone in
     return back("/login")
 
 
@@ -112,7 +117,7 @@ def campaigns(request: Request, user: Viewer) -> Response:
 
 
 @router.get("/campaigns/{campaign_id}")
-def campaign_page(request: Request, campaign_id: int, user: Viewer) -> Response:
+def campaign_page(request: Request, campaign_id: Id, user: Viewer) -> Response:
     campaign = _campaign(request, campaign_id)
     with request.app.state.db.session() as s:
         config = review_config(s, campaign_id, request.app.state.defaults)
@@ -121,7 +126,7 @@ def campaign_page(request: Request, campaign_id: int, user: Viewer) -> Response:
 
 
 @router.post("/campaigns/{campaign_id}/settings")
-def campaign_settings(request: Request, campaign_id: int, user: Admin, approvals_needed: Annotated[int, Form()],
+def campaign_settings(request: Request, campaign_id: Id, user: Admin, approvals_needed: Annotated[int, Form()],
                       confidence: Annotated[float, Form()]) -> Response:
     set_review_settings(request.app.state.db, campaign_id, approvals_needed=approvals_needed, confidence=confidence,
                         actor=user.name, defaults=request.app.state.defaults)
@@ -135,11 +140,7 @@ def campaign_settings(request: Request, campaign_id: int, user: Admin, approvals
 def _filters(status: str | None, channel: str | None, template: str | None, model: str | None, row: str | None,
              starred: str | None, group: str | None) -> Filters:
     def number(value: str | None, what: str) -> int | None:
-        if not value:
-            return None
-        if not value.isdigit():
-            raise HTTPException(400, f"{what} must be an id")
-        return int(value)
+        return parse_id(value, what) if value else None
 
     if status and status not in REVIEW_STATUSES:
         raise HTTPException(400, f"status must be one of {', '.join(REVIEW_STATUSES)}")
@@ -151,7 +152,7 @@ def _filters(status: str | None, channel: str | None, template: str | None, mode
 
 
 @router.get("/campaigns/{campaign_id}/gallery")
-def gallery_page(request: Request, campaign_id: int, user: Viewer, status: str | None = None, channel: str | None = None,
+def gallery_page(request: Request, campaign_id: Id, user: Viewer, status: str | None = None, channel: str | None = None,
                  template: str | None = None, model: str | None = None, row: str | None = None,
                  starred: str | None = None, group: str | None = None) -> Response:
     campaign = _campaign(request, campaign_id)
@@ -168,16 +169,16 @@ def gallery_page(request: Request, campaign_id: int, user: Viewer, status: str |
 
 
 @router.get("/variants/{variant_id}")
-def variant_page(request: Request, variant_id: int, user: Viewer) -> Response:
+def variant_page(request: Request, variant_id: Id, user: Viewer) -> Response:
     with request.app.state.db.session() as s:
         detail = variant_detail(s, variant_id)
     if detail is None:
         raise HTTPException(404, f"no reviewable variant {variant_id}")
-    return render(request, "variant.html", {"v": detail})
+    return render(request, "variant.html", {"v": detail, "samplers": request.app.state.samplers.display})
 
 
 @router.post("/variants/{variant_id}/review")
-def variant_review(request: Request, variant_id: int, user: Reviewer, status: Annotated[str | None, Form()] = None,
+def variant_review(request: Request, variant_id: Id, user: Reviewer, status: Annotated[str | None, Form()] = None,
                    starred: Annotated[str | None, Form()] = None, group: Annotated[str | None, Form()] = None) -> Response:
     kwargs: dict[str, Any] = {}
     if status:
@@ -192,10 +193,10 @@ def variant_review(request: Request, variant_id: int, user: Reviewer, status: An
 
 
 @router.post("/variants/{variant_id}/rerender")
-def variant_rerender(request: Request, variant_id: int, user: Reviewer, seed: Annotated[str | None, Form()] = None,
+def variant_rerender(request: Request, variant_id: Id, user: Reviewer, seed: Annotated[str | None, Form()] = None,
                      steps: Annotated[str | None, Form()] = None, cfg_scale: Annotated[str | None, Form()] = None,
                      sampler: Annotated[str | None, Form()] = None) -> Response:
-    request_id, new = queue_rerender(request.app.state.db, variant_id, actor=user.name,
+    request_id, new = queue_rerender(request.app.state.db, variant_id, actor=user.name, samplers=request.app.state.samplers,
                                      overrides={"seed": seed, "steps": steps, "cfg_scale": cfg_scale, "sampler": sampler})
     flash(request, f"Re-render request #{request_id} " + ("queued." if new else "was already waiting in the queue."))
     return back(f"/variants/{variant_id}")
@@ -203,10 +204,10 @@ def variant_rerender(request: Request, variant_id: int, user: Reviewer, seed: An
 
 @router.get("/compare")
 def compare_page(request: Request, user: Viewer, ids: str = "") -> Response:
-    try:
-        wanted = list(dict.fromkeys(int(x) for x in ids.split(",") if x.strip()))
-    except ValueError:
-        raise HTTPException(400, "ids must be variant ids separated by commas") from None
+    parts = [x for x in ids.split(",", 13) if x.strip()]
+    if len(parts) > 12:
+        raise HTTPException(400, "compare needs 2 to 12 variants")
+    wanted = list(dict.fromkeys(parse_id(x, "ids (variant ids separated by commas)") for x in parts))
     if not 2 <= len(wanted) <= 12:
         raise HTTPException(400, "compare needs 2 to 12 variants")
     with request.app.state.db.session() as s:
@@ -231,7 +232,7 @@ def _stream(handle: IO[bytes]) -> Iterator[bytes]:
 
 
 @router.post("/campaigns/{campaign_id}/export")
-def export(request: Request, campaign_id: int, user: Viewer, approved: Annotated[str | None, Form()] = None) -> Response:
+def export(request: Request, campaign_id: Id, user: Viewer, approved: Annotated[str | None, Form()] = None) -> Response:
     campaign = _campaign(request, campaign_id)
     approved_only = approved in ("1", "on", "true")
     handle = tempfile.TemporaryFile()
@@ -252,7 +253,7 @@ def export(request: Request, campaign_id: int, user: Viewer, approved: Annotated
 
 
 @router.get("/campaigns/{campaign_id}/results")
-def results_page(request: Request, campaign_id: int, user: Viewer, metric: str = "ctr") -> Response:
+def results_page(request: Request, campaign_id: Id, user: Viewer, metric: str = "ctr") -> Response:
     if metric not in METRICS:
         raise HTTPException(400, f"metric must be one of {', '.join(METRICS)}")
     campaign = _campaign(request, campaign_id)
@@ -264,14 +265,17 @@ def results_page(request: Request, campaign_id: int, user: Viewer, metric: str =
 
 
 @router.post("/campaigns/{campaign_id}/results")
-async def results_upload(request: Request, campaign_id: int, user: Reviewer, file: Annotated[UploadFile, File()]) -> Response:
+def results_upload(request: Request, campaign_id: Id, user: Reviewer, file: Annotated[UploadFile, File()]) -> Response:
+    # A plain def: FastAPI runs it in a worker thread, so a long import does not hold up other requests.
     campaign = _campaign(request, campaign_id)
-    data = await file.read(MAX_RESULTS_BYTES + 1)
-    if len(data) > MAX_RESULTS_BYTES:
-        raise HTTPException(413, "results files are limited to 20 MB")
+    limit = request.app.state.config.max_upload_bytes
+    if file.size is not None and file.size > limit:  # the body cap stops a bigger one; this is the file's own limit
+        raise HTTPException(413, f"results files are limited to {human_size(limit)}")
     source = file.filename or "upload.csv"
+    file.file.seek(0)
     try:
-        summary = import_results(request.app.state.db, data, source, actor=user.name, campaign_id=campaign_id)
+        # The spooled upload itself, read as a stream: the file is never held in memory whole.
+        summary = import_results(request.app.state.db, file.file, source, actor=user.name, campaign_id=campaign_id)
     except ResultsError as exc:
         with request.app.state.db.session() as s:
             config = review_config(s, campaign_id, request.app.state.defaults)
@@ -286,7 +290,7 @@ async def results_upload(request: Request, campaign_id: int, user: Reviewer, fil
 
 
 @router.get("/campaigns/{campaign_id}/audit.{fmt}")
-def audit_download(request: Request, campaign_id: int, fmt: str, user: Viewer) -> Response:
+def audit_download(request: Request, campaign_id: Id, fmt: str, user: Viewer) -> Response:
     if fmt not in ("csv", "json"):
         raise HTTPException(404, "audit exports are .csv or .json")
     campaign = _campaign(request, campaign_id)

@@ -3,7 +3,8 @@
 A results file is a CSV with a header: ``asset_id`` or ``file_name`` (the name in an export's manifest, or the
 asset's storage key), ``impressions``, ``clicks`` and optionally ``conversions``. Header names are
 case-insensitive (``Asset ID``, ``asset-id``). The import is all or nothing: any problem (unknown asset, bad
-number, more clicks than impressions, an asset listed twice) rejects the file with every problem listed.
+number, more clicks than impressions, an asset listed twice) rejects the file, with its first problems listed
+(:mod:`review.results_csv` reads it as a stream and bounds rows, lines, cells and the list of problems).
 
 An A/B test is one brief row and channel; its arms are the A/B groups reviewers assigned there, each the sum of
 its assets' numbers. :func:`review.stats.verdict` names the winner, if any.
@@ -11,30 +12,29 @@ its assets' numbers. :func:`review.stats.verdict` names the winner, if any.
 
 from __future__ import annotations
 
-import csv
-import io
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from itertools import islice
+from typing import BinaryIO, Literal
 
 import pandas as pd
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from review.results_csv import MAX_PROBLEMS, ParsedResult, Problems, read_results, shown
 from review.stats import Arm, Verdict, verdict
 from storage.database import Database, audit
 from storage.review_schema import ABResult, ExportRecord, ReviewState
 from storage.schema import Asset, BriefRowRecord, Variant, utcnow
 from storage.variants import with_joins
 
-__all__ = ["ABTest", "GroupStats", "ImportSummary", "METRICS", "ResultsError", "ab_tests", "import_results", "parse_results"]
+__all__ = ["ABTest", "GroupStats", "ImportSummary", "METRICS", "ParsedResult", "ResultsError", "ab_tests",
+           "import_results", "parse_results"]
 
 Metric = Literal["ctr", "conversion"]
 METRICS: dict[str, str] = {"ctr": "clicks / impressions", "conversion": "conversions / impressions"}
-_ALIASES = {
-    "asset_id": "asset_id", "asset": "asset_id", "id": "asset_id",
-    "file_name": "file_name", "filename": "file_name", "file": "file_name",
-    "impressions": "impressions", "clicks": "clicks", "conversions": "conversions",
-}
+# Rows looked up per query: well under SQLite's bound-parameter limit, few round trips for a large file.
+LOOKUP_CHUNK = 500
 
 
 class ResultsError(ValueError):
@@ -43,92 +43,14 @@ class ResultsError(ValueError):
         self.problems = problems
 
 
-@dataclass(frozen=True)
-class ParsedResult:
-    line: int
-    asset_id: int | None
-    file_name: str | None
-    impressions: int
-    clicks: int
-    conversions: int
-
-
-def _norm(name: str) -> str:
-    return "_".join(name.strip().lower().replace("-", " ").split())
-
-
-def _count(text: str) -> int:
-    text = text.strip().replace("_", "")
-    if not text.isdigit():
-        raise ValueError
-    return int(text)
-
-
-def parse_results(data: bytes, source: str) -> list[ParsedResult]:
-    """The file's rows; raises :class:`ResultsError` listing every problem."""
-    rows, problems = _parse(data, source)
+def parse_results(data: bytes | BinaryIO, source: str, *, max_rows: int | None = None,
+                  max_problems: int = MAX_PROBLEMS) -> list[ParsedResult]:
+    """The file's rows; raises :class:`ResultsError` listing its first problems."""
+    problems = Problems(source, max_problems)
+    rows = list(read_results(data, source, problems, max_rows=max_rows))
     if problems:
-        raise ResultsError(problems)
+        raise ResultsError(problems.lines())
     return rows
-
-
-def _parse(data: bytes, source: str) -> tuple[list[ParsedResult], list[str]]:
-    """Rows that read well, and the problems of the others (a bad header: no rows at all)."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return [], [f"{source}: not UTF-8 text"]
-    # The csv module, not pandas.read_csv: problems name the file's lines, and read_csv rejects a row with more cells
-    # than the header (extra cells are ignored here) and a quote left open at the end of the file.
-    sample = text[:4096]
-    delimiter = ";" if sample.count(";") > sample.count(",") else ","  # European spreadsheet exports use ';'
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
-    header = next(reader, None)
-    if not header:
-        return [], [f"{source}: empty file"]
-    columns = [_ALIASES.get(_norm(h)) for h in header]
-    problems: list[str] = []
-    if "asset_id" not in columns and "file_name" not in columns:
-        problems.append(f"{source}:1: needs an 'asset_id' or a 'file_name' column")
-    for needed in ("impressions", "clicks"):
-        if needed not in columns:
-            problems.append(f"{source}:1: missing column '{needed}'")
-    if problems:
-        return [], problems
-    out: list[ParsedResult] = []
-    for line, cells in enumerate(reader, start=2):
-        if not any(c.strip() for c in cells):
-            continue
-        values = {col: (cells[i].strip() if i < len(cells) else "") for i, col in enumerate(columns) if col}
-        counts: dict[str, int] = {}
-        for name in ("impressions", "clicks", "conversions"):
-            raw = values.get(name, "") or ("0" if name == "conversions" else "")
-            try:
-                counts[name] = _count(raw)
-            except ValueError:
-                problems.append(f"{source}:{line}: column '{name}': {raw!r} is not a whole number >= 0")
-        asset_id: int | None = None
-        if values.get("asset_id"):
-            try:
-                asset_id = _count(values["asset_id"])
-            except ValueError:
-                problems.append(f"{source}:{line}: column 'asset_id': {values['asset_id']!r} is not an asset id")
-        file_name = values.get("file_name") or None
-        if asset_id is None and file_name is None and not any(p.startswith(f"{source}:{line}:") for p in problems):
-            problems.append(f"{source}:{line}: neither asset_id nor file_name given")
-        if len(counts) == 3:
-            if counts["clicks"] > counts["impressions"]:
-                problems.append(f"{source}:{line}: {counts['clicks']} clicks but only {counts['impressions']} impressions")
-            if counts["conversions"] > counts["impressions"]:
-                problems.append(f"{source}:{line}: {counts['conversions']} conversions but only {counts['impressions']} impressions")
-            if asset_id is not None or file_name is not None:
-                out.append(ParsedResult(line, asset_id, file_name, counts["impressions"], counts["clicks"], counts["conversions"]))
-    return out, problems
-
-
-def _line_of(problem: str) -> int:
-    parts = problem.split(":")
-    return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else 0
 
 
 @dataclass(frozen=True)
@@ -149,44 +71,75 @@ def _file_names(s: Session, campaign_id: int | None) -> dict[str, int]:
     return names
 
 
-def import_results(db: Database, data: bytes, source: str, *, actor: str, campaign_id: int | None = None) -> ImportSummary:
-    parsed, problems = _parse(data, source)
-    if problems and not parsed:
-        raise ResultsError(problems)
-    with db.session() as s:
-        names = _file_names(s, campaign_id)
-        resolved: dict[int, ParsedResult] = {}
-        campaigns: set[int] = set()
-        for r in parsed:
+def _chunks(items: Iterable[ParsedResult], size: int) -> Iterator[list[ParsedResult]]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+class _Resolver:
+    """Rows to assets, a chunk at a time (three queries per chunk, not one per row)."""
+
+    def __init__(self, s: Session, campaign_id: int | None, problems: Problems):
+        self.s, self.campaign_id, self.problems = s, campaign_id, problems
+        self.names = _file_names(s, campaign_id)
+        self.resolved: dict[int, ParsedResult] = {}
+        self.campaigns: set[int] = set()
+
+    def add(self, chunk: list[ParsedResult]) -> None:
+        unknown = {r.file_name for r in chunk if r.asset_id is None and r.file_name not in self.names}
+        by_key = dict(self.s.execute(select(Asset.storage_key, Asset.id).where(Asset.storage_key.in_(unknown)))
+                      .all()) if unknown else {}
+        ids: list[int | None] = []
+        for r in chunk:
             asset_id = r.asset_id
             if asset_id is None and r.file_name is not None:
-                asset_id = names.get(r.file_name)
+                asset_id = self.names.get(r.file_name, by_key.get(r.file_name))
                 if asset_id is None:
-                    asset_id = s.scalar(select(Asset.id).where(Asset.storage_key == r.file_name))
-                if asset_id is None:
-                    problems.append(f"{source}:{r.line}: no exported file or asset named {r.file_name!r}")
-                    continue
-            found = s.execute(
-                select(Asset.id, BriefRowRecord.campaign_id)
-                .join(Variant, Variant.id == Asset.variant_id)
-                .join(BriefRowRecord, BriefRowRecord.id == Variant.row_id)
-                .where(Asset.id == asset_id)
-            ).first()
-            if found is None:
-                problems.append(f"{source}:{r.line}: no asset {asset_id}")
+                    self.problems.add(r.line, f"no exported file or asset named {shown(r.file_name)}")
+            ids.append(asset_id)
+        # Ids the table cannot hold are not looked up (PostgreSQL's integer ids stop at 2^31 - 1 and refuse more).
+        top = 2**31 - 1 if self.s.get_bind().dialect.name == "postgresql" else 2**63 - 1
+        wanted = {i for i in ids if i is not None and i <= top}
+        found = dict(self.s.execute(
+            select(Asset.id, BriefRowRecord.campaign_id)
+            .join(Variant, Variant.id == Asset.variant_id)
+            .join(BriefRowRecord, BriefRowRecord.id == Variant.row_id)
+            .where(Asset.id.in_(wanted))
+        ).all()) if wanted else {}
+        for r, asset_id in zip(chunk, ids):
+            if asset_id is None:
                 continue
-            if campaign_id is not None and found[1] != campaign_id:
-                problems.append(f"{source}:{r.line}: asset {asset_id} belongs to another campaign")
-                continue
-            if asset_id in resolved:
-                problems.append(f"{source}:{r.line}: asset {asset_id} is listed twice (also on line {resolved[asset_id].line})")
-                continue
-            resolved[asset_id] = r
-            campaigns.add(found[1])
+            campaign = found.get(asset_id)
+            if campaign is None:
+                self.problems.add(r.line, f"no asset {asset_id}")
+            elif self.campaign_id is not None and campaign != self.campaign_id:
+                self.problems.add(r.line, f"asset {asset_id} belongs to another campaign")
+            elif asset_id in self.resolved:
+                self.problems.add(r.line, f"asset {asset_id} is listed twice (also on line {self.resolved[asset_id].line})",
+                                  repeat=True)
+            else:
+                self.resolved[asset_id] = r
+                self.campaigns.add(campaign)
+
+
+def import_results(db: Database, data: bytes | BinaryIO, source: str, *, actor: str, campaign_id: int | None = None,
+                   max_rows: int | None = None, max_problems: int = MAX_PROBLEMS) -> ImportSummary:
+    """Import a results file (all or nothing). ``max_rows`` defaults to ``ADFORGE_RESULTS_MAX_ROWS`` or 100,000;
+    a rejected file raises :class:`ResultsError` with its first ``max_problems`` problems, in file order."""
+    problems = Problems(source, max_problems)
+    with db.session() as s:
+        resolver = _Resolver(s, campaign_id, problems)
+        for chunk in _chunks(read_results(data, source, problems, max_rows=max_rows), LOOKUP_CHUNK):
+            resolver.add(chunk)
         if problems:
-            # Every problem of the file at once, in file order, so one round of fixes is enough.
-            raise ResultsError(sorted(problems, key=_line_of))
-        existing = {x.asset_id: x for x in s.scalars(select(ABResult).where(ABResult.asset_id.in_(list(resolved))))}
+            # The file's first problems at once, in file order, so one round of fixes goes a long way.
+            raise ResultsError(problems.lines())
+        resolved = resolver.resolved
+        ids = list(resolved)
+        existing: dict[int, ABResult] = {}
+        for i in range(0, len(ids), LOOKUP_CHUNK):
+            existing.update((x.asset_id, x) for x in s.scalars(select(ABResult).where(ABResult.asset_id.in_(ids[i : i + LOOKUP_CHUNK]))))
         changed = 0
         for asset_id, r in resolved.items():
             after = {"impressions": r.impressions, "clicks": r.clicks, "conversions": r.conversions, "source": source}
@@ -203,7 +156,7 @@ def import_results(db: Database, data: bytes, source: str, *, actor: str, campai
             row.imported_at, row.imported_by = utcnow(), actor
             audit(s, actor=actor, action="results.imported", entity="asset", entity_id=asset_id, before=before, after=after)
             changed += 1
-        return ImportSummary(len(resolved), changed, sorted(campaigns))
+        return ImportSummary(len(resolved), changed, sorted(resolver.campaigns))
 
 
 # ------------------------------------------------------------------------------------------------ the view
@@ -247,12 +200,14 @@ def ab_tests(s: Session, campaign_id: int, *, confidence: float, metric: str = "
     return _summarise(pd.DataFrame([tuple(r) for r in rows], columns=_VIEW_COLUMNS), confidence=confidence, metric=metric)
 
 
+_COUNTS = ("impressions", "clicks", "conversions")
 _VIEW_COLUMNS = ["row_id", "row_key", "channel", "group", "asset_id", "impressions", "clicks", "conversions"]
 
 
 def _summarise(results: pd.DataFrame, *, confidence: float, metric: str) -> list[ABTest]:
     """One test per brief row and channel in the rows' order; per test, each A/B group's sums, groups by name."""
-    results = results.assign(group=results["group"].fillna(""))
+    # Python ints, not int64: a sum of counts near 2^63 (imported before counts were capped) must not wrap silently.
+    results = results.assign(group=results["group"].fillna(""), **{c: results[c].astype(object) for c in _COUNTS})
     out = []
     for (row_id, channel), test in results.groupby(["row_id", "channel"], sort=False, dropna=False):
         sums = test[test["group"] != ""].groupby("group").agg(

@@ -1,11 +1,14 @@
 """Who is asking, may they, and did the request come from our own page (CSRF).
 
-Sessions are Starlette's signed cookie (itsdangerous, HttpOnly, SameSite=Lax). The session holds the user id, a
-fingerprint of the account (a password or role change ends old sessions) and the CSRF token.
+Sessions: Starlette's signed cookie (itsdangerous, HttpOnly, SameSite=Lax) holds a random session token, a
+fingerprint of the account and the CSRF token; the ``sessions`` table holds the token's sha256 and is checked on
+every request (:mod:`review.sessions`), so signing out or an account change ends a session even if its cookie
+was copied.
 
 CSRF: every POST / PUT / PATCH / DELETE must carry the session's token, in the ``X-CSRF-Token`` header (the
-gallery's JavaScript) or a ``csrf_token`` form field (plain forms). The check is a dependency of the whole app
-(:func:`csrf_guard`), not of single routes, so a new route cannot forget it.
+gallery's JavaScript) or a ``csrf_token`` form field (plain forms). The header is checked before the route runs
+(:class:`review.middleware.SignedInGate`, which also turns away unsigned requests before their body is read); the
+form field by :func:`csrf_guard`, a dependency of the whole app, so a new route cannot forget it.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from urllib.parse import quote
 from fastapi import HTTPException, Request
 
 from review.auth import has_role, session_fingerprint
+from review.sessions import open_session, revoke_session, session_user
 from storage.review_schema import User
 
-__all__ = ["CurrentUser", "LoginRequired", "csrf_guard", "csrf_token", "current_user", "optional_user", "require_role",
-           "start_session"]
+__all__ = ["CurrentUser", "LoginRequired", "client_address", "csrf_guard", "csrf_matches", "csrf_token", "current_user",
+           "end_session", "optional_user", "require_role", "start_session"]
 
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 CSRF_HEADER = "x-csrf-token"
@@ -59,42 +63,69 @@ def csrf_token(request: Request) -> str:
     return token
 
 
+CSRF_REFUSED = "missing or invalid CSRF token; reload the page and try again"
+
+
+def is_form(content_type: str) -> bool:
+    return content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data"))
+
+
+def csrf_matches(session: dict, sent: object) -> bool:
+    expected = session.get("csrf")
+    return bool(isinstance(expected, str) and expected and isinstance(sent, str) and sent
+                and hmac.compare_digest(sent.encode(), expected.encode()))
+
+
 async def csrf_guard(request: Request) -> None:
     if request.method not in UNSAFE_METHODS:
         return
-    expected = request.session.get("csrf")
     sent = request.headers.get(CSRF_HEADER)
-    if sent is None:
-        content_type = request.headers.get("content-type", "")
-        if content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
-            # Starlette caches the parsed form on the request, so the route's own Form() parameters still work.
-            form = await request.form()
-            value = form.get(CSRF_FIELD)
-            sent = value if isinstance(value, str) else None
-    if not expected or not sent or not hmac.compare_digest(sent.encode(), expected.encode()):
-        raise HTTPException(status_code=403, detail="missing or invalid CSRF token; reload the page and try again")
+    if sent is None and is_form(request.headers.get("content-type", "")):
+        # The route's Form() parameters were parsed already (FastAPI reads the body before dependencies), within
+        # the body cap and the form limits; Starlette caches the form on the request.
+        value = (await request.form()).get(CSRF_FIELD)
+        sent = value if isinstance(value, str) else None
+    if not csrf_matches(request.session, sent):
+        raise HTTPException(status_code=403, detail=CSRF_REFUSED)
+
+
+def client_address(request: Request) -> str | None:
+    return request.client.host if request.client else None
 
 
 def start_session(request: Request, user: User) -> None:
-    """A fresh session for a signed-in user: a new CSRF token too, so a token planted before sign-in is useless."""
+    """A fresh session for a signed-in user: a new token (row in ``sessions``) and a new CSRF token, so a token
+    planted before sign-in is useless."""
+    old = request.session.get("sid")
+    if isinstance(old, str):
+        revoke_session(request.app.state.db, old)
+    token = open_session(request.app.state.db, user.id, hours=request.app.state.config.session_hours,
+                         address=client_address(request))
     request.session.clear()
-    request.session.update({"uid": user.id, "fp": session_fingerprint(user), "csrf": secrets.token_urlsafe(32)})
+    request.session.update({"sid": token, "fp": session_fingerprint(user), "csrf": secrets.token_urlsafe(32)})
+
+
+def end_session(request: Request) -> None:
+    token = request.session.get("sid")
+    if isinstance(token, str):
+        revoke_session(request.app.state.db, token)
+    request.session.clear()
 
 
 def optional_user(request: Request) -> CurrentUser | None:
-    uid = request.session.get("uid")
-    if uid is None:
+    token = request.session.get("sid")
+    if not isinstance(token, str):
         return None
     cache = getattr(request.state, "user", None)
     if cache is not None:
         return cache
-    db = request.app.state.db
-    with db.session() as s:
-        user = s.get(User, uid)
-        ok = user is not None and not user.disabled and hmac.compare_digest(session_fingerprint(user), request.session.get("fp", ""))
+    with request.app.state.db.session() as s:
+        user = session_user(s, token)
+        # The fingerprint also catches a role or password changed straight in the database (no revocation then).
+        ok = user is not None and hmac.compare_digest(session_fingerprint(user), str(request.session.get("fp", "")))
         current = CurrentUser(user.id, user.name, user.role) if ok else None
     if current is None:
-        request.session.clear()  # deleted, disabled or password changed: the old cookie is worthless now
+        request.session.clear()  # signed out, revoked, expired or the account changed: the cookie is worthless now
         return None
     request.state.user = current
     return current

@@ -29,7 +29,8 @@ from storage.retrying import retry_call
 from storage.schema import AuditEntry
 import storage.review_schema  # noqa: F401  (the head revision has the gallery's tables: keep the models complete)
 
-__all__ = ["Database", "DatabaseError", "audit", "open_database", "retry_transient", "sqlite_url"]
+__all__ = ["Database", "DatabaseError", "audit", "database_failure", "open_database", "retry_transient", "shown_url",
+           "sqlite_url"]
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 T = TypeVar("T")
@@ -37,6 +38,24 @@ T = TypeVar("T")
 
 class DatabaseError(RuntimeError):
     pass
+
+
+def shown_url(url: str) -> str:
+    """``url`` as messages show it: the password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return re.sub(r"//[^/@]*@", "//***@", url) if isinstance(url, str) else repr(url)
+
+
+def database_failure(url: str, exc: BaseException) -> DatabaseError:
+    """One line naming the database and what went wrong, for an error the driver raised while using it
+    (``database sqlite:///data/adforge.db: database or disk is full``)."""
+    if isinstance(exc, DatabaseError):
+        return exc
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).strip().splitlines() or [type(orig).__name__]
+    return DatabaseError(f"database {shown_url(url)}: {lines[0]}")
 
 
 def sqlite_url(path: str | os.PathLike[str]) -> str:
@@ -62,7 +81,7 @@ class Database:
         self._sessions = sessionmaker(engine, expire_on_commit=False)
 
     def __repr__(self) -> str:
-        return f"Database({make_url(self.url).render_as_string(hide_password=True)})"
+        return f"Database({shown_url(self.url)})"
 
     @property
     def dialect(self) -> str:
@@ -131,7 +150,7 @@ def open_database(url: str, *, upgrade: bool = True) -> Database:
             database.upgrade()
         except DriverError as exc:  # unreachable, refused, not a database file, no permission, ...
             engine.dispose()
-            raise DatabaseError(f"cannot open database {database!r}: {exc.orig}") from None
+            raise DatabaseError(f"cannot open database {shown_url(url)}: {str(exc.orig).strip()}") from None
     return database
 
 

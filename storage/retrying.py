@@ -10,13 +10,30 @@ from typing import TypeVar
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-__all__ = ["is_transient", "retry_call"]
+__all__ = ["is_permanent", "is_transient", "retry_call"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+# SQLite result codes that waiting does not cure: the disk (or max_page_count) is full, the file is damaged or is
+# not a database, the file is read-only. PostgreSQL's "disk full" (SQLSTATE 53100) is the same kind.
+_PERMANENT_SQLITE = {"SQLITE_FULL", "SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_READONLY"}
+_PERMANENT_SQLSTATE = {"53100"}
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """A database error that a retry cannot fix (full disk, corrupt file): report it at once instead."""
+    orig = getattr(exc, "orig", exc)
+    name = getattr(orig, "sqlite_errorname", None)
+    if name is not None:
+        return "_".join(name.split("_")[:2]) in _PERMANENT_SQLITE  # SQLITE_READONLY_DBMOVED is SQLITE_READONLY
+    return getattr(orig, "sqlstate", None) in _PERMANENT_SQLSTATE
+
+
 def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, DBAPIError) and is_permanent(exc):
+        return False
     if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
         return True
     if isinstance(exc, (ConnectionError, TimeoutError)):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from engine.checkpoint import CheckpointError, a1111_short_hash, file_sha256, open_state_dict
+from engine.checkpoint import CheckpointError, a1111_short_hash, file_sha256, open_state_dict, weights_only_refusal
 from engine.image_ops import pil_to_tensor01, tensor01_to_pil
 from engine.upscale.chain import MODEL_SUFFIXES, lanczos_size
 from engine.tiling import resolve_tile, run_tiled
@@ -73,8 +73,9 @@ def read_upscaler_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, to
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refusals, TorchScript archives, truncated zips all land here
-        raise UpscalerError(p, f"cannot be read as a weights-only PyTorch file ({type(exc).__name__}: {exc}); "
-                               "TorchScript and pickled objects are refused, convert it to .safetensors") from None
+        raise UpscalerError(p, f"cannot be read as a weights-only PyTorch file: {weights_only_refusal(exc)}; upscaler "
+                               ".pth files are only ever read weights-only (a pickle can run code), so TorchScript and "
+                               "pickled objects are refused: convert it to .safetensors") from None
     from spandrel import canonicalize_state_dict
 
     if not isinstance(obj, dict):

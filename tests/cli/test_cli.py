@@ -103,3 +103,77 @@ def test_models_init_random_and_inspect(tmp_path: Path) -> None:
     # The random checkpoint renders through the normal path.
     res = run("a cat", "--model", str(plain), "--steps", "2", "--width", "16", "--height", "16", "--seed", "5", "--out", str(tmp_path / "o"))
     assert res.exit_code == 0 and (tmp_path / "o" / "00000-5.png").exists()
+
+
+def _nested_header_file(path: Path) -> Path:
+    import struct
+
+    body = b'{"a": ' + b"[" * 200_000
+    path.write_bytes(struct.pack("<Q", len(body)) + body)
+    return path
+
+
+def _one_line_usage_error(res, option: str, text: str) -> None:
+    """typer's usage error: exit 2, the option named, the message whole once the box is unwrapped."""
+    flat = " ".join(line.strip(" │╭╮╰╯─") for line in res.output.splitlines()).replace("'", "")
+    option, text = option.replace("'", ""), text.replace("'", "")
+    assert res.exit_code == 2 and f"Invalid value for {option}" in flat and text in " ".join(flat.split()), res.output
+    assert "Traceback" not in res.output
+
+
+def test_crafted_model_files_are_one_line_errors(tmp_path: Path) -> None:
+    """A nested ``[[[...`` header through generate and models inspect; a code-running pickle under --allow-pickle."""
+    nested = _nested_header_file(tmp_path / "nested.safetensors")
+    for res in (run("x", "--model", str(nested)), runner.invoke(app, ["models", "inspect", str(nested)])):
+        assert res.exit_code == 2 and "Traceback" not in res.output and "RecursionError" not in res.output
+        assert f"{nested}: corrupt safetensors header (JSON nested too deep" in res.output.replace("\n", "")
+    import os
+
+    import torch
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.mkdir, (str(tmp_path / "pwned"),))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"w": torch.zeros(1), "payload": RunsCode()}, evil)
+    res = run("x", "--model", str(evil), "--allow-pickle")
+    message = res.output.replace("\n", "")
+    assert res.exit_code == 2 and "never runs a pickle's code" in message and "weights_only" not in message
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_impossible_sizes_seeds_and_counts_are_refused_up_front(tiny_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded for a request refused by its options alone")
+
+    with monkeypatch.context() as m:
+        m.setattr("engine.pipeline.Pipeline.load", no_model)
+        _one_line_usage_error(run("x", "--model", str(tiny_checkpoint), "--width", "100000", "--height", "100000"),
+                              "'--width'", "width 100000 is over the 8192 px limit of a side")
+        _one_line_usage_error(run("x", "--model", str(tiny_checkpoint), "--seed", "9223372036854775807", "-n", "2"),
+                              "'--seed' / '-n'", "2 images from seed 9223372036854775807 need seeds up to 9223372036854775808")
+        _one_line_usage_error(run("x", "--model", str(tiny_checkpoint), "--seed", "9" * 30),
+                              "'--seed'", "seed must be an integer in [0, 2**63 - 1")
+    # The top seed itself is fine: image i gets seed + i, and that stays in range.
+    ok = run("x", "--model", str(tiny_checkpoint), "--seed", str(2**63 - 2), "-n", "2", "--steps", "1", "--width", "16",
+             "--height", "16", "--out", str(tmp_path / "top"))
+    assert ok.exit_code == 0, ok.output
+    assert sorted(p.name for p in (tmp_path / "top").glob("*.png")) == [f"00000-{2**63 - 2}.png", f"00001-{2**63 - 1}.png"]
+    _one_line_usage_error(run("x", "--model", str(tiny_checkpoint), "--width", "4104", "--height", "4096"),
+                          "'--width'", "4104x4096 is 16,809,984 px, over the 16,777,216 (4096x4096) an untiled render")
+    monkeypatch.setattr("engine.request_limits.available_memory", lambda device: 10 * 2**20)
+    _one_line_usage_error(run("x", "--model", str(tiny_checkpoint), "-n", "1000000000", "--width", "16", "--height", "16"),
+                          "'-n'", "1000000000 images of 16x16 are kept in memory until all are rendered: 774.9 GiB, but 10 MiB is free")
+    _one_line_usage_error(run("x", "--model", str(tiny_checkpoint), "--width", "1024", "--height", "1024", "--steps", "1"),
+                          "'--width' / '--height'", "1024x1024 needs at least")
+
+
+def test_outpaint_and_init_images_too_large_are_refused(tiny_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+    src = tmp_path / "photo.png"
+    Image.new("RGB", (40, 32)).save(src)
+    _one_line_usage_error(run("x", "--model", str(tiny_checkpoint), "--init-image", str(src), "--outpaint", "left:100000000"),
+                          "'--outpaint'", "the extended canvas: width 100000040 is over the 8192 px limit")
+    monkeypatch.setattr("PIL.Image.MAX_IMAGE_PIXELS", 100)  # PIL refuses over twice this: a decompression bomb
+    _one_line_usage_error(run("x", "--model", str(tiny_checkpoint), "--init-image", str(src)),
+                          "--init-image", f"init image {src} is not a readable image (Image size (1280 pixels) exceeds limit")

@@ -90,3 +90,54 @@ def test_settings_errors_are_reported_cleanly(in_tmp: Path) -> None:
     result, out = _invoke("runs")
     assert result.exit_code == 2
     assert "adforge.toml: 'steps' must be a whole number, got 'many'" in out
+
+
+def test_plan_and_run_show_brief_text_with_control_characters_escaped(in_tmp: Path, campaign_model: Path) -> None:
+    """An ANSI sequence in a brief cell (clear screen, cursor up, red) cannot fake or hide output: plan and run
+    print it as visible escapes, in the plan lines, the --details prompts and the problem listing."""
+    brief = in_tmp / "ansi.csv"
+    brief.write_text("campaign,row_id,subject,channels,variants\n"
+                     "c\x1b[31m,r1\x1b[2J,a cat \x1b[1A,instagram_square,1\n"
+                     "c,r2,a dog,instagram_square,\x1b[8mhidden\n", encoding="utf-8")
+    result, out = _invoke("plan", brief, "--model", campaign_model, "--details")
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output
+    assert "c\\x1b[31m / r1\\x1b[2J / instagram_square: 1 image(s)" in out
+    assert "a cat \\x1b[1A" in out
+    assert "column 'variants': '\\x1b[8mhidden' is not a whole number" in out
+
+    ran, out = _invoke("run", brief, "--model", campaign_model, "--steps", "1")
+    assert ran.exit_code == 0, ran.output
+    assert "\x1b" not in ran.output
+    assert "column 'variants': '\\x1b[8mhidden' is not a whole number" in out
+
+
+def test_plan_warns_about_formulas_without_a_saved_value(in_tmp: Path, campaign_model: Path) -> None:
+    import openpyxl
+
+    brief = in_tmp / "formula.xlsx"
+    wb = openpyxl.Workbook()
+    wb.active.append(["campaign", "row_id", "subject", "channels", "variants"])
+    wb.active.append(["c", "r1", "a cat", "instagram_square", "=1+1"])
+    wb.save(brief)
+    result, out = _invoke("plan", brief, "--model", campaign_model)
+    assert result.exit_code == 0, result.output
+    assert "4 images from 1 row(s)" in out
+    assert "warnings (1):" in out
+    assert f"{brief}:2: column 'variants': sheet 'Sheet' cell E2: formula '=1+1' has no saved value" in out
+
+
+def test_plan_refuses_a_model_outside_the_model_folders_and_oversized_briefs(in_tmp: Path, campaign_model: Path) -> None:
+    brief = in_tmp / "probe.csv"
+    brief.write_text("campaign,row_id,subject,channels,model\nc,r1,a cat,instagram_square,/etc/passwd\n")
+    result, out = _invoke("plan", brief, "--model", campaign_model)
+    assert result.exit_code == 2
+    assert f"{brief}:2: column 'model': model '/etc/passwd' is not in a model folder" in out
+    assert "bytes" not in out and "no such" not in out
+
+    (in_tmp / "adforge.toml").write_text("brief_max_rows = 2\n")
+    many = in_tmp / "many.csv"
+    many.write_text("campaign,row_id,subject,channels\n" + "".join(f"c,r{i},a cat,instagram_square\n" for i in range(5)))
+    result, out = _invoke("plan", many, "--model", campaign_model)
+    assert result.exit_code == 2
+    assert f"{many}:4: the brief has more than 2 rows (setting brief_max_rows); reading stopped here" in out

@@ -128,3 +128,85 @@ def test_csv_exports_guard_against_formulas() -> None:
     assert safe_cell("@SUM(A1)") == "'@SUM(A1)" and safe_cell("-1") == "-1" and safe_cell(-1) == -1
     assert safe_cell("a red bicycle") == "a red bicycle"
 
+
+
+def test_users_passwd_role_disable_enable_remove(world) -> None:
+    from sqlalchemy import select
+
+    from storage.schema import AuditEntry
+
+    w, db_url, _ = world
+    ok = lambda *a, input=None: invoke("users", *a, "--db", db_url, input=input)  # noqa: E731
+    r = ok("passwd", "rita", "--password-stdin", input="brand-new-secret\n")
+    assert r.exit_code == 0 and "password of rita changed" in r.stdout + r.stderr
+    assert authenticate(w.db, "rita", "brand-new-secret") is not None
+    assert ok("passwd", "rita", "--password-stdin", input="short\n").exit_code == 2
+    assert ok("passwd", "ghost", "--password-stdin", input="long-enough-1\n").exit_code == 2
+    assert ok("role", "rita", "admin").exit_code == 0 and ok("role", "rita", "boss").exit_code == 2
+    assert ok("disable", "vic").exit_code == 0 and authenticate(w.db, "vic", "correct horse battery") is None
+    assert "vic\tviewer\tdisabled" in ok("list").stdout
+    assert ok("enable", "vic").exit_code == 0 and authenticate(w.db, "vic", "correct horse battery") is not None
+    r = ok("remove", "vic")
+    assert r.exit_code == 0 and "user vic removed" in r.stdout + r.stderr
+    assert "vic\tviewer\tremoved" in ok("list").stdout
+    assert ok("enable", "vic").exit_code == 2
+    r = ok("add", "vic", "--password-stdin", input="long-enough-2\n")
+    assert r.exit_code == 2 and "names are not reused" in r.stderr
+    with w.db.session() as s:
+        actions = [(e.action, e.actor.startswith("cli:")) for e in s.scalars(
+            select(AuditEntry).where(AuditEntry.action.like("user.%"), AuditEntry.actor != "tests").order_by(AuditEntry.id))]
+    assert [a for a, by_cli in actions if by_cli] == ["user.password_changed", "user.role_changed", "user.disabled",
+                                                      "user.enabled", "user.removed"]
+
+
+def test_export_name_patterns_that_cannot_work_are_one_line_errors(world) -> None:
+    w, db_url, store_url = world
+    for pattern, message in (("{seed:>99999999999999999999}", "width or precision in {seed:>9999999999999999999…} is over 255"),
+                             ("{seed:>100000}", "is over 255"), ("{campaign:d}.{ext}", "Unknown format code 'd'"),
+                             ("{row", "expected '}' before end of string")):
+        r = invoke("export", "--campaign", "spring-launch", "--db", db_url, "--store", store_url, "--name", f"skyscraper={pattern}")
+        assert r.exit_code == 2, (pattern, r.output)
+        assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr and "Traceback" not in r.output
+
+
+def test_export_names_are_capped_and_stay_unique(sqlite_db_url: str, tmp_path: Path) -> None:
+    db = open_database(sqlite_db_url)
+    store_url = str(tmp_path / "assets")
+    long_a, long_b = "a" * 4999 + "1", "a" * 4999 + "2"  # differ only past any cap
+    try:
+        build_world(db, open_store(store_url), store_url, row_keys=(long_a, long_b))
+    finally:
+        db.dispose()
+    out = tmp_path / "long.zip"
+    r = invoke("export", "--campaign", "spring-launch", "--out", str(out), "--db", sqlite_db_url, "--store", store_url)
+    assert r.exit_code == 0, r.output
+    with zipfile.ZipFile(out) as zf:
+        names = zf.namelist()
+        assert len(names) == len(set(names)) == 13
+        assert max(len(n.encode()) for n in names) <= 150
+        zf.extractall(tmp_path / "unzipped")  # what a 5000-character name cannot do (ENAMETOOLONG)
+        manifest = list(csv.DictReader(io.StringIO(zf.read("manifest.csv").decode())))
+    assert {m["file_name"] for m in manifest} == set(names) - {"manifest.csv"}
+    assert {m["row"] for m in manifest} == {long_a, long_b}  # the manifest keeps the full row id
+
+
+def test_gallery_limits_come_from_the_config_file(world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w, db_url, store_url = world
+    served = {}
+    monkeypatch.setattr("uvicorn.run", lambda application, **kw: served.update(app=application))
+    config = tmp_path / "adforge.toml"
+    config.write_text('[adforge]\nsteps = 20\n\n[gallery]\nmax_body_bytes = 32768\naccount_failures = 3\n')
+    r = invoke("gallery", "--db", db_url, "--store", store_url, "--config", str(config), "--cache-dir", str(tmp_path / "t"),
+               "--access-log", str(tmp_path / "access.log"))
+    assert r.exit_code == 0, r.output
+    cfg = served["app"].state.config
+    assert (cfg.max_body_bytes, cfg.account_failures, cfg.lock_minutes) == (32768, 3, 15)
+    assert cfg.access_log == str(tmp_path / "access.log")
+    assert served["app"].state.samplers.resolve("euler_a") == "Euler a"
+    served["app"].state.db.dispose()
+    config.write_text('[adforge]\nsteps = 20\n\n[gallery]\nmax_body_byte = 1\n')
+    r = invoke("gallery", "--db", db_url, "--store", store_url, "--config", str(config))
+    assert r.exit_code == 2 and "unknown gallery setting(s) max_body_byte" in r.stderr
+    config.write_text('[adforge]\n[gallery]\nlock_minutes = 0\n')
+    r = invoke("gallery", "--db", db_url, "--store", store_url, "--config", str(config))
+    assert r.exit_code == 2 and "'lock_minutes' must be a whole number >= 1, got 0" in r.stderr

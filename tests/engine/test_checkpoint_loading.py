@@ -318,6 +318,59 @@ def test_corrupt_header_entry_names_the_key(tmp_path: Path, tiny_file: Path) -> 
     assert info.value.key == damaged[0] and f"'{damaged[0]}'" in str(info.value) and str(path) in str(info.value)
 
 
+def _raw_safetensors(path: Path, header: bytes, length: int | None = None, size: int | None = None) -> Path:
+    """A file with an 8-byte header length (``length``, default the header's) and ``header``; ``size`` extends it
+    sparsely (no disk blocks), as a crafted file claiming a huge header would be."""
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(header) if length is None else length) + header)
+        if size is not None:
+            f.truncate(size)
+    return path
+
+
+def test_huge_header_is_refused_before_a_byte_of_it_is_parsed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 100 MB header probe: the length is checked against the cap first, so its JSON is never read."""
+    n = checkpoint_mod.MAX_HEADER_BYTES + 1
+    path = _raw_safetensors(tmp_path / "huge-header.safetensors", b'{"__metadata__": {"x": "', length=n, size=8 + n + 64)
+    monkeypatch.setattr(checkpoint_mod.json, "loads", lambda *a, **k: pytest.fail("the header was parsed"))
+    with pytest.raises(CheckpointError, match=rf"header of {n} bytes is over the {n - 1} byte limit") as info:
+        open_state_dict(path)
+    assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+    assert checkpoint_mod.MAX_HEADER_BYTES <= 16 * 1024 * 1024
+
+
+def test_header_just_under_the_cap_is_still_parsed(tmp_path: Path) -> None:
+    padding = b" " * (2 * 1024 * 1024)  # a 2 MB header: big LoRA training metadata, still a valid file
+    a = torch.zeros(2)
+    good = _save(tmp_path / "good.safetensors", {"a": a}, {})
+    n, header = _header(good.read_bytes())
+    path = tmp_path / "padded.safetensors"
+    path.write_bytes(struct.pack("<Q", n + len(padding)) + header + padding + good.read_bytes()[8 + n :])
+    assert torch.equal(open_state_dict(path)["a"], a)
+
+
+@pytest.mark.parametrize("header", [b"[" * 200_000, b'{"a": ' + b"[" * 200_000, b'{"a":' * 5000])
+def test_deeply_nested_header_is_a_one_line_error(tmp_path: Path, header: bytes) -> None:
+    """The nested ``[[[...`` probe: a RecursionError in the JSON parser becomes a plain error naming the file."""
+    path = _raw_safetensors(tmp_path / "nested.safetensors", header)
+    with pytest.raises(CheckpointError, match=r"corrupt safetensors header \((JSON nested too deep|not a JSON object)") as info:
+        load_checkpoint(path)
+    assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+
+
+def test_non_finite_data_offsets_name_the_key(tmp_path: Path) -> None:
+    path = _raw_safetensors(tmp_path / "inf.safetensors", b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, Infinity]}}')
+    with pytest.raises(CheckpointError, match="corrupt safetensors header entry") as info:
+        open_state_dict(path)
+    assert info.value.key == "w"
+    # A crafted key of 1 MB is cut in the message (kept whole in .key).
+    long_key = "k" * 2**20
+    path = _raw_safetensors(tmp_path / "long-key.safetensors", json.dumps({long_key: 1}).encode())
+    with pytest.raises(CheckpointError, match="corrupt safetensors header entry") as info:
+        open_state_dict(path)
+    assert info.value.key == long_key and len(str(info.value)) < 500
+
+
 def test_inconsistent_header_offsets_are_refused(tmp_path: Path) -> None:
     """A header whose offsets do not tile the data is refused by the parser; the error still names the file."""
     a, b = torch.zeros(4), torch.ones(4)
@@ -409,6 +462,10 @@ def test_pickle_refused_without_allow_pickle(tmp_path: Path, suffix: str) -> Non
     with pytest.raises(CheckpointError, match="--allow-pickle") as info:
         load_checkpoint(path)
     assert str(path) in str(info.value)
+    # It says what --allow-pickle does and why it is off, in one line.
+    message = str(info.value)
+    assert "weights-only unpickling" in message and "can run code" in message and "refused by default" in message
+    assert "\n" not in message
 
 
 @pytest.mark.parametrize("wrapped", [False, True], ids=["bare", "state_dict-wrapped"])
@@ -448,6 +505,10 @@ def test_pickle_that_runs_code_is_refused_even_with_allow_pickle(tmp_path: Path,
         load_checkpoint(path, allow_pickle=True)
     assert str(path) in str(info.value)
     assert not marker.exists()
+    # torch's own advice (re-run with weights_only=False) is exactly what must not be done: not repeated.
+    message = str(info.value)
+    assert "weights_only" not in message and "Re-running" not in message and "\n" not in message
+    assert "GLOBAL" in message and "never runs a pickle's code" in message
     # the payload is real: an unrestricted unpickler would have run it
     probe = tmp_path / "probe"
     torch.save({"payload": _RunsCode(str(probe))}, tmp_path / "probe.ckpt")

@@ -12,6 +12,7 @@ from PIL import Image
 
 from engine.image_ops import Outpaint, outpaint_canvas
 from engine.pipeline import Pipeline, with_seeds
+from engine.request_limits import SEED_MAX, DeviceBudget, RequestError, available_memory, human_bytes
 from tests.helpers import arr, make_req
 
 SIZE = 32
@@ -199,3 +200,63 @@ def test_inpainting_model_uses_mask_and_masked_image(inpaint_pipe: Pipeline) -> 
 def test_bad_requests_are_refused_before_rendering(pipe: Pipeline, change: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         pipe.generate([req(), replace(req(), **change)])
+
+
+# ---- limits: seeds and sizes refused before anything is allocated ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "params", "message"),
+    [
+        (dict(width=100000, height=100000), ("width",), "width 100000 is over the 8192 px limit of a side"),
+        (dict(height=8200), ("height",), "height 8200 is over the 8192 px"),
+        (dict(width=4104, height=4096), ("width",), "untiled render"),
+        (dict(seed=2**63), ("seed",), r"seed must be an integer in \[0, 2\*\*63 - 1"),
+        (dict(seed=10**5000), ("seed",), "a 16610-bit number"),
+    ],
+)
+def test_impossible_sizes_and_seeds_are_refused_naming_the_field(pipe: Pipeline, change: dict, params: tuple,
+                                                                   message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("the request reached the networks")
+
+    monkeypatch.setattr(pipe, "_run_batch", no_allocation)
+    with pytest.raises(RequestError, match=message) as info:
+        pipe.generate([replace(req(), **change)])
+    assert info.value.params == params and "\n" not in str(info.value)
+
+
+def test_tiled_passes_may_be_larger_than_untiled_ones() -> None:
+    init = Image.new("RGB", (8, 8))
+    assert replace(req(), width=8192, height=4096, init_image=init).tiled  # img2img above 1 Mpx tiles by itself
+    replace(req(), width=8192, height=4096, init_image=init).validate()
+    replace(req(), width=8192, height=4096, tile=512).validate()
+    with pytest.raises(RequestError, match="untiled"):
+        replace(req(), width=8192, height=4096, init_image=init, tile=0).validate()
+
+
+def test_a_size_one_image_of_which_cannot_fit_the_device_is_refused(pipe: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    budget = DeviceBudget.for_models(pipe.models)
+    need = budget.floor_bytes(1024, 1024, tiled=False)
+    assert need == 1024 * 1024 * 2 * pipe.models.vae.config.ch * 4  # float32 on the CPU
+    monkeypatch.setattr("engine.request_limits.available_memory", lambda device: need // 2)
+    with pytest.raises(RequestError, match=rf"1024x1024 needs at least {human_bytes(need)} for one image on cpu \(untiled\) "
+                                           rf"but {human_bytes(need // 2)} is free") as info:
+        pipe.generate([replace(req(), width=1024, height=1024)])
+    assert info.value.params == ("width", "height")
+    monkeypatch.setattr("engine.request_limits.available_memory", lambda device: need - 1)
+    with pytest.raises(RequestError):
+        replace(req(), width=1024, height=1024).validate(budget)
+    monkeypatch.setattr("engine.request_limits.available_memory", lambda device: need)
+    replace(req(), width=1024, height=1024).validate(budget)  # exactly enough passes
+    assert available_memory(torch.device("cpu")) > 0  # this machine's own answer is a number of bytes
+
+
+def test_seeds_never_wrap() -> None:
+    top = req(seed=SEED_MAX - 1)
+    assert [r.seed for r in with_seeds(top, 2)] == [SEED_MAX - 1, SEED_MAX]
+    with pytest.raises(RequestError, match=f"3 images from seed {SEED_MAX - 1} need seeds up to {SEED_MAX + 1}") as info:
+        with_seeds(top, 3)
+    assert info.value.params == ("seed", "n")
+    with pytest.raises(RequestError, match="at least 1"):
+        with_seeds(req(), 0)

@@ -6,6 +6,7 @@ import openpyxl
 import pytest
 
 from flows.brief import BriefError, BriefProblem, derive_seed, read_brief
+from tests.flows.xlsx_parts import row, sheet, write_xlsx
 from tests.helpers import EXAMPLE_BRIEFS as EXAMPLES
 
 CHANNELS = ("instagram_square", "story", "banner")
@@ -63,6 +64,35 @@ def test_bom_semicolon_and_header_spelling(tmp_path):
     assert (row.campaign, row.row_id, row.channels, row.negative_prompt, row.seed) == (
         "spring", "r1", ("story", "banner"), "blurry", 7
     )
+
+
+@pytest.mark.parametrize("encoding, bom, name", [("utf-16-le", b"\xff\xfe", "utf-16-le"),
+                                                 ("utf-16-be", b"\xfe\xff", "utf-16-be")])
+def test_utf16_with_bom_is_read(tmp_path, encoding, bom, name):
+    """Excel's "Unicode Text" and some exports are UTF-16 with a byte-order mark (it was called "binary")."""
+    text = f"{HEADER}\r\nspring,r1,Caf\u00e9 \u2615,story\r\n"
+    p = tmp_path / "brief.csv"
+    p.write_bytes(bom + text.encode(encoding))
+    brief = read_brief(p, strict=True)
+    assert brief.encoding == name and brief.rows[0].subject == "Caf\u00e9 \u2615"
+
+
+def test_utf16_without_bom_and_broken_utf16_are_named(tmp_path):
+    p = write(tmp_path, f"{HEADER}\nspring,r1,a cat,story\n", encoding="utf-16-le")
+    with pytest.raises(BriefError) as exc_info:
+        read_brief(p)
+    assert messages(exc_info) == [f"{p}: cannot read file: it is binary, not CSV text"]
+    p.write_bytes(b"\xff\xfe" + HEADER.encode("utf-16-le") + b"\x00\xd8")  # a lone surrogate
+    with pytest.raises(BriefError) as exc_info:
+        read_brief(p)
+    assert messages(exc_info) == [f"{p}: cannot read file: not valid UTF-16-LE text (byte {len(HEADER) * 2 + 2})"]
+
+
+def test_cr_line_endings_and_quoted_line_breaks(tmp_path):
+    """Old Mac exports end lines with CR alone; a quoted cell may span lines (later lines keep their numbers)."""
+    p = write(tmp_path, f"{HEADER},message\rspring,r1,a cat,story,\"two\r\nlines\"\rspring,r2,a dog,story,\r")
+    brief = read_brief(p, strict=True)
+    assert [(r.row_id, r.message, r.line) for r in brief.rows] == [("r1", "two\r\nlines", 2), ("r2", "", 4)]
 
 
 def test_cp1252_fallback(tmp_path):
@@ -190,3 +220,47 @@ def test_header_problems(tmp_path):
         f"{p}:1: column 'row_id': appears twice (columns 2 and 5)",
         f"{p}:1: column 6 has values but no header",
     ]
+
+
+# --------------------------------------------------------------------------- formulas and what reaches a terminal
+
+
+def test_xlsx_formulas_give_their_saved_value_or_a_warning_naming_the_cell(tmp_path):
+    """A formula saved with its result (Excel, LibreOffice) reads as that result; one saved without (a file written
+    by a program that does not calculate) reads as empty with a warning: sheet, cell, line, column. The row stays."""
+    header = row(1, "campaign", "row_id", "subject", "channels", "variants", "tagline")
+    p = write_xlsx(tmp_path / "formulas.xlsx", sheet([
+        header,
+        row(2, "spring", "r1", ("=", 'CONCAT("a ","cat")', "a cat"), "story", ("=", "1+2", 3), "x"),
+        row(3, "spring", "r2", "a dog", "story", ("=", "A1*2", None), ("=", "B1", None)),
+    ]), sheet_name="Q1 brief")
+    brief = read_brief(p, strict=True)
+    assert [(r.row_id, r.subject, r.variants, r.extra) for r in brief.rows] == [
+        ("r1", "a cat", 3, {"tagline": "x"}), ("r2", "a dog", 4, {"tagline": ""})]
+    assert [str(w) for w in brief.warnings] == [
+        f"{p}:3: column 'variants': sheet 'Q1 brief' cell E3: formula '=A1*2' has no saved value and reads as empty "
+        "(open and save the workbook in Excel to store its result, or type the value)",
+        f"{p}:3: column 'tagline': sheet 'Q1 brief' cell F3: formula '=B1' has no saved value and reads as empty "
+        "(open and save the workbook in Excel to store its result, or type the value)",
+    ]
+    assert brief.problems == []
+
+
+def test_openpyxl_written_formulas_warn_too(tmp_path):
+    p = tmp_path / "brief.xlsx"
+    wb = openpyxl.Workbook()
+    wb.active.append(["campaign", "row_id", "subject", "channels", "seed"])
+    wb.active.append(["spring", "r1", "a cat", "story", "=6*7"])
+    wb.save(p)
+    brief = read_brief(p)
+    assert brief.rows[0].seed == derive_seed("spring", "r1")
+    [warning] = brief.warnings
+    assert (warning.line, warning.column) == (2, "seed") and "cell E2: formula '=6*7' has no saved value" in warning.message
+
+
+def test_control_characters_in_cells_never_reach_a_message_raw(tmp_path):
+    """An ANSI sequence (or a newline) in a cell that a problem quotes is shown escaped, on one line."""
+    p = write(tmp_path, f"{HEADER},variants\nspring,r1,a cat,story,\"\x1b[2J\x1b[1Afour\r\nlines\"\n")
+    [problem] = [str(x) for x in read_brief(p).problems]
+    assert problem == f"{p}:2: column 'variants': '\\x1b[2J\\x1b[1Afour\\r\\nlines' is not a whole number"
+    assert "\x1b" not in problem and "\n" not in problem

@@ -20,7 +20,7 @@ from flows.device_pool import DeviceError, DevicePool, PoolConfig, WorkerSpec, p
 from flows.rendering import clear_pipelines, render_variants
 from flows.settings import Settings, SettingsError, load_settings
 from storage.assets import open_store
-from storage.database import open_database, sqlite_url
+from storage.database import DatabaseError, open_database, sqlite_url
 from storage.schema import Asset, AuditEntry, Variant
 from tests.helpers import batched_device_with_latent_cap, cap_unet_latents
 
@@ -243,3 +243,29 @@ def test_campaign_run_on_two_workers_equals_one_process(tmp_path: Path, campaign
         assert (summary["counts"]["rendered"], summary["counts"]["failed"]) == (VARIANTS, 0)
     one, two = ({key: s.get(key) for key in s.list()} for s in map(open_store, stores))
     assert len(one) == VARIANTS and one == two
+
+
+def _database_that_cannot_grow(pages: int) -> None:
+    """A render worker's ``worker_init``: every database connection of this process cannot grow the file past
+    ``pages`` (SQLite's max_page_count: SQLITE_FULL, as on a full disk)."""
+    from sqlalchemy import Engine, event
+
+    def cap(dbapi_conn, _record) -> None:
+        dbapi_conn.execute(f"PRAGMA max_page_count = {pages}")
+
+    event.listen(Engine, "connect", cap)
+
+
+def test_a_full_database_in_a_worker_is_one_line_naming_it(tmp_path: Path, campaign_model: Path, fresh_resources) -> None:
+    """A worker whose database writes fail for good ends the pool with the database's name and reason, not a
+    worker's traceback, and the batch is not handed to another worker to fail again."""
+    settings, planned, units = _planned(tmp_path, campaign_model, "full", batch_size=VARIANTS, steps=1)
+    db = open_database(settings.db_url)
+    with db.engine.connect() as conn:
+        pages = conn.exec_driver_sql("PRAGMA page_count").scalar()
+    db.dispose()
+    config = PoolConfig(settings.db_url, settings.store_url, settings.dtype, settings.batch_size,
+                        worker_init=functools.partial(_database_that_cannot_grow, pages))
+    with pytest.raises(DatabaseError) as info, DevicePool(plan_workers("cpu", threads=1), config) as pool:
+        pool.run(planned.run_id, units)
+    assert str(info.value) == f"database {settings.db_url}: database or disk is full"

@@ -297,3 +297,11 @@ def test_check_license_unknown_commercial_status_names_the_licence() -> None:
     assert message is not None
     assert "brand-internal-1.0" in message and "no licence on record" not in message
     assert "adforge models add /models/brand.safetensors" in message and "--commercial yes|no" in message
+
+
+@pytest.mark.parametrize("declared", ["0", "-64", "100000"])
+def test_a_native_size_no_model_has_is_refused_naming_the_file(tmp_path: Path, declared: str) -> None:
+    """Planning sizes every channel from a model's native size: one it cannot have is a clear error, not a crash."""
+    path = Path(write_random_sd1(tmp_path / "odd.safetensors", seed=3, metadata={"adforge.native_size": declared}))
+    with pytest.raises(CheckpointError, match=rf"odd\.safetensors.*adforge\.native_size {declared}, not a size in 8 \.\. 8192 px"):
+        describe_model(path)

@@ -3,7 +3,9 @@ keys, and the rows planning must skip (licence, missing model, template problems
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import pytest
 
 from flows.brief import Brief, BriefError, read_brief
 from flows.model_registry import ModelInfo, describe_model
-from flows.planning import Plan, plan_brief
+from flows.planning import Plan, model_folders, plan_brief
 from flows.settings import Settings, load_settings
 from flows.channels import ChannelFormat, native_size_for
 from flows.styles import StylePreset
@@ -41,16 +43,19 @@ def row(row_id: str, channels: str = "instagram_square", variants: int = 2, seed
 
 
 @pytest.fixture
-def make_plan(tmp_path: Path, channels: dict[str, ChannelFormat], styles: dict[str, StylePreset],
-              campaign_model: Path) -> Callable[..., Plan]:
-    """Write ``rows`` as a CSV brief, read it and plan it with the campaign model as default."""
+def make_plan(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, channels: dict[str, ChannelFormat],
+              styles: dict[str, StylePreset], campaign_model: Path) -> Callable[..., Plan]:
+    """Write ``rows`` as a CSV brief, read it and plan it with the campaign model as default. The session's
+    temporary folder (where every test model file lives) is the model folder rows may name files in."""
     counter = iter(range(1000))
+    model_dirs = str(tmp_path_factory.getbasetemp())
 
     def make(rows: list[dict[str, Any]], *, settings: Settings | None = None, strict: bool = False,
              resolver: Resolver | None = None, header: list[str] = HEADER) -> Plan:
         path = write_brief(tmp_path / f"brief-{next(counter)}.csv", rows, header)
         brief = read_brief(path, known_channels=set(channels))
-        return plan_brief(brief, settings or load_settings(env={}, cwd=tmp_path), channels=channels, styles=styles,
+        settings = settings or load_settings({"model_dirs": model_dirs}, env={}, cwd=tmp_path)
+        return plan_brief(brief, settings, channels=channels, styles=styles,
                           resolve_model=resolver or Resolver(), default_model=campaign_model, strict=strict)
 
     return make
@@ -96,11 +101,27 @@ def test_prompt_variations_cycle_over_variants(make_plan: Callable[..., Plan]) -
 
 
 def test_seeds_stay_below_int64(make_plan: Callable[..., Plan]) -> None:
-    """A base seed at the top of the range still gives seeds torch accepts (< 2**63)."""
-    plan = make_plan([row("edge", variants=2, seed=2**63 - 1)])
-    assert plan.variants[0].spec.seed == 2**63 - 1
-    assert all(0 <= v.spec.seed < 2**63 for v in plan.variants)
-    assert len({v.spec.seed for v in plan.variants}) == 2
+    """Seeds up to 2**63 - 1 (what torch accepts) are planned as seed + i; a row whose last image would pass it
+    is refused naming its seed cell, never wrapped to 0, 1, 2 (it used to wrap silently)."""
+    plan = make_plan([row("edge", variants=2, seed=2**63 - 2), row("over", variants=4, seed=2**63 - 3)])
+    assert [v.spec.seed for v in plan.variants] == [2**63 - 2, 2**63 - 1]
+    [problem] = plan.problems
+    assert (problem.line, problem.column) == (3, "seed")
+    assert "'9223372036854775805' is too large for 4 variants" in problem.message
+    assert "use a seed of at most 9223372036854775804" in problem.message
+
+
+def test_planning_refuses_a_seed_range_past_int64_from_any_brief(make_plan: Callable[..., Plan],
+                                                                 channels: dict[str, ChannelFormat],
+                                                                 campaign_model: Path) -> None:
+    """A row built without read_brief's checks (seed 2**63 - 1, 4 variants) is refused by planning itself."""
+    brief = make_plan([row("ok", variants=1)]).brief
+    edge = replace(brief.rows[0], row_id="edge", seed=2**63 - 1, variants=4)
+    plan = plan_brief(replace(brief, rows=[*brief.rows, edge]), load_settings(env={}, cwd=brief.path.parent),
+                      channels=channels, styles={}, resolve_model=Resolver(), default_model=campaign_model)
+    assert [v.row.row_id for v in plan.variants] == ["ok"]
+    [problem] = plan.problems
+    assert problem.column == "seed" and "9223372036854775807 + 4 variants passes 2**63 - 1" in problem.message
 
 
 def test_batch_groups_share_model_and_generation_size(make_plan: Callable[..., Plan]) -> None:
@@ -226,6 +247,54 @@ def test_every_row_bad_rejects_the_brief(make_plan: Callable[..., Plan], tmp_pat
     problems = info.value.problems
     assert [p.column for p in problems] == ["model", "license", None]
     assert "no row of the brief can be rendered" in problems[-1].message
+
+
+# ------------------------------------------------------------------------------------------------ model folders
+
+
+def test_row_model_outside_the_model_folders_is_refused_without_looking_at_it(
+        make_plan: Callable[..., Plan], tmp_path: Path, campaign_model: Path, nc_model: Path) -> None:
+    """A brief cannot learn whether a file exists on the render machine, or its size: a path outside the model
+    folders gets the same answer whether a file is there or not, '..' and symlinks cannot lead out, and the file
+    is never opened. Inside a model folder the row plans as before."""
+    models, elsewhere = tmp_path / "models", tmp_path / "elsewhere"
+    models.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "three.safetensors").write_bytes(b"abc")  # "only 3 bytes" is what the old answer said
+    (models / "escape.safetensors").symlink_to(elsewhere / "three.safetensors")
+    (models / "nc.safetensors").symlink_to(nc_model)  # the link is in the folder, but it leads out: refused too
+    settings = load_settings({"model_dirs": "models"}, env={}, cwd=tmp_path)
+    resolver = Resolver()
+    asked = {"there": elsewhere / "three.safetensors", "absent": elsewhere / "absent.safetensors",
+             "dotdot": models / ".." / "elsewhere" / "three.safetensors", "link": models / "escape.safetensors",
+             "nc": models / "nc.safetensors"}
+    plan = make_plan([row("ok"), *(row(k, model=str(v), license="any") for k, v in asked.items())],
+                     settings=settings, resolver=resolver)
+    assert [v.row.row_id for v in plan.variants] == ["ok", "ok"]
+    assert resolver.calls == [str(campaign_model)]  # only the run's default model was looked at
+    assert [(p.line, p.column) for p in plan.problems] == [(n, "model") for n in range(3, 8)]
+    shapes = {p.message.replace(str(v), "PATH") for p, v in zip(plan.problems, asked.values())}
+    assert shapes == {"model 'PATH' is not in a model folder (setting model_dirs; allow_any_model_path lifts this): "
+                      "put the file there, or ask whoever runs adforge to add its folder"}
+
+    inside = make_plan([row("nc", model=str(models / "nc.safetensors"), license="any")],
+                       settings=load_settings({"model_dirs": f"models{os.pathsep}{nc_model.parent}"}, env={}, cwd=tmp_path))
+    assert inside.problems == [] and len(inside.variants) == 2
+    anywhere = make_plan([row("nc", model=str(nc_model), license="any")],
+                         settings=load_settings({"allow_any_model_path": True}, env={}, cwd=tmp_path))
+    assert anywhere.problems == [] and len(anywhere.variants) == 2
+
+
+def test_default_model_folders(tmp_path: Path, campaign_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without model_dirs: ./models where adforge runs, the bundled model's folder, and always the default model's."""
+    from engine.bundled import bundled_model_path
+
+    monkeypatch.chdir(tmp_path)
+    folders = model_folders(load_settings(env={}, cwd=tmp_path), campaign_model)
+    assert folders == [(tmp_path / "models").resolve(), bundled_model_path().parent.resolve(), campaign_model.parent.resolve()]
+    configured = load_settings({"model_dirs": f"a{os.pathsep}/srv/models"}, env={}, cwd=tmp_path)
+    assert configured.model_dirs == f"{(tmp_path / 'a').resolve().as_posix()}{os.pathsep}/srv/models"
+    assert model_folders(configured, campaign_model)[:2] == [(tmp_path / "a").resolve(), Path("/srv/models").resolve()]
 
 
 def test_brief_problems_come_first(make_plan: Callable[..., Plan]) -> None:

@@ -202,6 +202,38 @@ def test_wrong_type_flag_names_the_command_line(tmp_path: Path) -> None:
         load_settings({"steps": "lots"}, env={}, cwd=tmp_path)
 
 
+# ------------------------------------------------------------------------------------------------ briefs: model folders and limits
+
+
+def test_model_folders_and_any_path_settings(tmp_path: Path) -> None:
+    """``model_dirs``: a TOML list or an os.pathsep-joined string (ADFORGE_MODEL_DIRS), relative to where adforge
+    runs; ``allow_any_model_path``: a boolean, from TOML or the environment (true/false/1/0/yes/no)."""
+    import os
+
+    s = load_settings(env={}, cwd=tmp_path)
+    assert (s.model_dirs, s.allow_any_model_path) == (None, False)
+    write_text(tmp_path / "adforge.toml", 'model_dirs = ["models", "/srv/ckpt"]\nallow_any_model_path = true\n')
+    s = load_settings(env={}, cwd=tmp_path)
+    assert s.model_dirs == os.pathsep.join([(tmp_path / "models").resolve().as_posix(), "/srv/ckpt"])
+    assert s.allow_any_model_path is True
+    env = {"ADFORGE_MODEL_DIRS": "/a", "ADFORGE_ALLOW_ANY_MODEL_PATH": "no"}
+    assert (load_settings(env=env, cwd=tmp_path).model_dirs, load_settings(env=env, cwd=tmp_path).allow_any_model_path) == ("/a", False)
+    with pytest.raises(SettingsError) as info:
+        load_settings(env={"ADFORGE_ALLOW_ANY_MODEL_PATH": "maybe"}, cwd=tmp_path)
+    assert str(info.value) == "ADFORGE_ALLOW_ANY_MODEL_PATH: 'allow_any_model_path' must be true or false, got 'maybe'"
+
+
+def test_brief_limits_are_settings_with_defaults_and_a_floor(tmp_path: Path) -> None:
+    s = load_settings(env={}, cwd=tmp_path)
+    assert (s.brief_max_bytes, s.brief_max_xlsx_bytes, s.brief_max_rows, s.brief_max_cells, s.brief_max_cell_chars,
+            s.brief_max_variants_per_row, s.brief_max_variants_per_brief) == (
+        16 * 2**20, 64 * 2**20, 10_000, 500_000, 10_000, 1_000, 100_000)
+    write_text(tmp_path / "adforge.toml", "brief_max_rows = 0\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings(env={}, cwd=tmp_path)
+    assert str(info.value) == f"{tmp_path / 'adforge.toml'}: 'brief_max_rows' must be >= 1, got 0"
+
+
 # ------------------------------------------------------------------------------------------------ redaction
 
 

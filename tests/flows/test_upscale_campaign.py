@@ -202,10 +202,13 @@ def test_planning_problems_name_the_channel_key(tmp_path: Path, campaign_model: 
 
 
 def test_upscaler_as_a_row_model_is_refused(tmp_path: Path, campaign_model: Path, upscalers: dict[str, Path]) -> None:
+    # Both files in one folder, the default model's, where a row's model may be (flows.planning.model_folders).
+    (tmp_path / "default.safetensors").symlink_to(campaign_model)
+    upscaler = shutil.copy(upscalers["esrgan"], tmp_path / upscalers["esrgan"].name)
     brief = tmp_path / "brief.csv"
     brief.write_text("campaign,row_id,subject,channels,variants,license,model\n"
-                     f"c1,a,x,instagram_square,1,any,{upscalers['esrgan']}\nc1,b,x,instagram_square,1,any,\n")
-    the_plan, _ = plan(brief, ROOT / "templates", campaign_model, None)
+                     f"c1,a,x,instagram_square,1,any,{upscaler}\nc1,b,x,instagram_square,1,any,\n")
+    the_plan, _ = plan(brief, ROOT / "templates", tmp_path / "default.safetensors", None)
     [problem] = the_plan.problems
     assert problem.column == "model" and "is an upscaler, not a checkpoint" in problem.message
 

@@ -18,58 +18,23 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi import FastAPI
-from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import func, select
 
+from cli.review import known_samplers
 from review.app import create_app
 from storage.assets import open_store
 from storage.database import open_database
 from storage.review_schema import ABResult, ExportRecord, RerenderRequest, ReviewState
 from storage.schema import Asset, ModelRecord, Run
-from tests.review.world import PASSWORD, World, _png, audit_entries, build_world
+from tests.review.world import PASSWORD, Browser, World, _png, audit_entries, build_world
 
 SCRIPT_PROMPT = '<script>alert("pwned")</script> a red bicycle & "quotes"'
 
 pytestmark = pytest.mark.usefixtures("cheap_password_hashes")  # every test here signs users in
-
-
-class Browser:
-    """A signed-in client: remembers the session's CSRF token and sends it the way the gallery's pages do."""
-
-    def __init__(self, app: FastAPI, name: str | None = None):
-        self.client = TestClient(app, follow_redirects=False)
-        self.csrf = csrf_of(self.client.get("/login").text)
-        if name:
-            r = self.client.post("/login", data={"name": name, "password": PASSWORD, "csrf_token": self.csrf, "next": "/"})
-            assert r.status_code == 303, r.text
-            self.csrf = csrf_of(self.client.get("/").text)  # a new session gets a new token
-
-    def get(self, url: str, **kw) :
-        return self.client.get(url, **kw)
-
-    def post_json(self, url: str, body: dict[str, Any], *, token: str | None = "session") :
-        headers = {} if token is None else {"X-CSRF-Token": self.csrf if token == "session" else token}
-        return self.client.post(url, json=body, headers=headers)
-
-    def post_form(self, url: str, data: dict[str, Any] | None = None, *, token: str | None = "session", **kw) :
-        data = dict(data or {})
-        if token is not None:
-            data["csrf_token"] = self.csrf if token == "session" else token
-        return self.client.post(url, data=data, **kw)
-
-    def review(self, variant_id: int, **change: Any) :
-        return self.post_json(f"/api/variants/{variant_id}/review", change)
-
-
-def csrf_of(html: str) -> str:
-    m = re.search(r'<meta name="csrf-token" content="([^"]+)">', html)
-    assert m, "page has no CSRF token"
-    return m.group(1)
 
 
 @dataclass
@@ -86,7 +51,7 @@ def _gallery(db_url: str, store_url: str, tmp_path: Path, **world_kw) -> Iterato
     db = open_database(db_url)
     store = open_store(store_url)
     world = build_world(db, store, store_url, **world_kw)
-    app = create_app(db_url, store_url, secret_key="test-secret", cache_dir=tmp_path / "thumbs")
+    app = create_app(db_url, store_url, secret_key="test-secret", cache_dir=tmp_path / "thumbs", samplers=known_samplers())
     try:
         yield Gallery(world, app, tmp_path / "thumbs")
     finally:

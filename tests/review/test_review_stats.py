@@ -107,3 +107,18 @@ def test_results_table_sums_groups_per_row_and_channel() -> None:
     assert tests[0].verdict == verdict([Arm("A", 300, 2000), Arm("B", 150, 1000)], 0.95)
     assert tests[1].groups == [] and tests[1].verdict.reason == "needs results for at least two groups"
     assert _summarise(pd.DataFrame([], columns=_VIEW_COLUMNS), confidence=0.95, metric="ctr") == []
+
+
+def test_results_table_sums_do_not_wrap_near_2_63() -> None:
+    """Counts stored before the import capped them: each fits a signed 64-bit integer, their sum does not."""
+    import pandas as pd
+
+    from review.results import _VIEW_COLUMNS, _summarise
+
+    big = 2**62
+    rows = [(7, "hero-01", "banner", "A", 1, big, big // 2, 0), (7, "hero-01", "banner", "A", 2, big, big // 2, 0),
+            (7, "hero-01", "banner", "B", 3, 3 * big, big, 0)]
+    [test] = _summarise(pd.DataFrame(rows, columns=_VIEW_COLUMNS), confidence=0.95, metric="ctr")
+    a, b = test.groups
+    assert (a.impressions, a.clicks, b.impressions) == (2**63, 2**62, 3 * 2**62)
+    assert a.rate("ctr") == 0.5 and test.verdict.leader == "A"

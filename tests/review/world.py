@@ -1,5 +1,6 @@
 """Shared by the review tests (tests/review, tests/cli) and bench/gallery_page.py: a campaign as a run leaves it in
-the database and the asset store, and gallery users; the audit log read back; the gallery served on a free port.
+the database and the asset store, and gallery users; the audit log read back; the gallery served on a free port;
+a signed-in TestClient (``Browser``).
 
 Rows are inserted through ``storage.schema`` the way ``flows.recording`` writes them, with small real PNG files in
 the store; no model is loaded, so building a world takes milliseconds. Modules that sign users in use the
@@ -10,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select
 
@@ -134,3 +138,37 @@ def serve_app(app: Any) -> tuple[Any, threading.Thread, int]:
             raise RuntimeError("the gallery server did not start")
         time.sleep(0.02)
     return server, thread, port
+
+
+class Browser:
+    """A signed-in client: remembers the session's CSRF token and sends it the way the gallery's pages do."""
+
+    def __init__(self, app: FastAPI, name: str | None = None, *, address: str = "testclient"):
+        self.client = TestClient(app, follow_redirects=False, client=(address, 50000))
+        self.csrf = csrf_of(self.client.get("/login").text)
+        if name:
+            r = self.client.post("/login", data={"name": name, "password": PASSWORD, "csrf_token": self.csrf, "next": "/"})
+            assert r.status_code == 303, r.text
+            self.csrf = csrf_of(self.client.get("/").text)  # a new session gets a new token
+
+    def get(self, url: str, **kw) :
+        return self.client.get(url, **kw)
+
+    def post_json(self, url: str, body: dict[str, Any], *, token: str | None = "session") :
+        headers = {} if token is None else {"X-CSRF-Token": self.csrf if token == "session" else token}
+        return self.client.post(url, json=body, headers=headers)
+
+    def post_form(self, url: str, data: dict[str, Any] | None = None, *, token: str | None = "session", **kw) :
+        data = dict(data or {})
+        if token is not None:
+            data["csrf_token"] = self.csrf if token == "session" else token
+        return self.client.post(url, data=data, **kw)
+
+    def review(self, variant_id: int, **change: Any) :
+        return self.post_json(f"/api/variants/{variant_id}/review", change)
+
+
+def csrf_of(html: str) -> str:
+    m = re.search(r'<meta name="csrf-token" content="([^"]+)">', html)
+    assert m, "page has no CSRF token"
+    return m.group(1)

@@ -5,6 +5,7 @@ named; the tile grid and its feathered blend; tiled against untiled output."""
 from __future__ import annotations
 
 import io
+import struct
 import zipfile
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from engine.checkpoint import MAX_HEADER_BYTES
 from engine.upscale.networks import UpscalerError, clear_upscalers, inspect_upscaler, lanczos, load_upscaler
 from engine.upscale.random_models import random_compact, random_esrgan, write_upscaler
 from engine.tiling import AUTO_TILE_PIXELS, balanced_tile, plan_tiles, resolve_tile, run_tiled, tile_starts
@@ -108,14 +110,34 @@ def test_unusable_files_are_refused_naming_the_file(tmp_path: Path, tiny_checkpo
         inspect_upscaler(tiny_checkpoint)
     evil = tmp_path / "evil.pth"
     torch.save({"model": Path("/etc/passwd")}, evil)  # an arbitrary object: weights-only loading must refuse it
-    with pytest.raises(UpscalerError, match=r"evil.pth: cannot be read as a weights-only PyTorch file"):
+    with pytest.raises(UpscalerError, match=r"evil.pth: cannot be read as a weights-only PyTorch file") as info:
         load_upscaler(evil)
+    # One line saying why, without torch's advice to unpickle unrestricted.
+    message = str(info.value)
+    assert "PosixPath" in message and "a pickle can run code" in message
+    assert "weights_only" not in message and "Re-running" not in message and "\n" not in message
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a model at all")
     with pytest.raises(UpscalerError, match=r"junk.safetensors: not a safetensors file"):
         load_upscaler(junk)
     with pytest.raises(UpscalerError, match=r"picture.png: not an upscaler model file"):
         inspect_upscaler(tmp_path / "picture.png")
+
+
+def test_upscaler_safetensors_with_a_crafted_header_is_refused(tmp_path: Path) -> None:
+    """Upscaler files go through the checkpoint header checks: a nested or oversized header is a one-line error."""
+    nested = tmp_path / "nested.safetensors"
+    body = b'{"a": ' + b"[" * 100_000
+    nested.write_bytes(struct.pack("<Q", len(body)) + body)
+    with pytest.raises(UpscalerError, match=r"nested.safetensors: corrupt safetensors header \(JSON nested too deep"):
+        load_upscaler(nested)
+    huge = tmp_path / "huge.safetensors"
+    n = MAX_HEADER_BYTES + 8
+    with huge.open("wb") as f:
+        f.write(struct.pack("<Q", n) + b"{")
+        f.truncate(8 + n)  # sparse: claims the header, holds no data
+    with pytest.raises(UpscalerError, match=rf"huge.safetensors: safetensors header of {n} bytes is over the"):
+        inspect_upscaler(huge)
 
 
 def test_truncated_pth_is_refused(upscaler_files: dict[str, Path], tmp_path: Path) -> None:
