@@ -122,3 +122,17 @@ def batched_device_with_latent_cap(cap: int) -> None:
 
     Pipeline.BATCH_INVARIANT_DEVICES = frozenset()
     cap_unet_latents(cap)
+
+
+def templates_with(tmp_path: Path, channels: dict[str, tuple[int, int, str | None]]) -> Path:
+    """A copy of the project's templates with extra channels: name -> (width, height, upscale chain or None)."""
+    import shutil
+
+    templates = tmp_path / "templates"
+    shutil.copytree(ROOT / "templates", templates)
+    with open(templates / "channels.yaml", "a", encoding="utf-8") as f:
+        for name, (w, h, chain) in channels.items():
+            f.write(f"  {name}:\n    width: {w}\n    height: {h}\n    format: jpeg\n    max_kb: 8192\n    template: vertical\n")
+            if chain is not None:
+                f.write(f"    upscale: \"{chain}\"\n")
+    return templates

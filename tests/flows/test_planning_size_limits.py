@@ -5,7 +5,6 @@ the other rows still plan."""
 
 from __future__ import annotations
 
-import shutil
 import struct
 from pathlib import Path
 
@@ -19,20 +18,9 @@ from flows.model_registry import describe_model
 from flows.planning import plan_brief
 from flows.settings import load_settings
 from flows.styles import load_styles
-from tests.helpers import ROOT, write_brief
+from tests.helpers import ROOT, templates_with, write_brief
 
 HEADER = ["campaign", "row_id", "subject", "channels", "variants", "license", "model"]
-
-
-def templates_with(tmp_path: Path, channels: dict[str, tuple[int, int, str | None]]) -> Path:
-    templates = tmp_path / "templates"
-    shutil.copytree(ROOT / "templates", templates)
-    with open(templates / "channels.yaml", "a", encoding="utf-8") as f:
-        for name, (w, h, chain) in channels.items():
-            f.write(f"  {name}:\n    width: {w}\n    height: {h}\n    format: jpeg\n    max_kb: 8192\n    template: vertical\n")
-            if chain is not None:
-                f.write(f"    upscale: \"{chain}\"\n")
-    return templates
 
 
 def _plan(tmp_path: Path, templates: Path, rows: list[str], model: Path):

@@ -31,7 +31,7 @@ from storage.image_metadata import parse_infotext, read_image_metadata
 from storage.variants import VariantSpec
 from storage.schema import Asset, ModelRecord, Variant, VariantUpscaler
 
-from tests.helpers import ROOT, write_brief
+from tests.helpers import ROOT, templates_with, write_brief
 
 HEADER = ["campaign", "row_id", "subject", "channels", "variants", "license"]
 HQ_CHAIN = "hires(scale=2, denoise=0.4, steps=2) -> model({file}) -> fit(192x320)"
@@ -50,18 +50,6 @@ def upscalers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
     yield files
     clear_upscalers()
-
-
-def templates_with(tmp_path: Path, channels: dict[str, tuple[int, int, str | None]]) -> Path:
-    """A copy of the project's templates with extra channels: name -> (width, height, upscale chain or None)."""
-    templates = tmp_path / "templates"
-    shutil.copytree(ROOT / "templates", templates)
-    with open(templates / "channels.yaml", "a", encoding="utf-8") as f:
-        for name, (w, h, chain) in channels.items():
-            f.write(f"  {name}:\n    width: {w}\n    height: {h}\n    format: jpeg\n    max_kb: 8192\n    template: vertical\n")
-            if chain is not None:
-                f.write(f"    upscale: \"{chain}\"\n")
-    return templates
 
 
 def plan(brief: Path, templates: Path, model: Path, db: Database | None):
