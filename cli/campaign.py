@@ -184,8 +184,13 @@ def rerender(
     _quiet_prefect()
     overrides = {"db_url": db, "store_url": store}
     load_settings(config, **overrides)
+    from flows.prefect_server import start_temporary_server
     from flows.rerender import rerender_queue
 
+    try:
+        start_temporary_server()  # without PREFECT_API_URL: a server that dies with this process, even on kill -9
+    except Exception as exc:
+        raise fail(f"cannot start Prefect's temporary server: {str(exc).strip().splitlines()[0]}", 1) from None
     result = rerender_queue(overrides={k: v for k, v in overrides.items() if v is not None},
                             config=os.fspath(config) if config else None, limit=limit)
     c = result["counts"]
