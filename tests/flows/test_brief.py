@@ -264,3 +264,36 @@ def test_control_characters_in_cells_never_reach_a_message_raw(tmp_path):
     [problem] = [str(x) for x in read_brief(p).problems]
     assert problem == f"{p}:2: column 'variants': '\\x1b[2J\\x1b[1Afour\\r\\nlines' is not a whole number"
     assert "\x1b" not in problem and "\n" not in problem
+
+
+def test_streaming_xlsx_reader_matches_openpyxl_cell_for_cell(tmp_path):
+    """Our streaming .xlsx reader against an independent one: openpyxl reads the same workbook (every kind of cell
+    openpyxl writes: shared strings with non-Latin text, numbers, whole floats, booleans, dates, datetimes, a
+    gap in a row, a formula with no saved value), and each extra column's value is openpyxl's, shown the same way."""
+    import datetime as dt
+
+    from flows.xlsx_reader import cell_text
+
+    p = tmp_path / "types.xlsx"
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    header = ["campaign", "row_id", "subject", "channels", "text", "number", "whole", "flag", "day", "moment", "gap",
+              "after_gap"]
+    ws.append(header)
+    rows = [
+        ["spring", "r1", "a red circle", "story", "Größe ✓ 日本", 3.25, 7.0, True, dt.date(2026, 3, 1),
+         dt.datetime(2026, 3, 1, 14, 30, 5), None, "x"],
+        ["spring", "r2", "a blue star", "story", "  padded  ", -0.001, 12, False, dt.date(1999, 12, 31),
+         dt.datetime(2026, 1, 2, 0, 0), None, 5],
+    ]
+    for r in rows:
+        ws.append(r)
+    wb.save(p)
+
+    ours = read_brief(p).rows
+    reference = openpyxl.load_workbook(p, read_only=True, data_only=True).active
+    theirs = [[cell_text(c) for c in r] for r in reference.iter_rows(min_row=2, values_only=True)]
+    assert len(ours) == len(theirs) == 2
+    for row, expected in zip(ours, theirs, strict=True):
+        for name, value in zip(header[4:], expected[4:], strict=True):
+            assert row.extra[name] == value.strip(), (name, row.extra[name], value)
