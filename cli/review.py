@@ -41,7 +41,7 @@ def _is_loopback(host: str) -> bool:
 def known_samplers() -> dict[str, str]:
     """The sampler names the gallery accepts for a re-render (spelling -> display name), from the engine's
     registry: each display name and its snake_case / ``k_`` spellings, kept only where the engine accepts them."""
-    from engine.samplers import SAMPLERS, get_sampler
+    from engine.sampler_names import SAMPLERS, get_sampler  # names only: the gallery does not load torch
 
     spellings = [*SAMPLERS, "euler_ancestral", "k_euler_ancestral"]
     for name in SAMPLERS:

@@ -14,13 +14,12 @@ sync per step when x lives on a GPU.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .sampler_names import SAMPLERS, SamplerSpec, get_sampler
 from .schedule import DiscreteSchedule
 
 __all__ = [
@@ -115,61 +114,11 @@ _SCHEDULES: dict[str, Callable[[DiscreteSchedule, int], Tensor]] = {
 # ---- the registry -----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SamplerSpec:
-    name: str  # A1111 display name, exactly as A1111 writes it into infotext
-    method: str  # the sampler function: "euler" | "euler_ancestral" | "dpmpp_2m" | "ddim"
-    schedule: str  # "default" | "karras" | "ddim"
-    ancestral: bool  # needs fresh noise per step
-
-    @property
-    def function(self) -> SamplerFn:
-        try:
-            return _FUNCTIONS[self.method]
-        except KeyError:
-            raise ValueError(f"unknown sampler method {self.method!r} in sampler {self.name!r}") from None
-
-
-SAMPLERS: dict[str, SamplerSpec] = {
-    s.name: s
-    for s in (
-        SamplerSpec("Euler", "euler", "default", False),
-        SamplerSpec("Euler a", "euler_ancestral", "default", True),
-        SamplerSpec("DPM++ 2M", "dpmpp_2m", "default", False),
-        SamplerSpec("DPM++ 2M Karras", "dpmpp_2m", "karras", False),
-        SamplerSpec("DDIM", "ddim", "ddim", False),
-    )
-}
-
-
-def _fold(name: str) -> str:
-    # "DPM++ 2M Karras", "dpmpp_2m_karras", "dpm++-2m karras" all fold to "dpmpp2mkarras".
-    return re.sub(r"[\s_\-]+", "", name.strip().lower().replace("++", "pp"))
-
-
-_LOOKUP: dict[str, str] = {_fold(n): n for n in SAMPLERS}
-# Spelled-out alias that does not fold onto a display name.
-_LOOKUP["eulerancestral"] = "Euler a"
-
-
-def _lookup_key(name: str) -> str:
-    key = _fold(name)
-    # k-diffusion / older A1111 API names carry a "k_" prefix ("k_euler_a", "k_dpmpp_2m").
-    if key not in _LOOKUP and key.startswith("k") and key[1:] in _LOOKUP:
-        key = key[1:]
-    return key
-
-
-def get_sampler(name: str) -> SamplerSpec:
-    """Look a sampler up by A1111 display name, case-insensitively, or by a simple alias
-    ("euler_a", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras", "k_euler", "ddim")."""
-    if not isinstance(name, str):
-        raise ValueError(f"sampler name must be a string, got {name!r}")
-    key = _lookup_key(name)
-    if key not in _LOOKUP:
-        valid = ", ".join(repr(n) for n in SAMPLERS)
-        raise ValueError(f"unknown sampler {name!r}; valid samplers: {valid}")
-    return SAMPLERS[_LOOKUP[key]]
+def sampler_function(spec: SamplerSpec) -> SamplerFn:
+    try:
+        return _FUNCTIONS[spec.method]
+    except KeyError:
+        raise ValueError(f"unknown sampler method {spec.method!r} in sampler {spec.name!r}") from None
 
 
 def sampler_sigmas(spec: SamplerSpec, schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
@@ -218,7 +167,7 @@ def sample(
     ancestral samplers and called only for steps that add noise (sigma_next > 0), in step order.
     callback(i, total) is called after step i (0-based) completes; total = len(sigmas) - 1.
     """
-    function = spec.function
+    function = sampler_function(spec)
     if spec.ancestral and noise_fn is None:
         raise ValueError(f"sampler {spec.name!r} is ancestral and needs noise_fn (step index -> noise like x)")
     sig = _check_sigmas(sigmas)
