@@ -202,6 +202,17 @@ def rerender(
         raise typer.Exit(1)
 
 
+def _adapters_text(variants: list) -> str:
+    """The adapters a row-channel uses, as a tail for its plan line: ``, LoRA acme-style 0.8 (apache-2.0), ...``."""
+    seen: dict[tuple, str] = {}
+    for v in variants:
+        for a in v.adapters:
+            strength = f" {a.te:g}" if a.te == a.unet else f" te {a.te:g} unet {a.unet:g}"
+            what = f"LoRA {_shown(a.model.name)}{strength}" if a.kind == "lora" else f"embedding {_shown(a.model.name)}"
+            seen.setdefault((a.kind, a.model.sha256, a.te, a.unet), f"{what} ({a.model.license or 'licence unknown'})")
+    return "".join(f", {text}" for text in seen.values())
+
+
 @app.command()
 def plan(
     brief: Annotated[Path, typer.Argument(help="Brief spreadsheet (.csv or .xlsx).")],
@@ -236,7 +247,7 @@ def plan(
             f"{_shown(campaign)} / {_shown(row_id)} / {_shown(channel)}: {len(vs)} image(s), template {_shown(v0.prompt.template_name)}, "
             f"{len({v.prompt.prompt for v in vs})} prompt variation(s), {seed_text}, generate {v0.spec.gen_width}x{v0.spec.gen_height} "
             f"-> deliver {v0.channel.width}x{v0.channel.height} {v0.channel.format}, model {_shown(v0.model.name)} "
-            f"({v0.model.short_hash}, licence {v0.model.license or 'unknown'})",
+            f"({v0.model.short_hash}, licence {v0.model.license or 'unknown'})" + _adapters_text(vs),
             soft_wrap=True,
         )
     if details:

@@ -93,8 +93,17 @@ def generate(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16.")] = "auto",
     allow_pickle: Annotated[bool, typer.Option(help="Allow .ckpt pickles (weights-only unpickling); trust the source.")] = False,
+    lora_dir: Annotated[
+        Path, typer.Option(envvar="ADFORGE_LORA_DIR", help="Where <lora:NAME:weight> tags find NAME.safetensors (.pt, .ckpt).")
+    ] = Path("models/loras"),
+    embeddings_dir: Annotated[
+        Path, typer.Option(envvar="ADFORGE_EMBEDDINGS_DIR", help="Textual-inversion embeddings, used by writing their file name in a prompt.")
+    ] = Path("models/embeddings"),
 ) -> None:
-    """Render images from a prompt (txt2img, img2img, inpaint, outpaint) into PNGs with A1111 infotext."""
+    """Render images from a prompt (txt2img, img2img, inpaint, outpaint) into PNGs with A1111 infotext.
+
+    LoRAs: A1111 tags in the prompt, <lora:NAME:0.8> or <lora:NAME:TE:UNET>, several at once. Embeddings: write
+    the file's name in the prompt or --negative, with emphasis like any word: (easynegative:1.2)."""
     # Imported here so `adforge --help` stays instant (torch takes seconds to import).
     from engine.checkpoint import CheckpointError
     from engine.image_ops import Outpaint, outpaint_canvas
@@ -118,7 +127,15 @@ def generate(
         raise typer.BadParameter("--outpaint needs --init-image", param_hint="--outpaint")
     if outpaint is not None and mask is not None:
         raise typer.BadParameter("--outpaint makes its own mask; drop --mask", param_hint="--outpaint")
-    # What can be refused before the model loads: seeds out of range, sides no pass may have.
+    # What can be refused before the model loads: seeds out of range, sides no pass may have, adapters not found.
+    from engine.adapters.library import AdapterLibrary
+    from engine.adapters.refs import AdapterError
+    from engine.tokenizer import load_clip_tokenizer
+
+    try:
+        adapters = AdapterLibrary([lora_dir], [embeddings_dir]).resolve(prompt, negative, load_clip_tokenizer())
+    except AdapterError as exc:
+        raise fail(exc, 2) from None
     try:
         if seed >= 0:
             check_seeds(seed, n)
@@ -176,11 +193,17 @@ def generate(
         strength=strength,
         mask=mask_img,
         mask_blur=mask_blur,
+        loras=adapters.loras,
+        embeddings=adapters.embeddings,
     )
     try:
         base.validate(DeviceBudget.for_models(pipe.models))
+        # LoRA and embedding files are read and checked against the model before the first step is rendered.
+        pipe.use_loras(base.loras)
     except RequestError as exc:
         raise _bad(exc) from None
+    except AdapterError as exc:
+        raise fail(exc, 2) from None
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
 
@@ -199,7 +222,10 @@ def generate(
         def on_step(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        results = pipe.generate(requests, progress=on_step)
+        try:
+            results = pipe.generate(requests, progress=on_step)
+        except AdapterError as exc:  # an embedding that does not fit the model: nothing was rendered
+            raise fail(exc, 2) from None
 
     out.mkdir(parents=True, exist_ok=True)
     index = _next_index(out)

@@ -73,12 +73,16 @@ def models_init_random_upscaler(
 
 @app.command("inspect")
 def models_inspect(
-    path: Annotated[Path, typer.Argument(help="Checkpoint or upscaler file.")],
+    path: Annotated[Path, typer.Argument(help="Checkpoint, upscaler, LoRA or embedding file.")],
     allow_pickle: Annotated[bool, typer.Option(help="Allow .ckpt pickles (weights-only unpickling).")] = False,
 ) -> None:
-    """Family, architecture read from the tensor shapes, and hashes of a checkpoint (without loading it) or of an
-    upscaler (its architecture and scale, as spandrel reads them)."""
+    """Family, architecture read from the tensor shapes, and hashes of a checkpoint (without loading it), of an
+    upscaler (its architecture and scale, as spandrel reads them), of a LoRA (format, family, ranks, alphas, modules
+    touched, training metadata) or of a textual-inversion embedding (vectors, width, family)."""
     from engine.checkpoint import CheckpointError, a1111_short_hash, file_sha256, open_state_dict
+
+    if _inspect_adapter(path):
+        return
     from engine.families import detect_family
     from engine.upscale.chain import MODEL_SUFFIXES
     from engine.upscale.networks import UpscalerError, inspect_upscaler, read_upscaler_state_dict
@@ -108,9 +112,52 @@ def models_inspect(
     typer.echo(f"model hash:  {a1111_short_hash(sha)}")
 
 
+def _inspect_adapter(path: Path) -> bool:
+    """Print what a LoRA or embedding file is; False if it is neither."""
+    from engine.adapters.embeddings import describe_embedding
+    from engine.adapters.lora_file import describe_lora, is_lora_file
+    from engine.adapters.refs import AdapterError
+    from engine.checkpoint import a1111_short_hash, file_sha256
+
+    if not path.is_file():
+        return False
+    try:
+        if is_lora_file(path):
+            info = describe_lora(path)
+            sha = file_sha256(path)
+            typer.echo(f"file:        {path}")
+            typer.echo(f"LoRA:        {info.format} for {info.family_label}")
+            typer.echo(f"rank:        {', '.join(map(str, info.ranks)) or '-'}")
+            typer.echo(f"alpha:       {', '.join(f'{a:g}' for a in info.alphas) or 'none (scale 1)'}")
+            typer.echo(f"modules:     {info.unet_modules} U-Net, {info.text_encoder_modules} text encoder")
+            typer.echo(f"sha256:      {sha}")
+            typer.echo(f"lora hash:   {sha[:12]}  (use: <lora:{path.stem}:1>)")
+            for key, value in info.metadata.items():
+                typer.echo(f"{key + ':':<12} {value}")
+            return True
+    except AdapterError as exc:
+        raise fail(exc, 2) from None
+    if path.stat().st_size > 16 * 1024 * 1024:
+        return False
+    try:
+        emb = describe_embedding(path)
+    except AdapterError:
+        return False
+    sha = file_sha256(path)
+    widths = ", ".join(f"{part or 'width'} {w}" for part, w in emb.parts.items())
+    typer.echo(f"file:        {path}")
+    typer.echo(f"embedding:   {emb.format}, {emb.vectors} vector(s), {widths}" + (f" ({emb.family})" if emb.family else ""))
+    if emb.step is not None or emb.trained_name:
+        typer.echo(f"trained:     {emb.trained_name or '?'}, {emb.step if emb.step is not None else '?'} steps")
+    typer.echo(f"sha256:      {sha}")
+    typer.echo(f"ti hash:     {sha[:12]}  (use: write '{path.stem}' in a prompt)")
+    typer.echo(f"model hash:  {a1111_short_hash(sha)}")
+    return True
+
+
 @app.command("add")
 def models_add(
-    path: Annotated[Path, typer.Argument(help="Model file (.safetensors).")],
+    path: Annotated[Path, typer.Argument(help="Model file: checkpoint, upscaler, LoRA or embedding.")],
     license_id: Annotated[str, typer.Option("--license", help="Licence id, e.g. creativeml-openrail-m, cc-by-nc-sa-4.0.")],
     commercial: Annotated[str | None, typer.Option(help="yes / no: may assets be used commercially? Default: known for common licences.")] = None,
     name: Annotated[str | None, typer.Option(help="Display name (default: file name).")] = None,
@@ -133,7 +180,7 @@ def models_add(
         info = register_model(open_database(settings.db_url), path, license_id, flag, name=name)
     except (LicenseError, CheckpointError) as exc:
         raise fail(exc, 2) from None
-    typer.echo(f"registered {info.name} ({info.short_hash}, {info.family}): licence {info.license}, "
+    typer.echo(f"registered {info.kind} {info.name} ({info.short_hash}, {info.family}): licence {info.license}, "
                f"commercial use {'allowed' if info.commercial_use else 'not allowed'}")
 
 
@@ -150,5 +197,5 @@ def models_list(db: DbOpt = None, config: ConfigOpt = None) -> None:
     with open_database(settings.db_url).session() as s:
         for m in s.scalars(select(ModelRecord).order_by(ModelRecord.id)):
             commercial = {True: "allowed", False: "not allowed", None: "unknown"}[m.commercial_use]
-            out.print(f"{m.id}  {escape(m.name)} ({m.short_hash}, {m.family})  licence {m.license or 'unknown'} "
+            out.print(f"{m.id}  {escape(m.name)} {escape(f'[{m.kind}]')} ({m.short_hash}, {m.family})  licence {m.license or 'unknown'} "
                       f"({m.license_source}), commercial use {commercial}  {escape(m.path)}", soft_wrap=True)

@@ -155,13 +155,28 @@ def weights_only_refusal(exc: BaseException) -> str:
     the load unrestricted, which is exactly what must not be done with a file one does not trust)."""
     text = str(exc)
     m = _UNPICKLER_REASON.search(text)
-    if m:
-        return f"it holds more than weights ({(m.group(1) or m.group(2)).strip()})"
+    if "Unsupported operand" in text:  # the bytes are not a pickle at all (torch words it as a refusal)
+        return "not a PyTorch file (its bytes are no pickle)"
+    reason = next((g.strip() for g in (m.groups() if m else ()) if g and g.strip()), None)
+    if reason:
+        return f"it holds more than weights ({reason})"
     if "Weights only load failed" in text:
         return "it holds more than weights (Python objects that weights-only unpickling refuses)"
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     first = first.split(". ")[0].rstrip(".")
     return f"{type(exc).__name__}: {first}" if first else f"{type(exc).__name__}: the file ends early or is not a PyTorch file"
+
+
+def load_weights_only(path: Path) -> object:
+    """A pickled file through torch's weights-only unpickler (tensors and plain containers; a pickle's code is
+    refused), memory-mapped where the format allows. Raises whatever torch raises for a bad or hostile file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        # Pre-zipfile (legacy) torch.save format: cannot be memory-mapped, read it into memory.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
 
 
 def open_state_dict(path: str | os.PathLike[str], allow_pickle: bool = False) -> StateDict:
@@ -179,13 +194,7 @@ def open_state_dict(path: str | os.PathLike[str], allow_pickle: bool = False) ->
                                      "(tensors and plain containers; a pickle's code is still refused), or convert the file "
                                      "to .safetensors")
         try:
-            try:
-                obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):
-                    raise
-                # Pre-zipfile (legacy) torch.save format: cannot be memory-mapped, read it into memory.
-                obj = torch.load(p, map_location="cpu", weights_only=True, mmap=False)
+            obj = load_weights_only(p)
         except Exception as exc:  # torch raises many types for bad pickles
             raise CheckpointError(p, f"cannot be read as a weights-only checkpoint: {weights_only_refusal(exc)}; "
                                      "--allow-pickle never runs a pickle's code: convert it to .safetensors") from exc

@@ -1,30 +1,56 @@
-"""Prompt text -> text-encoder hidden states, with A1111 weighting and prompts of any length.
+"""Prompt text -> text-encoder hidden states, with A1111 weighting, embeddings and prompts of any length.
 
 A prompt is parsed into weighted fragments, tokenized, and cut into chunks of 75 tokens; each chunk is
 encoded as BOS + 75 tokens (EOS-padded) + EOS = 77 positions and the chunks are concatenated along the
 token axis. Weights multiply each token's hidden state, then the chunk is rescaled so that its mean equals
 the unweighted mean (so emphasis changes direction, not overall magnitude). Like A1111, a chunk that fills
 up within 20 tokens of a comma is cut after that comma so phrases are not split across chunks.
+
+``<lora:...>`` tags are cut out of the text first (:mod:`engine.adapters.prompt_tags`): the pipeline merges
+those LoRAs, and the words of a tag must never reach the text encoder.
+
+Textual-inversion embeddings work as in A1111 (``modules/sd_hijack_clip.py``): where a fragment's tokens
+equal the tokens of an embedding's name (longest name first; CLIP lower-cases, so the name matches in any
+case), the name becomes one placeholder token per vector, each carrying the fragment's weight. Vectors that do
+not fit the rest of the current chunk close it (EOS-padded, as a BREAK would) and start the next. At encoding,
+a forward hook on the token-embedding layer writes the vectors over the placeholders' input embeddings;
+position embeddings and everything after are the model's own.
+
+Deliberate difference from A1111: when the comma backtrack moves the tail of a full chunk into the next one,
+an embedding in that tail moves with its vectors. A1111 moves the placeholder tokens but leaves the vectors
+behind, so the embedding silently turns into token 0 ("!") -- an accident, not a behaviour anyone relies on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import torch
 from transformers import CLIPTextModel
 
-from engine.prompt_weights import parse_prompt_attention
+from engine.adapters.embeddings import Embedding
+from engine.adapters.prompt_tags import strip_lora_tags
+from engine.adapters.refs import AdapterError
+from engine.prompt_weights import BREAK, BREAK_WEIGHT, parse_prompt_attention
 from engine.text_encoder import encode_tokens
 from engine.tokenizer import BOS_ID, CHUNK_TOKENS, EOS_ID, ClipTokenizer
 
 COMMA_BACKTRACK = 20
+# The id under an embedding's vectors, as in A1111 (the hook overwrites its input embedding). Not EOS: models
+# that pool at the first EOS (SDXL's encoders) must still find the real one.
+PLACEHOLDER_ID = 0
+
+T = TypeVar("T")
 
 
 @dataclass
 class PromptChunk:
     tokens: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    # (offset into ``tokens``, embedding): its vectors go at tokens[offset : offset + n_vectors].
+    fixes: list[tuple[int, Embedding]] = field(default_factory=list)
 
     def framed(self) -> tuple[list[int], list[float]]:
         pad = CHUNK_TOKENS - len(self.tokens)
@@ -34,9 +60,43 @@ class PromptChunk:
         )
 
 
-def chunk_prompt(prompt: str, tokenizer: ClipTokenizer) -> list[PromptChunk]:
-    """Weighted 75-token chunks of a prompt (at least one chunk, possibly empty)."""
+class _NameLookup(Generic[T]):
+    """Names matched in token streams by their token sequences, longest first (A1111's ``ids_lookup``)."""
+
+    def __init__(self, named: Mapping[str, T], tokenizer: ClipTokenizer):
+        self._by_ids: dict[tuple[int, ...], list[tuple[str, T]]] = {}
+        for name, value in named.items():
+            ids = tuple(tokenizer.encode(name))
+            if ids:  # a blank name cannot be written in a prompt
+                self._by_ids.setdefault(ids, []).append((name, value))
+        self._by_first: dict[int, list[tuple[int, ...]]] = {}
+        for ids in sorted(self._by_ids, key=len, reverse=True):
+            self._by_first.setdefault(ids[0], []).append(ids)
+
+    def match(self, tokens: Sequence[int], pos: int) -> tuple[str, T, int] | None:
+        """(name, value, tokens used) of the longest name starting at ``tokens[pos]``, or None."""
+        for ids in self._by_first.get(tokens[pos], ()):
+            if tuple(tokens[pos:pos + len(ids)]) == ids:
+                entries = self._by_ids[ids]
+                if any(value is not entries[0][1] for _, value in entries[1:]):
+                    names = " and ".join(repr(n) for n, _ in entries)
+                    raise AdapterError(None, f"embeddings {names} have the same name apart from case or spacing; "
+                                             "a prompt cannot tell them apart (rename or remove one)")
+                name, value = entries[0]
+                return name, value, len(ids)
+        return None
+
+
+def _pieces(prompt: str) -> list[tuple[str, float]]:
+    return parse_prompt_attention(strip_lora_tags(prompt))
+
+
+def chunk_prompt(
+    prompt: str, tokenizer: ClipTokenizer, embeddings: Mapping[str, Embedding] | None = None
+) -> list[PromptChunk]:
+    """Weighted 75-token chunks of a prompt (at least one chunk, possibly empty), with its embeddings placed."""
     comma_id = tokenizer.encode(",")[0]
+    lookup = _NameLookup(embeddings, tokenizer) if embeddings else None
     chunks: list[PromptChunk] = []
     chunk = PromptChunk()
     last_comma = -1
@@ -47,27 +107,79 @@ def chunk_prompt(prompt: str, tokenizer: ClipTokenizer) -> list[PromptChunk]:
         chunk = PromptChunk()
         last_comma = -1
 
-    for text, weight in parse_prompt_attention(prompt):
-        if text == "BREAK" and weight == -1:
+    for text, weight in _pieces(prompt):
+        if text == BREAK and weight == BREAK_WEIGHT:
             close()
             continue
-        for token in tokenizer.encode(text):
+        tokens = tokenizer.encode(text)
+        pos = 0
+        while pos < len(tokens):
+            token = tokens[pos]
             if token == comma_id:
                 last_comma = len(chunk.tokens)
             elif len(chunk.tokens) == CHUNK_TOKENS and last_comma != -1 and CHUNK_TOKENS - last_comma <= COMMA_BACKTRACK:
-                # Move the words after the last comma into the next chunk.
+                # Move the words after the last comma (and any embedding among them) into the next chunk.
                 cut = last_comma + 1
-                moved = PromptChunk(chunk.tokens[cut:], chunk.weights[cut:])
+                moved = PromptChunk(
+                    chunk.tokens[cut:], chunk.weights[cut:], [(o - cut, e) for o, e in chunk.fixes if o >= cut]
+                )
                 chunk.tokens, chunk.weights = chunk.tokens[:cut], chunk.weights[:cut]
+                chunk.fixes = [(o, e) for o, e in chunk.fixes if o < cut]
                 close()
                 chunk = moved
             if len(chunk.tokens) == CHUNK_TOKENS:
                 close()
-            chunk.tokens.append(token)
-            chunk.weights.append(weight)
+            found = lookup.match(tokens, pos) if lookup else None
+            if found is None:
+                chunk.tokens.append(token)
+                chunk.weights.append(weight)
+                pos += 1
+                continue
+            _, embedding, used = found
+            n = embedding.n_vectors
+            if not 0 < n <= CHUNK_TOKENS:
+                raise AdapterError(embedding.file.path, f"embedding {embedding.name!r} has {n} vectors; "
+                                                        f"an embedding must have 1 to {CHUNK_TOKENS} (one prompt chunk)")
+            if len(chunk.tokens) + n > CHUNK_TOKENS:
+                close()  # the vectors stay together: they start the next chunk
+            chunk.fixes.append((len(chunk.tokens), embedding))
+            chunk.tokens += [PLACEHOLDER_ID] * n
+            chunk.weights += [weight] * n
+            pos += used
     if chunk.tokens or not chunks:
         close()
     return chunks
+
+
+def embeddings_named_in(text: str, names: Iterable[str], tokenizer: ClipTokenizer) -> list[str]:
+    """Which of ``names`` the prompt ``text`` uses as embeddings, in order of first use.
+
+    The same matching as :func:`chunk_prompt` (tags cut out, per weighted fragment, longest name first), so a
+    caller can find the files a prompt needs before reading any of them.
+    """
+    lookup = _NameLookup({name: name for name in names}, tokenizer)
+    used: dict[str, None] = {}
+    for piece, weight in _pieces(text):
+        if piece == BREAK and weight == BREAK_WEIGHT:
+            continue
+        tokens = tokenizer.encode(piece)
+        pos = 0
+        while pos < len(tokens):
+            found = lookup.match(tokens, pos)
+            if found is None:
+                pos += 1
+            else:
+                used.setdefault(found[0])
+                pos += found[2]
+    return list(used)
+
+
+def _token_embedding(model: CLIPTextModel) -> torch.nn.Embedding:
+    # transformers 5 puts the embeddings on the model itself; 4.x under ``text_model``.
+    owner = getattr(model, "embeddings", None)
+    if owner is None:
+        owner = model.text_model.embeddings
+    return owner.token_embedding
 
 
 class PromptEncoder:
@@ -80,14 +192,47 @@ class PromptEncoder:
         self.dtype = dtype
         self._empty: dict[int, torch.Tensor] = {}
 
+    def clear_cache(self) -> None:
+        """Forget cached encodings; call it whenever the text encoder's weights change (a LoRA merged or removed)."""
+        self._empty.clear()
+
+    def _run(self, ids: torch.Tensor, fixes: list[list[tuple[int, Embedding]]], clip_skip: int) -> torch.Tensor:
+        if not any(fixes):
+            return encode_tokens(self.model, ids, clip_skip)
+        layer = _token_embedding(self.model)
+        width = layer.embedding_dim
+        for row in fixes:
+            for _, emb in row:
+                if emb.vectors.ndim != 2 or emb.vectors.shape[1] != width:
+                    raise AdapterError(emb.file.path, f"embedding vectors are {emb.vectors.shape[-1]} wide; "
+                                                      f"this model's text encoder is {width} wide")
+
+        def overwrite(_module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if tuple(output.shape[:2]) != tuple(ids.shape):
+                raise RuntimeError(f"token embedding saw shape {tuple(output.shape)}, expected {tuple(ids.shape)} rows")
+            output = output.clone()
+            for row, row_fixes in enumerate(fixes):
+                for offset, emb in row_fixes:
+                    start = 1 + offset  # after BOS
+                    output[row, start:start + emb.n_vectors] = emb.vectors.to(output.device, output.dtype)
+            return output
+
+        # The hook lives only for this call (removed even when encoding fails), so other users of the model --
+        # and the next prompt without embeddings -- see the plain layer.
+        handle = layer.register_forward_hook(overwrite)
+        try:
+            return encode_tokens(self.model, ids, clip_skip)
+        finally:
+            handle.remove()
+
     @torch.no_grad()
-    def encode(self, prompt: str, clip_skip: int = 1) -> torch.Tensor:
-        """(n_chunks * 77, hidden) conditioning for one prompt."""
-        chunks = chunk_prompt(prompt, self.tokenizer)
+    def encode(self, prompt: str, clip_skip: int = 1, embeddings: Mapping[str, Embedding] | None = None) -> torch.Tensor:
+        """(n_chunks * 77, hidden) conditioning for one prompt; ``embeddings`` maps prompt names to embeddings."""
+        chunks = chunk_prompt(prompt, self.tokenizer, embeddings)
         framed = [c.framed() for c in chunks]
         ids = torch.tensor([f[0] for f in framed], device=self.device)
         weights = torch.tensor([f[1] for f in framed], device=self.device, dtype=torch.float32)
-        z = encode_tokens(self.model, ids, clip_skip).float()
+        z = self._run(ids, [c.fixes for c in chunks], clip_skip).float()
         if not torch.all(weights == 1.0):
             original_mean = z.mean(dim=(1, 2), keepdim=True)
             z = z * weights[:, :, None]
@@ -99,11 +244,20 @@ class PromptEncoder:
             self._empty[clip_skip] = self.encode("", clip_skip)
         return self._empty[clip_skip]
 
-    def encode_batch(self, prompts: list[str], clip_skips: list[int] | None = None) -> torch.Tensor:
+    def encode_batch(
+        self,
+        prompts: Sequence[str],
+        clip_skips: Sequence[int] | None = None,
+        embeddings: Sequence[Mapping[str, Embedding] | None] | None = None,
+    ) -> torch.Tensor:
         """(B, max_chunks * 77, hidden): shorter prompts are padded with empty-prompt chunks, as A1111 does,
-        so prompts of different lengths (and cond with uncond) share one batch."""
-        skips = clip_skips or [1] * len(prompts)
-        encoded = [self.encode(p, s) for p, s in zip(prompts, skips, strict=True)]
+        so prompts of different lengths (and cond with uncond) share one batch. ``embeddings``: one mapping
+        (or None) per prompt."""
+        skips = list(clip_skips) if clip_skips is not None else [1] * len(prompts)
+        maps = list(embeddings) if embeddings is not None else [None] * len(prompts)
+        if len(maps) != len(prompts):
+            raise ValueError(f"{len(maps)} embedding mappings for {len(prompts)} prompts")
+        encoded = [self.encode(p, s, m) for p, s, m in zip(prompts, skips, maps, strict=True)]
         longest = max(e.shape[0] for e in encoded)
         padded = []
         for e, s in zip(encoded, skips):

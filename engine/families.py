@@ -200,8 +200,9 @@ def detect_family(sd: StateDict) -> Detection:
 def _explain_no_match(sd: StateDict, config: DetectedConfig) -> Detection:
     keys = sd
     if not config.has_unet:
-        if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
-            return Detection("lora", None, "this is a LoRA file, not a checkpoint; LoRA support is separate work")
+        if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+            return Detection("lora", None, f"this is a LoRA file, not a checkpoint: put it in the LoRA folder (models/loras) "
+                                           f"and name it in a prompt, <lora:{sd.path.stem}:1>")
         if any(k.startswith(("encoder.", "decoder.", f"{VAE_PREFIX}encoder.", f"{VAE_PREFIX}decoder.")) for k in keys):
             return Detection("vae", None, "this is a standalone VAE; pass it with --vae alongside a checkpoint")
         raise CheckpointError(sd.path, f"not a Stable Diffusion checkpoint: no '{UNET_PREFIX}*' tensors")

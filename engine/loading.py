@@ -10,10 +10,12 @@ about one file size of memory, not two.
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from transformers import CLIPTextModel
 
 from engine.checkpoint import (
     CLIP_PREFIX,
+    PICKLE_SUFFIXES,
     UNET_PREFIX,
     VAE_PREFIX,
     CheckpointError,
@@ -67,6 +70,98 @@ class ModelFile:
         return cls(path=p, name=p.stem, sha256=file_sha256(p))
 
 
+# ---- base weights: undoing in-place changes (LoRA merges) ---------------------------------------------------
+
+class BaseWeights:
+    """Where the weights a model was loaded with can be had again, so that in-place changes (merged LoRAs) can be
+    undone exactly. Parts are "unet" and "text_encoder"; names are parameter names inside that network.
+
+    This fallback keeps a copy in memory of each parameter before its first change (models read from pickles or
+    built in memory have no file to re-read); :class:`SafetensorsBaseWeights` re-reads the file instead and keeps
+    nothing.
+    """
+
+    def __init__(self) -> None:
+        self._saved: dict[tuple[str, str], torch.Tensor] = {}
+
+    def check(self) -> None:
+        """Raise if the base weights can no longer be had (called before anything is changed)."""
+
+    def remember(self, part: str, name: str, current: torch.Tensor) -> None:
+        """Called before a parameter is changed in place: the first call per parameter keeps its value."""
+        self._saved.setdefault((part, name), current.detach().clone())
+
+    def read(self, part: str, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The base value of each parameter (any dtype/device: the caller casts it as loading did)."""
+        for name in names:
+            yield name, self._saved[(part, name)]
+
+    def forget(self, part: str, name: str) -> None:
+        """The parameter is back at its base value: nothing needs keeping for it."""
+        self._saved.pop((part, name), None)
+
+
+# safetensors dtype names -> torch dtypes (the header's "dtype" field).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class SafetensorsBaseWeights(BaseWeights):
+    """Base weights re-read from the safetensors checkpoint they were loaded from, tensor by tensor with plain
+    file reads (not a memory map, which would keep every page read resident in this process until unmapped).
+    The file's size and mtime at load time are checked before every read: a file replaced since is refused."""
+
+    def __init__(self, path: Path, keys: Mapping[str, Mapping[str, str]], stamp: tuple[int, int]):
+        super().__init__()
+        self.path = path
+        self.keys = {part: dict(k) for part, k in keys.items()}  # part -> parameter name -> full key in the file
+        self._stamp = stamp  # (size, mtime_ns) when the file was opened for loading
+        self._header: dict | None = None
+        self._data_start = 0
+
+    @staticmethod
+    def stamp(path: Path) -> tuple[int, int]:
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+
+    def check(self) -> None:
+        try:
+            st = self.path.stat()
+        except OSError as exc:
+            raise CheckpointError(self.path, f"cannot re-read the base weights ({exc})") from exc
+        if (st.st_size, st.st_mtime_ns) != self._stamp:
+            raise CheckpointError(self.path, "the checkpoint file changed since it was loaded, so its base weights "
+                                             "cannot be re-read; load the model again")
+
+    def remember(self, part: str, name: str, current: torch.Tensor) -> None:
+        if name not in self.keys.get(part, {}):
+            super().remember(part, name, current)  # not from the file (cannot happen for a strictly loaded model)
+
+    def read(self, part: str, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        self.check()
+        with self.path.open("rb") as f:
+            if self._header is None:
+                (n,) = struct.unpack("<Q", f.read(8))
+                self._header = json.loads(f.read(n))
+                self._data_start = 8 + n
+            for name in names:
+                full = self.keys.get(part, {}).get(name)
+                if full is None:
+                    yield from super().read(part, [name])
+                    continue
+                info = self._header[full]
+                start, end = info["data_offsets"]
+                buf = bytearray(end - start)
+                f.seek(self._data_start + start)
+                if f.readinto(buf) != len(buf):
+                    raise CheckpointError(self.path, "file ends early while re-reading base weights", full)
+                tensor = torch.frombuffer(buf, dtype=_SAFETENSORS_DTYPES[info["dtype"]]) if buf else torch.empty(0)
+                yield name, tensor.reshape(info["shape"])
+
+
 @dataclass
 class LoadedModels:
     unet: UNetModel
@@ -80,6 +175,8 @@ class LoadedModels:
     dtype: torch.dtype
     # The resolution the model was trained at: the family's, or what our own files record in metadata.
     native_size: int = SD1_NATIVE_SIZE
+    # Where the U-Net's and text encoder's loaded weights can be had again (to undo merged LoRAs).
+    base_weights: BaseWeights = field(default_factory=BaseWeights)
 
     @property
     def is_inpainting(self) -> bool:
@@ -264,6 +361,7 @@ def load_checkpoint(
     """Load a single-file checkpoint of a supported family (and optionally a separate VAE file)."""
     device = torch.device(device)
     sd = open_state_dict(path, allow_pickle)
+    stamp = SafetensorsBaseWeights.stamp(Path(path))
     detection = detect_family(sd)
     if detection.family is None or not detection.supported:
         raise CheckpointError(sd.path, detection.reason)
@@ -278,6 +376,9 @@ def load_checkpoint(
         )
     vae = (load_standalone_vae(vae_path, device, dtype, allow_pickle, family) if vae_path
            else load_vae(sd, VAE_PREFIX, device, dtype, family))
+    base: BaseWeights = BaseWeights()  # pickles: keep originals in memory on first change
+    if Path(path).suffix.lower() not in PICKLE_SUFFIXES:
+        base = SafetensorsBaseWeights(Path(path).absolute(), {"unet": _prefixed(sd, UNET_PREFIX), "text_encoder": _clip_keys(sd)}, stamp)
     return LoadedModels(
         unet=unet,
         vae=vae,
@@ -289,4 +390,5 @@ def load_checkpoint(
         device=device,
         dtype=dtype,
         native_size=_heads(sd, META_NATIVE_SIZE, family.native_size) or family.native_size,
+        base_weights=base,
     )

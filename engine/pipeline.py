@@ -26,9 +26,13 @@ from fractions import Fraction
 import torch
 from PIL import Image
 
+from engine.adapters.infotext import adapter_parameters, check_lora_tags
+from engine.adapters.refs import AdapterFile, LoraUse
 from engine.conditioning import PromptEncoder
 from engine.devices import free_device_memory, resolve_device, resolve_dtype
 from engine.image_ops import fit_image, latent_mask, mask_to_tensor, pil_to_tensor01, tensor01_to_pil
+from engine.adapters.embeddings import Embedding, read_embedding
+from engine.adapters.lora_merge import LoraMerger
 from engine.loading import LoadedModels, load_checkpoint
 from engine.samplers import SamplerSpec, get_sampler, sample, sampler_sigmas
 from engine.schedule import DiscreteSchedule
@@ -63,12 +67,22 @@ class GenerationRequest:
     init_latent: torch.Tensor | None = None
     # Tile size in pixels for denoising and the VAE: None = tile only above AUTO_TILE_PIXELS, 0 = never.
     tile: int | None = None
+    # LoRAs merged into the model for this request, and the embedding files its prompts may use by name. The prompt
+    # keeps its ``<lora:name:w>`` tags (they go into the infotext as A1111 writes it, never to the text encoder);
+    # every tag must name one of ``loras`` at the same strengths (engine.adapters.library resolves them).
+    loras: tuple[LoraUse, ...] = ()
+    embeddings: tuple[AdapterFile, ...] = ()
 
     @property
     def mode(self) -> str:
         if self.init_image is None and self.init_latent is None:
             return "txt2img"
         return "inpaint" if self.mask is not None else "img2img"
+
+    @property
+    def lora_key(self) -> tuple:
+        """What decides the merged weights: requests with different keys cannot share a U-Net batch."""
+        return tuple(use.key for use in self.loras)
 
     @property
     def has_init(self) -> bool:
@@ -99,6 +113,7 @@ class GenerationRequest:
         if self.tile is not None and (self.tile < 0 or (self.tile and (self.tile < 64 or self.tile % 8))):
             raise ValueError(f"tile must be 0 (never tile) or a multiple of 8 of at least 64, got {self.tile}")
         sampler = get_sampler(self.sampler)
+        check_lora_tags(self.prompt, self.negative_prompt, self.loras)
         if budget is not None:
             budget.check(self.width, self.height, tiled=self.tiled)
         return sampler
@@ -106,7 +121,8 @@ class GenerationRequest:
     def batch_key(self, sampler: SamplerSpec) -> tuple:
         """Requests with equal keys run in one U-Net batch; ``sampler`` is what :meth:`validate` resolved."""
         strength = self.strength if self.has_init else None
-        return (self.width, self.height, self.steps, sampler, self.mode, strength, self.init_latent is not None, self.tile)
+        return (self.width, self.height, self.steps, sampler, self.mode, strength, self.init_latent is not None, self.tile,
+                self.lora_key)
 
 
 @dataclass
@@ -142,6 +158,8 @@ class Pipeline:
         self.batch_invariant = self.device.type in self.BATCH_INVARIANT_DEVICES
         self.schedule = schedule or DiscreteSchedule.sd1()
         self.prompts = PromptEncoder(models.text_encoder, models.tokenizer, self.device, self.dtype)
+        self._merger: LoraMerger | None = None
+        self._embeddings: dict[tuple[str, str | None], Embedding] = {}
         self.latent_channels = models.vae.config.z_channels
         self.vae_factor = models.vae.config.downscale_factor
 
@@ -168,9 +186,16 @@ class Pipeline:
         groups: dict[tuple, list[int]] = {}
         for i, (r, sampler) in enumerate(zip(requests, samplers)):
             groups.setdefault(r.batch_key(sampler), []).append(i)
-        # Each batch with the sampler its requests share (it is part of their key).
+        # Each batch with the sampler its requests share (it is part of their key). Batches of one LoRA set run
+        # together, the set already merged first, so each set is merged once per call.
+        first_use: dict[tuple, int] = {}
+        for i, r in enumerate(requests):
+            first_use.setdefault(r.lora_key, i)
+        active = self.active_lora_key
+        ordered = sorted(groups.values(), key=lambda idx: (requests[idx[0]].lora_key != active,
+                                                           first_use[requests[idx[0]].lora_key]))
         batches = [(samplers[idx[0]], idx[j : j + self.max_batch_size])
-                   for idx in groups.values() for j in range(0, len(idx), self.max_batch_size)]
+                   for idx in ordered for j in range(0, len(idx), self.max_batch_size)]
         total = sum(self._steps_run(requests[b[0]], sampler) for sampler, b in batches)
         done = 0
 
@@ -212,6 +237,38 @@ class Pipeline:
                         self.device, size, message, self.fits)
         return results
 
+    # ---- adapters -----------------------------------------------------------------------------------------
+
+    @property
+    def active_lora_key(self) -> tuple:
+        return () if self._merger is None else tuple(use.key for use in self._merger.active)
+
+    def use_loras(self, loras: Sequence[LoraUse]) -> None:
+        """Merge ``loras`` into the warm model (nothing to do if they are what is merged now). Another set first
+        returns the touched weights exactly to the checkpoint's; ``()`` leaves the base model."""
+        if tuple(use.key for use in loras) == self.active_lora_key:
+            return
+        if self._merger is None:
+            self._merger = LoraMerger(self.models)
+        try:
+            self._merger.activate(tuple(loras))
+        finally:
+            self.prompts.clear_cache()  # the text encoder may have changed: its cached empty chunk with it
+
+    def _embedding_map(self, r: GenerationRequest) -> dict[str, Embedding] | None:
+        if not r.embeddings:
+            return None
+        width = self.models.text_encoder.config.hidden_size
+        out: dict[str, Embedding] = {}
+        for file in r.embeddings:
+            key = (os.path.abspath(file.path), file.sha256)
+            if key not in self._embeddings:
+                if len(self._embeddings) >= 256:  # a long-lived worker sees many briefs: keep the cache bounded
+                    self._embeddings.pop(next(iter(self._embeddings)))
+                self._embeddings[key] = read_embedding(file, width=width)
+            out[file.name] = self._embeddings[key]
+        return out
+
     # ---- internals ----------------------------------------------------------------------------------------
 
     def _sigmas(self, req: GenerationRequest, sampler: SamplerSpec) -> torch.Tensor:
@@ -247,6 +304,7 @@ class Pipeline:
         sigmas = self._sigmas(first, sampler)
         tile = self.tile_size(first)
 
+        self.use_loras(first.loras)
         cond = self._conditioning(reqs)
         cfg = torch.tensor([r.cfg_scale for r in reqs], dtype=torch.float32, device=self.device)
 
@@ -297,7 +355,8 @@ class Pipeline:
     def _conditioning(self, reqs: list[GenerationRequest]) -> torch.Tensor:
         """(2B, tokens, hidden): cond rows then uncond rows, all padded to one token length."""
         texts = [r.prompt for r in reqs] + [r.negative_prompt for r in reqs]
-        return self.prompts.encode_batch(texts, [r.clip_skip for r in reqs] * 2)
+        embeddings = [self._embedding_map(r) for r in reqs]
+        return self.prompts.encode_batch(texts, [r.clip_skip for r in reqs] * 2, embeddings * 2)
 
     def _denoiser(
         self,
@@ -417,6 +476,7 @@ class Pipeline:
             p["Mask blur"] = str(r.mask_blur)
         if r.clip_skip != 1:
             p["Clip skip"] = str(r.clip_skip)
+        p.update(adapter_parameters(r.loras, r.embeddings, m.checkpoint.short_hash))
         return p
 
 

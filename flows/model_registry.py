@@ -6,6 +6,10 @@ entered on first use with the licence its own metadata declares (``modelspec.lic
 many trainers write it) or, failing that, as unknown. Whether a row may use a model is the licence policy's
 (:mod:`flows.licence_policy`).
 
+LoRAs and textual-inversion embeddings are models too (``kind`` = ``lora`` / ``embedding``, ``family`` = the
+checkpoint family they are for): a run enters the ones its prompts name, and the licence policy judges them like
+checkpoints.
+
 Upscaler files (ESRGAN-family ``.pth`` / ``.safetensors`` that spandrel recognises) are models like any other here:
 same table (``kind`` = ``upscaler``), same registration. Their ``.pth`` files are read with ``weights_only``
 unpickling.
@@ -42,13 +46,19 @@ class ModelInfo:
     license: str | None
     commercial_use: bool | None
     native_size: int
-    kind: str = "checkpoint"  # checkpoint | upscaler (| lora | vae, never rendered by a run)
+    kind: str = "checkpoint"  # checkpoint | upscaler | lora | embedding (| vae, never rendered by a run)
     scale: int = 1  # an upscaler's scale, read from the model
 
     @property
     def noun(self) -> str:
         """What messages call it."""
-        return "upscaler" if self.kind == "upscaler" else "model"
+        return {"upscaler": "upscaler", "lora": "LoRA", "embedding": "embedding"}.get(self.kind, "model")
+
+    @property
+    def kind_phrase(self) -> str:
+        """``a LoRA``, ``an upscaler``, ``a checkpoint`` ..."""
+        return {"upscaler": "an upscaler", "lora": "a LoRA", "embedding": "an embedding", "vae": "a VAE",
+                "checkpoint": "a checkpoint"}.get(self.kind, f"a {self.kind} file")
 
 
 @dataclass(frozen=True)
@@ -79,10 +89,60 @@ def _as_upscaler(path: Path) -> tuple[_Inspected | None, str | None]:
     return _Inspected(up.sha256, family, "upscaler", up.metadata, 0, up.scale), None
 
 
+# Embeddings are a few KB; a bigger file is not read as one (it would be a checkpoint or an upscaler).
+EMBEDDING_MAX_BYTES = 16 * 1024 * 1024
+
+
+def _embedding_family(info) -> str:
+    if info.format == "sdxl":
+        return "sdxl"
+    return "sd2" if info.width == 1024 else "sd1"
+
+
+def _as_adapter(path: Path) -> _Inspected | None:
+    """The file as a LoRA (kohya, LyCORIS, diffusers/PEFT) or a textual-inversion embedding, or None. Both are read
+    by their keys first and weights-only, so ``.pt`` embeddings need no ``allow_pickle``."""
+    from engine.adapters.embeddings import describe_embedding
+    from engine.adapters.lora_file import describe_lora, is_lora_file
+    from engine.adapters.refs import AdapterError
+
+    try:
+        lora = is_lora_file(path)
+    except AdapterError:
+        lora = False
+    if lora:
+        try:
+            info = describe_lora(path)
+        except AdapterError as exc:
+            raise CheckpointError(path, str(exc).removeprefix(f"{path}: ")) from None
+        return _Inspected(file_sha256(path), info.family, "lora", _file_metadata(path), 0)
+    if path.stat().st_size > EMBEDDING_MAX_BYTES:
+        return None
+    try:
+        embedding = describe_embedding(path)
+    except AdapterError:
+        return None
+    return _Inspected(file_sha256(path), _embedding_family(embedding), "embedding", _file_metadata(path), 0)
+
+
+def _file_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's own metadata (a LoRA trainer's ``modelspec.license``...); none for pickles."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return {}
+    try:
+        return dict(open_state_dict(path).metadata)
+    except CheckpointError:
+        return {}
+
+
 def _inspect(path: Path, allow_pickle: bool) -> _Inspected:
     """What a model file is; CheckpointError names the file and problem. A file that is no SD checkpoint but an
-    upscaler spandrel recognises is an upscaler (``.pth`` ones read weights-only, without ``allow_pickle``)."""
+    upscaler spandrel recognises is an upscaler (``.pth`` ones read weights-only, without ``allow_pickle``); a
+    LoRA or an embedding is that."""
     suffix = path.suffix.lower()
+    adapter = _as_adapter(path)
+    if adapter is not None:
+        return adapter
     upscaler_problem = None
     if suffix in PICKLE_SUFFIXES and suffix in UPSCALER_SUFFIXES and not allow_pickle:
         found, upscaler_problem = _as_upscaler(path)

@@ -17,7 +17,8 @@ For every valid row and each of its channels:
 
 A variant's settings are one record, :class:`storage.variants.VariantSpec`; its *identity* is a sha256 over
 everything that determines the delivered file (campaign, row, channel, template, prompt, negative prompt, seed, model
-sha256, sampler, steps, CFG, clip skip, sizes, format, post-processing). Re-running a brief plans the same identities, so finished variants are skipped; editing a
+sha256, sampler, steps, CFG, clip skip, sizes, format, post-processing, and the LoRA / embedding files with their
+strengths, pinned by sha256: :mod:`flows.adapters`). Re-running a brief plans the same identities, so finished variants are skipped; editing a
 row's prompt makes new identities (new assets), and never overwrites an old file.
 
 A row's ``model`` must be a file in one of the model folders (:func:`model_folders`: the ``model_dirs`` setting, and
@@ -42,6 +43,7 @@ from engine.checkpoint import CheckpointError
 from engine.request_limits import size_problem
 from engine.upscale.chain import MAX_SIDE, Hires
 from flows.brief import SEED_LIMIT, Brief, BriefError, BriefProblem, BriefRow
+from flows.adapters import AdapterProblem, PlannedAdapter, PromptAdapters, pins_text
 from flows.brief_limits import COLUMN_LENGTHS, MODEL_NAME_LENGTH, TEMPLATE_LENGTH
 from flows.channels import ChannelFormat, native_size_for
 from flows.licence_policy import check_license
@@ -69,6 +71,8 @@ class PlannedVariant:
     spec: VariantSpec
     # (chain step index, model) of every upscaler file the channel's chain uses, in chain order
     upscalers: tuple[tuple[int, ModelInfo], ...] = ()
+    # the LoRA and embedding files its prompts name (pinned in ``spec.adapters``)
+    adapters: tuple[PlannedAdapter, ...] = ()
 
     @property
     def identity(self) -> str:
@@ -82,7 +86,8 @@ class PlannedVariant:
     def batch_group(self) -> tuple:
         """Variants that can share a model load and a U-Net batch."""
         spec = self.spec
-        return (spec.model_sha256, spec.gen_width, spec.gen_height, spec.steps, spec.sampler, spec.clip_skip)
+        return (spec.model_sha256, spec.gen_width, spec.gen_height, spec.steps, spec.sampler, spec.clip_skip,
+                _lora_set(spec.adapters))
 
 
 @dataclass
@@ -169,6 +174,7 @@ def plan_brief(
     prompts_dir = Path(settings.templates_dir) / "prompts" if settings.templates_dir else None
 
     folders = None if settings.allow_any_model_path else model_folders(settings, default_model)
+    adapters = PromptAdapters(settings, resolve_model)
 
     for row in brief.rows:
         refusal = _row_refusal(row, folders)
@@ -214,8 +220,10 @@ def plan_brief(
                 if max(channel.width, channel.height) > MAX_SIDE:
                     raise ChainProblem(f"channel '{channel_name}' delivers {channel.width}x{channel.height}, more than {MAX_SIDE} px a side")
                 post, upscalers = _row_chain(chains, upscaler_files, channel, (gen_w, gen_h), resolve_model, row.license)
+                prompt_adapters = [adapters.resolve(row, p.prompt, p.negative_prompt, model) for p in prompts]
                 for i in range(row.variants):
                     prompt = prompts[i % len(prompts)]
+                    used = prompt_adapters[i % len(prompts)]
                     spec = VariantSpec(
                         campaign=row.campaign, row_key=row.row_id, channel=channel.name, template=prompt.template_name,
                         variant_index=i, prompt=prompt.prompt, negative_prompt=prompt.negative_prompt,
@@ -223,14 +231,15 @@ def plan_brief(
                         steps=settings.steps, cfg_scale=settings.cfg_scale, clip_skip=settings.clip_skip,
                         gen_width=gen_w, gen_height=gen_h, out_width=channel.width, out_height=channel.height,
                         out_format=channel.format, out_max_kb=channel.max_kb, postprocess=post,
+                        adapters=pins_text(used),
                     )
                     row_variants.append(PlannedVariant(row=row, channel=channel, prompt=prompt, model=model, spec=spec,
-                                                       upscalers=upscalers))
+                                                       upscalers=upscalers, adapters=used))
         except TemplateError as exc:
             problems.append(BriefProblem(file, row.line, "channels", str(exc)))
             skipped.append(row)
             continue
-        except ChainProblem as exc:
+        except (ChainProblem, AdapterProblem) as exc:
             problems.append(BriefProblem(file, row.line, exc.column, str(exc)))
             skipped.append(row)
             continue
@@ -241,6 +250,14 @@ def plan_brief(
     if not variants and problems:
         raise BriefError(problems + [BriefProblem(file, None, None, "no row of the brief can be rendered")])
     return Plan(brief=brief, variants=variants, problems=problems, skipped_rows=skipped)
+
+
+def _lora_set(adapters: str) -> str:
+    """The LoRA part of a variant's adapters: variants that differ in it cannot share a U-Net batch (embeddings only
+    change the text encoding, so they can)."""
+    from storage.variants import adapters_text, parse_adapters
+
+    return adapters_text([p for p in parse_adapters(adapters) if p.kind == "lora"])
 
 
 def model_folders(settings: Settings, default_model: str | os.PathLike[str]) -> list[Path]:

@@ -200,6 +200,10 @@ def _sync_plan(db: Database, plan: Plan, run_id: int) -> dict[str, VariantState]
             for _, info in v.upscalers:
                 if info.sha256 not in upscaler_ids:
                     upscaler_ids[info.sha256] = enter_model(s, info, actor=RUN_ACTOR).id
+        # Likewise every LoRA and embedding: the variant pins them by sha256, rendering finds them here.
+        for sha, info in {a.model.sha256: a.model for v in plan.variants for a in v.adapters}.items():
+            if sha not in upscaler_ids:
+                upscaler_ids[sha] = enter_model(s, info, actor=RUN_ACTOR).id
         if missing:
             campaigns = {c.name: c for c in s.scalars(select(Campaign).where(Campaign.name.in_({v.row.campaign for v in missing})))}
             for name in sorted({v.row.campaign for v in missing} - set(campaigns)):

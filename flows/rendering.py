@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from sqlalchemy import select
 
+from engine.adapters.refs import AdapterError, AdapterFile, LoraUse
 from engine.image_ops import cover_fit
 from engine.pipeline import GenerationRequest, GenerationResult, Pipeline
 from engine.upscale.chain import Chain, ChainError, Fit, parse_chain
@@ -40,7 +41,7 @@ from storage.assets import AssetStore
 from storage.database import Database
 from storage.image_metadata import CONTENT_TYPES, encode_image, format_infotext, xmp_packet
 from storage.schema import ModelRecord
-from storage.variants import ModelRef, VariantSpec, load_variants
+from storage.variants import AdapterPin, ModelRef, VariantSpec, load_variants, parse_adapters
 
 __all__ = ["RenderJob", "cover_resize", "encode_within_cap", "get_pipeline", "load_jobs", "parse_postprocess",
            "render_jobs", "render_variants"]
@@ -92,6 +93,7 @@ class RenderJob:
     status: str
     model: ModelRef
     upscalers: tuple[ModelRef, ...] = ()  # the chain's model files in chain order
+    adapters: tuple[ModelRef, ...] = ()  # the LoRA and embedding files its spec pins, found by sha256 in ``models``
 
     @property
     def chain(self) -> Chain:
@@ -103,7 +105,22 @@ class RenderJob:
         return _COVER.fullmatch(self.spec.postprocess) is None and not self.chain.is_plain_fit
 
     def request(self) -> GenerationRequest:
-        return GenerationRequest(**self.spec.engine_arguments())
+        """The engine request, with each pinned adapter file at the path its ``models`` row records (the engine
+        checks the file's sha256 before using it)."""
+        by_sha = {a.sha256: a for a in self.adapters}
+        loras: list[LoraUse] = []
+        embeddings: list[AdapterFile] = []
+        for pin in parse_adapters(self.spec.adapters):
+            ref = by_sha.get(pin.sha256)
+            if ref is None:
+                raise AdapterError(None, f"{pin.kind} '{pin.name}': no model row has sha256 {pin.sha256}; register the "
+                                         f"file again (adforge models add FILE --license ...)")
+            file = AdapterFile(pin.name, ref.path, ref.sha256)
+            if pin.kind == "lora":
+                loras.append(LoraUse(file, 1.0 if pin.te is None else pin.te, 1.0 if pin.unet is None else pin.unet))
+            else:
+                embeddings.append(file)
+        return GenerationRequest(**self.spec.engine_arguments(), loras=tuple(loras), embeddings=tuple(embeddings))
 
 
 def load_jobs(db: Database, variant_ids: Sequence[int]) -> list[RenderJob]:
@@ -111,14 +128,23 @@ def load_jobs(db: Database, variant_ids: Sequence[int]) -> list[RenderJob]:
     with db.session() as s:
         stored = load_variants(s, list(variant_ids))
         pins = {vid: _pins(v.spec.postprocess) for vid, v in stored.items()}
-        wanted = {sha for shas in pins.values() for sha in shas}
+        adapter_pins = {vid: [p.sha256 for p in _adapter_pins(v.spec.adapters)] for vid, v in stored.items()}
+        wanted = {sha for shas in (*pins.values(), *adapter_pins.values()) for sha in shas}
         refs = {m.sha256: ModelRef.of(m)
                 for m in (s.scalars(select(ModelRecord).where(ModelRecord.sha256.in_(wanted))) if wanted else ())}
     return [
         RenderJob(v.id, v.identity, v.spec, v.storage_key, v.status, v.model,
-                  tuple(refs[sha] for sha in pins[v.id] if sha in refs))
+                  tuple(refs[sha] for sha in pins[v.id] if sha in refs),
+                  tuple(refs[sha] for sha in adapter_pins[v.id] if sha in refs))
         for v in (stored[i] for i in variant_ids if i in stored)
     ]
+
+
+def _adapter_pins(text: str) -> tuple[AdapterPin, ...]:
+    try:
+        return parse_adapters(text)
+    except ValueError:
+        return ()  # rendering then fails that variant with the record's own error
 
 
 def _pins(postprocess: str) -> list[str]:
@@ -189,6 +215,9 @@ def _infotext(job: RenderJob, parameters: dict[str, str], quality: int | None) -
         params["Output quality"] = str(quality)
     if job.model.license:
         params["Model license"] = job.model.license
+    licences = [f"{a.name}: {a.license or 'unknown'}" for a in job.adapters]
+    if licences:
+        params["Adapter licenses"] = ", ".join(licences)
     params["Variant"] = job.identity[:16]
     return format_infotext(spec.prompt, spec.negative_prompt, params)
 
@@ -288,8 +317,19 @@ def _render_batch(todo: Sequence[RenderJob], pipeline: Pipeline, store: AssetSto
                   counts: RenderCounts, on_event: EventFn | None) -> None:
     timings = counts.seconds
     t0 = time.perf_counter()
+    requests: list[GenerationRequest] = []
+    ready_jobs: list[RenderJob] = []
+    for job in todo:
+        try:
+            requests.append(job.request())
+            ready_jobs.append(job)
+        except (AdapterError, ValueError) as exc:  # an unreadable record or a file gone from ``models``: this one only
+            _fail(db, [job], run_id, f"render failed: {exc}", counts, on_event)
+    todo = ready_jobs
+    if not todo:
+        return
     try:
-        results = pipeline.generate([j.request() for j in todo])
+        results = pipeline.generate(requests)
     except Exception as exc:  # engine errors: record them against the batch and carry on with the run
         log.exception("render of %d variants failed", len(todo))
         _fail(db, todo, run_id, f"render failed: {type(exc).__name__}: {exc}", counts, on_event)
@@ -319,6 +359,8 @@ def _render_batch(todo: Sequence[RenderJob], pipeline: Pipeline, store: AssetSto
             meta = {"Model": job.model.name, "ModelSHA256": job.model.sha256, "VariantIdentity": job.identity}
             if job.upscales:
                 meta["Postprocess"] = spec.postprocess
+            if spec.adapters:
+                meta["Adapters"] = spec.adapters  # every LoRA / embedding with its sha256 and strengths
             xmp = xmp_packet(meta)
             data, infotext = encode_within_cap(
                 image, spec.out_format, lambda q, p=result.parameters, j=job: _infotext(j, p, q), xmp, spec.out_max_kb

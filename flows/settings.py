@@ -15,6 +15,8 @@ Defaults need no setup: a SQLite file and an asset folder under ``./adforge-data
     devices = "all"          # render workers: all | cpu | cuda:0,cuda:1 (one worker process per entry)
     fan_out = 1              # shards as Prefect flow runs of the campaign-shard deployment (many machines)
     model_dirs = ["models", "/srv/checkpoints"]   # where a brief's ``model`` column may point
+    lora_dir = "models/loras"            # <lora:NAME:weight> in prompts: NAME.safetensors here
+    embeddings_dir = "models/embeddings" # textual-inversion embeddings, used by writing their name in a prompt
     brief_max_rows = 20000   # and the other brief_max_* caps (flows/brief_limits.py)
 """
 
@@ -42,6 +44,8 @@ ENV_VARS = {
     "fan_out": "ADFORGE_FAN_OUT",
     "model_dirs": "ADFORGE_MODEL_DIRS",
     "allow_any_model_path": "ADFORGE_ALLOW_ANY_MODEL_PATH",
+    "lora_dir": "ADFORGE_LORA_DIR",
+    "embeddings_dir": "ADFORGE_EMBEDDINGS_DIR",
 }
 _LIMITS = BriefLimits()
 
@@ -74,6 +78,10 @@ class Settings:
     # author can otherwise probe the render machine's files ("no such model file", "only 3 bytes").
     model_dirs: str | None = None
     allow_any_model_path: bool = False
+    # Where ``<lora:NAME:w>`` tags and embedding names in prompts are looked up, by file stem (never as paths, so a
+    # brief cannot reach other files); relative to where adforge runs.
+    lora_dir: str = "models/loras"
+    embeddings_dir: str = "models/embeddings"
     # Caps on a brief, checked while it is read (flows/brief_limits.py says what each counts).
     brief_max_bytes: int = _LIMITS.max_bytes
     brief_max_xlsx_bytes: int = _LIMITS.max_xlsx_bytes
@@ -196,4 +204,7 @@ def load_settings(overrides: dict[str, Any] | None = None, *, config: str | os.P
     if settings.model_dirs:  # likewise its model folders
         folders = [(base / d).resolve().as_posix() for d in settings.model_dirs.split(os.pathsep) if d.strip()]
         settings = replace(settings, model_dirs=os.pathsep.join(folders) or None)
+    # ... and its adapter folders.
+    settings = replace(settings, lora_dir=(base / settings.lora_dir).resolve().as_posix(),
+                       embeddings_dir=(base / settings.embeddings_dir).resolve().as_posix())
     return settings

@@ -175,6 +175,9 @@ def render_prompts(
     prompts = [_tidy(text) for text in expanded]
     if mode == "combinatorial":  # tidying may make two variations equal
         prompts = list(dict.fromkeys(prompts))
+    if preset is not None:  # the preset's adapters and trigger words go in whatever the template says
+        applied = [preset.apply(p, negative) for p in prompts]
+        prompts, negative = [p for p, _ in applied], (applied[0][1] if applied else negative)
     return [
         PromptVariant(prompt=p, negative_prompt=negative, template_name=name, variation_index=i)
         for i, p in enumerate(prompts)

@@ -32,14 +32,14 @@ from review.export import find_campaign
 from storage.database import Database
 from storage.review_schema import ABResult, ExportRecord, ReviewState
 from storage.schema import Asset, AuditEntry, Brief, BriefRowRecord, ModelRecord, PromptRecord, Run, Variant, utcnow
-from storage.variants import with_joins
+from storage.variants import describe_adapters, with_joins
 
 __all__ = ["AuditExport", "AuditExportError", "CSV_COLUMNS", "audit_export", "to_csv", "to_json"]
 
 CSV_COLUMNS = [
     "asset_id", "variant_id", "identity", "campaign", "brief_file", "brief_sha256", "row", "row_line", "channel",
     "template", "variation_index", "prompt", "negative_prompt", "seed", "sampler", "steps", "cfg_scale", "clip_skip",
-    "gen_width", "gen_height", "out_width", "out_height", "out_format", "out_max_kb", "postprocess",
+    "gen_width", "gen_height", "out_width", "out_height", "out_format", "out_max_kb", "postprocess", "adapters",
     "model_name", "model_path", "model_sha256", "model_hash", "model_family", "model_licence", "model_commercial_use",
     "store_url", "storage_key", "sha256", "size_bytes", "infotext", "run_id", "flow_run_id", "run_settings",
     "review_status", "starred", "ab_group", "reviewed_by", "reviewed_at", "impressions", "clicks", "conversions",
@@ -86,6 +86,7 @@ def _entries(s: Session, entity: str, ids: list[int]) -> list[AuditEntry]:
 
 
 def audit_export(db: Database, campaign_ref: str | int) -> AuditExport:
+    adapters: dict[str, list[dict[str, Any]]] = {"": []}  # a variant's adapters text -> described (shared by many)
     with db.session() as s:
         campaign = find_campaign(s, campaign_ref)
         if campaign is None:
@@ -155,6 +156,8 @@ def audit_export(db: Database, campaign_ref: str | int) -> AuditExport:
                     "gen_width": variant.gen_width, "gen_height": variant.gen_height, "out_width": variant.out_width,
                     "out_height": variant.out_height, "out_format": variant.out_format, "out_max_kb": variant.out_max_kb,
                     "postprocess": variant.postprocess,
+                    "adapters": adapters.get(variant.adapters) or adapters.setdefault(
+                        variant.adapters, describe_adapters(s, variant.adapters)),
                     "model": {"name": model.name, "path": model.path, "sha256": model.sha256, "hash": model.short_hash,
                               "family": model.family, "licence": model.license, "commercial_use": model.commercial_use},
                 },
@@ -194,7 +197,8 @@ def _csv_row(a: dict[str, Any]) -> dict[str, Any]:
         "prompt": r["prompt"], "negative_prompt": r["negative_prompt"], "seed": r["seed"], "sampler": r["sampler"],
         "steps": r["steps"], "cfg_scale": r["cfg_scale"], "clip_skip": r["clip_skip"], "gen_width": r["gen_width"],
         "gen_height": r["gen_height"], "out_width": r["out_width"], "out_height": r["out_height"], "out_format": r["out_format"],
-        "out_max_kb": r["out_max_kb"], "postprocess": r["postprocess"], "model_name": m["name"], "model_path": m["path"],
+        "out_max_kb": r["out_max_kb"], "postprocess": r["postprocess"], "adapters": compact(r["adapters"]) if r["adapters"] else "",
+        "model_name": m["name"], "model_path": m["path"],
         "model_sha256": m["sha256"], "model_hash": m["hash"], "model_family": m["family"], "model_licence": m["licence"],
         "model_commercial_use": m["commercial_use"], "store_url": f["store_url"], "storage_key": f["key"],
         "sha256": f["sha256"], "size_bytes": f["size_bytes"], "infotext": f["infotext"],

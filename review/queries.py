@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from storage.review_schema import ABResult, RerenderRequest, ReviewSettings, ReviewState
 from storage.schema import Asset, Brief, BriefRowRecord, Campaign, ModelRecord, PromptRecord, Run, Variant
-from storage.variants import with_joins
+from storage.variants import describe_adapters, with_joins
 
 __all__ = [
     "Card",
@@ -316,6 +316,7 @@ def variant_detail(s: Session, variant_id: int) -> dict[str, Any] | None:
         "size": f"{variant.out_width}x{variant.out_height}",
         "format": variant.out_format,
         "postprocess": variant.postprocess,
+        "adapters": describe_adapters(s, variant.adapters),
         "model": {"id": model.id, "name": model.name, "path": model.path, "sha256": model.sha256, "hash": model.short_hash,
                   "family": model.family, "license": model.license, "commercial_use": model.commercial_use},
         "asset": {"key": asset.storage_key, "url": asset.store_url, "sha256": asset.sha256, "bytes": asset.size_bytes,

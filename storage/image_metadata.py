@@ -6,7 +6,8 @@ The infotext layout is what A1111 writes and what readers such as Civitai and sd
     Negative prompt: {negative}
     Steps: 25, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 42, Size: 512x512, Model hash: abcdef1234, Model: name
 
-A value holding ``,``, ``:`` or a newline is JSON-quoted so the line still splits unambiguously.
+A value holding ``,``, ``:`` or a newline is JSON-quoted so the line still splits unambiguously, except ``Hashes``:
+a JSON object of the model's and adapters' hashes that Civitai reads as written, unquoted.
 The XMP packet carries IPTC ``DigitalSourceType = trainedAlgorithmicMedia``, the machine-readable mark that
 EU AI Act Art. 50 asks for. Files lose both when re-encoded elsewhere; the database row stays the record.
 """
@@ -29,7 +30,19 @@ XMP_PNG_KEY = "XML:com.adobe.xmp"
 NEGATIVE_PREFIX = "Negative prompt: "
 
 
-def _quote(value: str) -> str:
+RAW_JSON_KEYS = frozenset({"Hashes"})
+
+
+def _is_json_object(value: str) -> bool:
+    try:
+        return value.startswith("{") and "\n" not in value and isinstance(json.loads(value), dict)
+    except ValueError:
+        return False
+
+
+def _quote(value: str, key: str = "") -> str:
+    if key in RAW_JSON_KEYS and _is_json_object(value):
+        return value
     return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",:\n") else value
 
 
@@ -37,12 +50,12 @@ def format_infotext(prompt: str, negative_prompt: str, parameters: Mapping[str, 
     lines = [prompt]
     if negative_prompt:
         lines.append(NEGATIVE_PREFIX + negative_prompt)
-    lines.append(", ".join(f"{k}: {_quote(str(v))}" for k, v in parameters.items()))
+    lines.append(", ".join(f"{k}: {_quote(str(v), k)}" for k, v in parameters.items()))
     return "\n".join(lines)
 
 
 # One "Key: value" item of the last line; the value is a JSON string or runs to the next comma.
-_ITEM = re.compile(r'\s*([\w \-/+.()]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+_ITEM = re.compile(r'\s*([\w \-/+.()]+):\s*("(?:\\.|[^\\"])*"|\{(?:"(?:\\.|[^\\"])*"|[^{}"])*\}|[^,]*)(?:,|$)')
 
 
 def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:

@@ -38,6 +38,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -187,6 +188,9 @@ class Variant(Base):
     # "cover-lanczos(1080x1080)" (the default), or the canonical upscale chain with its model files pinned by sha256,
     # e.g. "hires(scale=2, denoise=0.4, upscaler=latent) -> model(4x.pth, sha256=...) -> fit(1080x1920)"
     postprocess: Mapped[str] = mapped_column(Text)
+    # The LoRAs (with strengths) and embeddings it renders with, each pinned by its file's sha256, as canonical JSON
+    # (storage.variants.adapters_text); "" = none. Each file has its row in ``models`` (kind lora | embedding).
+    adapters: Mapped[str] = mapped_column(Text, default="", server_default=text("''"))
     storage_key: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default="planned", index=True)  # planned | done | failed
     error: Mapped[str | None] = mapped_column(Text)

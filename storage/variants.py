@@ -29,7 +29,7 @@ from storage.image_metadata import EXTENSIONS
 from storage.review_schema import ReviewState
 from storage.schema import Asset, Brief, BriefRowRecord, Campaign, ModelRecord, PromptRecord, Variant
 
-__all__ = ["ModelRef", "StoredVariant", "VariantSpec", "load_variants", "spec_from_rows", "with_joins"]
+__all__ = ["AdapterPin", "ModelRef", "adapters_text", "describe_adapters", "parse_adapters", "StoredVariant", "VariantSpec", "load_variants", "spec_from_rows", "with_joins"]
 
 _SAME = object()  # metadata default: "same as the field's name"
 
@@ -68,6 +68,9 @@ class VariantSpec:
     out_format: str = _setting("format")
     out_max_kb: int | None = _setting("max_kb")
     postprocess: str = _setting("post")
+    # LoRAs and embeddings, pinned by sha256 (canonical JSON, see :func:`adapters_text`); "" = none, which keeps the
+    # identity of every variant planned before adapters existed.
+    adapters: str = _setting("adapters", default="", since_default=True)
 
     # ------------------------------------------------------------------ identity
 
@@ -122,6 +125,66 @@ class VariantSpec:
             elif f.name in fallback:
                 values[f.name] = fallback[f.name]
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class AdapterPin:
+    """One adapter of a variant: a LoRA (with its text-encoder and U-Net strengths) or an embedding, by the name
+    prompts call it and the sha256 of the file it was planned with."""
+
+    kind: str  # "lora" | "embedding"
+    name: str
+    sha256: str
+    te: float | None = None
+    unet: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "name": self.name, "sha256": self.sha256}
+        if self.kind == "lora":
+            out.update(te=self.te, unet=self.unet)
+        return out
+
+
+def adapters_text(pins: tuple[AdapterPin, ...] | list[AdapterPin]) -> str:
+    """The canonical text of a variant's adapters (its ``adapters`` setting): "" for none, else compact JSON with
+    sorted keys, LoRAs first in prompt order, then embeddings in prompt order."""
+    if not pins:
+        return ""
+    ordered = [p for p in pins if p.kind == "lora"] + [p for p in pins if p.kind != "lora"]
+    return json.dumps([p.as_dict() for p in ordered], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def parse_adapters(text: str) -> tuple[AdapterPin, ...]:
+    """The pins of an ``adapters`` text (ValueError if it is not one :func:`adapters_text` wrote)."""
+    if not text:
+        return ()
+    try:
+        items = json.loads(text)
+        return tuple(AdapterPin(kind=str(i["kind"]), name=str(i["name"]), sha256=str(i["sha256"]),
+                                te=None if i.get("te") is None else float(i["te"]),
+                                unet=None if i.get("unet") is None else float(i["unet"])) for i in items)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"unreadable adapters record {text[:80]!r}: {exc}") from None
+
+
+def describe_adapters(session, text: str) -> list[dict[str, Any]]:
+    """A variant's adapters for people (the gallery, audit exports): each pin with its ``models`` row (name, path,
+    hash, licence), in the variant's order. A pin whose row is gone still shows, with what the variant recorded."""
+    from sqlalchemy import select
+
+    try:
+        pins = parse_adapters(text)
+    except ValueError:
+        return [{"kind": "unreadable", "name": text[:80], "sha256": "", "hash": "", "license": None}]
+    rows = {m.sha256: m for m in session.scalars(select(ModelRecord).where(ModelRecord.sha256.in_({p.sha256 for p in pins})))} \
+        if pins else {}
+    out = []
+    for pin in pins:
+        m = rows.get(pin.sha256)
+        out.append({**pin.as_dict(), "hash": pin.sha256[:12], "file": m.name if m else None, "path": m.path if m else None,
+                    "family": m.family if m else None, "license": m.license if m else None,
+                    "commercial_use": m.commercial_use if m else None})
+    return out
 
 
 _PAIRED = frozenset(f.metadata["identity"] for f in fields(VariantSpec)

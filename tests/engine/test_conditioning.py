@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.adapters.refs import AdapterError
 from engine.conditioning import PromptEncoder, chunk_prompt
 from engine.loading import load_checkpoint
 from engine.tokenizer import BOS_ID, EOS_ID, load_clip_tokenizer
@@ -78,3 +79,27 @@ def test_clip_skip_two_differs_and_bounds_are_checked(encoder: PromptEncoder) ->
     assert not torch.allclose(encoder.encode("a cat", 1), encoder.encode("a cat", 2))
     with pytest.raises(ValueError, match="clip skip"):
         encoder.encode("a cat", 3)  # the tiny encoder has 2 layers
+
+
+def test_lora_tags_are_cut_out_before_tokenizing(encoder: PromptEncoder) -> None:
+    tok = load_clip_tokenizer()
+    (chunk,) = chunk_prompt("a <lora:ink wash:0.6> (cat:1.2)<lyco:x:1:0>", tok)
+    assert chunk.tokens == tok.encode("a") + tok.encode("cat") and chunk.weights == pytest.approx([1.0, 1.2])
+    assert torch.equal(encoder.encode("a red cube <lora:style:0.8>"), encoder.encode("a red cube"))
+    batch = encoder.encode_batch(["a cat <lora:x:1>", "<lora:y:0.5> ugly"])
+    assert torch.equal(batch, encoder.encode_batch(["a cat", "ugly"]))
+    with pytest.raises(AdapterError, match="hypernetworks are not supported"):
+        encoder.encode("a cat <hypernet:anime:1>")
+
+
+def test_clear_cache_drops_the_empty_chunk(encoder: PromptEncoder) -> None:
+    first = encoder.empty_chunk(1)
+    assert encoder.empty_chunk(1) is first
+    encoder.clear_cache()
+    again = encoder.empty_chunk(1)
+    assert again is not first and torch.equal(again, first)
+
+
+def test_batch_embedding_mappings_must_match_prompts(encoder: PromptEncoder) -> None:
+    with pytest.raises(ValueError, match="1 embedding mappings for 2 prompts"):
+        encoder.encode_batch(["a", "b"], None, [None])

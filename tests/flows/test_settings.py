@@ -86,7 +86,8 @@ def test_adforge_table_and_bare_keys_are_equivalent(tmp_path: Path) -> None:
     write_text(table / "adforge.toml", "[adforge]\n" + body)
     a, b = load_settings(env={}, cwd=bare), load_settings(env={}, cwd=table)
     assert (a.model, a.sampler, a.steps, a.cfg_scale, a.batch_size) == ("/m/brand.safetensors", "Euler a", 20, 6.5, 2)
-    assert a.to_dict() | {"db_url": "", "store_url": ""} == b.to_dict() | {"db_url": "", "store_url": ""}
+    cwd_relative = {"db_url": "", "store_url": "", "lora_dir": "", "embeddings_dir": ""}
+    assert a.to_dict() | cwd_relative == b.to_dict() | cwd_relative
 
 
 def test_explicit_config_beats_adforge_config_beats_cwd_file(tmp_path: Path) -> None:

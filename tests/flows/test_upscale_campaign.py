@@ -155,7 +155,7 @@ def test_unregistered_upscaler_without_licence_is_unknown_until_registered(tmp_p
 
         result = CliRunner().invoke(cli_app, ["models", "add", str(pth), "--license", "apache-2.0", "--db", sqlite_db_url])
         assert result.exit_code == 0, result.output
-        assert "registered 2x-compact-tiny" in result.output and "realesrgan-compact" in result.output
+        assert "registered upscaler 2x-compact-tiny" in result.output and "realesrgan-compact" in result.output
         assert "licence apache-2.0, commercial use allowed" in result.output
 
         after, _ = plan(brief, templates, campaign_model, db)

@@ -1,0 +1,1 @@
+"""Adapters: LoRA-family weight deltas (kohya, LyCORIS, diffusers/PEFT) and textual-inversion embeddings."""
