@@ -107,7 +107,7 @@ def _run_ours(preset: dict, path: Path, args) -> dict:
     # Same context on both sides: skip the random CLIP, hand the pipeline our fixed (cond, uncond) rows.
     def conditioning(reqs):
         seen["conditioning_calls"] = seen.get("conditioning_calls", 0) + 1
-        return cond.to(pipe.device, pipe.dtype)
+        return cond.to(pipe.device, pipe.dtype), None  # (context, SDXL's y: none for SD 1.5)
 
     real_decode = pipe._decode
 

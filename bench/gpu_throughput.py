@@ -122,7 +122,8 @@ class Ours:
 
         def conditioning(reqs):  # the fixed embeddings, cond rows then uncond rows, as the pipeline orders them
             b = len(reqs)
-            return torch.cat([self.cond[0:1].expand(b, -1, -1), self.cond[1:2].expand(b, -1, -1)]).to(device, dtype)
+            context = torch.cat([self.cond[0:1].expand(b, -1, -1), self.cond[1:2].expand(b, -1, -1)]).to(device, dtype)
+            return context, None  # no SDXL y for SD 1.5
 
         self.pipe._conditioning = conditioning  # type: ignore[method-assign]
 

@@ -67,7 +67,7 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="Prompt, with A1111 weights: (word), [word], (word:1.3), BREAK.")],
     model: Annotated[
         Path | None,
-        typer.Option("--model", "-m", envvar="ADFORGE_MODEL", help="SD 1.x single-file checkpoint; default: the bundled demo model."),
+        typer.Option("--model", "-m", envvar="ADFORGE_MODEL", help="SD 1.x, SD 2.x or SDXL single-file checkpoint; default: the bundled demo model."),
     ] = None,
     negative: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "",
     sampler: Annotated[str, typer.Option(help="Euler, Euler a, DPM++ 2M, DPM++ 2M Karras or DDIM.")] = "DPM++ 2M Karras",
@@ -93,6 +93,10 @@ def generate(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16.")] = "auto",
     allow_pickle: Annotated[bool, typer.Option(help="Allow .ckpt pickles (weights-only unpickling); trust the source.")] = False,
+    prediction: Annotated[
+        str | None, typer.Option(help="eps or v: what the model predicts, for SD 2.x files that do not say (default: "
+                                      "the file's metadata, else v, or eps for SD 2.0-base's global_step).")
+    ] = None,
     lora_dir: Annotated[
         Path, typer.Option(envvar="ADFORGE_LORA_DIR", help="Where <lora:NAME:weight> tags find NAME.safetensors (.pt, .ckpt).")
     ] = Path("models/loras"),
@@ -121,6 +125,8 @@ def generate(
                 "ADFORGE_MODEL, or rebuild it with `adforge train demo`",
                 param_hint="--model",
             )
+    if prediction is not None and prediction not in ("eps", "v"):
+        raise typer.BadParameter("eps or v", param_hint="--prediction")
     if mask is not None and init_image is None:
         raise typer.BadParameter("--mask needs --init-image", param_hint="--mask")
     if outpaint is not None and init_image is None:
@@ -145,7 +151,8 @@ def generate(
 
     try:
         with console.status(f"loading {model.name}"):
-            pipe = Pipeline.load(model, vae=vae, device=device, dtype=dtype, allow_pickle=allow_pickle, max_batch_size=batch_size)
+            pipe = Pipeline.load(model, vae=vae, device=device, dtype=dtype, allow_pickle=allow_pickle, max_batch_size=batch_size,
+                                 prediction=prediction)
     except (CheckpointError, ValueError) as exc:
         raise fail(exc, 2) from None
 

@@ -20,26 +20,41 @@ app = typer.Typer(no_args_is_help=True, help="Model files: inspect, make random 
 @app.command("init-random")
 def models_init_random(
     path: Annotated[Path, typer.Argument(help="Where to write the .safetensors file.")],
-    preset: Annotated[str, typer.Option(help="tiny (a few MB, instant) or sd15 (real SD 1.5 shapes, ~4.3 GB).")] = "tiny",
+    family: Annotated[str, typer.Option(help="sd1, sd2 (eps, 512), sd2-v (v-prediction, 768) or sdxl (base).")] = "sd1",
+    preset: Annotated[str, typer.Option(
+        help="tiny (a few MB, instant) or full (the real shapes: SD 1.5 ~4.3 GB, SD 2.1 ~5.2 GB, SDXL base ~14 GB in "
+             "float32; sd15 is SD 1.x's full).")] = "tiny",
     seed: Annotated[int, typer.Option()] = 0,
-    inpaint: Annotated[bool, typer.Option(help="9-channel inpainting U-Net.")] = False,
+    inpaint: Annotated[bool, typer.Option(help="9-channel inpainting U-Net (sd1, sd2).")] = False,
+    dtype: Annotated[str, typer.Option(help="float32, float16 (half the size, as most downloads) or bfloat16.")] = "float32",
     native_size: Annotated[
-        int | None, typer.Option(min=8, help="Resolution recorded as the model's native size (default: 128 tiny, 512 sd15).")
+        int | None, typer.Option(min=8, help="Resolution recorded as the model's native size (default: 128 tiny, the "
+                                             "family's for full: 512 sd1/sd2, 768 sd2-v, 1024 sdxl).")
     ] = None,
 ) -> None:
-    """Write a random-weight SD 1.x checkpoint in the real single-file layout.
+    """Write a random-weight checkpoint of a model family in the real single-file layout.
 
     It renders noise by design: use it to smoke-test a machine, the loader and the pipeline, or to benchmark
-    at real SD 1.5 shapes, without downloading anything."""
-    from engine.random_checkpoint import write_random_sd1
+    at real shapes, without downloading anything."""
+    import torch
 
+    from engine.random_checkpoint import FAMILY_NAMES, random_spec, write_random
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise typer.BadParameter(f"unknown dtype {dtype!r}: {', '.join(dtypes)}", param_hint="--dtype")
+    if family not in FAMILY_NAMES:
+        raise typer.BadParameter(f"unknown family {family!r}: {', '.join(FAMILY_NAMES)}", param_hint="--family")
     try:
-        # Random numbers made by our own code: we can license them, so runs may use the file for any purpose.
-        size = native_size or (512 if preset == "sd15" else 128)
-        write_random_sd1(path, preset, seed=seed, inpaint=inpaint,
-                         metadata={"modelspec.title": path.stem, "modelspec.license": "Apache-2.0", "adforge.native_size": str(size)})
+        spec = random_spec(family, preset)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--preset") from None
+    if inpaint and family not in ("sd1", "sd2"):
+        raise typer.BadParameter(f"no inpainting variant of {family}: sd1 and sd2 only", param_hint="--inpaint")
+    # Random numbers made by our own code: we can license them, so runs may use the file for any purpose.
+    size = native_size or spec.native_size
+    write_random(path, family, preset, seed=seed, inpaint=inpaint, dtype=dtypes[dtype],
+                 metadata={"modelspec.title": path.stem, "modelspec.license": "Apache-2.0", "adforge.native_size": str(size)})
     typer.echo(str(path))
 
 

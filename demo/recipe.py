@@ -120,6 +120,17 @@ def recipe_json(recipe: DemoRecipe) -> dict:
     return _jsonable(asdict(recipe))
 
 
+def recorded_recipe(theirs: dict) -> dict:
+    """A file's recorded recipe with the architecture settings added to the engine since it was written filled in
+    at their defaults (every such default builds the network the file was made with), so it compares with
+    :func:`recipe_json` of today's recipe."""
+    out = dict(theirs)
+    for key, config in (("unet", UNetConfig), ("text", TextEncoderConfig), ("vae", VAEConfig)):
+        if isinstance(out.get(key), dict):
+            out[key] = {**_jsonable(asdict(config())), **out[key]}
+    return out
+
+
 def _jsonable(obj):
     if isinstance(obj, dict):
         return {k: _jsonable(v) for k, v in obj.items()}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from demo.recipe import DemoRecipe, DemoStage, recipe_json
+from demo.recipe import DemoRecipe, DemoStage, recipe_json, recorded_recipe
 from engine.checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, StateDict, open_state_dict
 from engine.checkpoint_writer import sd1_state_dict
 from engine.unet import UNetModel
@@ -50,7 +50,7 @@ def check_earlier_stages(path: Path, recipe: DemoRecipe) -> EarlierFile:
     """Check that ``path`` was made by the first stages of ``recipe``; refuse a file made by any other recipe."""
     sd = open_state_dict(path)
     try:
-        theirs = json.loads(sd.metadata["adforge.recipe"])
+        theirs = recorded_recipe(json.loads(sd.metadata["adforge.recipe"]))
         training = json.loads(sd.metadata["adforge.training"])
     except (KeyError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not a demo checkpoint written by adforge train demo (metadata {exc} missing or unreadable)") from None

@@ -1,17 +1,48 @@
-"""Writing networks back out as a single-file SD 1.x checkpoint (the layout :mod:`engine.loading` loads)."""
+"""Writing networks back out as a single-file checkpoint in the layout real files have (what :mod:`engine.loading`
+loads): SD 1.x (LDM), SD 2.x (LDM with the OpenCLIP-H tower) and SDXL (SGM "conditioner" layout).
+
+Each ``*_state_dict`` function returns the file's tensors by their full keys; :func:`save_checkpoint` writes them
+atomically with metadata. Our networks keep the checkpoint's own names (U-Net, VAE, CLIP-L), so writing is adding a
+prefix; only the OpenCLIP towers are renamed back by :func:`engine.open_clip.transformers_to_open_clip`.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterable, Mapping
 
 import torch
 from safetensors.torch import save_file
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from engine.checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
-from engine.loading import META_TEXT_HEADS, META_UNET_HEADS
+from engine.loading import META_TEXT_HEADS, META_UNET_HEAD_CHANNELS, META_UNET_HEADS, SDXL_CLIP_L_PREFIX
+from engine.open_clip import SD2_PREFIX, SDXL_CLIP_G_PREFIX, transformers_to_open_clip
+from engine.text_encoder import CLIP_HEAD_WIDTH, TextModel
 from engine.unet import UNetModel
 from engine.vae import AutoencoderKL
+
+__all__ = [
+    "OPEN_CLIP_LOGIT_SCALE", "checkpoint_metadata", "save_checkpoint", "save_sd1_checkpoint", "sd1_state_dict",
+    "sd2_state_dict", "sdxl_state_dict",
+]
+
+# Trained CLIP models end with logit_scale = log(100) (the clamp open_clip trains against); nothing in text encoding
+# reads it, but real SD 2.x / SDXL files carry it as a 0-d tensor.
+OPEN_CLIP_LOGIT_SCALE = math.log(100.0)
+
+
+def _prefixed(prefix: str, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for k, v in tensors.items():
+        if k.endswith("embeddings.position_ids"):
+            continue  # a buffer, rebuilt at load
+        v = v.detach().cpu()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        out[prefix + k] = v.contiguous()  # safetensors writes contiguous tensors only
+    return out
 
 
 def sd1_state_dict(
@@ -20,14 +51,92 @@ def sd1_state_dict(
     clip_prefix = CLIP_PREFIX + ("text_model." if clip_text_model_level else "")
     out: dict[str, torch.Tensor] = {}
     for prefix, module in ((UNET_PREFIX, unet), (clip_prefix, text_encoder), (VAE_PREFIX, vae)):
-        for k, v in module.state_dict().items():
-            if k == "embeddings.position_ids":
-                continue  # a buffer, rebuilt at load
-            v = v.detach().cpu()
-            if dtype is not None and v.is_floating_point():
-                v = v.to(dtype)
-            out[prefix + k] = v.contiguous()
+        out |= _prefixed(prefix, module.state_dict(), dtype)
     return out
+
+
+def _open_clip_tower(model: TextModel, text_projection: torch.Tensor | None, logit_scale: float) -> dict[str, torch.Tensor]:
+    """A transformers text model in open_clip's layout, with ``text_projection`` (``x @ P``, [width, proj]) and the
+    0-d ``logit_scale`` that open_clip's text tower files always hold."""
+    tower = transformers_to_open_clip(model.state_dict())
+    width = model.config.hidden_size
+    if "text_projection" not in tower:
+        # SD 2.x: the projection takes no part in conditioning (our loader drops it), but real files carry one; the
+        # identity stands in for it when the caller has none.
+        proj = torch.eye(width) if text_projection is None else text_projection
+        if proj.ndim != 2 or proj.shape[0] != width:
+            raise ValueError(f"text_projection has shape {tuple(proj.shape)}; expected ({width}, projection width)")
+        tower["text_projection"] = proj
+    elif text_projection is not None:
+        raise ValueError("the text encoder has its own text_projection; do not pass another")
+    tower["logit_scale"] = torch.tensor(float(logit_scale))
+    return tower
+
+
+def sd2_state_dict(
+    unet: UNetModel,
+    text_encoder: CLIPTextModel,
+    vae: AutoencoderKL,
+    dtype: torch.dtype | None = None,
+    *,
+    text_projection: torch.Tensor | None = None,
+    logit_scale: float = OPEN_CLIP_LOGIT_SCALE,
+) -> dict[str, torch.Tensor]:
+    """SD 2.x (also 2.x inpainting): U-Net under ``model.diffusion_model.``, the OpenCLIP-H tower (given as the
+    transformers model our loader builds) under ``cond_stage_model.model.`` in open_clip's names with
+    ``text_projection`` [width, proj] (identity if None) and ``logit_scale``, the VAE under ``first_stage_model.``."""
+    out = _prefixed(UNET_PREFIX, unet.state_dict(), dtype)
+    out |= _prefixed(SD2_PREFIX, _open_clip_tower(text_encoder, text_projection, logit_scale), dtype)
+    out |= _prefixed(VAE_PREFIX, vae.state_dict(), dtype)
+    return out
+
+
+def sdxl_state_dict(
+    unet: UNetModel,
+    text_encoder: CLIPTextModel,
+    text_encoder_2: CLIPTextModelWithProjection,
+    vae: AutoencoderKL,
+    dtype: torch.dtype | None = None,
+    *,
+    logit_scale: float = OPEN_CLIP_LOGIT_SCALE,
+) -> dict[str, torch.Tensor]:
+    """SDXL base: U-Net and VAE as in LDM files, CLIP-L under ``conditioner.embedders.0.transformer.text_model.``
+    (transformers' names), bigG under ``conditioner.embedders.1.model.`` in open_clip's names, its
+    ``text_projection`` (which gives the pooled output) included."""
+    if not hasattr(text_encoder_2, "text_projection"):
+        raise ValueError("SDXL's second text encoder needs its text_projection (a CLIPTextModelWithProjection)")
+    out = _prefixed(UNET_PREFIX, unet.state_dict(), dtype)
+    out |= _prefixed(SDXL_CLIP_L_PREFIX + "text_model.", text_encoder.state_dict(), dtype)
+    out |= _prefixed(SDXL_CLIP_G_PREFIX, _open_clip_tower(text_encoder_2, None, logit_scale), dtype)
+    out |= _prefixed(VAE_PREFIX, vae.state_dict(), dtype)
+    return out
+
+
+def checkpoint_metadata(unet: UNetModel, text_encoders: Iterable[TextModel], *, always_text_heads: bool = False) -> dict[str, str]:
+    """The architecture facts no tensor shape carries, for the loader: the U-Net's head width (SD 2.x / SDXL style) or
+    head count, and the text encoders' head count. Text heads are written only where they are not CLIP's 64-wide
+    default (or ``always_text_heads``); the loader reads one count for all of a file's text encoders, so encoders
+    that need different non-default counts cannot be described and raise ValueError."""
+    cfg = unet.config
+    meta = ({META_UNET_HEAD_CHANNELS: str(cfg.num_head_channels)} if cfg.num_head_channels > 0
+            else {META_UNET_HEADS: str(cfg.num_heads)})
+    encoders = [(m.config.hidden_size, m.config.num_attention_heads) for m in text_encoders]
+    if always_text_heads or any(heads != max(1, width // CLIP_HEAD_WIDTH) for width, heads in encoders):
+        counts = {heads for _, heads in encoders}
+        if len(counts) != 1:
+            raise ValueError(f"text encoders with head counts {sorted(counts)} cannot share the one metadata entry "
+                             f"{META_TEXT_HEADS}: give them the same count, or CLIP's {CLIP_HEAD_WIDTH}-wide heads")
+        meta[META_TEXT_HEADS] = str(counts.pop())
+    return meta
+
+
+def save_checkpoint(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str:
+    """Write a safetensors file atomically (a half-written file never carries the final name)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.part"
+    save_file(dict(tensors), tmp, metadata=dict(metadata or {}))
+    os.replace(tmp, path)
+    return str(path)
 
 
 def save_sd1_checkpoint(
@@ -46,8 +155,4 @@ def save_sd1_checkpoint(
         META_TEXT_HEADS: str(text_encoder.config.num_attention_heads),
         **(metadata or {}),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.part"
-    save_file(sd1_state_dict(unet, text_encoder, vae, dtype, clip_text_model_level=clip_text_model_level), tmp, metadata=meta)
-    os.replace(tmp, path)
-    return str(path)
+    return save_checkpoint(path, sd1_state_dict(unet, text_encoder, vae, dtype, clip_text_model_level=clip_text_model_level), meta)

@@ -96,6 +96,9 @@ class Family:
     native_size: int  # training resolution in pixels
     inpainting: bool = False  # U-Net input: latent + mask + masked-image latent
     supported: bool = False  # rendered by this engine today
+    # Attention heads are this many channels wide (SD 2.x, SDXL); None: a fixed head count (SD 1.x: 8). No tensor
+    # shape carries it, so the table does.
+    head_channels: int | None = None
     signatures: tuple[Signature, ...] = ()
 
     @property
@@ -109,24 +112,32 @@ class Family:
 # Columns: name, label, latent channels, latent scale, context dim, prediction, text encoders, native size.
 FAMILIES: tuple[Family, ...] = (
     Family(
-        "sdxl-refiner", "SDXL", 4, 0.13025, 1280, "eps", ("openclip-bigg",), 1024,
+        "sdxl-refiner", "SDXL refiner", 4, 0.13025, 1280, "eps", ("openclip-bigg",), 1024, head_channels=64,
         signatures=(
             Signature.of(adm_in_channels=2560),
             Signature.of(conditioner=True, text_encoders=("openclip-bigg",)),
         ),
     ),
     Family(
-        "sdxl", "SDXL", 4, 0.13025, 2048, "eps", ("clip-l", "openclip-bigg"), 1024,
+        "sdxl", "SDXL", 4, 0.13025, 2048, "eps", ("clip-l", "openclip-bigg"), 1024, head_channels=64, supported=True,
         signatures=(
             Signature.of(conditioner=True),
             Signature.of(adm_in_channels=ANY),
             Signature.of(context_dim=2048, linear_proj=ANY),
         ),
     ),
-    # 768-v files share every shape with the 512 eps ones and no key says which they are (A1111 reads the yaml
-    # beside the file): one row until SD 2.x renders and needs to tell them apart.
     Family(
-        "sd2", "SD 2.x", 4, 0.18215, 1024, "eps", ("openclip-h",), 512,
+        "sd2-inpaint", "SD 2.x", 4, 0.18215, 1024, "eps", ("openclip-h",), 512, inpainting=True, head_channels=64,
+        supported=True,
+        signatures=(
+            Signature.of(text_encoders=("openclip-h",), in_channels=9, note="OpenCLIP text encoder, inpainting"),
+            Signature.of(context_dim=1024, in_channels=9),
+        ),
+    ),
+    # 768-v files share every shape with the 512 eps ones and no key says which they are (A1111 reads the yaml
+    # beside the file): engine.loading.resolve_prediction decides, and the choice is recorded with the model.
+    Family(
+        "sd2", "SD 2.x", 4, 0.18215, 1024, "v", ("openclip-h",), 768, head_channels=64, supported=True,
         signatures=(
             Signature.of(has_unet=True, text_encoders=("openclip-h",), note="OpenCLIP text encoder"),
             Signature.of(context_dim=1024, linear_proj=ANY),

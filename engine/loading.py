@@ -35,8 +35,10 @@ from engine.checkpoint import (
     open_state_dict,
 )
 from engine.families import SD1, Family, detect_family
+from engine.open_clip import SD2_PREFIX, SDXL_CLIP_G_PREFIX, UNUSED, open_clip_config, open_clip_source, open_clip_to_transformers
 from engine.text_encoder import (
     TextEncoderConfig,
+    TextModel,
     build_text_encoder,
     reset_position_ids,
     text_encoder_config_from_state_dict,
@@ -49,6 +51,8 @@ from engine.vae import AutoencoderKL, VAEConfig, normalize_vae_state_dict, vae_c
 META_UNET_HEADS = "adforge.unet.num_heads"
 META_TEXT_HEADS = "adforge.text_encoder.num_heads"
 META_NATIVE_SIZE = "adforge.native_size"
+# Attention head width of an SD 2.x / SDXL-shaped U-Net of ours whose widths are not multiples of the family's 64.
+META_UNET_HEAD_CHANNELS = "adforge.unet.head_channels"
 SD1_NATIVE_SIZE = SD1.native_size
 
 
@@ -166,7 +170,7 @@ class SafetensorsBaseWeights(BaseWeights):
 class LoadedModels:
     unet: UNetModel
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
+    text_encoder: TextModel  # SDXL: CLIP-L
     tokenizer: ClipTokenizer
     family: Family
     checkpoint: ModelFile
@@ -177,6 +181,10 @@ class LoadedModels:
     native_size: int = SD1_NATIVE_SIZE
     # Where the U-Net's and text encoder's loaded weights can be had again (to undo merged LoRAs).
     base_weights: BaseWeights = field(default_factory=BaseWeights)
+    # What the U-Net predicts: "eps" (the noise) or "v"; the family's, a file's declaration, or the caller's override.
+    prediction: str = "eps"
+    # SDXL's second text encoder (OpenCLIP bigG, with its projection for the pooled output); None for one-encoder families.
+    text_encoder_2: TextModel | None = None
 
     @property
     def is_inpainting(self) -> bool:
@@ -196,14 +204,20 @@ def _materialize(
     dtype: torch.dtype,
     transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     ignore: Callable[[str], bool] = lambda k: False,
+    source_key: Callable[[str], str] | None = None,
 ) -> nn.Module:
-    with torch.device("meta"):
-        module = factory()
+    """``source_key`` names the file's key of a network tensor in errors when ``transform`` renames them."""
+    try:
+        with torch.device("meta"):
+            module = factory()
+    except ValueError as exc:  # an architecture the shapes imply but that cannot be built (e.g. widths vs heads)
+        raise CheckpointError(source.path, f"cannot build the network its tensors describe: {exc}") from None
     expected = module.state_dict()
     tensors: dict[str, torch.Tensor] = {}
-    for name in expected:
-        if name not in keys:
-            raise CheckpointError(source.path, "missing tensor", _full_key(keys, name))
+    if transform is None:  # with a transform the file's names are not the network's: checked after it
+        for name in expected:
+            if name not in keys:
+                raise CheckpointError(source.path, "missing tensor", _full_key(keys, name))
     for name, full in keys.items():
         if name in expected or transform is not None:
             tensors[name] = source[full]
@@ -213,7 +227,7 @@ def _materialize(
     for name, want in expected.items():
         t = tensors.get(name)
         if t is None:
-            raise CheckpointError(source.path, "missing tensor", _full_key(keys, name))
+            raise CheckpointError(source.path, "missing tensor", source_key(name) if source_key else _full_key(keys, name))
         if tuple(t.shape) != tuple(want.shape):
             raise CheckpointError(
                 source.path,
@@ -301,25 +315,47 @@ def _config(sd: StateDict, what: str, fn: Callable[[], object], keys: Mapping[st
         raise CheckpointError(sd.path, f"{what} (tensors '{_full_key(keys, '')}*'): {exc}") from exc
 
 
-def load_unet(sd: StateDict, device: torch.device, dtype: torch.dtype) -> UNetModel:
+def load_unet(sd: StateDict, device: torch.device, dtype: torch.dtype, family: Family = SD1) -> UNetModel:
     view = ShapeView(sd, UNET_PREFIX)
     keys = _prefixed(sd, UNET_PREFIX)
     _check_missing_weights(sd, keys)
     heads = _heads(sd, META_UNET_HEADS, SD1_NUM_HEADS) or SD1_NUM_HEADS
-    cfg: UNetConfig = _config(sd, "U-Net", lambda: unet_config_from_state_dict(view, heads), keys)
+    head_channels = _heads(sd, META_UNET_HEAD_CHANNELS, family.head_channels)
+    cfg: UNetConfig = _config(
+        sd, "U-Net", lambda: unet_config_from_state_dict(view, heads, num_head_channels=head_channels), keys)
     return _materialize(lambda: UNetModel(cfg), sd, keys, device, dtype)  # type: ignore[return-value]
 
 
-def _clip_keys(sd: StateDict) -> dict[str, str]:
+def _clip_keys(sd: StateDict, prefix: str = CLIP_PREFIX) -> dict[str, str]:
     # Newer files: cond_stage_model.transformer.text_model.X; older ones: cond_stage_model.transformer.X.
-    keys = _prefixed(sd, CLIP_PREFIX + "text_model.") or _prefixed(sd, CLIP_PREFIX)
+    keys = _prefixed(sd, prefix + "text_model.") or _prefixed(sd, prefix)
     return {k: v for k, v in keys.items() if k != "embeddings.position_ids"}
 
 
-def load_text_encoder(sd: StateDict, device: torch.device, dtype: torch.dtype) -> CLIPTextModel:
-    keys = _clip_keys(sd)
+def load_open_clip(sd: StateDict, prefix: str, device: torch.device, dtype: torch.dtype, *, with_projection: bool) -> TextModel:
+    """An OpenCLIP text tower (SD 2.x ViT-H, SDXL bigG) converted at load time to transformers' names; the split
+    q/k/v are views of the file's fused ``in_proj`` (no copy on the CPU in the file's dtype)."""
+    keys = {name: full for name, full in _prefixed(sd, prefix).items() if name not in UNUSED}
+    if not with_projection:
+        keys.pop("text_projection", None)
     if not keys:
-        raise CheckpointError(sd.path, f"no CLIP text encoder ('{CLIP_PREFIX}*' tensors)")
+        raise CheckpointError(sd.path, f"no OpenCLIP text encoder ('{prefix}*' tensors)")
+    _check_missing_weights(sd, keys)
+    shapes = {name: torch.empty(sd.shape(full), device="meta") for name, full in keys.items()}
+    cfg: TextEncoderConfig = _config(sd, "text encoder", lambda: open_clip_config(
+        shapes, num_heads=_heads(sd, META_TEXT_HEADS, None), with_projection=with_projection), keys)
+    model = _materialize(lambda: build_text_encoder(cfg), sd, keys, device, dtype,
+                         transform=lambda t: open_clip_to_transformers(t, with_projection=with_projection),
+                         ignore=lambda n: n.endswith("position_ids"), source_key=lambda n: prefix + open_clip_source(n).key)
+    reset_position_ids(model, device)  # type: ignore[arg-type]
+    return model  # type: ignore[return-value]
+
+
+def load_text_encoder(sd: StateDict, device: torch.device, dtype: torch.dtype, prefix: str = CLIP_PREFIX) -> CLIPTextModel:
+    """A CLIP-L text encoder in transformers' layout under ``prefix`` (SD 1.x; SDXL's first encoder)."""
+    keys = _clip_keys(sd, prefix)
+    if not keys:
+        raise CheckpointError(sd.path, f"no CLIP text encoder ('{prefix}*' tensors)")
     _check_missing_weights(sd, keys)
     shapes = {name: torch.empty(sd.shape(full), device="meta") for name, full in keys.items()}
     cfg: TextEncoderConfig = _config(
@@ -350,6 +386,54 @@ def load_standalone_vae(
     return load_vae(sd, prefix, device, dtype, family)
 
 
+PREDICTIONS = {"eps": "eps", "epsilon": "eps", "v": "v", "v_prediction": "v", "v-prediction": "v"}
+# SD 2.0-base, the one eps model of SD 2.x that is not for inpainting, was saved at this step; diffusers uses the same
+# clue. Every other SD 2.x text-to-image release (2.0-v, 2.1, 2.1-base) predicts v.
+SD2_EPS_GLOBAL_STEP = 875000
+
+
+def resolve_prediction(sd: StateDict, family: Family, override: str | None = None) -> str:
+    """What the U-Net predicts ("eps" or "v"), by this rule: the caller's ``override``; else the file's own
+    declaration (metadata ``modelspec.prediction_type`` or ``adforge.prediction``); else, for SD 2.x text-to-image
+    files, ``eps`` only when the file records SD 2.0-base's ``global_step`` (875000) and ``v`` otherwise; else the
+    family's (SD 1.x, SD 2 inpainting and SDXL: eps)."""
+    for raw, where in ((override, "the prediction override"), (sd.metadata.get("modelspec.prediction_type"), "metadata"),
+                       (sd.metadata.get("adforge.prediction"), "metadata")):
+        if raw:
+            value = PREDICTIONS.get(str(raw).strip().lower())
+            if value is None:
+                raise CheckpointError(sd.path, f"{where} says prediction {raw!r}; expected eps or v")
+            return value
+    if family.name == "sd2":
+        if "global_step" in sd:
+            try:
+                if int(sd["global_step"].reshape(-1)[0]) == SD2_EPS_GLOBAL_STEP:
+                    return "eps"
+            except (RuntimeError, ValueError, IndexError):
+                pass
+        return "v"
+    return family.prediction
+
+
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+
+
+def _load_text_encoders(sd: StateDict, family: Family, device: torch.device, dtype: torch.dtype
+                        ) -> tuple[TextModel, TextModel | None, dict[str, str]]:
+    """The family's text encoder(s), and the file keys of the ones whose tensors map 1:1 to the file (what
+    re-reading base weights after a LoRA can use; the OpenCLIP towers' q/k/v are slices of a fused tensor)."""
+    kinds = family.text_encoders
+    if kinds == ("clip-l",):
+        return load_text_encoder(sd, device, dtype), None, _clip_keys(sd)
+    if kinds == ("openclip-h",):
+        return load_open_clip(sd, SD2_PREFIX, device, dtype, with_projection=False), None, {}
+    if kinds == ("clip-l", "openclip-bigg"):
+        clip_l = load_text_encoder(sd, device, dtype, prefix=SDXL_CLIP_L_PREFIX)
+        clip_g = load_open_clip(sd, SDXL_CLIP_G_PREFIX, device, dtype, with_projection=True)
+        return clip_l, clip_g, _clip_keys(sd, SDXL_CLIP_L_PREFIX)
+    raise CheckpointError(sd.path, f"{family.label} ({family.name}) text encoders {kinds} cannot be loaded yet")
+
+
 def load_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -357,8 +441,10 @@ def load_checkpoint(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
+    prediction: str | None = None,
 ) -> LoadedModels:
-    """Load a single-file checkpoint of a supported family (and optionally a separate VAE file)."""
+    """Load a single-file checkpoint of a supported family (and optionally a separate VAE file). ``prediction``
+    ("eps" / "v") overrides what :func:`resolve_prediction` decides from the file."""
     device = torch.device(device)
     sd = open_state_dict(path, allow_pickle)
     stamp = SafetensorsBaseWeights.stamp(Path(path))
@@ -366,29 +452,35 @@ def load_checkpoint(
     if detection.family is None or not detection.supported:
         raise CheckpointError(sd.path, detection.reason)
     family = detection.family
-    unet = load_unet(sd, device, dtype)
-    text_encoder = load_text_encoder(sd, device, dtype)
-    if text_encoder.config.hidden_size != unet.config.context_dim:
+    predicts = resolve_prediction(sd, family, prediction)
+    unet = load_unet(sd, device, dtype, family)
+    text_encoder, text_encoder_2, text_keys = _load_text_encoders(sd, family, device, dtype)
+    width = text_encoder.config.hidden_size + (text_encoder_2.config.hidden_size if text_encoder_2 is not None else 0)
+    if width != unet.config.context_dim:
         raise CheckpointError(
             sd.path,
-            f"the text encoder is {text_encoder.config.hidden_size} wide but the U-Net's cross-attention expects "
-            f"{unet.config.context_dim}: the file mixes parts of different models",
+            f"the text encoder{'s are' if text_encoder_2 is not None else ' is'} {width} wide but the U-Net's "
+            f"cross-attention expects {unet.config.context_dim}: the file mixes parts of different models",
         )
     vae = (load_standalone_vae(vae_path, device, dtype, allow_pickle, family) if vae_path
            else load_vae(sd, VAE_PREFIX, device, dtype, family))
     base: BaseWeights = BaseWeights()  # pickles: keep originals in memory on first change
     if Path(path).suffix.lower() not in PICKLE_SUFFIXES:
-        base = SafetensorsBaseWeights(Path(path).absolute(), {"unet": _prefixed(sd, UNET_PREFIX), "text_encoder": _clip_keys(sd)}, stamp)
+        base = SafetensorsBaseWeights(Path(path).absolute(), {"unet": _prefixed(sd, UNET_PREFIX), "text_encoder": text_keys}, stamp)
+    # SD 2.x's eps text-to-image release is the 512 px base; its v models (and the table's row) are 768.
+    default_size = 512 if family.name == "sd2" and predicts == "eps" else family.native_size
     return LoadedModels(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
         tokenizer=load_clip_tokenizer(),
         family=family,
         checkpoint=ModelFile.of(path),
         vae_file=ModelFile.of(vae_path) if vae_path else None,
         device=device,
         dtype=dtype,
-        native_size=_heads(sd, META_NATIVE_SIZE, family.native_size) or family.native_size,
+        native_size=_heads(sd, META_NATIVE_SIZE, default_size) or default_size,
         base_weights=base,
+        prediction=predicts,
     )

@@ -19,25 +19,28 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import ClassVar
 from fractions import Fraction
+from typing import ClassVar
 
 import torch
-from PIL import Image
 
-from engine.adapters.infotext import adapter_parameters, check_lora_tags
-from engine.adapters.refs import AdapterFile, LoraUse
-from engine.conditioning import PromptEncoder
+from engine.adapters.embeddings import Embedding, read_embedding
+from engine.adapters.infotext import adapter_parameters
+from engine.adapters.lora_merge import LoraMerger
+from engine.adapters.refs import AdapterError, LoraUse
+from engine.conditioning import PromptEncoder, SDXLPromptEncoder
 from engine.devices import free_device_memory, resolve_device, resolve_dtype
 from engine.image_ops import fit_image, latent_mask, mask_to_tensor, pil_to_tensor01, tensor01_to_pil
-from engine.adapters.embeddings import Embedding, read_embedding
-from engine.adapters.lora_merge import LoraMerger
 from engine.loading import LoadedModels, load_checkpoint
-from engine.samplers import SamplerSpec, get_sampler, sample, sampler_sigmas
+from engine.request_limits import DeviceBudget
+from engine.requests import GenerationRequest, GenerationResult, with_seeds
+from engine.samplers import SamplerSpec, sample, sampler_sigmas
 from engine.schedule import DiscreteSchedule
-from engine.request_limits import DeviceBudget, check_seeds, check_size
-from engine.tiling import AUTO_TILE_PIXELS, Region, resolve_tile, run_tiled
+from engine.text_encoder import SD1_ENCODING, SD2_ENCODING
+from engine.tiling import Region, resolve_tile, run_tiled
+from engine.unet import sdxl_size_embedding
+
+__all__ = ["GenerationRequest", "GenerationResult", "Pipeline", "ProgressFn", "with_seeds"]
 
 log = logging.getLogger(__name__)
 
@@ -45,94 +48,6 @@ ProgressFn = Callable[[int, int], None]  # (steps done, steps total) across the 
 # Tiles of a tiled request overlap by a quarter of the tile for the denoiser (its attention sees the whole tile, so
 # neighbours need room to agree) and by this many pixels for the VAE.
 VAE_TILE_OVERLAP = 64
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: str
-    seed: int
-    negative_prompt: str = ""
-    width: int = 512
-    height: int = 512
-    steps: int = 25
-    cfg_scale: float = 7.0
-    sampler: str = "DPM++ 2M Karras"
-    clip_skip: int = 1
-    init_image: Image.Image | None = None
-    # Share of the schedule re-run over the init image: 0 keeps it, 1 repaints from (almost) pure noise.
-    strength: float = 0.75
-    mask: Image.Image | None = None  # white = repaint; needs init_image
-    mask_blur: int = 4
-    # img2img from a latent (C, H/8, W/8) instead of an image: the hires fix's latent upscale.
-    init_latent: torch.Tensor | None = None
-    # Tile size in pixels for denoising and the VAE: None = tile only above AUTO_TILE_PIXELS, 0 = never.
-    tile: int | None = None
-    # LoRAs merged into the model for this request, and the embedding files its prompts may use by name. The prompt
-    # keeps its ``<lora:name:w>`` tags (they go into the infotext as A1111 writes it, never to the text encoder);
-    # every tag must name one of ``loras`` at the same strengths (engine.adapters.library resolves them).
-    loras: tuple[LoraUse, ...] = ()
-    embeddings: tuple[AdapterFile, ...] = ()
-
-    @property
-    def mode(self) -> str:
-        if self.init_image is None and self.init_latent is None:
-            return "txt2img"
-        return "inpaint" if self.mask is not None else "img2img"
-
-    @property
-    def lora_key(self) -> tuple:
-        """What decides the merged weights: requests with different keys cannot share a U-Net batch."""
-        return tuple(use.key for use in self.loras)
-
-    @property
-    def has_init(self) -> bool:
-        return self.init_image is not None or self.init_latent is not None
-
-    @property
-    def tiled(self) -> bool:
-        """Whether the pipeline runs this request in tiles (see :meth:`Pipeline.tile_size`)."""
-        if self.tile is not None:
-            return self.tile > 0
-        return self.has_init and self.width * self.height > AUTO_TILE_PIXELS
-
-    def validate(self, budget: DeviceBudget | None = None) -> SamplerSpec:
-        """Check the request (RequestError names the field); returns its sampler, resolved from the name here and
-        nowhere else. With ``budget``, also refuse a size one image of which cannot fit the device."""
-        check_seeds(self.seed)
-        check_size(self.width, self.height, tiled=self.tiled)
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.cfg_scale < 0:
-            raise ValueError(f"cfg scale must be >= 0, got {self.cfg_scale}")
-        if not 0.0 < self.strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
-        if self.mask is not None and self.init_image is None:
-            raise ValueError("a mask needs an init image to inpaint")
-        if self.init_latent is not None and self.init_image is not None:
-            raise ValueError("give an init image or an init latent, not both")
-        if self.tile is not None and (self.tile < 0 or (self.tile and (self.tile < 64 or self.tile % 8))):
-            raise ValueError(f"tile must be 0 (never tile) or a multiple of 8 of at least 64, got {self.tile}")
-        sampler = get_sampler(self.sampler)
-        check_lora_tags(self.prompt, self.negative_prompt, self.loras)
-        if budget is not None:
-            budget.check(self.width, self.height, tiled=self.tiled)
-        return sampler
-
-    def batch_key(self, sampler: SamplerSpec) -> tuple:
-        """Requests with equal keys run in one U-Net batch; ``sampler`` is what :meth:`validate` resolved."""
-        strength = self.strength if self.has_init else None
-        return (self.width, self.height, self.steps, sampler, self.mode, strength, self.init_latent is not None, self.tile,
-                self.lora_key)
-
-
-@dataclass
-class GenerationResult:
-    request: GenerationRequest
-    image: Image.Image
-    # The generation settings in A1111 infotext order ("Steps", "Sampler", "CFG scale", "Seed", ...).
-    parameters: dict[str, str] = field(default_factory=dict)
-    # The final latent (C, H/8, W/8), float32 on the CPU: what a hires fix upscales in latent space.
-    latents: torch.Tensor | None = None
 
 
 def _fmt(value: float) -> str:
@@ -157,7 +72,7 @@ class Pipeline:
         self.oom_halvings = 0
         self.batch_invariant = self.device.type in self.BATCH_INVARIANT_DEVICES
         self.schedule = schedule or DiscreteSchedule.sd1()
-        self.prompts = PromptEncoder(models.text_encoder, models.tokenizer, self.device, self.dtype)
+        self.prompts = _prompt_encoder(models, self.device, self.dtype)
         self._merger: LoraMerger | None = None
         self._embeddings: dict[tuple[str, str | None], Embedding] = {}
         self.latent_channels = models.vae.config.z_channels
@@ -173,9 +88,12 @@ class Pipeline:
         dtype: str = "auto",
         allow_pickle: bool = False,
         max_batch_size: int = 8,
+        prediction: str | None = None,
     ) -> "Pipeline":
+        """``prediction`` ("eps" / "v") overrides what the file says or the family's rule decides (SD 2.x)."""
         dev = resolve_device(device)
-        models = load_checkpoint(checkpoint, vae_path=vae, device=dev, dtype=resolve_dtype(dtype, dev), allow_pickle=allow_pickle)
+        models = load_checkpoint(checkpoint, vae_path=vae, device=dev, dtype=resolve_dtype(dtype, dev), allow_pickle=allow_pickle,
+                                 prediction=prediction)
         return cls(models, max_batch_size=max_batch_size)
 
     # ---- public -------------------------------------------------------------------------------------------
@@ -305,7 +223,7 @@ class Pipeline:
         tile = self.tile_size(first)
 
         self.use_loras(first.loras)
-        cond = self._conditioning(reqs)
+        cond, y = self._conditioning(reqs)
         cfg = torch.tensor([r.cfg_scale for r in reqs], dtype=torch.float32, device=self.device)
 
         init_latent = repaint = pixel_mask = init_pixels = concat = None
@@ -326,7 +244,7 @@ class Pipeline:
             concat = self._inpaint_concat(init_pixels, pixel_mask, b, (first.height, first.width), tile)
 
         x = noise * sigmas[0] if init_latent is None else init_latent + noise * sigmas[0]
-        denoiser = self._denoiser(cond, cfg, concat, init_latent if not self.models.is_inpainting else None, repaint)
+        denoiser = self._denoiser(cond, cfg, concat, init_latent if not self.models.is_inpainting else None, repaint, y)
         if tile is not None:
             denoiser = self._tiled_denoiser(denoiser, tile)
         noise_fn = (lambda i: self._initial_noise(gens, shape)) if sampler.ancestral else None
@@ -352,11 +270,21 @@ class Pipeline:
 
         return run
 
-    def _conditioning(self, reqs: list[GenerationRequest]) -> torch.Tensor:
-        """(2B, tokens, hidden): cond rows then uncond rows, all padded to one token length."""
+    def _conditioning(self, reqs: list[GenerationRequest]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(2B, tokens, hidden): cond rows then uncond rows, all padded to one token length; and for SDXL the
+        U-Net's ``y`` rows: the pooled text embedding, then the size conditioning (original size = target size =
+        the request's, no crop), as A1111 and diffusers set it by default."""
         texts = [r.prompt for r in reqs] + [r.negative_prompt for r in reqs]
         embeddings = [self._embedding_map(r) for r in reqs]
-        return self.prompts.encode_batch(texts, [r.clip_skip for r in reqs] * 2, embeddings * 2)
+        skips = [r.clip_skip for r in reqs] * 2
+        if not isinstance(self.prompts, SDXLPromptEncoder):
+            return self.prompts.encode_batch(texts, skips, embeddings * 2), None
+        if any(embeddings):
+            raise AdapterError(None, "textual-inversion embeddings on SDXL models are not supported yet")
+        context, pooled = self.prompts.encode_batch(texts, skips)
+        sizes = torch.tensor([[r.height, r.width, 0, 0, r.height, r.width] for r in reqs] * 2, dtype=torch.float32)
+        y = torch.cat([pooled.float(), sdxl_size_embedding(sizes).to(pooled.device)], dim=-1)
+        return context, y
 
     def _denoiser(
         self,
@@ -365,14 +293,17 @@ class Pipeline:
         concat: torch.Tensor | None,
         init_latent: torch.Tensor | None,
         repaint: torch.Tensor | None,
+        y: torch.Tensor | None = None,
     ) -> Callable[..., torch.Tensor]:
         """D(x, sigma[, region]); ``region`` (latent top, bottom, left, right) says which part of the image ``x``
         is when the denoiser runs on a tile, so the inpainting inputs are cut to match."""
         schedule = self.schedule
+        v_prediction = self.models.prediction == "v"
         b = cfg.shape[0]
         # cfg 1 means "cond only": skip the uncond half of the batch entirely.
         use_uncond = bool((cfg != 1.0).any())
         context = cond if use_uncond else cond[:b]
+        y_in = None if y is None else (y if use_uncond else y[:b])
         reps = 2 if use_uncond else 1
         concat_in = None if concat is None else concat.repeat(reps, 1, 1, 1).to(self.dtype)
 
@@ -385,11 +316,17 @@ class Pipeline:
             x_in = (x * c_in).repeat(reps, 1, 1, 1)
             if concat_in is not None:
                 x_in = torch.cat([x_in.to(self.dtype), cut(concat_in, region)], dim=1)
-            eps = self._unet_rows(x_in, t.repeat(reps), context, reps)
-            if use_uncond:
-                eps_c, eps_u = eps.chunk(2)
-                eps = eps_u + cfg[:, None, None, None] * (eps_c - eps_u)
-            denoised = x - sigma[:, None, None, None] * eps
+            out = self._unet_rows(x_in, t.repeat(reps), context, reps, y_in)
+            if use_uncond:  # guidance on the model's output, eps or v alike (it is linear in both)
+                out_c, out_u = out.chunk(2)
+                out = out_u + cfg[:, None, None, None] * (out_c - out_u)
+            s = sigma[:, None, None, None]
+            if v_prediction:
+                # v = alpha * eps - sigma_t * x0 in the model's (unit-variance) scaling; as a denoiser that is
+                # D = x / (s^2 + 1) - v * s / sqrt(s^2 + 1).
+                denoised = x / (s**2 + 1.0) - out * (s / (s**2 + 1.0).sqrt())
+            else:
+                denoised = x - s * out
             if repaint is not None and init_latent is not None:
                 # Regular (4-channel) models inpaint by pinning the kept area to the init image's latent.
                 keep, paint = cut(init_latent, region), cut(repaint, region)
@@ -398,14 +335,15 @@ class Pipeline:
 
         return denoise
 
-    def _unet_rows(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, reps: int) -> torch.Tensor:
+    def _unet_rows(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, reps: int,
+                   y: torch.Tensor | None = None) -> torch.Tensor:
         """The U-Net on ``reps`` stacked copies of a batch of images (cond rows, then uncond rows); with
         :attr:`batch_invariant`, one image's rows per call."""
         unet = self.models.unet
         b = x_in.shape[0] // reps
         if not self.batch_invariant or b == 1:
-            return unet(x_in, t, context).float()
-        per_image = [unet(x_in[rows], t[rows], context[rows]).float()
+            return unet(x_in, t, context, y).float()
+        per_image = [unet(x_in[rows], t[rows], context[rows], None if y is None else y[rows]).float()
                      for rows in ([i + k * b for k in range(reps)] for i in range(b))]
         return torch.cat([part[k : k + 1] for k in range(reps) for part in per_image])
 
@@ -476,12 +414,16 @@ class Pipeline:
             p["Mask blur"] = str(r.mask_blur)
         if r.clip_skip != 1:
             p["Clip skip"] = str(r.clip_skip)
+        if m.prediction != "eps" or m.family.name.startswith("sd2"):
+            p["Prediction"] = m.prediction  # SD 2.x files do not say which they are: the choice made is recorded
         p.update(adapter_parameters(r.loras, r.embeddings, m.checkpoint.short_hash))
         return p
 
 
-def with_seeds(request: GenerationRequest, n: int) -> list[GenerationRequest]:
-    """``-n`` images of one request: seeds seed, seed+1, ... as A1111 numbers them; RequestError if the last one
-    would pass :data:`SEED_MAX` (seeds never wrap)."""
-    check_seeds(request.seed, n)
-    return [replace(request, seed=request.seed + i) for i in range(n)]
+def _prompt_encoder(models: LoadedModels, device: torch.device, dtype: torch.dtype) -> PromptEncoder | SDXLPromptEncoder:
+    """The family's way from prompt to conditioning: SD 1.x's last CLIP layer, SD 2.x's penultimate OpenCLIP layer,
+    SDXL's two encoders side by side with the pooled bigG output."""
+    if models.text_encoder_2 is not None:
+        return SDXLPromptEncoder.base(models.text_encoder, models.text_encoder_2, models.tokenizer, device, dtype)  # type: ignore[arg-type]
+    encoding = SD2_ENCODING if "openclip-h" in models.family.text_encoders else SD1_ENCODING
+    return PromptEncoder(models.text_encoder, models.tokenizer, device, dtype, encoding=encoding)

@@ -1,9 +1,13 @@
-"""The SD 1.x latent-diffusion U-Net, with module names that mirror the LDM checkpoint layout.
+"""The latent-diffusion U-Net of SD 1.x, SD 2.x and SDXL, with module names that mirror the LDM checkpoint layout.
 
 A single-file checkpoint stores this network under ``model.diffusion_model.``; after stripping that
 prefix, ``UNetModel(config).load_state_dict(sd)`` works with no renaming table. The attribute names
-below (``input_blocks``, ``in_layers``, ``emb_layers``, ``transformer_blocks``, ``op`` ...) are those
-key names, not a style choice.
+(``input_blocks``, ``label_emb``, ``in_layers``, ``transformer_blocks``, ``op`` ...) are those key names, not a
+style choice; the blocks themselves live in engine/unet_blocks.py.
+
+The three generations differ only in data: SD 2.x sizes its attention heads by width (``num_head_channels``) and
+projects with Linear layers; SDXL also varies the transformer depth per level (none at full resolution) and adds a
+vector conditioning ``y`` (pooled text + size embedding) to the time embedding through ``label_emb``.
 
 The architecture is read from tensor shapes (:func:`unet_config_from_state_dict`), so a narrow model of
 the same topology (the bundled demo model, the test checkpoints) loads through the same path as SD 1.5.
@@ -12,12 +16,14 @@ the same topology (the bundled demo model, the test checkpoints) loads through t
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from engine.unet_blocks import Downsample, ResBlock, SpatialTransformer, TimestepEmbedSequential, Upsample, group_norm
 
 # Head count is not recoverable from weight shapes; SD 1.x always uses 8 heads. Files of ours may override
 # it through this safetensors metadata key (see engine/checkpoint.py).
@@ -26,17 +32,57 @@ SD1_NUM_HEADS = 8
 
 @dataclass(frozen=True)
 class UNetConfig:
+    """The U-Net's architecture.
+
+    Transformer depths have two spellings, and a config always holds the shorter one that describes its network
+    (``__post_init__`` rewrites it), so two configs are equal exactly when they build the same network:
+    - uniform (SD 1.x, SD 2.x): ``transformer_depth`` at each of ``attention_levels`` and in the middle block;
+      the two per-level fields are None.
+    - per level (SDXL): ``transformer_depth_per_level`` (0 = no attention at that level) and
+      ``transformer_depth_middle``; ``attention_levels`` is derived from it and ``transformer_depth`` is 1 (unused).
+    """
+
     in_channels: int = 4
     out_channels: int = 4
     model_channels: int = 320
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
-    # Indices of the resolution levels (0 = full latent resolution) whose blocks carry a SpatialTransformer.
+    # Indices of the resolution levels (0 = full latent resolution) whose blocks carry a SpatialTransformer; kept
+    # sorted and within channel_mult, and derived from transformer_depth_per_level when that is given.
     attention_levels: tuple[int, ...] = (0, 1, 2)
     num_heads: int = SD1_NUM_HEADS
     context_dim: int = 768
     transformer_depth: int = 1
     use_linear_in_transformer: bool = False
+    # > 0: each attention block has channels // num_head_channels heads (SD 2.x, SDXL: 64) and num_heads is unused.
+    num_head_channels: int = -1
+    # Transformer depth at each level (SDXL base: (0, 2, 10)); None: transformer_depth at each attention level.
+    transformer_depth_per_level: tuple[int, ...] | None = None
+    # The middle block's depth (SDXL base: 10); None: transformer_depth, or in per-level form the largest level
+    # depth (SDXL's middle is as deep as its deepest level).
+    transformer_depth_middle: int | None = None
+    # Width of the vector conditioning ``y`` added to the time embedding (SDXL base: 2816); None: no ``y``.
+    adm_in_channels: int | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.channel_mult)
+        if self.transformer_depth_per_level is None:
+            depths = _uniform_depths(self.attention_levels, self.transformer_depth, n)
+            middle = self.transformer_depth if self.transformer_depth_middle is None else self.transformer_depth_middle
+        else:
+            depths = tuple(self.transformer_depth_per_level)
+            if len(depths) != n:
+                raise ValueError(f"transformer_depth_per_level {depths} names {len(depths)} levels, channel_mult {n}")
+            middle = max(depths) if self.transformer_depth_middle is None else self.transformer_depth_middle
+        if min(depths) < 0 or middle < 1:
+            raise ValueError(f"transformer depths must be >= 0 per level and >= 1 in the middle: {depths}, {middle}")
+        canonical: dict[str, object] = {"attention_levels": tuple(level for level, d in enumerate(depths) if d)}
+        if {d for d in depths if d} <= {middle}:
+            canonical.update(transformer_depth=middle, transformer_depth_per_level=None, transformer_depth_middle=None)
+        else:
+            canonical.update(transformer_depth=1, transformer_depth_per_level=depths, transformer_depth_middle=middle)
+        for name, value in canonical.items():
+            object.__setattr__(self, name, value)  # frozen: the only way to normalize
 
     @property
     def time_embed_dim(self) -> int:
@@ -45,6 +91,31 @@ class UNetConfig:
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def level_depths(self) -> tuple[int, ...]:
+        """Transformer depth at each level, 0 where the level has no attention."""
+        if self.transformer_depth_per_level is not None:
+            return self.transformer_depth_per_level
+        return _uniform_depths(self.attention_levels, self.transformer_depth, len(self.channel_mult))
+
+    @property
+    def middle_depth(self) -> int:
+        return self.transformer_depth if self.transformer_depth_middle is None else self.transformer_depth_middle
+
+    def heads(self, channels: int) -> int:
+        """Attention heads of a block ``channels`` wide."""
+        if self.num_head_channels > 0:
+            if channels % self.num_head_channels:
+                raise ValueError(f"U-Net width {channels} is not a multiple of {self.num_head_channels}-channel heads")
+            return channels // self.num_head_channels
+        if channels % self.num_heads:
+            raise ValueError(f"U-Net width {channels} is not divisible by {self.num_heads} attention heads")
+        return self.num_heads
+
+
+def _uniform_depths(attention_levels: tuple[int, ...], depth: int, n_levels: int) -> tuple[int, ...]:
+    return tuple(depth if level in attention_levels else 0 for level in range(n_levels))
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -60,176 +131,16 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return emb
 
 
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32: half-precision statistics over large maps lose too much."""
+def sdxl_size_embedding(time_ids: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """SDXL's micro-conditioning as the U-Net's ``y`` carries it after the pooled text embedding.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return super().forward(x)
-        return F.group_norm(
-            x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps
-        ).to(x.dtype)
-
-
-def _norm(channels: int, eps: float = 1e-5) -> GroupNorm32:
-    return GroupNorm32(32, channels, eps=eps)
-
-
-class ResBlock(nn.Module):
-    def __init__(self, channels: int, emb_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.in_layers = nn.Sequential(_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(
-            _norm(out_channels), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        )
-        self.skip_connection: nn.Module = (
-            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
-        )
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
-        h = h + self.emb_layers(emb)[:, :, None, None].to(h.dtype)
-        h = self.out_layers(h)
-        return self.skip_connection(x) + h
-
-
-class CrossAttention(nn.Module):
-    def __init__(self, query_dim: int, context_dim: int | None, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        context_dim = context_dim or query_dim
-        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
-        self.to_k = nn.Linear(context_dim, query_dim, bias=False)
-        self.to_v = nn.Linear(context_dim, query_dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(query_dim, query_dim), nn.Dropout(0.0))
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        b, n, c = x.shape
-        h = self.heads
-        context = x if context is None else context
-        m = context.shape[1]
-        # Three separate projections, as the checkpoint stores them: fusing them needs either a weight copy per
-        # call or a cached fused copy (measured on SD 1.5 / CPU: no faster, ~150 MB more peak memory).
-        q = self.to_q(x).view(b, n, h, c // h).transpose(1, 2)
-        k = self.to_k(context).view(b, m, h, c // h).transpose(1, 2)
-        v = self.to_v(context).view(b, m, h, c // h).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(b, n, c)
-        return self.to_out(out)
-
-
-class GEGLU(nn.Module):
-    def __init__(self, dim_in: int, dim_out: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, mult: int = 4) -> None:
-        super().__init__()
-        inner = dim * mult
-        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class BasicTransformerBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, context_dim: int) -> None:
-        super().__init__()
-        self.attn1 = CrossAttention(dim, None, heads)
-        self.ff = FeedForward(dim)
-        self.attn2 = CrossAttention(dim, context_dim, heads)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm3 = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
-        return self.ff(self.norm3(x)) + x
-
-
-class SpatialTransformer(nn.Module):
-    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, use_linear: bool) -> None:
-        super().__init__()
-        self.use_linear = use_linear
-        self.norm = _norm(channels, eps=1e-6)
-        self.proj_in: nn.Module = nn.Linear(channels, channels) if use_linear else nn.Conv2d(channels, channels, 1)
-        self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)
-        )
-        self.proj_out: nn.Module = nn.Linear(channels, channels) if use_linear else nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, c, hgt, wid = x.shape
-        x_in = x
-        x = self.norm(x)
-        if not self.use_linear:
-            x = self.proj_in(x)
-        x = x.flatten(2).transpose(1, 2)
-        if self.use_linear:
-            x = self.proj_in(x)
-        for block in self.transformer_blocks:
-            x = block(x, context)
-        if self.use_linear:
-            x = self.proj_out(x)
-        # contiguous(): the transposed view is channels-last in memory; left so, every following 3x3 conv would
-        # re-layout its weights on each call (measured: ~20% of an SD 1.5 U-Net call on CPU).
-        x = x.transpose(1, 2).reshape(b, c, hgt, wid).contiguous()
-        if not self.use_linear:
-            x = self.proj_out(x)
-        return x + x_in
-
-
-class Downsample(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        # Upsampling to the skip connection's size (not blindly x2) keeps odd latent sizes working.
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=size, mode="nearest")
-        return self.conv(x)
-
-
-class TimestepEmbedSequential(nn.ModuleList):
-    """One LDM block: a list whose members take (x), (x, emb) or (x, context) as their kind needs."""
-
-    def forward(  # type: ignore[override]
-        self,
-        x: torch.Tensor,
-        emb: torch.Tensor,
-        context: torch.Tensor,
-        upsample_size: tuple[int, int] | None = None,
-    ) -> torch.Tensor:
-        for layer in self:
-            if isinstance(layer, ResBlock):
-                x = layer(x, emb)
-            elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
-            elif isinstance(layer, Upsample):
-                x = layer(x, upsample_size)
-            else:
-                x = layer(x)
-        return x
+    ``time_ids`` [B, k] holds (original height, width, crop top, left, target height, width) for the base model
+    (k = 6) or (original height, width, crop top, left, aesthetic score) for the refiner (k = 5). Each number gets
+    the same cosine-first embedding as a timestep and the k embeddings are laid side by side: [B, k * dim]. This is
+    generative-models' ConcatTimestepEmbedderND and diffusers' ``add_time_proj`` (flip_sin_to_cos, no shift).
+    Then ``y = torch.cat([pooled, sdxl_size_embedding(time_ids)], dim=-1)``.
+    """
+    return timestep_embedding(time_ids.flatten(), dim).reshape(time_ids.shape[0], -1)
 
 
 class UNetModel(nn.Module):
@@ -239,13 +150,18 @@ class UNetModel(nn.Module):
         mc = cfg.model_channels
         emb_dim = cfg.time_embed_dim
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # LDM's "sequential" class embedding, one Sequential inside another: hence the keys label_emb.0.0 and
+        # label_emb.0.2.
+        self.label_emb: nn.Sequential | None = None
+        if cfg.adm_in_channels is not None:
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            )
 
-        def attention(ch: int) -> SpatialTransformer:
-            heads = cfg.num_heads
-            if ch % heads:
-                raise ValueError(f"U-Net width {ch} is not divisible by {heads} attention heads")
-            return SpatialTransformer(ch, heads, cfg.transformer_depth, cfg.context_dim, cfg.use_linear_in_transformer)
+        def attention(ch: int, depth: int) -> SpatialTransformer:
+            return SpatialTransformer(ch, cfg.heads(ch), depth, cfg.context_dim, cfg.use_linear_in_transformer)
 
+        depths = cfg.level_depths
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
         skip_channels = [mc]
         ch = mc
@@ -253,37 +169,51 @@ class UNetModel(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc)]
                 ch = mult * mc
-                if level in cfg.attention_levels:
-                    layers.append(attention(ch))
+                if depths[level]:
+                    layers.append(attention(ch, depths[level]))
                 self.input_blocks.append(TimestepEmbedSequential(layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
                 self.input_blocks.append(TimestepEmbedSequential([Downsample(ch)]))
                 skip_channels.append(ch)
 
-        self.middle_block = TimestepEmbedSequential([ResBlock(ch, emb_dim, ch), attention(ch), ResBlock(ch, emb_dim, ch)])
+        self.middle_block = TimestepEmbedSequential(
+            [ResBlock(ch, emb_dim, ch), attention(ch, cfg.middle_depth), ResBlock(ch, emb_dim, ch)]
+        )
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult)]
                 ch = mc * mult
-                if level in cfg.attention_levels:
-                    layers.append(attention(ch))
+                if depths[level]:
+                    layers.append(attention(ch, depths[level]))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(layers))
 
-        self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     @property
     def dtype(self) -> torch.dtype:
         return self.time_embed[0].weight.dtype
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Predict the noise in ``x`` at (possibly fractional) ``timesteps`` given text ``context``."""
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Predict the noise in ``x`` at (possibly fractional) ``timesteps`` given text ``context`` and, for an
+        SDXL-style U-Net (``adm_in_channels`` set), the vector conditioning ``y`` [B, adm_in_channels]."""
         dtype = self.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
+        if self.label_emb is not None:
+            adm = self.config.adm_in_channels
+            if y is None:
+                raise ValueError(f"this U-Net (SDXL-style) needs y: [batch, {adm}] pooled text + size embedding")
+            if y.shape != (x.shape[0], adm):
+                raise ValueError(f"y has shape {tuple(y.shape)}; this U-Net needs [{x.shape[0]}, {adm}]")
+            emb = emb + self.label_emb(y.to(dtype))
+        elif y is not None:
+            raise ValueError("this U-Net takes no y (it has no label_emb); y is for SDXL-style U-Nets")
         h = x.to(dtype)
         context = context.to(dtype)
         skips: list[torch.Tensor] = []
@@ -299,10 +229,23 @@ class UNetModel(nn.Module):
         return self.out(h)
 
 
-def unet_config_from_state_dict(sd: Mapping[str, torch.Tensor], num_heads: int = SD1_NUM_HEADS) -> UNetConfig:
-    """Read the architecture from the (prefix-stripped) tensors of an LDM U-Net.
+# "<block>.1.transformer_blocks.<K>.": the SpatialTransformer of an input/output block or the middle block.
+_TRANSFORMER_BLOCK = re.compile(r"^(input_blocks\.\d+|middle_block|output_blocks\.\d+)\.1\.transformer_blocks\.(\d+)\.")
 
-    Raises KeyError naming the first tensor it needed and did not find.
+
+def unet_config_from_state_dict(
+    sd: Mapping[str, torch.Tensor], num_heads: int = SD1_NUM_HEADS, num_head_channels: int | None = None
+) -> UNetConfig:
+    """Read the architecture from the (prefix-stripped) tensors of an LDM U-Net (SD 1.x, SD 2.x, SDXL).
+
+    Everything but the attention heads is in the shapes and key names: levels and widths from the ResBlocks,
+    transformer depth per level from the count of ``transformer_blocks.K``, linear projections from proj_in's
+    ndim, context width from attn2.to_k, ``adm_in_channels`` from ``label_emb.0.0.weight``. Heads are in no shape,
+    so the caller says: ``num_head_channels`` > 0 (SD 2.x, SDXL: 64, from the family table) sizes heads by width;
+    otherwise each block has ``num_heads`` (SD 1.x: 8, or what a file of ours records in its metadata).
+
+    Raises KeyError naming the first tensor it needed and did not find, ValueError for a layout that is not an LDM
+    U-Net.
     """
 
     def need(key: str) -> torch.Tensor:
@@ -314,47 +257,61 @@ def unet_config_from_state_dict(sd: Mapping[str, torch.Tensor], num_heads: int =
     model_channels, in_channels = int(conv_in.shape[0]), int(conv_in.shape[1])
     out_channels = int(need("out.2.weight").shape[0])
 
-    # Walk the input blocks: ResBlocks give each level's width, Downsamples close a level.
+    # One pass over the keys: the depth of every block's SpatialTransformer (blocks without one are absent).
+    block_depth: dict[str, int] = {}
+    for key in sd:
+        m = _TRANSFORMER_BLOCK.match(key)
+        if m:
+            block_depth[m[1]] = max(block_depth.get(m[1], 0), int(m[2]) + 1)
+
+    # Walk the input blocks: ResBlocks give each level's width and depth, Downsamples close a level.
     n_blocks = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
     mults: list[int] = []
     res_per_level: list[int] = []
-    attention_levels: list[int] = []
+    depths: list[int] = []
+    level_depths: set[int] = set()
     count = 0
     level_mult = 0
+
+    def close_level() -> None:
+        if len(level_depths) != 1:
+            raise ValueError(f"level {len(mults)} has transformer depths {sorted(level_depths)}: not an LDM U-Net")
+        mults.append(level_mult)
+        res_per_level.append(count)
+        depths.append(level_depths.pop())
+
     for i in range(1, n_blocks):
         if f"input_blocks.{i}.0.op.weight" in sd:
-            mults.append(level_mult)
-            res_per_level.append(count)
+            close_level()
             count = 0
             continue
         width = int(need(f"input_blocks.{i}.0.in_layers.2.weight").shape[0])
         if width % model_channels:
             raise ValueError(f"input_blocks.{i} width {width} is not a multiple of {model_channels}")
         level_mult = width // model_channels
-        if count == 0 and f"input_blocks.{i}.1.proj_in.weight" in sd:
-            attention_levels.append(len(mults))
+        level_depths.add(block_depth.get(f"input_blocks.{i}", 0))
         count += 1
-    mults.append(level_mult)
-    res_per_level.append(count)
+    close_level()
     if len(set(res_per_level)) != 1:
         raise ValueError(f"uneven ResBlocks per level {res_per_level}: not an LDM U-Net")
 
-    proj_in = next((sd[k] for k in sd if k.endswith(".proj_in.weight")), None)
-    if proj_in is None:
-        raise KeyError("middle_block.1.proj_in.weight")
-    depth = 1 + max(
-        int(k.split("transformer_blocks.")[1].split(".")[0]) for k in sd if k.startswith("middle_block.1.transformer_blocks.")
-    )
+    proj_in = need("middle_block.1.proj_in.weight")
     attn2 = need("middle_block.1.transformer_blocks.0.attn2.to_k.weight")
+    if "label_emb.weight" in sd:
+        raise ValueError("label_emb.weight: a class-label U-Net (an upscaler's noise level), not SD 1.x / 2.x / SDXL")
+    label_emb = sd["label_emb.0.0.weight"] if "label_emb.0.0.weight" in sd else None
     return UNetConfig(
         in_channels=in_channels,
         out_channels=out_channels,
         model_channels=model_channels,
         channel_mult=tuple(mults),
         num_res_blocks=res_per_level[0],
-        attention_levels=tuple(attention_levels),
         num_heads=num_heads,
         context_dim=int(attn2.shape[1]),
-        transformer_depth=depth,
         use_linear_in_transformer=proj_in.ndim == 2,
+        num_head_channels=num_head_channels if num_head_channels and num_head_channels > 0 else -1,
+        # __post_init__ folds uniform depths back into attention_levels + transformer_depth.
+        transformer_depth_per_level=tuple(depths),
+        transformer_depth_middle=block_depth["middle_block"],
+        adm_in_channels=None if label_emb is None else int(label_emb.shape[1]),
     )

@@ -151,8 +151,10 @@ def _inspect(path: Path, allow_pickle: bool) -> _Inspected:
     try:
         sd = open_state_dict(path, allow_pickle=allow_pickle)
         try:
-            family = detect_family(sd).name
+            detection = detect_family(sd)
+            family = detection.name
             metadata = dict(sd.metadata)
+            native_default = _family_native_size(sd, detection.family)
         finally:
             close = getattr(sd, "close", None)
             if close:
@@ -165,16 +167,27 @@ def _inspect(path: Path, allow_pickle: bool) -> _Inspected:
                     return found
             raise CheckpointError(path, f"{str(exc).removeprefix(f'{path}: ')}; nor is it an upscaler: {upscaler_problem}") from None
         raise
-    return _Inspected(file_sha256(path), family, _kind(family), metadata, _native_size(path, metadata))
+    return _Inspected(file_sha256(path), family, _kind(family), metadata, _native_size(path, metadata, native_default))
 
 
-def _native_size(path: Path, metadata: dict[str, str]) -> int:
-    from engine.loading import META_NATIVE_SIZE, SD1_NATIVE_SIZE
+def _family_native_size(sd, family) -> int:
+    """The family's training size (SDXL 1024; SD 2.x 768 for its v models, 512 for eps ones), as loading decides it."""
+    from engine.loading import SD1_NATIVE_SIZE, resolve_prediction
+
+    if family is None:
+        return SD1_NATIVE_SIZE
+    if family.name == "sd2":
+        return 512 if resolve_prediction(sd, family) == "eps" else family.native_size
+    return family.native_size
+
+
+def _native_size(path: Path, metadata: dict[str, str], default: int) -> int:
+    from engine.loading import META_NATIVE_SIZE
 
     try:
-        native = int(metadata.get(META_NATIVE_SIZE, SD1_NATIVE_SIZE))
+        native = int(metadata.get(META_NATIVE_SIZE, default))
     except ValueError:
-        return SD1_NATIVE_SIZE
+        return default
     # Planning sizes every channel from it: a size no model trains at would only fail later, less clearly.
     if not 8 <= native <= 8192:
         raise CheckpointError(path, f"its metadata declares {META_NATIVE_SIZE} {native}, not a size in 8 .. 8192 px")

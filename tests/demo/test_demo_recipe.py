@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from demo.recipe import RECIPE_FILE, DemoRecipe, DemoStage, load_recipe, recipe_json
+from demo.recipe import RECIPE_FILE, DemoRecipe, DemoStage, load_recipe, recipe_json, recorded_recipe
 from engine.bundled import bundled_model_path
 from engine.checkpoint import open_state_dict
 from engine.training.diffusion_trainer import DiffusionTrainingConfig
@@ -20,7 +20,7 @@ from tests.helpers import ROOT
 
 
 def test_the_recipe_file_is_exactly_the_recipe_the_shipped_file_records() -> None:
-    shipped = json.loads(open_state_dict(bundled_model_path()).metadata["adforge.recipe"])
+    shipped = recorded_recipe(json.loads(open_state_dict(bundled_model_path()).metadata["adforge.recipe"]))
     assert json.loads(json.dumps(recipe_json(DemoRecipe()))) == shipped
     assert DemoRecipe() == load_recipe(RECIPE_FILE)
     assert len(DemoRecipe().stages) == 1 + len(DemoRecipe().continuations) == 7

@@ -202,14 +202,15 @@ def _sdxl_context(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     ],
     ids=["sd2-context1024", "sd2-linear-proj-in", "sd2-openclip-keys", "sdxl-conditioner", "sdxl-label-emb", "sdxl-context2048"],
 )
-def test_sd2_and_sdxl_are_detected_and_refused(tmp_path: Path, tiny_sd, make, family: str) -> None:
+def test_sd2_and_sdxl_layouts_are_detected_and_half_files_refused(tmp_path: Path, tiny_sd, make, family: str) -> None:
+    """Each piece of evidence alone picks the family; an SD 1.x file with only that piece changed is no whole model
+    of it, and loading says what is wrong with the file rather than building a half of something."""
     path = _save(tmp_path / f"{family}.safetensors", make(tiny_sd))
     fam = detect_family(open_state_dict(path))
-    assert fam.name == family and not fam.supported
-    with pytest.raises(CheckpointError, match="not supported yet") as info:
+    assert fam.name == family and fam.supported
+    with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
     assert str(path) in str(info.value)
-    assert ("SDXL" if family == "sdxl" else "SD 2") in str(info.value)
 
 
 def test_lora_file_is_refused_with_its_own_message(tmp_path: Path) -> None:

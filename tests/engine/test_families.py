@@ -17,9 +17,9 @@ from engine.samplers import SAMPLERS
 from engine.vae import VAEConfig
 
 
-def test_rows_are_unique_and_only_sd1_renders() -> None:
+def test_rows_are_unique_and_the_refiner_alone_does_not_render() -> None:
     assert len({f.name for f in FAMILIES}) == len(FAMILIES)
-    assert [f.name for f in FAMILIES if f.supported] == ["sd1-inpaint", "sd1"]
+    assert [f.name for f in FAMILIES if f.supported] == ["sdxl", "sd2-inpaint", "sd2", "sd1-inpaint", "sd1"]
     assert all(f.signatures for f in FAMILIES)
     assert SD1.latent_scale == VAEConfig.scaling_factor and SD1.native_size == 512
     assert {f.name: f.unet_in_channels for f in FAMILIES}["sd1-inpaint"] == 9
@@ -40,12 +40,12 @@ def test_sdxl_refiner_is_its_own_row_with_the_sdxl_message(tmp_path: Path) -> No
     save_file(sd, str(path))
     found = detect_family(open_state_dict(path))
     assert found.name == "sdxl-refiner" and found.family is not None and not found.supported
-    with pytest.raises(CheckpointError, match=r"SDXL checkpoints are not supported yet \(SD 1.x only\)"):
+    with pytest.raises(CheckpointError, match=r"SDXL refiner checkpoints are not supported yet \(SDXL / SD 2.x / SD 1.x only\)"):
         load_checkpoint(path)
 
 
 def test_a_request_sampler_name_is_looked_up_once(tiny_checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine.pipeline as pipeline_mod
+    import engine.requests as pipeline_mod
 
     pipe = Pipeline.load(tiny_checkpoint, device="cpu", dtype="float32")
     calls: list[str] = []
