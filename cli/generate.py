@@ -70,7 +70,8 @@ def generate(
         typer.Option("--model", "-m", envvar="ADFORGE_MODEL", help="SD 1.x, SD 2.x or SDXL single-file checkpoint; default: the bundled demo model."),
     ] = None,
     negative: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "",
-    sampler: Annotated[str, typer.Option(help="Euler, Euler a, DPM++ 2M, DPM++ 2M Karras or DDIM.")] = "DPM++ 2M Karras",
+    sampler: Annotated[str, typer.Option(help="Euler, Euler a, DPM++ 2M, DPM++ 2M Karras, DDIM; LCM; Euler A Turbo "
+                                                  "(SD-Turbo / SDXL-Turbo: 1-4 steps, --cfg 1); ... SGMUniform.")] = "DPM++ 2M Karras",
     steps: Annotated[int, typer.Option(min=1, max=500)] = 25,
     cfg: Annotated[float, typer.Option("--cfg", min=0.0, help="Classifier-free guidance scale.")] = 7.0,
     seed: Annotated[int, typer.Option(help="First seed; image i gets seed+i. -1 picks one at random.")] = -1,
@@ -97,6 +98,12 @@ def generate(
         str | None, typer.Option(help="eps or v: what the model predicts, for SD 2.x files that do not say (default: "
                                       "the file's metadata, else v, or eps for SD 2.0-base's global_step).")
     ] = None,
+    refiner: Annotated[
+        Path | None, typer.Option(help="SDXL refiner checkpoint: finishes each image after the base model's share.")
+    ] = None,
+    refiner_switch: Annotated[
+        float, typer.Option(min=0.01, max=1.0, help="Share of the schedule the base model runs before the refiner (A1111's switch at).")
+    ] = 0.8,
     lora_dir: Annotated[
         Path, typer.Option(envvar="ADFORGE_LORA_DIR", help="Where <lora:NAME:weight> tags find NAME.safetensors (.pt, .ckpt).")
     ] = Path("models/loras"),
@@ -153,6 +160,13 @@ def generate(
         with console.status(f"loading {model.name}"):
             pipe = Pipeline.load(model, vae=vae, device=device, dtype=dtype, allow_pickle=allow_pickle, max_batch_size=batch_size,
                                  prediction=prediction)
+        if refiner is not None:
+            with console.status(f"loading {refiner.name}"):
+                pipe.refiner = Pipeline.load(refiner, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                                             max_batch_size=batch_size)
+            if pipe.refiner.models.family.latent_scale != pipe.models.family.latent_scale:
+                raise ValueError(f"{refiner}: a {pipe.refiner.models.family.label} model cannot finish a "
+                                 f"{pipe.models.family.label} image (their latents differ)")
     except (CheckpointError, ValueError) as exc:
         raise fail(exc, 2) from None
 
@@ -202,6 +216,7 @@ def generate(
         mask_blur=mask_blur,
         loras=adapters.loras,
         embeddings=adapters.embeddings,
+        refiner_switch=refiner_switch if refiner is not None else None,
     )
     try:
         base.validate(DeviceBudget.for_models(pipe.models))

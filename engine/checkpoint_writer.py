@@ -18,7 +18,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from engine.checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 from engine.loading import META_TEXT_HEADS, META_UNET_HEAD_CHANNELS, META_UNET_HEADS, SDXL_CLIP_L_PREFIX
-from engine.open_clip import SD2_PREFIX, SDXL_CLIP_G_PREFIX, transformers_to_open_clip
+from engine.open_clip import SD2_PREFIX, SDXL_CLIP_G_PREFIX, SDXL_REFINER_CLIP_G_PREFIX, transformers_to_open_clip
 from engine.text_encoder import CLIP_HEAD_WIDTH, TextModel
 from engine.unet import UNetModel
 from engine.vae import AutoencoderKL
@@ -108,6 +108,16 @@ def sdxl_state_dict(
     out = _prefixed(UNET_PREFIX, unet.state_dict(), dtype)
     out |= _prefixed(SDXL_CLIP_L_PREFIX + "text_model.", text_encoder.state_dict(), dtype)
     out |= _prefixed(SDXL_CLIP_G_PREFIX, _open_clip_tower(text_encoder_2, None, logit_scale), dtype)
+    out |= _prefixed(VAE_PREFIX, vae.state_dict(), dtype)
+    return out
+
+
+def sdxl_refiner_state_dict(unet: UNetModel, text_encoder: CLIPTextModelWithProjection, vae: AutoencoderKL,
+                            dtype: torch.dtype | None = None, *, logit_scale: float = OPEN_CLIP_LOGIT_SCALE) -> dict[str, torch.Tensor]:
+    """The SDXL refiner: U-Net and VAE as in LDM files, bigG alone (its first embedder) under
+    ``conditioner.embedders.0.model.`` in open_clip's names, with its ``text_projection``."""
+    out = _prefixed(UNET_PREFIX, unet.state_dict(), dtype)
+    out |= _prefixed(SDXL_REFINER_CLIP_G_PREFIX, _open_clip_tower(text_encoder, None, logit_scale), dtype)
     out |= _prefixed(VAE_PREFIX, vae.state_dict(), dtype)
     return out
 

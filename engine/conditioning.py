@@ -318,9 +318,8 @@ class PromptEncoder:
 
 # ---- SDXL: two text encoders over the same chunks -------------------------------------------------------------
 
-# An SDXL embedding file holds one set of vectors per text encoder: part key ("clip_l", "clip_g") -> Embedding.
-# engine.adapters.embeddings parses both parts (describe_embedding) but read_embedding returns one-encoder
-# embeddings only: a reader that returns this mapping is what SDXL embeddings still need.
+# An SDXL embedding file holds one set of vectors per text encoder: part key ("clip_l", "clip_g") -> Embedding, as
+# engine.adapters.embeddings.read_sdxl_embedding returns it.
 PartEmbeddings = Mapping[str, Embedding]
 
 

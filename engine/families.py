@@ -113,6 +113,7 @@ class Family:
 FAMILIES: tuple[Family, ...] = (
     Family(
         "sdxl-refiner", "SDXL refiner", 4, 0.13025, 1280, "eps", ("openclip-bigg",), 1024, head_channels=64,
+        supported=True,
         signatures=(
             Signature.of(adm_in_channels=2560),
             Signature.of(conditioner=True, text_encoders=("openclip-bigg",)),

@@ -31,11 +31,12 @@ from engine.checkpoint import (
     ShapeView,
     StateDict,
     a1111_short_hash,
-    file_sha256,
     open_state_dict,
 )
+from engine.diffusers_folder import model_sha256, open_model
 from engine.families import SD1, Family, detect_family
-from engine.open_clip import SD2_PREFIX, SDXL_CLIP_G_PREFIX, UNUSED, open_clip_config, open_clip_source, open_clip_to_transformers
+from engine.open_clip import (SD2_PREFIX, SDXL_CLIP_G_PREFIX, SDXL_REFINER_CLIP_G_PREFIX, UNUSED, open_clip_config,
+                              open_clip_source, open_clip_to_transformers)
 from engine.text_encoder import (
     TextEncoderConfig,
     TextModel,
@@ -71,7 +72,7 @@ class ModelFile:
     @classmethod
     def of(cls, path: str | os.PathLike[str]) -> "ModelFile":
         p = Path(path)
-        return cls(path=p, name=p.stem, sha256=file_sha256(p))
+        return cls(path=p, name=p.stem, sha256=model_sha256(p))
 
 
 # ---- base weights: undoing in-place changes (LoRA merges) ---------------------------------------------------
@@ -431,6 +432,8 @@ def _load_text_encoders(sd: StateDict, family: Family, device: torch.device, dty
         clip_l = load_text_encoder(sd, device, dtype, prefix=SDXL_CLIP_L_PREFIX)
         clip_g = load_open_clip(sd, SDXL_CLIP_G_PREFIX, device, dtype, with_projection=True)
         return clip_l, clip_g, _clip_keys(sd, SDXL_CLIP_L_PREFIX)
+    if kinds == ("openclip-bigg",):  # the SDXL refiner: bigG alone, as its first embedder
+        return load_open_clip(sd, SDXL_REFINER_CLIP_G_PREFIX, device, dtype, with_projection=True), None, {}
     raise CheckpointError(sd.path, f"{family.label} ({family.name}) text encoders {kinds} cannot be loaded yet")
 
 
@@ -446,7 +449,7 @@ def load_checkpoint(
     """Load a single-file checkpoint of a supported family (and optionally a separate VAE file). ``prediction``
     ("eps" / "v") overrides what :func:`resolve_prediction` decides from the file."""
     device = torch.device(device)
-    sd = open_state_dict(path, allow_pickle)
+    sd = open_model(path, allow_pickle)  # a single file, or a diffusers folder read in the single-file layout
     stamp = SafetensorsBaseWeights.stamp(Path(path))
     detection = detect_family(sd)
     if detection.family is None or not detection.supported:
@@ -465,7 +468,7 @@ def load_checkpoint(
     vae = (load_standalone_vae(vae_path, device, dtype, allow_pickle, family) if vae_path
            else load_vae(sd, VAE_PREFIX, device, dtype, family))
     base: BaseWeights = BaseWeights()  # pickles: keep originals in memory on first change
-    if Path(path).suffix.lower() not in PICKLE_SUFFIXES:
+    if Path(path).is_file() and Path(path).suffix.lower() not in PICKLE_SUFFIXES:  # folders: kept in memory on change
         base = SafetensorsBaseWeights(Path(path).absolute(), {"unet": _prefixed(sd, UNET_PREFIX), "text_encoder": text_keys}, stamp)
     # SD 2.x's eps text-to-image release is the 512 px base; its v models (and the table's row) are 768.
     default_size = 512 if family.name == "sd2" and predicts == "eps" else family.native_size

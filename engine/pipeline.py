@@ -24,10 +24,10 @@ from typing import ClassVar
 
 import torch
 
-from engine.adapters.embeddings import Embedding, read_embedding
+from engine.adapters.embeddings import ModelEmbedding, encoder_widths, read_model_embedding
 from engine.adapters.infotext import adapter_parameters
 from engine.adapters.lora_merge import LoraMerger
-from engine.adapters.refs import AdapterError, LoraUse
+from engine.adapters.refs import LoraUse
 from engine.conditioning import PromptEncoder, SDXLPromptEncoder
 from engine.devices import free_device_memory, resolve_device, resolve_dtype
 from engine.image_ops import fit_image, latent_mask, mask_to_tensor, pil_to_tensor01, tensor01_to_pil
@@ -74,7 +74,9 @@ class Pipeline:
         self.schedule = schedule or DiscreteSchedule.sd1()
         self.prompts = _prompt_encoder(models, self.device, self.dtype)
         self._merger: LoraMerger | None = None
-        self._embeddings: dict[tuple[str, str | None], Embedding] = {}
+        # The SDXL refiner that finishes requests with a ``refiner_switch`` (A1111's "Refiner"), if one is attached.
+        self.refiner: Pipeline | None = None
+        self._embeddings: dict[tuple[str, str | None], ModelEmbedding] = {}
         self.latent_channels = models.vae.config.z_channels
         self.vae_factor = models.vae.config.downscale_factor
 
@@ -173,17 +175,18 @@ class Pipeline:
         finally:
             self.prompts.clear_cache()  # the text encoder may have changed: its cached empty chunk with it
 
-    def _embedding_map(self, r: GenerationRequest) -> dict[str, Embedding] | None:
+    def _embedding_map(self, r: GenerationRequest) -> dict[str, ModelEmbedding] | None:
+        """Prompt name -> its embedding: an Embedding for one-encoder models, {"clip_l": .., "clip_g": ..} for SDXL."""
         if not r.embeddings:
             return None
-        width = self.models.text_encoder.config.hidden_size
-        out: dict[str, Embedding] = {}
+        widths = encoder_widths(self.models)
+        out: dict[str, ModelEmbedding] = {}
         for file in r.embeddings:
             key = (os.path.abspath(file.path), file.sha256)
             if key not in self._embeddings:
                 if len(self._embeddings) >= 256:  # a long-lived worker sees many briefs: keep the cache bounded
                     self._embeddings.pop(next(iter(self._embeddings)))
-                self._embeddings[key] = read_embedding(file, width=width)
+                self._embeddings[key] = read_model_embedding(file, widths)
             out[file.name] = self._embeddings[key]
         return out
 
@@ -248,9 +251,15 @@ class Pipeline:
         if tile is not None:
             denoiser = self._tiled_denoiser(denoiser, tile)
         noise_fn = (lambda i: self._initial_noise(gens, shape)) if sampler.ancestral else None
-        latents = sample(sampler, denoiser, x, sigmas, noise_fn=noise_fn, callback=on_step)
+        refining = first.refiner_switch is not None
+        k = base_steps(self.schedule, sigmas, first.refiner_switch) if refining else len(sigmas) - 1
+        latents = sample(sampler, denoiser, x, sigmas[: k + 1], noise_fn=noise_fn, callback=on_step)
+        decoder: Pipeline = self
+        if refining and k < len(sigmas) - 1:
+            decoder = self._refiner_for(first)
+            latents = decoder.continue_sampling(reqs, sampler, latents, sigmas[k:], noise_fn, on_step)
 
-        images = self._decode(latents, tile)
+        images = decoder._decode(latents, tile)
         if pixel_mask is not None and init_pixels is not None:
             # Keep the unmasked pixels exactly as given: the VAE round trip alone would soften them.
             images = init_pixels * (1 - pixel_mask) + images * pixel_mask
@@ -259,6 +268,24 @@ class Pipeline:
             GenerationResult(request=r, image=tensor01_to_pil(img), parameters=self._parameters(r, sampler), latents=kept[i])
             for i, (r, img) in enumerate(zip(reqs, images))
         ]
+
+    def _refiner_for(self, r: GenerationRequest) -> "Pipeline":
+        if self.refiner is None:
+            raise ValueError("the request asks for a refiner switch but no refiner model is loaded (--refiner FILE)")
+        return self.refiner
+
+    @torch.inference_mode()
+    def continue_sampling(self, reqs: list[GenerationRequest], sampler: SamplerSpec, latents: torch.Tensor,
+                          sigmas: torch.Tensor, noise_fn: Callable[[int], torch.Tensor] | None,
+                          on_step: ProgressFn) -> torch.Tensor:
+        """Go on sampling ``latents`` (at ``sigmas[0]``) down ``sigmas`` with this model and its own conditioning:
+        the SDXL refiner's part of a base + refiner render. The sampler starts afresh (a multistep sampler's history
+        belongs to the other model), and ancestral noise keeps coming from the same per-image generators."""
+        self.use_loras(())
+        cond, y = self._conditioning(reqs)
+        cfg = torch.tensor([r.cfg_scale for r in reqs], dtype=torch.float32, device=self.device)
+        denoiser = self._denoiser(cond, cfg, None, None, None, y)
+        return sample(sampler, denoiser, latents.to(self.device), sigmas, noise_fn=noise_fn, callback=on_step)
 
     def _tiled_denoiser(self, denoise: Callable[..., torch.Tensor], tile: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The denoiser run over overlapping latent tiles at every step, blended with feathered seams."""
@@ -278,11 +305,13 @@ class Pipeline:
         embeddings = [self._embedding_map(r) for r in reqs]
         skips = [r.clip_skip for r in reqs] * 2
         if not isinstance(self.prompts, SDXLPromptEncoder):
-            return self.prompts.encode_batch(texts, skips, embeddings * 2), None
-        if any(embeddings):
-            raise AdapterError(None, "textual-inversion embeddings on SDXL models are not supported yet")
-        context, pooled = self.prompts.encode_batch(texts, skips)
-        sizes = torch.tensor([[r.height, r.width, 0, 0, r.height, r.width] for r in reqs] * 2, dtype=torch.float32)
+            return self.prompts.encode_batch(texts, skips, embeddings * 2), None  # type: ignore[arg-type]
+        context, pooled = self.prompts.encode_batch(texts, skips, embeddings * 2)  # type: ignore[arg-type]
+        if self.models.family.name == "sdxl-refiner":  # (original size, crop, aesthetic score: 6 cond, 2.5 uncond)
+            sizes = torch.tensor([[r.height, r.width, 0, 0, score] for score in (REFINER_AESTHETIC, REFINER_NEGATIVE_AESTHETIC)
+                                  for r in reqs], dtype=torch.float32)
+        else:
+            sizes = torch.tensor([[r.height, r.width, 0, 0, r.height, r.width] for r in reqs] * 2, dtype=torch.float32)
         y = torch.cat([pooled.float(), sdxl_size_embedding(sizes).to(pooled.device)], dim=-1)
         return context, y
 
@@ -414,15 +443,35 @@ class Pipeline:
             p["Mask blur"] = str(r.mask_blur)
         if r.clip_skip != 1:
             p["Clip skip"] = str(r.clip_skip)
+        if r.refiner_switch is not None and self.refiner is not None:
+            p["Refiner"] = f"{self.refiner.models.checkpoint.name} [{self.refiner.models.checkpoint.short_hash}]"
+            p["Refiner switch at"] = _fmt(r.refiner_switch)
         if m.prediction != "eps" or m.family.name.startswith("sd2"):
             p["Prediction"] = m.prediction  # SD 2.x files do not say which they are: the choice made is recorded
         p.update(adapter_parameters(r.loras, r.embeddings, m.checkpoint.short_hash))
         return p
 
 
+# diffusers' and A1111's defaults for the refiner's aesthetic-score conditioning.
+REFINER_AESTHETIC, REFINER_NEGATIVE_AESTHETIC = 6.0, 2.5
+
+
+def base_steps(schedule: DiscreteSchedule, sigmas: torch.Tensor, switch: float | None) -> int:
+    """How many of ``sigmas``' steps the base model runs before the refiner takes over at ``switch`` (a share of
+    the training schedule, as diffusers' ``denoising_end``): the steps whose timestep is at least
+    round(1000 * (1 - switch))."""
+    if switch is None:
+        return len(sigmas) - 1
+    cutoff = round(schedule.num_train_timesteps * (1.0 - switch))
+    ts = schedule.sigma_to_t(sigmas[:-1].double().cpu())
+    return int((ts >= cutoff - 1e-6).sum())
+
+
 def _prompt_encoder(models: LoadedModels, device: torch.device, dtype: torch.dtype) -> PromptEncoder | SDXLPromptEncoder:
     """The family's way from prompt to conditioning: SD 1.x's last CLIP layer, SD 2.x's penultimate OpenCLIP layer,
     SDXL's two encoders side by side with the pooled bigG output."""
+    if models.family.name == "sdxl-refiner":
+        return SDXLPromptEncoder.refiner(models.text_encoder, models.tokenizer, device, dtype)  # type: ignore[arg-type]
     if models.text_encoder_2 is not None:
         return SDXLPromptEncoder.base(models.text_encoder, models.text_encoder_2, models.tokenizer, device, dtype)  # type: ignore[arg-type]
     encoding = SD2_ENCODING if "openclip-h" in models.family.text_encoders else SD1_ENCODING

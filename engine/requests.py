@@ -45,6 +45,9 @@ class GenerationRequest:
     # every tag must name one of ``loras`` at the same strengths (engine.adapters.library resolves them).
     loras: tuple[LoraUse, ...] = ()
     embeddings: tuple[AdapterFile, ...] = ()
+    # SDXL base + refiner: the share of the schedule the base runs before the pipeline's refiner finishes it (A1111's
+    # "Refiner switch at", diffusers' denoising_end); None = no refiner.
+    refiner_switch: float | None = None
 
     @property
     def mode(self) -> str:
@@ -85,6 +88,10 @@ class GenerationRequest:
             raise ValueError("give an init image or an init latent, not both")
         if self.tile is not None and (self.tile < 0 or (self.tile and (self.tile < 64 or self.tile % 8))):
             raise ValueError(f"tile must be 0 (never tile) or a multiple of 8 of at least 64, got {self.tile}")
+        if self.refiner_switch is not None and not 0.0 < self.refiner_switch <= 1.0:
+            raise ValueError(f"refiner switch must be in (0, 1], got {self.refiner_switch}")
+        if self.refiner_switch is not None and self.has_init:
+            raise ValueError("a refiner pass goes with txt2img only (the refiner is for finishing a base render)")
         sampler = get_sampler(self.sampler)
         check_lora_tags(self.prompt, self.negative_prompt, self.loras)
         if budget is not None:
@@ -95,7 +102,7 @@ class GenerationRequest:
         """Requests with equal keys run in one U-Net batch; ``sampler`` is what :meth:`validate` resolved."""
         strength = self.strength if self.has_init else None
         return (self.width, self.height, self.steps, sampler, self.mode, strength, self.init_latent is not None, self.tile,
-                self.lora_key)
+                self.lora_key, self.refiner_switch)
 
 
 @dataclass

@@ -31,6 +31,7 @@ __all__ = [
     "euler",
     "euler_ancestral",
     "get_sampler",
+    "lcm",
     "sampler_sigmas",
     "sample",
 ]
@@ -102,12 +103,37 @@ def dpmpp_2m(model: Model, x: Tensor, sigmas: list[float], noise: NoiseFn | None
     return x
 
 
+def lcm(model: Model, x: Tensor, sigmas: list[float], noise: NoiseFn | None, step_done: StepDone) -> Tensor:
+    # Latent Consistency Model sampling (k-diffusion / A1111 / ComfyUI sample_lcm): a consistency model's
+    # D(x, sigma) is already its one-jump estimate of x0, so each step takes it, then re-noises it to the
+    # next sigma with fresh noise (none after the last step). In VP form this is diffusers' LCMScheduler
+    # step: x_prev = sqrt(ac_prev) * denoised + sqrt(1 - ac_prev) * noise.
+    #
+    # LCM's "boundary condition" denoised = c_out(t) D + c_skip(t) x (sigma_data 0.5, c_skip =
+    # 0.25 / ((10 t)^2 + 0.25), c_out = 10 t / sqrt((10 t)^2 + 0.25), diffusers' timestep_scaling 10) is
+    # NOT applied, as in k-diffusion's and ComfyUI's "lcm" sampler (ComfyUI applies it only through its
+    # ModelSamplingDiscrete "lcm" patch; A1111's "LCM" applies it, and quantises t to the 50-step grid,
+    # inside its LCM denoiser). It is not learnt: on LCM's grid (t >= 19) c_skip <= 6.9e-6 and
+    # 1 - c_out <= 3.5e-6, and at <= 8 steps (t >= 139) both are <= 1.3e-7, below the float16 the UNet
+    # runs in. tests/engine/test_lcm_turbo.py measures the gap against diffusers.
+    assert noise is not None  # sample() refuses an ancestral sampler without noise
+    for i, s_next in enumerate(sigmas[1:]):
+        x = model(x, sigmas[i])
+        if s_next > 0:
+            x = x + noise(i) * s_next
+        step_done(i)
+    return x
+
+
 SamplerFn = Callable[[Model, Tensor, list[float], NoiseFn | None, StepDone], Tensor]
-_FUNCTIONS: dict[str, SamplerFn] = {f.__name__: f for f in (euler, euler_ancestral, dpmpp_2m, ddim)}
+_FUNCTIONS: dict[str, SamplerFn] = {f.__name__: f for f in (euler, euler_ancestral, dpmpp_2m, ddim, lcm)}
 _SCHEDULES: dict[str, Callable[[DiscreteSchedule, int], Tensor]] = {
     "default": lambda schedule, steps: schedule.default_sigmas(steps),
     "karras": lambda schedule, steps: schedule.karras_sigmas(steps),
     "ddim": lambda schedule, steps: schedule.ddim_sigmas(steps),
+    "sgm_uniform": lambda schedule, steps: schedule.sgm_uniform_sigmas(steps),
+    "turbo": lambda schedule, steps: schedule.turbo_sigmas(steps),
+    "lcm": lambda schedule, steps: schedule.lcm_sigmas(steps),
 }
 
 

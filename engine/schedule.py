@@ -129,6 +129,53 @@ class DiscreteSchedule:
         sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
         return self._finish(sigmas, 0.0)
 
+    def sgm_uniform_sigmas(self, steps: int) -> torch.Tensor:
+        """A1111 / Forge "SGM Uniform" (ComfyUI "sgm_uniform"): timesteps evenly spaced from N-1 towards 0
+        with `steps + 1` points and the last (t = 0) dropped, i.e. linspace(N-1, 0, steps+1)[:-1], mapped to
+        sigmas (log-sigma interpolated at fractional t, as k-diffusion / ComfyUI do), then 0 appended.
+        The "trailing"-like spacing Stability's SGM code uses: the run never visits the t=0 sigma, so few-step
+        (Turbo / LCM) models get one more useful step. Shape (steps+1,), float32."""
+        _check_steps(steps)
+        t = torch.linspace(self.num_train_timesteps - 1, 0, steps + 1, dtype=torch.float64)[:-1]
+        return self._finish(self.t_to_sigma(t), 0.0)
+
+    def turbo_timesteps(self, steps: int) -> torch.Tensor:
+        """Forge's "Turbo" scheduler ("Euler A Turbo", "DPM++ 2M Turbo"), descending integer timesteps:
+        round(j * N/steps - 1) for j = steps..1, clamped to [0, N-1]. For steps 1..10 these are exactly
+        diffusers' timestep_spacing="trailing" (round(arange(N, 0, -N/steps)) - 1), the spacing SD-Turbo /
+        SDXL-Turbo are run with (1 step = t 999; 4 steps = 999, 749, 499, 249, ADD's student timesteps). The
+        two differ only where j * N/steps is exactly a half-integer (e.g. 16 steps): both round half to even,
+        one before and one after subtracting 1."""
+        _check_steps(steps)
+        n = self.num_train_timesteps
+        j = torch.arange(steps, 0, -1, dtype=torch.float64)
+        return (j * (n / steps) - 1.0).round().clamp(0, n - 1).to(torch.int64)
+
+    def turbo_sigmas(self, steps: int) -> torch.Tensor:
+        """Training sigmas at :meth:`turbo_timesteps`, then 0 appended. Shape (steps+1,), float32."""
+        return self._finish(self.sigmas[self.turbo_timesteps(steps)], 0.0)
+
+    def lcm_timesteps(self, steps: int, original_steps: int = 50) -> torch.Tensor:
+        """The Latent Consistency Model timesteps (diffusers LCMScheduler, written by the LCM authors, with
+        original_inference_steps=50): the distillation grid k*c - 1 for k = 1..original_steps, c = N //
+        original_steps (19, 39, ..., 999), descending, indexed at floor(linspace(0, original_steps, steps,
+        endpoint=False)). 4 steps = 999, 759, 499, 259. At most `original_steps` steps."""
+        _check_steps(steps)
+        n = self.num_train_timesteps
+        if not 1 <= original_steps <= n:
+            raise ValueError(f"original_steps must be in 1..{n}, got {original_steps}")
+        if steps > original_steps:
+            raise ValueError(f"LCM supports at most {original_steps} steps (its distillation grid), got {steps}")
+        c = n // original_steps
+        grid = (torch.arange(original_steps, 0, -1, dtype=torch.int64) * c - 1)  # descending
+        idx = torch.floor(torch.arange(steps, dtype=torch.float64) * (original_steps / steps)).to(torch.int64)
+        return grid[idx]
+
+    def lcm_sigmas(self, steps: int) -> torch.Tensor:
+        """Training sigmas at :meth:`lcm_timesteps`, then 0 appended (LCM's last step returns the
+        denoised estimate). Shape (steps+1,), float32."""
+        return self._finish(self.sigmas[self.lcm_timesteps(steps)], 0.0)
+
     def ddim_timesteps(self, steps: int) -> torch.Tensor:
         """DDIM's integer timesteps, descending: A1111/CompVis "uniform" = diffusers DDIMScheduler
         with SD's config (timestep_spacing="leading", steps_offset=1): arange(steps) * (N // steps) + 1."""

@@ -35,6 +35,7 @@ SAFETENSORS_SUFFIXES = frozenset({".safetensors", ".sft"})
 # Width of the text encoder each family's embeddings are trained for (SDXL's files carry two parts).
 WIDTH_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x"}
 SDXL_PARTS = ("clip_l", "clip_g")
+SDXL_PART_LABELS = {"clip_l": "CLIP-L", "clip_g": "OpenCLIP bigG"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,10 @@ class Embedding:
     @property
     def n_vectors(self) -> int:
         return int(self.vectors.shape[0])
+
+
+# What a prompt name maps to: an Embedding for one-encoder models, {part: Embedding} for SDXL's.
+ModelEmbedding = Embedding | dict[str, Embedding]
 
 
 @dataclass(frozen=True)
@@ -212,6 +217,54 @@ def read_embedding(file: AdapterFile, *, width: int, allow_pickle: bool = True) 
             path, f"embedding vectors are {_width_text(int(vectors.shape[1]))}; this model's text encoder is {_width_text(width)}"
         )
     return Embedding(file.name, vectors, file)
+
+
+def read_sdxl_embedding(file: AdapterFile, *, widths: Mapping[str, int], allow_pickle: bool = True) -> dict[str, Embedding]:
+    """The parts of an SDXL embedding ``{"clip_l": Embedding, "clip_g": Embedding}`` for a model whose text encoders
+    are ``widths`` wide (``{"clip_l": 768, "clip_g": 1280}``; the refiner: ``{"clip_g": 1280}``), each part's width
+    checked against its encoder. Only the parts the model has come back. AdapterError names the file and the widths."""
+    path = Path(file.path)
+    if not path.is_file():
+        raise AdapterError(path, "embedding file not found" if not path.exists() else "is not a file")
+    check_sha256(file)
+    parsed = _read(path, allow_pickle)
+    model = " + ".join(f"{part} {w}" for part, w in widths.items())
+    if parsed.format != "sdxl":
+        width = int(parsed.parts[""].shape[1])
+        raise AdapterError(
+            path, f"the embedding is for SD 1.x/2.x (one set of vectors, {_width_text(width)}); this SDXL model needs "
+                  f"clip_l and clip_g vectors (its text encoders are {model} wide)"
+        )
+    found = {part: int(parsed.parts[part].shape[1]) for part in SDXL_PARTS}
+    for part, width in widths.items():
+        if part not in found:
+            raise AdapterError(path, f"unknown text encoder part {part!r} (SDXL parts are {', '.join(SDXL_PARTS)})")
+        if found[part] != width:
+            have = " + ".join(f"{p} {w}" for p, w in found.items())
+            raise AdapterError(
+                path, f"{part} vectors are {found[part]} wide but this model's {SDXL_PART_LABELS[part]} text encoder is "
+                      f"{width} wide: the embedding ({have}) is for another model (this one: {model})", part
+            )
+    return {part: Embedding(file.name, parsed.parts[part], file) for part in widths}
+
+
+def encoder_widths(models: Any) -> dict[str, int]:
+    """The embedding parts a loaded model (``engine.loading.LoadedModels``) takes and their widths: ``{"": width}``
+    for one-encoder families, ``{"clip_l": .., "clip_g": ..}`` for SDXL, ``{"clip_g": ..}`` for the SDXL refiner."""
+    width = int(models.text_encoder.config.hidden_size)
+    if getattr(models, "text_encoder_2", None) is not None:
+        return {"clip_l": width, "clip_g": int(models.text_encoder_2.config.hidden_size)}
+    if models.family.name == "sdxl-refiner":
+        return {"clip_g": width}
+    return {"": width}
+
+
+def read_model_embedding(file: AdapterFile, widths: Mapping[str, int], *, allow_pickle: bool = True) -> ModelEmbedding:
+    """What a prompt name maps to for a model whose parts are ``widths`` (:func:`encoder_widths`): an
+    :class:`Embedding` for one-encoder models, the SDXL parts ``{part: Embedding}`` otherwise."""
+    if set(widths) == {""}:
+        return read_embedding(file, width=widths[""], allow_pickle=allow_pickle)
+    return read_sdxl_embedding(file, widths=widths, allow_pickle=allow_pickle)
 
 
 def describe_embedding(path: str | os.PathLike[str], *, allow_pickle: bool = True) -> EmbeddingInfo:

@@ -26,13 +26,12 @@ from pathlib import Path
 import torch
 
 from engine.adapters.lora_math import OPTIONAL, REQUIRED, DeltaShapeError, Shape, delta_shape, rank
-from engine.adapters.lora_names import TEXT_ENCODER, UNET
+from engine.adapters.lora_names import TEXT_ENCODER, TEXT_ENCODER_2, UNET
 from engine.adapters.refs import AdapterError
 from engine.checkpoint import (PICKLE_SUFFIXES, CheckpointError, StateDict, load_weights_only, open_state_dict,
                                weights_only_refusal)
 from engine.families import FAMILIES, Family
 
-TEXT_ENCODER_2 = "text_encoder_2"  # SDXL's second (OpenCLIP bigG) encoder: no SD 1.x model has one
 KOHYA_PREFIXES = (("lora_unet_", UNET), ("lora_te1_", TEXT_ENCODER), ("lora_te2_", TEXT_ENCODER_2), ("lora_te_", TEXT_ENCODER))
 DOTTED_PREFIXES = (("unet.", UNET), ("text_encoder_2.", TEXT_ENCODER_2), ("text_encoder.", TEXT_ENCODER))
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
@@ -69,6 +68,7 @@ UNSUPPORTED = {
 PROCESSOR_NAMES = {
     UNET: {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
     TEXT_ENCODER: {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"},
+    TEXT_ENCODER_2: {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"},
 }
 FORMAT_LABELS = {"lora": "kohya LoRA", "loha": "LoHa", "lokr": "LoKr", "full": "LyCORIS full"}
 _FAMILY = {f.name: f for f in FAMILIES}

@@ -1,11 +1,12 @@
 """Merging LoRAs into a loaded model's weights, switching between sets, and returning to the base weights.
 
-A merge changes the U-Net's and text encoder's parameters in place: W = base + sum(strength * dW) per touched
+A merge changes the U-Net's and text encoders' parameters in place: W = base + sum(strength * dW) per touched
 parameter, added in float32 and cast back to the parameter's dtype (float16 / bfloat16 models round once).
 Memory stays near one LoRA file: deltas are computed and added a block of rows at a time, and nothing of the
 model is copied. Undoing a merge re-reads the touched tensors from the checkpoint and casts them exactly as
 loading did (``LoadedModels.base_weights``), so the base comes back bit for bit; models with no file to re-read
-keep the originals of touched parameters in memory instead.
+keep the originals of touched parameters in memory instead, and so do networks whose parameters are no 1:1 copy
+of a file tensor (SDXL's bigG and SD 2.x's OpenCLIP tower: their q/k/v are slices of a fused tensor).
 
 Everything that can fail (hash, file, family, names, shapes) is checked for every LoRA of a set before the first
 weight changes; should a merge still fail half-way (a read error), the touched weights are restored first.
@@ -24,7 +25,7 @@ from torch import nn
 
 from engine.adapters.lora_file import LoraFile, LoraModule, open_lora
 from engine.adapters.lora_math import BIAS_ROLES, WeightDelta, bias_delta, fits, scale
-from engine.adapters.lora_names import TEXT_ENCODER, UNET, ModuleIndex, Target
+from engine.adapters.lora_names import TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODERS, UNET, ModuleIndex, Target
 from engine.adapters.refs import AdapterError, LoraUse
 from engine.checkpoint import file_sha256
 from engine.loading import LoadedModels
@@ -62,7 +63,7 @@ class LoraMerger:
         self._active: tuple[LoraUse, ...] | None = ()  # None: unknown after a failed restore
         self._active_key: Counter | None = Counter()
         # Parameters that may differ from their base value, per part: exactly what a restore re-reads.
-        self._touched: dict[str, set[str]] = {UNET: set(), TEXT_ENCODER: set()}
+        self._touched: dict[str, set[str]] = {UNET: set(), TEXT_ENCODER: set(), TEXT_ENCODER_2: set()}
 
     @property
     def active(self) -> tuple[LoraUse, ...]:
@@ -71,7 +72,7 @@ class LoraMerger:
     @property
     def index(self) -> ModuleIndex:
         if self._index is None:
-            self._index = ModuleIndex(self.models.unet, self.models.text_encoder)
+            self._index = ModuleIndex(self.models.unet, self.models.text_encoder, self.models.text_encoder_2)
         return self._index
 
     def activate(self, loras: Sequence[LoraUse]) -> None:
@@ -101,7 +102,7 @@ class LoraMerger:
         for use in loras:
             lora = self._open(use)
             for module in lora.modules:
-                strength = use.te if module.part == TEXT_ENCODER else use.unet
+                strength = use.te if module.part in TEXT_ENCODERS else use.unet
                 target = self._target(lora, module)
                 weight_shape, bias_shape = lora.delta_shapes(module)
                 mod = self.index.module(target)
@@ -142,10 +143,12 @@ class LoraMerger:
         return lora
 
     def _target(self, lora: LoraFile, module: LoraModule) -> Target:
-        part = module.part if module.part in (UNET, TEXT_ENCODER) else None
+        part = module.part if module.part in (UNET, *TEXT_ENCODERS) else None
         target = self.index.resolve(part, module.name, dotted=module.dotted) if part else None
         if target is None:
-            where = {UNET: "U-Net", TEXT_ENCODER: "text encoder"}.get(module.part, module.part)
+            two = self.models.text_encoder_2 is not None
+            where = {UNET: "U-Net", TEXT_ENCODER: "first (CLIP-L) text encoder" if two else "text encoder",
+                     TEXT_ENCODER_2: "second (OpenCLIP bigG) text encoder"}.get(module.part, module.part)
             raise AdapterError(lora.path, f"matches no {where} module of the loaded {self.models.family.label} model",
                                module.tensor_keys()[0])
         return target
@@ -188,13 +191,18 @@ class LoraMerger:
         for part, names in self._touched.items():
             if not names:
                 continue
-            net = self.models.unet if part == UNET else self.models.text_encoder
-            params = dict(net.named_parameters())
+            params = dict(self._network(part).named_parameters())
             for name, value in base.read(part, sorted(names)):
                 p = params[name]
                 p.data.copy_(value.to(device=p.device, dtype=p.dtype))
                 names.discard(name)
                 base.forget(part, name)
+
+    def _network(self, part: str) -> nn.Module:
+        net = {UNET: self.models.unet, TEXT_ENCODER: self.models.text_encoder,
+               TEXT_ENCODER_2: self.models.text_encoder_2}[part]
+        assert net is not None, part  # a part is only touched after it resolved to a module of the model
+        return net
 
 
 def _identity(use: LoraUse) -> tuple:

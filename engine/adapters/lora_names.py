@@ -17,7 +17,9 @@ from torch import nn
 from engine.unet import UNetConfig
 
 UNET = "unet"
-TEXT_ENCODER = "text_encoder"
+TEXT_ENCODER = "text_encoder"  # SD 1.x / 2.x: the one text encoder; SDXL: CLIP-L (kohya's lora_te1_)
+TEXT_ENCODER_2 = "text_encoder_2"  # SDXL's second encoder, OpenCLIP bigG (kohya's lora_te2_): no SD 1.x model has one
+TEXT_ENCODERS = (TEXT_ENCODER, TEXT_ENCODER_2)
 
 # diffusers' ResnetBlock2D part -> the LDM ResBlock's part (the index is the layer's place in its nn.Sequential).
 RESNET_PARTS = {
@@ -35,12 +37,16 @@ UNET_TOP_LEVEL = {
     "time_embedding.linear_2": "time_embed.2",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    # SDXL's vector conditioning (pooled text + size embedding); absent from U-Nets without a label_emb.
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 
 
 @dataclass(frozen=True)
 class Target:
-    """One module of the loaded model: ``part`` is "unet" or "text_encoder", ``module`` its path in that network."""
+    """One module of the loaded model: ``part`` is "unet", "text_encoder" or "text_encoder_2", ``module`` its path
+    in that network."""
 
     part: str
     module: str
@@ -114,9 +120,9 @@ def _weighted_modules(model: nn.Module) -> list[str]:
 
 
 class ModuleIndex:
-    """Lookups from every spelling a LoRA file may use to the modules of one loaded U-Net and text encoder."""
+    """Lookups from every spelling a LoRA file may use to the modules of one loaded U-Net and text encoder(s)."""
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module):
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, text_encoder_2: nn.Module | None = None):
         self.modules: dict[Target, nn.Module] = {}
         self._kohya: dict[tuple[str, str], Target | None] = {}
         self._dotted: dict[tuple[str, str], Target | None] = {}
@@ -129,11 +135,15 @@ class ModuleIndex:
         for dname, name in diffusers.items():
             self._add(UNET, name, unet_mods[name], [dname])
 
-        te_mods = dict(text_encoder.named_modules())
-        for name in _weighted_modules(text_encoder):
-            # transformers 5 has no "text_model." level; older versions (and every LoRA file) do.
-            bare = name.removeprefix("text_model.")
-            self._add(TEXT_ENCODER, name, te_mods[name], [bare, f"text_model.{bare}"])
+        for part, encoder in ((TEXT_ENCODER, text_encoder), (TEXT_ENCODER_2, text_encoder_2)):
+            if encoder is None:
+                continue
+            te_mods = dict(encoder.named_modules())
+            for name in _weighted_modules(encoder):
+                # CLIPTextModel has no "text_model." level in transformers 5, CLIPTextModelWithProjection (bigG)
+                # has one; every LoRA file spells it. Both spellings resolve.
+                bare = name.removeprefix("text_model.")
+                self._add(part, name, te_mods[name], [bare, f"text_model.{bare}"])
 
     def _add(self, part: str, name: str, module: nn.Module, spellings: list[str]) -> None:
         target = Target(part, name)
@@ -146,7 +156,7 @@ class ModuleIndex:
 
     def resolve(self, part: str, name: str, *, dotted: bool) -> Target | None:
         """The module ``name`` means in ``part``: a kohya underscore name (``dotted=False``, without the
-        ``lora_unet_`` / ``lora_te_`` prefix) or a dotted diffusers / LDM / transformers path."""
+        ``lora_unet_`` / ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` prefix) or a dotted diffusers / LDM / transformers path."""
         return (self._dotted if dotted else self._kohya).get((part, name))
 
     def module(self, target: Target) -> nn.Module:

@@ -84,7 +84,9 @@ def hires_requests(first: Sequence[GenerationResult], fix: Hires, upscaler: Mode
         # The VAE's factor, as the first pass's latent shows it (SD's 8 if the result carries none).
         factor = r.width // res.latents.shape[-1] if res.latents is not None else SD_VAE_FACTOR
         w, h = hires_size(r.width, r.height, fix.scale, factor)
-        common = dict(width=w, height=h, steps=fix.steps or r.steps, strength=fix.denoise, mask=None, tile=fix.tile)
+        # The second pass is the base model's img2img: a refiner finished the first pass and is not asked again.
+        common = dict(width=w, height=h, steps=fix.steps or r.steps, strength=fix.denoise, mask=None, tile=fix.tile,
+                      refiner_switch=None)
         if fix.latent:
             if res.latents is None:
                 raise ValueError("a latent hires fix needs the first pass's latents")

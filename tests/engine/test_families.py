@@ -17,9 +17,9 @@ from engine.samplers import SAMPLERS
 from engine.vae import VAEConfig
 
 
-def test_rows_are_unique_and_the_refiner_alone_does_not_render() -> None:
+def test_rows_are_unique_and_every_row_renders() -> None:
     assert len({f.name for f in FAMILIES}) == len(FAMILIES)
-    assert [f.name for f in FAMILIES if f.supported] == ["sdxl", "sd2-inpaint", "sd2", "sd1-inpaint", "sd1"]
+    assert [f.name for f in FAMILIES if f.supported] == ["sdxl-refiner", "sdxl", "sd2-inpaint", "sd2", "sd1-inpaint", "sd1"]
     assert all(f.signatures for f in FAMILIES)
     assert SD1.latent_scale == VAEConfig.scaling_factor and SD1.native_size == 512
     assert {f.name: f.unet_in_channels for f in FAMILIES}["sd1-inpaint"] == 9
@@ -30,7 +30,7 @@ def test_a_signature_names_only_detected_fields() -> None:
         Signature.of(contxt_dim=ANY)
 
 
-def test_sdxl_refiner_is_its_own_row_with_the_sdxl_message(tmp_path: Path) -> None:
+def test_sdxl_refiner_is_its_own_row_and_a_half_refiner_is_refused(tmp_path: Path) -> None:
     sd = {
         ("conditioner.embedders.0.model." + k[len(CLIP_PREFIX):] if k.startswith(CLIP_PREFIX) else k): v
         for k, v in random_sd1_state_dict(0).items()
@@ -39,9 +39,11 @@ def test_sdxl_refiner_is_its_own_row_with_the_sdxl_message(tmp_path: Path) -> No
     path = tmp_path / "refiner.safetensors"
     save_file(sd, str(path))
     found = detect_family(open_state_dict(path))
-    assert found.name == "sdxl-refiner" and found.family is not None and not found.supported
-    with pytest.raises(CheckpointError, match=r"SDXL refiner checkpoints are not supported yet \(SDXL / SD 2.x / SD 1.x only\)"):
+    assert found.name == "sdxl-refiner" and found.family is not None and found.supported
+    # An SD 1.x file with a refiner's label_emb bolted on is no refiner: a one-line refusal naming the file.
+    with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
+    assert str(path) in str(info.value)
 
 
 def test_a_request_sampler_name_is_looked_up_once(tiny_checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:

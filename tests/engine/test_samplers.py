@@ -227,7 +227,8 @@ def test_ddim_sigmas_vs_diffusers(sched, steps):
 
 
 def test_steps_validation(sched):
-    for fn in (sched.default_sigmas, sched.karras_sigmas, sched.ddim_sigmas):
+    for fn in (sched.default_sigmas, sched.karras_sigmas, sched.ddim_sigmas, sched.sgm_uniform_sigmas,
+               sched.turbo_sigmas, sched.lcm_sigmas):
         for bad in (0, -3):
             with pytest.raises(ValueError, match="steps"):
                 fn(bad)
@@ -243,7 +244,11 @@ def test_steps_validation(sched):
 
 
 def test_get_sampler_names_and_aliases():
-    assert list(SAMPLERS) == ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM"]
+    assert list(SAMPLERS) == [
+        "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM",
+        "LCM", "LCM Karras", "Euler A Turbo", "DPM++ 2M Turbo",
+        "Euler SGMUniform", "Euler A SGMUniform", "DPM++ 2M SGMUniform",
+    ]
     for name, spec in SAMPLERS.items():
         assert spec.name == name and get_sampler(name) is spec
         assert get_sampler(name.upper()) is spec
@@ -444,5 +449,8 @@ def test_sampler_sigmas_dispatch(sched):
     assert torch.equal(sampler_sigmas(SAMPLERS["DPM++ 2M"], sched, 7), sched.default_sigmas(7))
     assert torch.equal(sampler_sigmas(SAMPLERS["DPM++ 2M Karras"], sched, 7), sched.karras_sigmas(7))
     assert torch.equal(sampler_sigmas(SAMPLERS["DDIM"], sched, 7), sched.ddim_sigmas(7))
+    assert torch.equal(sampler_sigmas(SAMPLERS["LCM"], sched, 7), sched.lcm_sigmas(7))
+    assert torch.equal(sampler_sigmas(SAMPLERS["Euler A Turbo"], sched, 7), sched.turbo_sigmas(7))
+    assert torch.equal(sampler_sigmas(SAMPLERS["Euler SGMUniform"], sched, 7), sched.sgm_uniform_sigmas(7))
     with pytest.raises(ValueError):
         sampler_sigmas(SamplerSpec("x", "euler", "nope", False), sched, 7)

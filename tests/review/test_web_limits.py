@@ -208,7 +208,9 @@ def test_unknown_samplers_are_refused_when_queued(site) -> None:
     vid = w.variants[("hero-01", "leaderboard")][0]
     r = rita.post_json(f"/api/variants/{vid}/rerender", {"sampler": "Heun++ 9000"})
     assert r.status_code == 400
-    assert r.json()["detail"] == ("unknown sampler 'Heun++ 9000' (known: Euler, Euler a, DPM++ 2M, DPM++ 2M Karras, DDIM)")
+    assert r.json()["detail"] == ("unknown sampler 'Heun++ 9000' (known: Euler, Euler a, DPM++ 2M, DPM++ 2M Karras, DDIM, "
+                                  "LCM, LCM Karras, Euler A Turbo, DPM++ 2M Turbo, Euler SGMUniform, Euler A SGMUniform, "
+                                  "DPM++ 2M SGMUniform)")
     r = rita.post_form(f"/variants/{vid}/rerender", {"sampler": "nope"})
     assert r.status_code == 400 and "unknown sampler &#39;nope&#39;" in r.text
     with w.db.session() as s:
@@ -287,5 +289,6 @@ def test_the_variant_page_offers_the_known_samplers(site) -> None:
     vid = w.variants[("hero-01", "leaderboard")][0]
     page = rita.get(f"/variants/{vid}").text
     assert re.findall(r"<option(?: selected)?>([^<]+)</option>", page[page.index('name="sampler"'):]) == \
-        ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM"]
+        ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "LCM", "LCM Karras", "Euler A Turbo", "DPM++ 2M Turbo",
+         "Euler SGMUniform", "Euler A SGMUniform", "DPM++ 2M SGMUniform"]
     assert "<option selected>DPM++ 2M Karras</option>" in page
