@@ -25,7 +25,7 @@ def models_init_random(
         help="tiny (a few MB, instant) or full (the real shapes: SD 1.5 ~4.3 GB, SD 2.1 ~5.2 GB, SDXL base ~14 GB in "
              "float32; sd15 is SD 1.x's full).")] = "tiny",
     seed: Annotated[int, typer.Option()] = 0,
-    inpaint: Annotated[bool, typer.Option(help="9-channel inpainting U-Net (sd1, sd2).")] = False,
+    inpaint: Annotated[bool, typer.Option(help="9-channel inpainting U-Net (sd1, sd2, sdxl).")] = False,
     dtype: Annotated[str, typer.Option(help="float32, float16 (half the size, as most downloads) or bfloat16.")] = "float32",
     native_size: Annotated[
         int | None, typer.Option(min=8, help="Resolution recorded as the model's native size (default: 128 tiny, the "
@@ -49,8 +49,8 @@ def models_init_random(
         spec = random_spec(family, preset)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--preset") from None
-    if inpaint and family not in ("sd1", "sd2"):
-        raise typer.BadParameter(f"no inpainting variant of {family}: sd1 and sd2 only", param_hint="--inpaint")
+    if inpaint and family not in ("sd1", "sd2", "sdxl"):
+        raise typer.BadParameter(f"no inpainting variant of {family}: sd1, sd2 and sdxl only", param_hint="--inpaint")
     # Random numbers made by our own code: we can license them, so runs may use the file for any purpose.
     size = native_size or spec.native_size
     write_random(path, family, preset, seed=seed, inpaint=inpaint, dtype=dtypes[dtype],

@@ -120,6 +120,14 @@ FAMILIES: tuple[Family, ...] = (
         ),
     ),
     Family(
+        "sdxl-inpaint", "SDXL", 4, 0.13025, 2048, "eps", ("clip-l", "openclip-bigg"), 1024, inpainting=True,
+        head_channels=64, supported=True,
+        signatures=(
+            Signature.of(conditioner=True, in_channels=9, note="inpainting"),
+            Signature.of(adm_in_channels=2816, in_channels=9),
+        ),
+    ),
+    Family(
         "sdxl", "SDXL", 4, 0.13025, 2048, "eps", ("clip-l", "openclip-bigg"), 1024, head_channels=64, supported=True,
         signatures=(
             Signature.of(conditioner=True),

@@ -217,8 +217,8 @@ def write_random(
 ) -> str:
     """Write a random checkpoint of ``family`` ("sd1", "sd2", "sd2-v", "sdxl") at ``preset`` ("tiny", "full").
     ``metadata`` is added to (and overrides) what the file declares about itself."""
-    if inpaint and family not in ("sd1", "sd2"):
-        raise ValueError(f"no inpainting variant of {family!r}: sd1 and sd2 only")
+    if inpaint and family not in ("sd1", "sd2", "sdxl"):
+        raise ValueError(f"no inpainting variant of {family!r}: sd1, sd2 and sdxl only")
     tensors, meta = random_state_dict(family, preset, seed=seed, inpaint=inpaint, dtype=dtype)
     return save_checkpoint(path, tensors, {**meta, **(metadata or {})})
 

@@ -19,7 +19,7 @@ from engine.vae import VAEConfig
 
 def test_rows_are_unique_and_every_row_renders() -> None:
     assert len({f.name for f in FAMILIES}) == len(FAMILIES)
-    assert [f.name for f in FAMILIES if f.supported] == ["sdxl-refiner", "sdxl", "sd2-inpaint", "sd2", "sd1-inpaint", "sd1"]
+    assert [f.name for f in FAMILIES if f.supported] == ["sdxl-refiner", "sdxl-inpaint", "sdxl", "sd2-inpaint", "sd2", "sd1-inpaint", "sd1"]
     assert all(f.signatures for f in FAMILIES)
     assert SD1.latent_scale == VAEConfig.scaling_factor and SD1.native_size == 512
     assert {f.name: f.unet_in_channels for f in FAMILIES}["sd1-inpaint"] == 9

@@ -30,6 +30,7 @@ FILES = {
     ("sd2-v", False): ("sd2", "v"),
     ("sd2", True): ("sd2-inpaint", "eps"),
     ("sdxl", False): ("sdxl", "eps"),
+    ("sdxl", True): ("sdxl-inpaint", "eps"),
 }
 
 
@@ -58,7 +59,7 @@ def test_each_family_is_detected_loads_and_renders(files, key) -> None:
     assert detection.name == family and detection.supported
     pipe = Pipeline.load(path, device="cpu", dtype="float32")
     assert pipe.models.family.name == family and pipe.models.prediction == prediction
-    assert (pipe.models.text_encoder_2 is not None) == (family == "sdxl")
+    assert (pipe.models.text_encoder_2 is not None) == family.startswith("sdxl")
     image = pipe.generate([_req()])[0].image
     pixels = np.asarray(image, dtype=np.int16)
     assert image.size == (SIZE, SIZE) and pixels.std() > 5  # noise by design, but not a flat image
@@ -66,8 +67,9 @@ def test_each_family_is_detected_loads_and_renders(files, key) -> None:
     assert np.array_equal(np.asarray(again), np.asarray(image))
 
 
-def test_sd2_inpainting_uses_the_mask_and_keeps_the_rest(files) -> None:
-    pipe = Pipeline.load(files[("sd2", True)], device="cpu", dtype="float32")
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_inpainting_uses_the_mask_and_keeps_the_rest(files, family: str) -> None:
+    pipe = Pipeline.load(files[(family, True)], device="cpu", dtype="float32")
     assert pipe.models.is_inpainting and pipe.models.unet.config.in_channels == 9
     init = Image.fromarray(np.tile(np.linspace(0, 255, SIZE, dtype=np.uint8)[None, :, None], (SIZE, 1, 3)), "RGB")
     left = np.zeros((SIZE, SIZE), np.uint8)
@@ -219,7 +221,7 @@ def test_real_layout_details(files) -> None:
 
 def test_write_random_refuses_what_does_not_exist(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no inpainting variant"):
-        write_random(tmp_path / "x.safetensors", "sdxl", inpaint=True)
+        write_random(tmp_path / "x.safetensors", "sd2-v", inpaint=True)
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -243,6 +245,6 @@ def test_models_init_random_writes_each_family(tmp_path: Path) -> None:
     assert detect_family(open_state_dict(half)).name == "sd2-inpaint"
     assert open_state_dict(half)[UNET_PREFIX + "out.2.weight"].dtype == torch.float16
     for args, hint in ((["--family", "sd3"], "unknown family"), (["--family", "sdxl", "--preset", "huge"], "unknown preset"),
-                       (["--family", "sdxl", "--inpaint"], "no inpainting variant"), (["--dtype", "int8"], "unknown dtype")):
+                       (["--family", "sd2-v", "--inpaint"], "no inpainting variant"), (["--dtype", "int8"], "unknown dtype")):
         bad = runner.invoke(app, ["models", "init-random", str(tmp_path / "bad.safetensors"), *args])
         assert bad.exit_code == 2 and hint in bad.output, (args, bad.output)
