@@ -129,41 +129,35 @@ def models_inspect(
 
 def _inspect_adapter(path: Path) -> bool:
     """Print what a LoRA or embedding file is; False if it is neither."""
-    from engine.adapters.embeddings import describe_embedding
-    from engine.adapters.lora_file import describe_lora, is_lora_file
+    from engine.adapters.detect import inspect_adapter
+    from engine.adapters.lora_file import LoraInfo
     from engine.adapters.refs import AdapterError
     from engine.checkpoint import a1111_short_hash, file_sha256
 
     if not path.is_file():
         return False
     try:
-        if is_lora_file(path):
-            info = describe_lora(path)
-            sha = file_sha256(path)
-            typer.echo(f"file:        {path}")
-            typer.echo(f"LoRA:        {info.format} for {info.family_label}")
-            typer.echo(f"rank:        {', '.join(map(str, info.ranks)) or '-'}")
-            typer.echo(f"alpha:       {', '.join(f'{a:g}' for a in info.alphas) or 'none (scale 1)'}")
-            typer.echo(f"modules:     {info.unet_modules} U-Net, {info.text_encoder_modules} text encoder")
-            typer.echo(f"sha256:      {sha}")
-            typer.echo(f"lora hash:   {sha[:12]}  (use: <lora:{path.stem}:1>)")
-            for key, value in info.metadata.items():
-                typer.echo(f"{key + ':':<12} {value}")
-            return True
+        info = inspect_adapter(path)
     except AdapterError as exc:
         raise fail(exc, 2) from None
-    if path.stat().st_size > 16 * 1024 * 1024:
-        return False
-    try:
-        emb = describe_embedding(path)
-    except AdapterError:
+    if info is None:
         return False
     sha = file_sha256(path)
-    widths = ", ".join(f"{part or 'width'} {w}" for part, w in emb.parts.items())
     typer.echo(f"file:        {path}")
-    typer.echo(f"embedding:   {emb.format}, {emb.vectors} vector(s), {widths}" + (f" ({emb.family})" if emb.family else ""))
-    if emb.step is not None or emb.trained_name:
-        typer.echo(f"trained:     {emb.trained_name or '?'}, {emb.step if emb.step is not None else '?'} steps")
+    if isinstance(info, LoraInfo):
+        typer.echo(f"LoRA:        {info.format} for {info.family_label}")
+        typer.echo(f"rank:        {', '.join(map(str, info.ranks)) or '-'}")
+        typer.echo(f"alpha:       {', '.join(f'{a:g}' for a in info.alphas) or 'none (scale 1)'}")
+        typer.echo(f"modules:     {info.unet_modules} U-Net, {info.text_encoder_modules} text encoder")
+        typer.echo(f"sha256:      {sha}")
+        typer.echo(f"lora hash:   {sha[:12]}  (use: <lora:{path.stem}:1>)")
+        for key, value in info.metadata.items():
+            typer.echo(f"{key + ':':<12} {value}")
+        return True
+    widths = ", ".join(f"{part or 'width'} {w}" for part, w in info.parts.items())
+    typer.echo(f"embedding:   {info.format}, {info.vectors} vector(s), {widths}" + (f" ({info.family})" if info.family else ""))
+    if info.step is not None or info.trained_name:
+        typer.echo(f"trained:     {info.trained_name or '?'}, {info.step if info.step is not None else '?'} steps")
     typer.echo(f"sha256:      {sha}")
     typer.echo(f"ti hash:     {sha[:12]}  (use: write '{path.stem}' in a prompt)")
     typer.echo(f"model hash:  {a1111_short_hash(sha)}")

@@ -263,7 +263,33 @@ def _pad_batch(encoded: Sequence[torch.Tensor], empty: Callable[[int], torch.Ten
     return torch.stack(padded)
 
 
-class PromptEncoder:
+class _CachingEncoder(Generic[T]):
+    """What both prompt encoders share: the cached encoding of the empty prompt (the padding chunk) per clip skip,
+    and encoding a batch of prompts with one clip skip and one embeddings mapping each, through the subclass's
+    ``encode(prompt, clip_skip, embeddings)``."""
+
+    def __init__(self) -> None:
+        self._empty: dict[int, T] = {}
+
+    def clear_cache(self) -> None:
+        """Forget cached encodings; call it whenever a text encoder's weights change (a LoRA merged or removed)."""
+        self._empty.clear()
+
+    def empty_chunk(self, clip_skip: int = 1) -> T:
+        if clip_skip not in self._empty:
+            self._empty[clip_skip] = self.encode("", clip_skip)
+        return self._empty[clip_skip]
+
+    def _encode_each(self, prompts: Sequence[str], clip_skips: Sequence[int] | None,
+                     embeddings: Sequence[Mapping | None] | None) -> tuple[list[T], list[int]]:
+        skips = list(clip_skips) if clip_skips is not None else [1] * len(prompts)
+        maps = list(embeddings) if embeddings is not None else [None] * len(prompts)
+        if len(maps) != len(prompts):
+            raise ValueError(f"{len(maps)} embedding mappings for {len(prompts)} prompts")
+        return [self.encode(p, s, m) for p, s, m in zip(prompts, skips, maps, strict=True)], skips
+
+
+class PromptEncoder(_CachingEncoder[torch.Tensor]):
     """Encodes prompts with one text model (SD 1.x, or SD 2.x with ``encoding=SD2_ENCODING``); caches the encoding
     of the empty chunk used for padding."""
 
@@ -275,16 +301,12 @@ class PromptEncoder:
         dtype: torch.dtype,
         encoding: Encoding = SD1_ENCODING,
     ):
+        super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = dtype
         self.encoding = encoding
-        self._empty: dict[int, torch.Tensor] = {}
-
-    def clear_cache(self) -> None:
-        """Forget cached encodings; call it whenever the text encoder's weights change (a LoRA merged or removed)."""
-        self._empty.clear()
 
     @torch.no_grad()
     def encode(self, prompt: str, clip_skip: int = 1, embeddings: Mapping[str, Embedding] | None = None) -> torch.Tensor:
@@ -295,11 +317,6 @@ class PromptEncoder:
         z = emphasize(z.float(), weights)
         return z.reshape(-1, z.shape[-1]).to(self.dtype)
 
-    def empty_chunk(self, clip_skip: int = 1) -> torch.Tensor:
-        if clip_skip not in self._empty:
-            self._empty[clip_skip] = self.encode("", clip_skip)
-        return self._empty[clip_skip]
-
     def encode_batch(
         self,
         prompts: Sequence[str],
@@ -308,11 +325,7 @@ class PromptEncoder:
     ) -> torch.Tensor:
         """(B, max_chunks * 77, hidden), shorter prompts padded with empty-prompt chunks. ``embeddings``: one
         mapping (or None) per prompt."""
-        skips = list(clip_skips) if clip_skips is not None else [1] * len(prompts)
-        maps = list(embeddings) if embeddings is not None else [None] * len(prompts)
-        if len(maps) != len(prompts):
-            raise ValueError(f"{len(maps)} embedding mappings for {len(prompts)} prompts")
-        encoded = [self.encode(p, s, m) for p, s, m in zip(prompts, skips, maps, strict=True)]
+        encoded, skips = self._encode_each(prompts, clip_skips, embeddings)
         return _pad_batch(encoded, lambda i: self.empty_chunk(skips[i]))
 
 
@@ -333,7 +346,7 @@ class EncoderPart:
     key: str
 
 
-class SDXLPromptEncoder:
+class SDXLPromptEncoder(_CachingEncoder[tuple[torch.Tensor, torch.Tensor]]):
     """SDXL's conditioning: every part encodes the same weighted 75-token chunks (its own padding id, its own
     emphasis rescale, as A1111's per-embedder hijack does); the parts' hidden states are concatenated on the feature
     axis (CLIP-L 768 + bigG 1280 = 2048) and the chunks along the token axis. The pooled output is the last part's
@@ -343,11 +356,11 @@ class SDXLPromptEncoder:
     def __init__(self, parts: Sequence[EncoderPart], tokenizer: ClipTokenizer, device: torch.device, dtype: torch.dtype):
         if not parts or not hasattr(parts[-1].model, "text_projection"):
             raise ValueError("the last text encoder must have a text_projection (it gives the pooled output)")
+        super().__init__()
         self.parts = tuple(parts)
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = dtype
-        self._empty: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def base(cls, clip_l: TextModel, clip_g: CLIPTextModelWithProjection, tokenizer: ClipTokenizer,
@@ -359,10 +372,6 @@ class SDXLPromptEncoder:
     def refiner(cls, clip_g: CLIPTextModelWithProjection, tokenizer: ClipTokenizer, device: torch.device,
                 dtype: torch.dtype) -> "SDXLPromptEncoder":
         return cls((EncoderPart(clip_g, SDXL_CLIP_G_ENCODING, "clip_g"),), tokenizer, device, dtype)
-
-    def clear_cache(self) -> None:
-        """Forget cached encodings; call it whenever a text encoder's weights change (a LoRA merged or removed)."""
-        self._empty.clear()
 
     def _part_fixes(self, chunks: Sequence[PromptChunk], by_id: Mapping[int, PartEmbeddings], key: str) -> Fixes:
         return [[(offset, by_id[id(emb)][key]) for offset, emb in c.fixes] for c in chunks]
@@ -401,11 +410,6 @@ class SDXLPromptEncoder:
         context = torch.cat(outputs, dim=-1)
         return context.reshape(-1, context.shape[-1]).to(self.dtype), pooled.to(self.dtype)  # type: ignore[union-attr]
 
-    def empty_chunk(self, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        if clip_skip not in self._empty:
-            self._empty[clip_skip] = self.encode("", clip_skip)
-        return self._empty[clip_skip]
-
     def encode_batch(
         self,
         prompts: Sequence[str],
@@ -414,10 +418,6 @@ class SDXLPromptEncoder:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """((B, max_chunks * 77, width) context, (B, projection_dim) pooled); shorter prompts' context is padded
         with empty-prompt chunks (their pooled output stays their own first chunk's)."""
-        skips = list(clip_skips) if clip_skips is not None else [1] * len(prompts)
-        maps = list(embeddings) if embeddings is not None else [None] * len(prompts)
-        if len(maps) != len(prompts):
-            raise ValueError(f"{len(maps)} embedding mappings for {len(prompts)} prompts")
-        encoded = [self.encode(p, s, m) for p, s, m in zip(prompts, skips, maps, strict=True)]
+        encoded, skips = self._encode_each(prompts, clip_skips, embeddings)
         context = _pad_batch([c for c, _ in encoded], lambda i: self.empty_chunk(skips[i])[0])
         return context, torch.stack([p for _, p in encoded])

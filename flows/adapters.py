@@ -11,14 +11,14 @@ file's bytes or a strength do, and rendering loads exactly those files.
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from engine.adapters.refs import AdapterError
 from engine.checkpoint import CheckpointError
+from engine.tokenizer import load_clip_tokenizer
 from flows.brief import BriefRow
 from flows.licence_policy import check_license
 from flows.model_registry import ModelInfo
@@ -55,13 +55,6 @@ def family_base(family: str) -> str:
     return family.split("-")[0]
 
 
-@functools.cache
-def _tokenizer():
-    from engine.tokenizer import load_clip_tokenizer
-
-    return load_clip_tokenizer()
-
-
 class PromptAdapters:
     """Resolves the adapters of a plan's prompts, each file inspected once per plan."""
 
@@ -80,8 +73,6 @@ class PromptAdapters:
                     what = {"lora": "a LoRA", "embedding": "an embedding"}[kind]
                     raise AdapterProblem(f"{kind} '{name}' ({path}) is {info.kind_phrase}, not {what}")
                 # The name prompts call it, whatever the models table calls the file.
-                from dataclasses import replace
-
                 self._models[path] = replace(info, name=name)
             except (CheckpointError, AdapterError) as exc:
                 self._models[path] = AdapterProblem(f"{kind} '{name}' cannot be used: {exc}")
@@ -96,7 +87,7 @@ class PromptAdapters:
         """The adapters ``prompt`` / ``negative`` name, for ``row`` on checkpoint ``model``; AdapterProblem names
         the brief column that carries the name (else ``style``: a preset or template put it there)."""
         try:
-            found = self.library.resolve(prompt, negative, _tokenizer())
+            found = self.library.resolve(prompt, negative, load_clip_tokenizer())
         except AdapterError as exc:
             raise AdapterProblem(str(exc), _blame(row, str(exc))) from None
         planned: list[PlannedAdapter] = []

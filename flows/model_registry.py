@@ -89,40 +89,22 @@ def _as_upscaler(path: Path) -> tuple[_Inspected | None, str | None]:
     return _Inspected(up.sha256, family, "upscaler", up.metadata, 0, up.scale), None
 
 
-# Embeddings are a few KB; a bigger file is not read as one (it would be a checkpoint or an upscaler).
-EMBEDDING_MAX_BYTES = 16 * 1024 * 1024
-
-
-def _embedding_family(info) -> str:
-    if info.format == "sdxl":
-        return "sdxl"
-    return "sd2" if info.width == 1024 else "sd1"
-
-
 def _as_adapter(path: Path) -> _Inspected | None:
     """The file as a LoRA (kohya, LyCORIS, diffusers/PEFT) or a textual-inversion embedding, or None. Both are read
     by their keys first and weights-only, so ``.pt`` embeddings need no ``allow_pickle``."""
-    from engine.adapters.embeddings import describe_embedding
-    from engine.adapters.lora_file import describe_lora, is_lora_file
+    from engine.adapters.detect import embedding_family, inspect_adapter
+    from engine.adapters.lora_file import LoraInfo
     from engine.adapters.refs import AdapterError
 
     try:
-        lora = is_lora_file(path)
-    except AdapterError:
-        lora = False
-    if lora:
-        try:
-            info = describe_lora(path)
-        except AdapterError as exc:
-            raise CheckpointError(path, str(exc).removeprefix(f"{path}: ")) from None
+        info = inspect_adapter(path)
+    except AdapterError as exc:
+        raise CheckpointError(path, str(exc).removeprefix(f"{path}: ")) from None
+    if info is None:
+        return None
+    if isinstance(info, LoraInfo):
         return _Inspected(file_sha256(path), info.family, "lora", _file_metadata(path), 0)
-    if path.stat().st_size > EMBEDDING_MAX_BYTES:
-        return None
-    try:
-        embedding = describe_embedding(path)
-    except AdapterError:
-        return None
-    return _Inspected(file_sha256(path), _embedding_family(embedding), "embedding", _file_metadata(path), 0)
+    return _Inspected(file_sha256(path), embedding_family(info), "embedding", _file_metadata(path), 0)
 
 
 def _file_metadata(path: Path) -> dict[str, str]:

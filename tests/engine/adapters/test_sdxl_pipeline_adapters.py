@@ -9,15 +9,10 @@ import numpy as np
 import pytest
 from safetensors.torch import save_file
 
-import engine.pipeline
 from engine.adapters.refs import AdapterFile, LoraUse
 from engine.pipeline import GenerationRequest, Pipeline
 from engine.random_checkpoint import write_random
 from tests.engine.adapters.lora_testfiles import gen, kohya, lora_module, write
-
-pytestmark = pytest.mark.skipif(not hasattr(engine.pipeline, "read_model_embedding"),
-                                reason="engine.pipeline does not read SDXL embeddings yet")
-
 
 @pytest.fixture(scope="module")
 def xl(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pipeline, Path]:
