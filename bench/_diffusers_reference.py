@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench._worker_common import maxrss_mb, profile_table, rss_mb, setup_threads, shared_inputs
 
-__all__ = ["load_diffusers_models", "run_diffusers"]
+__all__ = ["load_diffusers_models", "load_diffusers_sdxl_models", "run_diffusers"]
 
 VAE_SCALE = 0.18215
 
@@ -36,7 +36,7 @@ def _diffusers_unet_config(u: dict) -> dict:
     }
 
 
-def _diffusers_vae_config(v: dict, size: int) -> dict:
+def _diffusers_vae_config(v: dict, size: int, scaling_factor: float = VAE_SCALE) -> dict:
     n = len(v["ch_mult"])
     return {
         "sample_size": size,
@@ -48,7 +48,7 @@ def _diffusers_vae_config(v: dict, size: int) -> dict:
         "layers_per_block": v["num_res_blocks"],
         "latent_channels": v["z_channels"],
         "norm_num_groups": 32,
-        "scaling_factor": VAE_SCALE,
+        "scaling_factor": scaling_factor,
     }
 
 
@@ -64,6 +64,30 @@ def load_diffusers_models(path, preset: dict):
     ckpt = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(("model.diffusion_model.", "first_stage_model."))}
     ucfg = _diffusers_unet_config(preset["unet"])
     vcfg = _diffusers_vae_config(preset["vae"], preset["size"])
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**ucfg)
+        vae = AutoencoderKL(**vcfg)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, ucfg), strict=True, assign=True)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, vcfg), strict=True, assign=True)
+    return unet, vae
+
+
+def load_diffusers_sdxl_models(path, unet_cfg: dict, vae_cfg: dict, size: int, scaling_factor: float = 0.13025):
+    """SDXL: diffusers' UNet2DConditionModel (SDXL base config, ``addition_embed_type="text_time"``) and
+    AutoencoderKL holding the U-Net and VAE tensors of our single-file checkpoint; ``unet_cfg`` is
+    bench._sdxl_unet's plain dict, ``vae_cfg`` has engine.vae.VAEConfig's field names. The VAE keeps diffusers'
+    default ``force_upcast=True``, as the SDXL base VAE's published config does (it overflows in float16)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from safetensors import safe_open
+
+    from bench._sdxl_unet import diffusers_sdxl_unet_config
+
+    handle = safe_open(str(path), framework="pt", device="cpu")
+    ckpt = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(("model.diffusion_model.", "first_stage_model."))}
+    ucfg = diffusers_sdxl_unet_config(unet_cfg)
+    vcfg = _diffusers_vae_config(vae_cfg, size, scaling_factor)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**ucfg)
         vae = AutoencoderKL(**vcfg)

@@ -1,4 +1,4 @@
-"""Our SD 1.5 engine against diffusers 0.42.1: seconds per sampling step and peak RSS, same weights and inputs.
+"""Our SD 1.5 / SDXL engine against diffusers 0.42.1: seconds per sampling step and peak RSS, same weights and inputs.
 
 How to run (from the repository root)::
 
@@ -7,6 +7,14 @@ How to run (from the repository root)::
                                                                # repeat on 2 cores, plus ~1 min once to write
                                                                # the 4.3 GB checkpoint (needs ~5 GB free RAM)
     .venv/bin/python bench/engine_vs_diffusers.py --profile    # also: top ops of one U-Net call, each side
+    .venv/bin/python bench/engine_vs_diffusers.py --family sdxl --small        # SDXL smoke run, ~10 s
+    flock /tmp/adforge-bigmem.lock .venv/bin/python bench/engine_vs_diffusers.py --family sdxl --steps 2 --repeat 2
+                                                               # SDXL base U-Net at 512x512: ~15.5 GB peak RSS
+                                                               # per side (float32 weights + the float16 file's
+                                                               # mapped pages), ~12 s/step per side on 2 idle
+                                                               # cores; ~1.5 min once to write the 5.1 GB file
+
+``--family sdxl`` times the SDXL base U-Net alone (see "SDXL" below); everything else here describes SD 1.5.
 
 Options: ``--steps N`` timed sampling steps (default 3; one more warm-up step runs first and is not timed),
 ``--threads N`` torch threads on both sides (default: torch's default here), ``--repeat R`` run both sides
@@ -58,6 +66,20 @@ What it does
    - ``final latent``: max |ours - diffusers| of the sampled latent, also relative to max |diffusers|; it
      should be ~1e-3 relative or better, which shows both sides ran the same computation.
 
+SDXL (``--family sdxl``)
+-----------------------
+The U-Net alone: one U-Net call on the CFG pair is the whole cost of a step (the sampler is a few element-wise ops;
+the two text encoders and the VAE run once per image), so the VAE decode and the text encoders are left out.
+bench/_sdxl_unet.py writes a U-Net-only file (``model.diffusion_model.*`` in the SDXL base shapes of
+``engine.random_checkpoint.random_spec("sdxl", "full")``, random, float16, 5.1 GB, tensor by tensor) to
+``bench/_work/sdxl-unet-random-fp16.safetensors``; both sides load it in float32: ours with
+``engine.loading.load_unet``, diffusers as ``UNet2DConditionModel`` with the SDXL base config
+(``addition_embed_type="text_time"``) given ``convert_ldm_unet_checkpoint``'s tensors. Both get the same fixed
+context (2 x 77 x 2048), pooled embedding (2 x 1280) and size ids (512, 512, 0, 0, 512, 512): ours as
+``y = [pooled, sdxl_size_embedding(ids)]``, diffusers as ``added_cond_kwargs``. 512x512 (64x64 latents), CFG batch
+2, and one Euler loop (bench/_sdxl_unet.py, identical on both sides) over SD's scaled-linear schedule at fractional
+timesteps; the final latents must agree. The table is the one above less the VAE rows.
+
 Files: everything goes under ``bench/_work/`` (git-ignored): the checkpoint, per-side outputs
 (``<size>-ours.pt``, ``<size>-diffusers.pt``), and the checkpoint hash cache (``ADFORGE_CACHE_DIR``).
 """
@@ -80,6 +102,7 @@ if str(ROOT) not in sys.path:
 # The model presets, the checkpoint writer and the diffusers side live in helper modules beside this script.
 from bench._diffusers_reference import run_diffusers  # noqa: E402
 from bench._sd15_random import PRESETS, make_checkpoint  # noqa: E402
+from bench._sdxl_unet import SDXL_PRESETS, run_diffusers_sdxl, run_ours_sdxl, write_unet_file  # noqa: E402
 from bench._worker_common import maxrss_mb, profile_table, rss_mb, setup_threads, shared_inputs  # noqa: E402
 
 SAMPLER = "DPM++ 2M Karras"
@@ -171,7 +194,7 @@ def _run_ours(preset: dict, path: Path, args) -> dict:
 # ---- parent ------------------------------------------------------------------------------------------------
 
 def _child(args, role: str, extra: list[str]) -> dict:
-    result = WORK / f"{args.size_name}-{role}.json"
+    result = WORK / f"{args.tag}-{role}.json"
     result.unlink(missing_ok=True)
     env = dict(os.environ)
     env.setdefault("ADFORGE_CACHE_DIR", str(WORK / "adforge-cache"))
@@ -180,6 +203,7 @@ def _child(args, role: str, extra: list[str]) -> dict:
     cmd = [
         sys.executable, str(Path(__file__).resolve()), "--worker", role, "--result", str(result),
         "--threads", str(args.threads), "--steps", str(args.steps), "--cfg", str(args.cfg), "--seed", str(args.seed),
+        "--family", args.family,
         *(["--small"] if args.small else []), *(["--profile"] if args.profile else []),
         *(["--diffusers-int-t"] if args.diffusers_int_t else []), *extra,
     ]
@@ -199,6 +223,8 @@ def _fmt_ratio(a: float, b: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="tiny config (smoke run)")
+    p.add_argument("--family", choices=["sd15", "sdxl"], default="sd15",
+                   help="sd15: the whole pipeline at SD 1.5 shapes; sdxl: the SDXL base U-Net alone at 512x512")
     p.add_argument("--steps", type=int, default=3, help="timed sampling steps (a warm-up step is added)")
     p.add_argument("--threads", type=int, default=None, help="torch threads, both sides")
     p.add_argument("--repeat", type=int, default=1, help="run both sides R times, alternating; report each side's best run")
@@ -211,7 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-tensors", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.size_name = "small" if args.small else "full"
-    preset = PRESETS[args.size_name]
+    sdxl = args.family == "sdxl"
+    preset = (SDXL_PRESETS if sdxl else PRESETS)[args.size_name]
+    args.tag = f"sdxl-{args.size_name}" if sdxl else args.size_name  # names of the per-side outputs
     ckpt = WORK / preset["file"]
     if args.steps < 1:
         p.error("--steps must be >= 1")
@@ -219,10 +247,14 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--repeat must be >= 1")
 
     if args.worker == "checkpoint":
-        args.result.write_text(json.dumps(make_checkpoint(preset, ckpt, args.seed)))
+        write = write_unet_file if sdxl else make_checkpoint
+        args.result.write_text(json.dumps(write(preset, ckpt, args.seed)))
         return
     if args.worker:
-        run = _run_ours if args.worker == "ours" else run_diffusers
+        if sdxl:
+            run = run_ours_sdxl if args.worker == "ours" else run_diffusers_sdxl
+        else:
+            run = _run_ours if args.worker == "ours" else run_diffusers
         args.result.write_text(json.dumps(run(preset, ckpt, args)))
         return
 
@@ -245,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         for role in ("ours", "diffusers"):
             print(f"running {role} ({r + 1}/{args.repeat}) ...", flush=True)
             args.profile = want_profile and r == 0
-            res = _child(args, role, ["--out-tensors", str(WORK / f"{args.size_name}-{role}.pt")])
+            res = _child(args, role, ["--out-tensors", str(WORK / f"{args.tag}-{role}.pt")])
             res["mean_step_s"] = sum(res["step_s"][1:]) / args.steps
             runs[role].append(res)
     args.profile = want_profile
@@ -263,9 +295,12 @@ def main(argv: list[str] | None = None) -> None:
     min_o, min_d = (min(s for x in runs[role] for s in x["step_s"][1:]) for role in ("ours", "diffusers"))
     size = preset["size"]
     print()
-    print(f"SD 1.5-shaped U-Net ({args.size_name}: model_channels {preset['unet']['model_channels']}, "
-          f"mult {preset['unet']['channel_mult']}), {size}x{size} ({size // 8}x{size // 8} latents), CFG batch 2, "
-          f"{SAMPLER}, CPU float32, {args.threads} threads, {args.steps} timed steps + 1 warm-up"
+    u = preset["unet"]
+    shape = (f"SDXL-shaped U-Net alone (depths {u['transformer_depth_per_level']}, middle {u['transformer_depth_middle']}, "
+             if sdxl else "SD 1.5-shaped U-Net (")
+    print(f"{shape}{args.size_name}: model_channels {u['model_channels']}, "
+          f"mult {u['channel_mult']}), {size}x{size} ({size // 8}x{size // 8} latents), CFG batch 2, "
+          f"{'Euler' if sdxl else SAMPLER}, CPU float32, {args.threads} threads, {args.steps} timed steps + 1 warm-up"
           + (f", best of {args.repeat} runs per side" if args.repeat > 1 else ""))
     print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after")
     rows = [
@@ -274,11 +309,11 @@ def main(argv: list[str] | None = None) -> None:
         ("CPU s/step (timed mean)", cpu_o, cpu_d, "{:.3f}"),
         ("warm-up step s", o["step_s"][0], d["step_s"][0], "{:.3f}"),
         ("load s", o["load_s"], d["load_s"], "{:.2f}"),
-        ("VAE decode s", o["decode_s"], d["decode_s"], "{:.3f}"),
+        *([] if sdxl else [("VAE decode s", o["decode_s"], d["decode_s"], "{:.3f}")]),
         ("RSS after imports MB", o["rss_import_mb"], d["rss_import_mb"], "{:.0f}"),
         ("RSS peak after load MB", o["rss_load_mb"], d["rss_load_mb"], "{:.0f}"),
         ("peak RSS (load+sampling) MB", o["rss_sampling_mb"], d["rss_sampling_mb"], "{:.0f}"),
-        ("peak RSS (+VAE decode) MB", o["rss_decode_mb"], d["rss_decode_mb"], "{:.0f}"),
+        *([] if sdxl else [("peak RSS (+VAE decode) MB", o["rss_decode_mb"], d["rss_decode_mb"], "{:.0f}")]),
     ]
     print(f"{'':30s} {'ours':>10s} {'diffusers':>10s} {'ours/diff':>10s}")
     for name, a, b, f in rows:
@@ -290,19 +325,20 @@ def main(argv: list[str] | None = None) -> None:
             means = ", ".join(f"{x['mean_step_s']:.3f}" for x in rs)
             print(f"mean s/step of each run, {role}: {means}")
 
-    ta = torch.load(WORK / f"{args.size_name}-ours.pt")
-    tb = torch.load(WORK / f"{args.size_name}-diffusers.pt")
+    ta = torch.load(WORK / f"{args.tag}-ours.pt")
+    tb = torch.load(WORK / f"{args.tag}-diffusers.pt")
     lat_diff = (ta["latents"] - tb["latents"]).abs().max().item()
     lat_ref = tb["latents"].abs().max().item()
-    img_diff = (ta["images"] - tb["images"]).abs().max().item()
     rel = lat_diff / lat_ref if lat_ref else float("inf")
     verdict = "same computation" if rel <= 1e-3 else "MISMATCH: the timings may not compare like with like"
     print(f"final latent: max|ours - diffusers| = {lat_diff:.3g} (max|latent| {lat_ref:.3g}, relative {rel:.2e}) -> {verdict}")
-    print(f"decoded image [0,1]: max|ours - diffusers| = {img_diff:.3g}")
+    if not sdxl:
+        img_diff = (ta["images"] - tb["images"]).abs().max().item()
+        print(f"decoded image [0,1]: max|ours - diffusers| = {img_diff:.3g}")
     print(f"ratios (ours / diffusers, target <= 1.0): s/step {_fmt_ratio(step_o, step_d)} "
           f"(fastest steps {_fmt_ratio(min_o, min_d)}), "
-          f"peak RSS {_fmt_ratio(o['rss_sampling_mb'], d['rss_sampling_mb'])} "
-          f"(with decode {_fmt_ratio(o['rss_decode_mb'], d['rss_decode_mb'])})")
+          f"peak RSS {_fmt_ratio(o['rss_sampling_mb'], d['rss_sampling_mb'])}"
+          + ("" if sdxl else f" (with decode {_fmt_ratio(o['rss_decode_mb'], d['rss_decode_mb'])})"))
     if args.profile:
         for role in ("ours", "diffusers"):
             print(f"\n== top ops, one CFG U-Net call, {role} ==\n{outs[role]['profile']}")

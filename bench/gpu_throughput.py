@@ -6,10 +6,24 @@ How to run (from the repository root)::
                                                              # float16 + bfloat16, batch 1/4/8/16
     .venv/bin/python bench/gpu_throughput.py --dtypes bf16 --batches 8 --variants eager,compile+cudagraphs
     .venv/bin/python bench/gpu_throughput.py --cpu           # the small CPU config (what runs without CUDA)
+    .venv/bin/python bench/gpu_throughput.py --family sdxl   # CUDA: SDXL base shapes, 1024x1024, 25 steps,
+                                                             # float16 + bfloat16, batch 1/2/4/8 (the first run
+                                                             # writes a 6.9 GB float16 checkpoint: a few minutes,
+                                                             # ~20 GB of host RAM)
+    .venv/bin/python bench/gpu_throughput.py --family sdxl --cpu   # SDXL's tiny preset on the CPU (smoke run)
 
 Without CUDA it says so and runs a small config on the CPU instead: the same topology with narrow widths
 (``small`` in bench/_sd15_random.py), 128x128, 4 steps, float32, batch 1/2, variants eager and
 channels_last (``--variants`` adds compile; it takes minutes to compile on a small CPU).
+
+``--family sdxl``: the same measurement for SDXL base. The checkpoint is
+``engine.random_checkpoint.write_random(family="sdxl", preset="full", dtype=float16)`` (U-Net, CLIP-L, bigG, VAE;
+``preset="tiny"``, float32, on the CPU), at 1024x1024 by default, batch 1/2/4/8. Both sides get the same fixed
+context (2 x 77 x 2048) and pooled embedding (2 x 1280); the size conditioning is each side's own default
+(original = target = the image size, no crop). diffusers runs ``StableDiffusionXLPipeline`` (no text encoders,
+``add_watermarker=False``, its SDXL VAE config's ``force_upcast``: the decode runs in float32, as shipped); ours
+decodes as it ships (float32 fallback on NaNs is noted). The FLOP per image is counted the same way, with the
+U-Net given its ``y``.
 
 What is measured
 ----------------
@@ -50,8 +64,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # The model presets, the checkpoint writer and the diffusers loading, shared with bench/engine_vs_diffusers.py.
-from bench._diffusers_reference import load_diffusers_models  # noqa: E402
+from bench._diffusers_reference import load_diffusers_models, load_diffusers_sdxl_models  # noqa: E402
 from bench._sd15_random import PRESETS, make_checkpoint  # noqa: E402
+from bench._sdxl_unet import SIZE_FEATURES, unet_dict  # noqa: E402
 
 SAMPLER = "DPM++ 2M Karras"
 CFG = 7.0
@@ -102,10 +117,11 @@ def _matmul_tflops(device, dtype, n: int) -> float:
 
 
 class Ours:
-    def __init__(self, path: Path, device, dtype, cond, variant: str):
+    def __init__(self, path: Path, device, dtype, cond, variant: str, pooled=None):
         import torch
 
         from engine.pipeline import Pipeline
+        from engine.unet import sdxl_size_embedding
 
         self.pipe = Pipeline.load(path, device=str(device), dtype={torch.float16: "float16", torch.bfloat16: "bfloat16",
                                                                    torch.float32: "float32"}[dtype])
@@ -123,7 +139,12 @@ class Ours:
         def conditioning(reqs):  # the fixed embeddings, cond rows then uncond rows, as the pipeline orders them
             b = len(reqs)
             context = torch.cat([self.cond[0:1].expand(b, -1, -1), self.cond[1:2].expand(b, -1, -1)]).to(device, dtype)
-            return context, None  # no SDXL y for SD 1.5
+            if pooled is None:
+                return context, None  # no SDXL y for SD 1.5
+            # SDXL's y as the pipeline builds it: pooled text, then (original = target = request size, no crop).
+            sizes = torch.tensor([[r.height, r.width, 0, 0, r.height, r.width] for r in reqs] * 2, dtype=torch.float32)
+            rows = torch.cat([pooled[0:1].expand(b, -1), pooled[1:2].expand(b, -1)])
+            return context, torch.cat([rows, sdxl_size_embedding(sizes)], dim=-1).to(device)
 
         self.pipe._conditioning = conditioning  # type: ignore[method-assign]
 
@@ -176,11 +197,45 @@ class Diffusers:
                              num_inference_steps=steps, guidance_scale=CFG, generator=generator, output_type="pil").images
 
 
+class DiffusersXL:
+    """``StableDiffusionXLPipeline`` with no text encoders: it takes the fixed embeddings and pooled vectors."""
+
+    def __init__(self, preset: dict, path: Path, device, dtype, cond, pooled):
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+        from diffusers.utils import logging as dlogging
+
+        dlogging.set_verbosity_error()
+        unet, vae = load_diffusers_sdxl_models(path, preset["unet"], preset["vae"], preset["size"], preset["vae"]["scaling_factor"])
+        unet.to(device, dtype).eval().requires_grad_(False)
+        vae.to(device, dtype).eval().requires_grad_(False)
+        sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                            beta_schedule="scaled_linear", algorithm_type="dpmsolver++", solver_order=2,
+                                            use_karras_sigmas=True)
+        self.pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                              tokenizer_2=None, unet=unet, scheduler=sched, add_watermarker=False)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.device, self.dtype, self.cond, self.pooled = device, dtype, cond, pooled
+
+    def run(self, batch: int, size: int, steps: int) -> list:
+        import torch
+
+        def rows(t, i):
+            return t[i : i + 1].expand(batch, *t.shape[1:]).to(self.device, self.dtype)
+
+        generator = [torch.Generator("cpu").manual_seed(1000 + i) for i in range(batch)]
+        with torch.inference_mode():
+            return self.pipe(prompt_embeds=rows(self.cond, 0), negative_prompt_embeds=rows(self.cond, 1),
+                             pooled_prompt_embeds=rows(self.pooled, 0), negative_pooled_prompt_embeds=rows(self.pooled, 1),
+                             height=size, width=size, num_inference_steps=steps, guidance_scale=CFG,
+                             generator=generator, output_type="pil").images
+
+
 # ------------------------------------------------------------------------------------------------ measuring
 
 
 def _flop_per_image(path: Path, device, dtype, size: int, steps: int, context_dim: int) -> tuple[float, float, float]:
-    """(U-Net CFG call, VAE decode, whole image) FLOP for one image, counted by torch's FlopCounterMode."""
+    """(U-Net CFG call, VAE decode, whole image) FLOP for one image, counted by torch's FlopCounterMode (an SDXL
+    U-Net also gets its ``y``: the vector conditioning's two small Linear layers count too)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -191,9 +246,11 @@ def _flop_per_image(path: Path, device, dtype, size: int, steps: int, context_di
     x = torch.randn(2, 4, lat, lat, device=device, dtype=dtype)
     t = torch.tensor([500.0, 500.0], device=device)
     ctx = torch.randn(2, 77, context_dim, device=device, dtype=dtype)
+    adm = models.unet.config.adm_in_channels
+    y = None if adm is None else torch.randn(2, adm, device=device, dtype=dtype)
     with torch.inference_mode():
         with FlopCounterMode(display=False) as unet_count:
-            models.unet(x, t, ctx)
+            models.unet(x, t, ctx, y)
         with FlopCounterMode(display=False) as vae_count:
             models.vae.decode_latents(x[:1])
     unet, vae = float(unet_count.get_total_flops()), float(vae_count.get_total_flops())
@@ -215,14 +272,31 @@ def _time(side, batch: int, size: int, steps: int, warmup: int, repeat: int, dev
     return best
 
 
+def _sdxl_preset(which: str, size: int) -> dict:
+    """SDXL base ("full", float16 file) or its tiny preset (float32 file): this script's preset dict, from
+    engine.random_checkpoint's spec (U-Net as bench._sdxl_unet's plain dict, VAE as VAEConfig's fields)."""
+    import dataclasses
+
+    import torch
+
+    from engine.random_checkpoint import random_spec
+
+    spec = random_spec("sdxl", which)
+    dtype = torch.float16 if which == "full" else torch.float32
+    return {"unet": unet_dict(spec.unet), "vae": dataclasses.asdict(spec.vae), "size": size, "preset": which,
+            "file_dtype": dtype, "file": f"sdxl-{which}-random-{str(dtype).removeprefix('torch.')}.safetensors"}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="the small CPU config even when CUDA is there")
+    p.add_argument("--family", choices=["sd15", "sdxl"], default="sd15", help="SD 1.5 (512x512) or SDXL base (1024x1024)")
     p.add_argument("--dtypes", default=None, help="comma-separated: fp16, bf16, fp32 (default fp16,bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,4,8,16 on CUDA, 1,2 on CPU)")
+    p.add_argument("--batches", default=None,
+                   help="comma-separated batch sizes (default 1,4,8,16 on CUDA, SDXL 1,2,4,8; 1,2 on CPU)")
     p.add_argument("--variants", default=None, help=f"ours: comma-separated of {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 25 on CUDA, 4 on CPU)")
-    p.add_argument("--size", type=int, default=None, help="image size (default 512 on CUDA, 128 on CPU)")
+    p.add_argument("--size", type=int, default=None, help="image size (default 512 on CUDA, SDXL 1024; 128 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs per configuration (default 2 on CUDA, 1 on CPU)")
     p.add_argument("--repeat", type=int, default=None, help="timed runs per configuration, best counts (default 3 / 2)")
     p.add_argument("--no-diffusers", action="store_true", help="ours only")
@@ -242,10 +316,11 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("ADFORGE_CACHE_DIR", str(WORK / "cache"))
     cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda:0" if cuda else "cpu")
+    sdxl = args.family == "sdxl"
     if cuda:
-        preset = dict(PRESETS["full"], size=args.size or 512)
+        preset = _sdxl_preset("full", args.size or 1024) if sdxl else dict(PRESETS["full"], size=args.size or 512)
         dtypes = args.dtypes or "fp16,bf16"
-        batches = args.batches or "1,4,8,16"
+        batches = args.batches or ("1,2,4,8" if sdxl else "1,4,8,16")
         variants = args.variants or ",".join(VARIANTS)
         steps = args.steps or 25
         warmup, repeat = args.warmup if args.warmup is not None else 2, args.repeat or 3
@@ -254,16 +329,17 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cudnn.benchmark = True
         print(f"device: {torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA {torch.version.cuda})")
     else:
-        preset = dict(PRESETS["small"], size=args.size or 128)
+        preset = _sdxl_preset("tiny", args.size or 128) if sdxl else dict(PRESETS["small"], size=args.size or 128)
         dtypes = args.dtypes or "fp32"
         batches = args.batches or "1,2"
         variants = args.variants or "eager,channels_last"
         steps = args.steps or 4
         warmup, repeat = args.warmup if args.warmup is not None else 1, args.repeat or 2
         why = "--cpu given" if torch.cuda.is_available() else "no CUDA device on this machine"
-        print(f"device: CPU ({why}): a SMALL config, not SD 1.5: narrow widths of the SD 1.5 topology, "
+        name = "SDXL" if sdxl else "SD 1.5"
+        print(f"device: CPU ({why}): a SMALL config, not {name}: narrow widths of the {name} topology, "
               f"{preset['size']}x{preset['size']}, {steps} steps, {torch.get_num_threads()} thread(s). The FLOP counts and MFU "
-              f"below are this small model's; the data-sheet targets are for SD 1.5 on an H100.")
+              f"below are this small model's; the data-sheet targets are for {name} on an H100.")
     size = preset["size"]
     names = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
              "fp32": torch.float32, "float32": torch.float32}
@@ -280,9 +356,15 @@ def main(argv: list[str] | None = None) -> None:
     path = WORK / preset["file"]
     if not path.exists():
         print(f"writing the random-weight checkpoint {path} (once) ...", flush=True)
-        make_checkpoint(preset, path, seed=1234)
+        if sdxl:
+            from engine.random_checkpoint import write_random
+
+            write_random(path, family="sdxl", preset=preset["preset"], seed=1234, dtype=preset["file_dtype"])
+        else:
+            make_checkpoint(preset, path, seed=1234)
     gen = torch.Generator("cpu").manual_seed(7)
     cond = torch.randn(2, 77, preset["unet"]["context_dim"], generator=gen)
+    pooled = torch.randn(2, preset["unet"]["adm_in_channels"] - SIZE_FEATURES, generator=gen) if sdxl else None
     peak, peak_source = _peak_tflops(device, args.peak_tflops)
 
     rows: list[tuple] = []
@@ -295,9 +377,10 @@ def main(argv: list[str] | None = None) -> None:
               f"data-sheet peak {f'{peak:.0f} TFLOP/s' if peak else 'n/a'} ({peak_source})", flush=True)
         sides: list[tuple[str, object]] = []
         if not args.no_diffusers:
-            sides.append(("diffusers eager", lambda: Diffusers(preset, path, device, dtype, cond)))
+            sides.append(("diffusers eager", lambda: DiffusersXL(preset, path, device, dtype, cond, pooled) if sdxl
+                          else Diffusers(preset, path, device, dtype, cond)))
         for variant in variant_list:
-            sides.append((f"ours {variant}", lambda v=variant: Ours(path, device, dtype, cond, v)))
+            sides.append((f"ours {variant}", lambda v=variant: Ours(path, device, dtype, cond, v, pooled)))
         for label, make in sides:
             try:
                 side = make()
@@ -325,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
             if cuda:
                 torch.cuda.empty_cache()
 
-    print("\nratios: ours / diffusers eager, same dtype and batch (target >= 1.5 on an H100 at batch 8+)")
+    print(f"\nratios ({'SDXL' if sdxl else 'SD 1.5'}, {size}x{size}): ours / diffusers eager, same dtype and batch (target >= 1.5 on an H100 at batch 8+)")
     reference = {(d, b): ips for d, b, label, ips, _, _ in rows if label == "diffusers eager"}
     for d, b, label, ips, achieved, matmul in rows:
         if label.startswith("ours") and (d, b) in reference:

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from cli.errors import console, fail, print_problems, rejected
-from cli.options import ConfigOpt, DbOpt, ModelOpt, StoreOpt, load_settings
+from cli.options import ConfigOpt, DbOpt, ModelOpt, RefinerOpt, RefinerSwitchOpt, StoreOpt, load_settings
 from flows.safe_text import visible
 
 __all__ = ["app", "assets", "plan", "rerender", "run", "runs"]
@@ -89,6 +89,8 @@ def run(
     db: DbOpt = None,
     store: StoreOpt = None,
     model: ModelOpt = None,
+    refiner: RefinerOpt = None,
+    refiner_switch: RefinerSwitchOpt = None,
     steps: Annotated[int | None, typer.Option(min=1, max=500, help="Sampling steps (default 25).")] = None,
     sampler: Annotated[str | None, typer.Option(help="Sampler (default DPM++ 2M Karras).")] = None,
     cfg: Annotated[float | None, typer.Option("--cfg", min=0.0, help="CFG scale (default 7).")] = None,
@@ -102,8 +104,8 @@ def run(
 ) -> None:
     """Render every variant a brief plans (skipping those that exist), store them, record everything."""
     _quiet_prefect()
-    overrides = {"db_url": db, "store_url": store, "model": model, "steps": steps, "sampler": sampler, "cfg_scale": cfg,
-                 "batch_size": batch_size, "device": device, "devices": devices, "fan_out": fan_out}
+    overrides = {"db_url": db, "store_url": store, "model": model, "refiner": refiner, "refiner_switch": refiner_switch,
+                 "steps": steps, "sampler": sampler, "cfg_scale": cfg, "batch_size": batch_size, "device": device, "devices": devices, "fan_out": fan_out}
     load_settings(config, **overrides)  # bad settings fail here, before Prefect starts a server
     from flows.brief import BriefError
     from flows.campaign import campaign_run, set_progress_listener
@@ -207,8 +209,13 @@ def _adapters_text(variants: list) -> str:
     seen: dict[tuple, str] = {}
     for v in variants:
         for a in v.adapters:
-            strength = f" {a.te:g}" if a.te == a.unet else f" te {a.te:g} unet {a.unet:g}"
-            what = f"LoRA {_shown(a.model.name)}{strength}" if a.kind == "lora" else f"embedding {_shown(a.model.name)}"
+            if a.kind == "lora":
+                strength = f" {a.te:g}" if a.te == a.unet else f" te {a.te:g} unet {a.unet:g}"
+                what = f"LoRA {_shown(a.model.name)}{strength}"
+            elif a.kind == "refiner":
+                what = f"refiner {_shown(a.model.name)} ({a.model.short_hash}) switching at {a.switch:g}"
+            else:
+                what = f"embedding {_shown(a.model.name)}"
             seen.setdefault((a.kind, a.model.sha256, a.te, a.unet), f"{what} ({a.model.license or 'licence unknown'})")
     return "".join(f", {text}" for text in seen.values())
 
@@ -218,12 +225,14 @@ def plan(
     brief: Annotated[Path, typer.Argument(help="Brief spreadsheet (.csv or .xlsx).")],
     strict: Annotated[bool, typer.Option(help="Reject the whole brief on any problem.")] = False,
     model: ModelOpt = None,
+    refiner: RefinerOpt = None,
+    refiner_switch: RefinerSwitchOpt = None,
     db: DbOpt = None,
     details: Annotated[bool, typer.Option("--details", help="List every variant (prompt, seed, size, key).")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Show what a run would make (rows x channels x prompt variations x seeds) without rendering anything."""
-    settings = load_settings(config, model=model, db_url=db)
+    settings = load_settings(config, model=model, db_url=db, refiner=refiner, refiner_switch=refiner_switch)
     from flows.brief import BriefError, BriefLimits, read_brief
     from flows.campaign import make_plan
     from flows.channels import load_channels

@@ -104,6 +104,9 @@ def generate(
     refiner_switch: Annotated[
         float, typer.Option(min=0.01, max=1.0, help="Share of the schedule the base model runs before the refiner (A1111's switch at).")
     ] = 0.8,
+    refiner_lora: Annotated[
+        list[str] | None, typer.Option(help="A LoRA for the refiner's part, NAME or NAME:WEIGHT from --lora-dir (repeatable).")
+    ] = None,
     lora_dir: Annotated[
         Path, typer.Option(envvar="ADFORGE_LORA_DIR", help="Where <lora:NAME:weight> tags find NAME.safetensors (.pt, .ckpt).")
     ] = Path("models/loras"),
@@ -146,7 +149,11 @@ def generate(
     from engine.tokenizer import load_clip_tokenizer
 
     try:
-        adapters = AdapterLibrary([lora_dir], [embeddings_dir]).resolve(prompt, negative, load_clip_tokenizer())
+        library = AdapterLibrary([lora_dir], [embeddings_dir])
+        adapters = library.resolve(prompt, negative, load_clip_tokenizer())
+        refiner_loras = tuple(_refiner_lora(library, text) for text in refiner_lora or ())
+        if refiner_loras and refiner is None:
+            raise typer.BadParameter("refiner LoRAs need --refiner", param_hint="--refiner-lora")
     except AdapterError as exc:
         raise fail(exc, 2) from None
     try:
@@ -217,11 +224,14 @@ def generate(
         loras=adapters.loras,
         embeddings=adapters.embeddings,
         refiner_switch=refiner_switch if refiner is not None else None,
+        refiner_loras=refiner_loras,
     )
     try:
         base.validate(DeviceBudget.for_models(pipe.models))
         # LoRA and embedding files are read and checked against the model before the first step is rendered.
         pipe.use_loras(base.loras)
+        if pipe.refiner is not None:
+            pipe.refiner.use_loras(base.refiner_loras)
     except RequestError as exc:
         raise _bad(exc) from None
     except AdapterError as exc:
@@ -263,3 +273,15 @@ def generate(
     for path in written:
         typer.echo(str(path))
     console.print(f"[green]wrote {len(written)} image(s) to {out}/[/green]")
+
+
+def _refiner_lora(library, text: str):
+    """``NAME`` or ``NAME:WEIGHT`` (both strengths) -> the LoRA's use; BadParameter names the option."""
+    from engine.adapters.refs import LoraUse
+
+    name, _, weight = text.rpartition(":") if ":" in text else (text, "", "")
+    try:
+        strength = float(weight) if weight else 1.0
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: the weight after ':' must be a number", param_hint="--refiner-lora") from None
+    return LoraUse(library.lora(name.strip()), strength, strength)

@@ -88,15 +88,22 @@ def models_init_random_upscaler(
 
 @app.command("inspect")
 def models_inspect(
-    path: Annotated[Path, typer.Argument(help="Checkpoint, upscaler, LoRA or embedding file.")],
+    path: Annotated[Path, typer.Argument(help="Checkpoint, upscaler, LoRA or embedding file, or a diffusers folder.")],
     allow_pickle: Annotated[bool, typer.Option(help="Allow .ckpt pickles (weights-only unpickling).")] = False,
+    db: Annotated[str | None, typer.Option("--db", help="Database whose training record of the file to show (env ADFORGE_DB_URL); never created.")] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Family, architecture read from the tensor shapes, and hashes of a checkpoint (without loading it), of an
     upscaler (its architecture and scale, as spandrel reads them), of a LoRA (format, family, ranks, alphas, modules
     touched, training metadata) or of a textual-inversion embedding (vectors, width, family)."""
     from engine.checkpoint import CheckpointError, a1111_short_hash, file_sha256, open_state_dict
 
+    if path.is_dir():
+        _inspect_folder(path, allow_pickle)
+        return
     if _inspect_adapter(path):
+        if (record := _registered_training(path, db, config)) is not None:
+            typer.echo(f"trained:     {training_summary(record)}")
         return
     from engine.families import detect_family
     from engine.upscale.chain import MODEL_SUFFIXES
@@ -125,6 +132,30 @@ def models_inspect(
     typer.echo(f"tensors:     {len(sd)}")
     typer.echo(f"sha256:      {sha}")
     typer.echo(f"model hash:  {a1111_short_hash(sha)}")
+
+
+def _inspect_folder(path: Path, allow_pickle: bool) -> None:
+    """A diffusers folder as the registry sees it: family, native size, prediction, the model card's licence, the
+    folder hash."""
+    from engine.checkpoint import CheckpointError
+    from engine.diffusers_folder import open_folder
+    from engine.families import detect_family
+    from flows.model_registry import describe_model
+
+    try:
+        sd = open_folder(path, allow_pickle=allow_pickle)
+        family = detect_family(sd)
+        info = describe_model(path, allow_pickle=allow_pickle)
+    except CheckpointError as exc:
+        raise fail(exc, 2) from None
+    typer.echo(f"folder:      {path}")
+    typer.echo(f"family:      {family.name}" + ("" if family.supported else f" (unsupported: {family.reason})"))
+    typer.echo(f"native size: {info.native_size}")
+    typer.echo(f"prediction:  {sd.metadata.get('modelspec.prediction_type', 'epsilon')}")
+    typer.echo(f"licence:     {info.license or 'unknown (no license: in README.md)'}")
+    typer.echo(f"tensors:     {len(sd)} in {len(sd.files)} files")
+    typer.echo(f"sha256:      {info.sha256}")
+    typer.echo(f"model hash:  {info.short_hash}")
 
 
 def _inspect_adapter(path: Path) -> bool:
@@ -166,14 +197,14 @@ def _inspect_adapter(path: Path) -> bool:
 
 @app.command("add")
 def models_add(
-    path: Annotated[Path, typer.Argument(help="Model file: checkpoint, upscaler, LoRA or embedding.")],
+    path: Annotated[Path, typer.Argument(help="Model file: checkpoint, upscaler, LoRA or embedding; or a diffusers folder.")],
     license_id: Annotated[str, typer.Option("--license", help="Licence id, e.g. creativeml-openrail-m, cc-by-nc-sa-4.0.")],
     commercial: Annotated[str | None, typer.Option(help="yes / no: may assets be used commercially? Default: known for common licences.")] = None,
-    name: Annotated[str | None, typer.Option(help="Display name (default: file name).")] = None,
+    name: Annotated[str | None, typer.Option(help="Display name (default: file or folder name).")] = None,
     db: DbOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Register a model file and its licence (required before commercial rows may use an unlabelled model)."""
+    """Register a model file (or diffusers folder) and its licence (required before commercial rows may use an unlabelled model)."""
     settings = load_settings(config, db_url=db)
     from engine.checkpoint import CheckpointError
     from flows.licence_policy import LicenseError
@@ -208,3 +239,46 @@ def models_list(db: DbOpt = None, config: ConfigOpt = None) -> None:
             commercial = {True: "allowed", False: "not allowed", None: "unknown"}[m.commercial_use]
             out.print(f"{m.id}  {escape(m.name)} {escape(f'[{m.kind}]')} ({m.short_hash}, {m.family})  licence {m.license or 'unknown'} "
                       f"({m.license_source}), commercial use {commercial}  {escape(m.path)}", soft_wrap=True)
+            if m.training:
+                out.print(f"    trained: {escape(training_summary(m.training))}", soft_wrap=True)
+
+
+def training_summary(record_json: str) -> str:
+    """One line of a ``models.training`` record: what adforge trained the file on, from which base, how long."""
+    import json
+
+    try:
+        r = json.loads(record_json)
+    except ValueError:
+        return "(unreadable training record)"
+    base = r.get("base_model") or {}
+    settings = r.get("settings") or {}
+    shape = f", rank {settings['rank']}" if "rank" in settings else ""
+    return (f"{r.get('trainer', '?')} on {r.get('images', '?')} images (set {str(r.get('image_set_sha256'))[:12]}), "
+            f"trigger '{r.get('trigger')}' / class '{r.get('class_word')}', base {base.get('name')} "
+            f"({str(base.get('sha256'))[:10]}), {r.get('steps')} steps{shape}, {r.get('seconds', 0):.0f} s, "
+            f"finished {r.get('finished_at', '?')}")
+
+
+def _registered_training(path: Path, db: str | None, config: Path | None) -> str | None:
+    """The training record of the file's row in an existing database (never creates one), or None."""
+    from sqlalchemy import select
+    from sqlalchemy.engine import make_url
+
+    from engine.checkpoint import file_sha256
+    from storage.database import open_database
+    from storage.schema import ModelRecord
+
+    settings = load_settings(config, db_url=db)
+    try:
+        url = make_url(settings.db_url)
+        if url.get_backend_name() == "sqlite" and not (url.database and Path(url.database).is_file()):
+            return None
+        database = open_database(settings.db_url, upgrade=False)
+        try:
+            with database.session() as s:
+                return s.scalar(select(ModelRecord.training).where(ModelRecord.sha256 == file_sha256(path)))
+        finally:
+            database.dispose()
+    except Exception:  # unreachable, not our schema, an older one without the column: the file speaks alone
+        return None

@@ -14,7 +14,7 @@ import typer
 
 from cli.errors import fail
 
-__all__ = ["CampaignOpt", "ConfigOpt", "DbOpt", "ModelOpt", "ReviewDbOpt", "StoreOpt", "actor", "load_settings", "open_db"]
+__all__ = ["CampaignOpt", "ConfigOpt", "DbOpt", "ModelOpt", "RefinerOpt", "RefinerSwitchOpt", "ReviewDbOpt", "StoreOpt", "actor", "load_settings", "open_db"]
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="adforge.toml to read (default: ./adforge.toml if present).")]
 DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (env ADFORGE_DB_URL). Default: sqlite under ./adforge-data/.")]
@@ -22,6 +22,10 @@ DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (env ADFOR
 ReviewDbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (env ADFORGE_DB_URL).")]
 StoreOpt = Annotated[str | None, typer.Option("--store", help="Asset store: folder, file:// or s3://bucket/prefix (env ADFORGE_STORE_URL).")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Default model for rows without one (env ADFORGE_MODEL). Default: bundled.")]
+RefinerOpt = Annotated[str | None, typer.Option(
+    "--refiner", help="SDXL refiner checkpoint that finishes every SDXL base render (env ADFORGE_REFINER).")]
+RefinerSwitchOpt = Annotated[float | None, typer.Option(
+    "--refiner-switch", min=0.01, max=1.0, help="Share of the schedule the base runs before the refiner (default 0.8).")]
 CampaignOpt = Annotated[str, typer.Option("--campaign", "-c", help="Campaign name (or id).")]
 
 

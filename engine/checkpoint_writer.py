@@ -2,15 +2,19 @@
 loads): SD 1.x (LDM), SD 2.x (LDM with the OpenCLIP-H tower) and SDXL (SGM "conditioner" layout).
 
 Each ``*_state_dict`` function returns the file's tensors by their full keys; :func:`save_checkpoint` writes them
-atomically with metadata. Our networks keep the checkpoint's own names (U-Net, VAE, CLIP-L), so writing is adding a
+atomically with metadata. :class:`SafetensorsWriter` writes the same file format from a header given up front and
+then one tensor at a time, in any order, so a file of many gigabytes never has to be held in memory whole. Our networks keep the checkpoint's own names (U-Net, VAE, CLIP-L), so writing is adding a
 prefix; only the OpenCLIP towers are renamed back by :func:`engine.open_clip.transformers_to_open_clip`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import struct
 from collections.abc import Iterable, Mapping
+from types import TracebackType
 
 import torch
 from safetensors.torch import save_file
@@ -24,7 +28,7 @@ from engine.unet import UNetModel
 from engine.vae import AutoencoderKL
 
 __all__ = [
-    "OPEN_CLIP_LOGIT_SCALE", "checkpoint_metadata", "save_checkpoint", "save_sd1_checkpoint", "sd1_state_dict",
+    "OPEN_CLIP_LOGIT_SCALE", "SafetensorsWriter", "checkpoint_metadata", "save_checkpoint", "save_sd1_checkpoint", "sd1_state_dict",
     "sd2_state_dict", "sdxl_state_dict",
 ]
 
@@ -38,7 +42,9 @@ def _prefixed(prefix: str, tensors: Mapping[str, torch.Tensor], dtype: torch.dty
     for k, v in tensors.items():
         if k.endswith("embeddings.position_ids"):
             continue  # a buffer, rebuilt at load
-        v = v.detach().cpu()
+        v = v.detach()
+        if not v.is_meta:  # meta tensors stand for a file's layout (SafetensorsWriter's header): they stay meta
+            v = v.cpu()
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
         out[prefix + k] = v.contiguous()  # safetensors writes contiguous tensors only
@@ -166,3 +172,114 @@ def save_sd1_checkpoint(
         **(metadata or {}),
     }
     return save_checkpoint(path, sd1_state_dict(unet, text_encoder, vae, dtype, clip_text_model_level=clip_text_model_level), meta)
+
+
+# ---- streaming writer ---------------------------------------------------------------------------------------
+
+# torch dtype -> (safetensors name, rank). safetensors' own writer orders the data section by dtype, widest rank first,
+# then by name; the ranks follow the declaration order of its Rust Dtype enum, so our files come out in its order.
+_DTYPES: dict[torch.dtype, tuple[str, int]] = {
+    torch.bool: ("BOOL", 0), torch.uint8: ("U8", 1), torch.int8: ("I8", 2), torch.float8_e5m2: ("F8_E5M2", 3),
+    torch.float8_e4m3fn: ("F8_E4M3", 4), torch.int16: ("I16", 5), torch.uint16: ("U16", 6), torch.float16: ("F16", 7),
+    torch.bfloat16: ("BF16", 8), torch.int32: ("I32", 9), torch.uint32: ("U32", 10), torch.float32: ("F32", 11),
+    torch.float64: ("F64", 12), torch.int64: ("I64", 13), torch.uint64: ("U64", 14),
+}
+_HEADER_ALIGN = 8  # safetensors pads the JSON header with spaces so that the data starts 8-byte aligned
+
+
+class SafetensorsWriter:
+    """A safetensors file written tensor by tensor: the layout (names, dtypes, shapes; tensors or meta tensors) is
+    fixed up front, then every tensor is :meth:`write`-n once, in any order, to its place in the file.
+
+    Atomic like :func:`save_checkpoint`: bytes go to ``<path>.part``, renamed to ``path`` by :meth:`close` only once
+    every tensor has been written; an exception inside ``with`` removes the partial file. The bytes equal
+    ``safetensors.torch.save_file``'s for the same tensors, except that metadata keys come in sorted order (its
+    writer emits them in hash order, which varies from run to run).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], layout: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, str] | None = None):
+        self.path = str(path)
+        entries: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        for name, t in layout.items():
+            if name == "__metadata__" or not isinstance(name, str):
+                raise ValueError(f"{name!r} cannot name a tensor in a safetensors file")
+            if t.dtype not in _DTYPES:
+                raise ValueError(f"tensor {name!r}: dtype {t.dtype} has no safetensors name")
+            entries[name] = (t.dtype, tuple(int(d) for d in t.shape))
+        order = sorted(entries, key=lambda n: (-_DTYPES[entries[n][0]][1], n))
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+        self._slots: dict[str, tuple[int, int]] = {}  # name -> (start, end) within the data section
+        offset = 0
+        for name in order:
+            dtype, shape = entries[name]
+            size = math.prod(shape) * dtype.itemsize
+            self._slots[name] = (offset, offset + size)
+            header[name] = {"dtype": _DTYPES[dtype][0], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        raw += b" " * (-len(raw) % _HEADER_ALIGN)
+        self._entries = entries
+        self._data_start = 8 + len(raw)
+        self.pending: set[str] = set(entries)  # not written yet
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self._tmp = f"{self.path}.part"
+        self._file = open(self._tmp, "wb")
+        try:
+            self._file.write(struct.pack("<Q", len(raw)) + raw)
+            # The full size up front: tensors may then arrive in any order (the gaps read as zeros until filled).
+            self._file.truncate(self._data_start + offset)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write ``name``'s bytes; its dtype and shape must be the layout's, and each name is written once."""
+        if name not in self._entries:
+            raise KeyError(f"{name!r} is not in this file's layout")
+        if name not in self.pending:
+            raise ValueError(f"tensor {name!r} was already written")
+        dtype, shape = self._entries[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)} but the header says "
+                             f"{dtype} {shape}")
+        if tensor.is_meta:
+            raise ValueError(f"tensor {name!r} is a meta tensor: it has no data to write")
+        start, end = self._slots[name]
+        if end > start:
+            # A flat byte view of a contiguous CPU tensor: written without another copy (x86/ARM are little-endian,
+            # as the format is).
+            data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            self._file.seek(self._data_start + start)
+            self._file.write(memoryview(data))
+        self.pending.discard(name)
+
+    def close(self) -> str:
+        """Finish the file under its final name; refuses (and removes the partial file) if a tensor is missing."""
+        if self.pending:
+            missing = sorted(self.pending)
+            self.abort()
+            raise ValueError(f"{len(missing)} tensor(s) never written, e.g. {missing[0]!r}; {self.path} not written")
+        self._file.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the partial file."""
+        self._file.close()
+        try:
+            os.remove(self._tmp)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

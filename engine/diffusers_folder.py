@@ -11,7 +11,9 @@ open_clip's layout (``cond_stage_model.model.*``, ``conditioner.embedders.1.mode
 concatenated and ``text_projection`` the transposed Linear weight, each built (a copy) when first read. diffusers'
 SD 2.x text encoder lacks the tower's last block (SD 2.x reads the penultimate layer; diffusers drops the last and reads
 the output), so a zero block stands in for it: the engine reads layer -2 of the tower, which is the folder's last.
-diffusers keeps no ``text_projection`` / ``logit_scale`` for SD 2.x; our loader uses neither.
+diffusers keeps no ``text_projection`` / ``logit_scale`` for SD 2.x; our loader uses neither. The SDXL refiner, saved
+with ``text_encoder`` null and bigG as ``text_encoder_2`` (``requires_aesthetics_score`` true), becomes the refiner
+file's layout: bigG alone under ``conditioner.embedders.0.model.``.
 
 Architecture facts no tensor shape carries come from the config files into the metadata our loader reads: U-Net head
 size or count (``attention_head_dim`` / ``num_attention_heads`` per level), text encoder heads, native size
@@ -19,7 +21,9 @@ size or count (``attention_head_dim`` / ``num_attention_heads`` per level), text
 
 The folder's identity (:func:`folder_sha256`): sha256 over the lines ``"<relative path> <sha256 of the file>\\n"`` of
 every file read (``model_index.json``, each component's config, weights and tokenizer vocabulary, the scheduler
-config), sorted by relative path.
+config), sorted by relative path. Weights may be one file, a shard index and its shards, a variant (``fp16``) or, with
+``allow_pickle``, ``.bin`` pickles: :mod:`engine.diffusers_weights` chooses (full precision first) and every file it
+reads is hashed.
 """
 
 from __future__ import annotations
@@ -34,14 +38,14 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointError, StateDict, file_sha256, open_state_dict
-from engine.open_clip import SD2_PREFIX, SDXL_CLIP_G_PREFIX, open_clip_source
+from engine.diffusers_weights import open_weights
+from engine.diffusers_weights import read_json as _json
+from engine.open_clip import SD2_PREFIX, SDXL_CLIP_G_PREFIX, SDXL_REFINER_CLIP_G_PREFIX, open_clip_source
 
 MODEL_INDEX = "model_index.json"
 CLIP_VOCAB_SIZE = 49408
 SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."  # as engine.loading.SDXL_CLIP_L_PREFIX
 SDXL_SIZE_EMBED_DIM = 256  # engine.unet.sdxl_size_embedding's width per size number
-_WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-            "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
 _SHIPPED_VOCAB = Path(__file__).resolve().parent / "tokenizer_data" / "vocab.json"
 _PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v"}
 
@@ -70,41 +74,34 @@ class FolderStateDict(StateDict):
             raise KeyError(key)
         return self._sources[key][3]
 
+    def sha256(self) -> str:
+        """The folder's identity (:func:`folder_sha256`) from the files this view read."""
+        lines = sorted(f"{f.relative_to(self.path).as_posix()} {file_sha256(f)}\n" for f in dict.fromkeys(self.files))
+        return hashlib.sha256("".join(lines).encode()).hexdigest()
 
-def open_model(path: str | os.PathLike[str], allow_pickle: bool = False) -> StateDict:
-    """The single-file view of a model: the file itself, or a diffusers folder mapped to the single-file layout."""
+
+def open_model(path: str | os.PathLike[str], allow_pickle: bool = False, variant: str | None = None) -> StateDict:
+    """The single-file view of a model: the file itself, or a diffusers folder mapped to the single-file layout
+    (``variant``: which weights variant of a folder to read; see :mod:`engine.diffusers_weights`)."""
     p = Path(path)
-    return open_folder(p) if p.is_dir() else open_state_dict(p, allow_pickle)
+    return open_folder(p, variant, allow_pickle) if p.is_dir() else open_state_dict(p, allow_pickle)
 
 
-def folder_sha256(path: str | os.PathLike[str]) -> str:
-    """The folder's identity: sha256 of ``"<relative path> <file sha256>\\n"`` lines, sorted, of every file read."""
-    root = Path(path)
-    files = open_folder(root).files
-    lines = sorted(f"{f.relative_to(root).as_posix()} {file_sha256(f)}\n" for f in files)
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
+def folder_sha256(path: str | os.PathLike[str], variant: str | None = None, allow_pickle: bool = False) -> str:
+    """The folder's identity: sha256 of ``"<relative path> <file sha256>\\n"`` lines, sorted, of every file read
+    (shard indexes and every shard included, so a changed shard is another model)."""
+    return open_folder(path, variant, allow_pickle).sha256()
 
 
-def model_sha256(path: str | os.PathLike[str]) -> str:
+def model_sha256(path: str | os.PathLike[str], allow_pickle: bool = False, variant: str | None = None) -> str:
     """``file_sha256`` of a file, :func:`folder_sha256` of a folder."""
-    return folder_sha256(path) if Path(path).is_dir() else file_sha256(path)
-
-
-def _json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise CheckpointError(path, f"missing {what}")
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(path, f"cannot be read as JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(path, "is not a JSON object")
-    return value
+    return folder_sha256(path, variant, allow_pickle) if Path(path).is_dir() else file_sha256(path)
 
 
 class _Folder:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, variant: str | None = None, allow_pickle: bool = False):
         self.root = root
+        self.variant, self.allow_pickle = variant, allow_pickle
         if not root.is_dir():
             raise CheckpointError(root, "not a folder")
         self.index_file = root / MODEL_INDEX
@@ -131,11 +128,10 @@ class _Folder:
         return value
 
     def weights(self, name: str) -> tuple[Path, StateDict]:
-        path = self.root / name / _WEIGHTS[name]
-        if not path.is_file():
-            raise CheckpointError(path, f"missing {name} weights (only .safetensors components are read)")
-        self.files.append(path)
-        return path, open_state_dict(path)
+        """(the weights file or shard index, for messages; the tensors), with every file read kept for the hash."""
+        found = open_weights(self.root / name, name, self.variant, self.allow_pickle)
+        self.files.extend(found.files)
+        return found.entry, found.tensors
 
 
 def _direct(key: str, reshape: tuple[int, ...] | None = None) -> Callable[[StateDict], torch.Tensor]:
@@ -372,11 +368,68 @@ def _check_tokenizer(folder: _Folder, name: str) -> None:
                                     "models with CLIP's tokenizer can be loaded")
 
 
+def _text_encoders(folder: _Folder, sources: dict[str, Source], unet_cfg: dict) -> list[tuple[Path, dict]]:
+    """The folder's text encoders added to ``sources`` in the family's layout; their (config path, config), for the
+    head count. Which family is told by what is listed: CLIP-L alone (SD 1.x), a gelu tower alone (SD 2.x), both
+    (SDXL), or bigG alone as ``text_encoder_2`` (the SDXL refiner)."""
+    if not folder.listed("text_encoder"):
+        return _refiner_text_encoder(folder, sources, unet_cfg)
+    text_cfg = folder.config("text_encoder")
+    text_file, text_sd = folder.weights("text_encoder")
+    _check_tokenizer(folder, "tokenizer")
+    configs = [(folder.root / "text_encoder" / "config.json", text_cfg)]
+    if folder.listed("text_encoder_2"):  # SDXL: CLIP-L and bigG (with its projection)
+        cfg_2 = folder.config("text_encoder_2")
+        configs.append((folder.root / "text_encoder_2" / "config.json", cfg_2))
+        _check_act(configs[0][0], text_cfg, "quick_gelu")
+        _check_act(configs[1][0], cfg_2, "gelu")
+        _check_tokenizer(folder, "tokenizer_2")
+        sources |= _clip_l(text_file, text_sd, SDXL_CLIP_L_PREFIX)
+        file_2, sd_2 = folder.weights("text_encoder_2")
+        sources |= _open_clip(file_2, sd_2, SDXL_CLIP_G_PREFIX, stand_in_block=False)
+    elif text_cfg.get("hidden_act") == "gelu":  # SD 2.x: OpenCLIP ViT-H, stored by diffusers without its last block
+        sources |= _open_clip(text_file, text_sd, SD2_PREFIX, stand_in_block=True)
+    else:  # SD 1.x: CLIP-L
+        _check_act(configs[0][0], text_cfg, "quick_gelu")
+        sources |= _clip_l(text_file, text_sd, CLIP_PREFIX)
+    return configs
+
+
+def _refiner_text_encoder(folder: _Folder, sources: dict[str, Source], unet_cfg: dict) -> list[tuple[Path, dict]]:
+    """The SDXL refiner as diffusers saves it (no ``text_encoder``, bigG as ``text_encoder_2``) in the refiner
+    file's layout: bigG alone under ``conditioner.embedders.0.model.``, which is what detection calls a refiner."""
+    if not folder.listed("text_encoder_2"):
+        raise CheckpointError(folder.index_file, "no text encoder: 'text_encoder' is null and no 'text_encoder_2' is "
+                                                 "listed (only the SDXL refiner comes without 'text_encoder', with bigG "
+                                                 "as 'text_encoder_2')", "text_encoder")
+    # Without the aesthetic score diffusers feeds a bigG-only U-Net six size numbers; the engine's refiner feeds five
+    # and the score, so such a model would be conditioned wrongly.
+    if folder.index.get("requires_aesthetics_score") is not True:
+        raise CheckpointError(folder.index_file, "'text_encoder' is null but requires_aesthetics_score is not true: "
+                                                 "not an SDXL refiner (the only bigG-only model the engine runs)",
+                              "requires_aesthetics_score")
+    path = folder.root / "text_encoder_2" / "config.json"
+    cfg = folder.config("text_encoder_2")
+    _check_act(path, cfg, "gelu")
+    _check_tokenizer(folder, "tokenizer_2")
+    # label_emb takes the pooled bigG output and 5 numbers (original size, crop, score), each embedded 256 wide.
+    want = int(cfg.get("projection_dim") or 0) + 5 * SDXL_SIZE_EMBED_DIM
+    got = unet_cfg.get("projection_class_embeddings_input_dim")
+    if got != want:
+        raise CheckpointError(folder.root / "unet" / "config.json", f"projection_class_embeddings_input_dim={got!r}; an "
+                                                                   f"SDXL refiner's U-Net with this bigG takes {want}",
+                              "projection_class_embeddings_input_dim")
+    file, sd = folder.weights("text_encoder_2")
+    sources |= _open_clip(file, sd, SDXL_REFINER_CLIP_G_PREFIX, stand_in_block=False)
+    return [(path, cfg)]
+
+
 # ---- the folder ----------------------------------------------------------------------------------------------------
 
-def open_folder(path: str | os.PathLike[str]) -> FolderStateDict:
-    """A diffusers folder in the single-file layout (see the module doc); CheckpointError naming file and key."""
-    folder = _Folder(Path(path))
+def open_folder(path: str | os.PathLike[str], variant: str | None = None, allow_pickle: bool = False) -> FolderStateDict:
+    """A diffusers folder in the single-file layout (see the module doc); CheckpointError naming file and key.
+    ``variant`` (``fp16``...) and ``allow_pickle`` choose the weights files (:mod:`engine.diffusers_weights`)."""
+    folder = _Folder(Path(path), variant, allow_pickle)
     sources: dict[str, Source] = {}
     meta: dict[str, str] = {}
 
@@ -403,24 +456,7 @@ def open_folder(path: str | os.PathLike[str]) -> FolderStateDict:
     if isinstance(sample, int) and levels:
         meta["adforge.native_size"] = str(sample * 2 ** (levels - 1))
 
-    text_cfg = folder.config("text_encoder")
-    text_file, text_sd = folder.weights("text_encoder")
-    _check_tokenizer(folder, "tokenizer")
-    configs = [(folder.root / "text_encoder" / "config.json", text_cfg)]
-    if folder.listed("text_encoder_2"):  # SDXL: CLIP-L and bigG (with its projection)
-        cfg_2 = folder.config("text_encoder_2")
-        configs.append((folder.root / "text_encoder_2" / "config.json", cfg_2))
-        _check_act(configs[0][0], text_cfg, "quick_gelu")
-        _check_act(configs[1][0], cfg_2, "gelu")
-        _check_tokenizer(folder, "tokenizer_2")
-        sources |= _clip_l(text_file, text_sd, SDXL_CLIP_L_PREFIX)
-        file_2, sd_2 = folder.weights("text_encoder_2")
-        sources |= _open_clip(file_2, sd_2, SDXL_CLIP_G_PREFIX, stand_in_block=False)
-    elif text_cfg.get("hidden_act") == "gelu":  # SD 2.x: OpenCLIP ViT-H, stored by diffusers without its last block
-        sources |= _open_clip(text_file, text_sd, SD2_PREFIX, stand_in_block=True)
-    else:  # SD 1.x: CLIP-L
-        _check_act(configs[0][0], text_cfg, "quick_gelu")
-        sources |= _clip_l(text_file, text_sd, CLIP_PREFIX)
+    configs = _text_encoders(folder, sources, unet_cfg)
     meta |= _text_heads(configs)
 
     sched = folder.config("scheduler", "scheduler_config.json")

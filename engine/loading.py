@@ -70,9 +70,10 @@ class ModelFile:
         return a1111_short_hash(self.sha256)
 
     @classmethod
-    def of(cls, path: str | os.PathLike[str]) -> "ModelFile":
+    def of(cls, path: str | os.PathLike[str], allow_pickle: bool = False) -> "ModelFile":
         p = Path(path)
-        return cls(path=p, name=p.stem, sha256=model_sha256(p))
+        # a folder's name has no suffix to drop ("sdxl-base-1.0"); a pickled folder is hashed as it was opened
+        return cls(path=p, name=p.name if p.is_dir() else p.stem, sha256=model_sha256(p, allow_pickle))
 
 
 # ---- base weights: undoing in-place changes (LoRA merges) ---------------------------------------------------
@@ -479,7 +480,7 @@ def load_checkpoint(
         text_encoder_2=text_encoder_2,
         tokenizer=load_clip_tokenizer(),
         family=family,
-        checkpoint=ModelFile.of(path),
+        checkpoint=ModelFile.of(path, allow_pickle),
         vae_file=ModelFile.of(vae_path) if vae_path else None,
         device=device,
         dtype=dtype,

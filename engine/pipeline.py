@@ -280,8 +280,9 @@ class Pipeline:
                           on_step: ProgressFn) -> torch.Tensor:
         """Go on sampling ``latents`` (at ``sigmas[0]``) down ``sigmas`` with this model and its own conditioning:
         the SDXL refiner's part of a base + refiner render. The sampler starts afresh (a multistep sampler's history
-        belongs to the other model), and ancestral noise keeps coming from the same per-image generators."""
-        self.use_loras(())
+        belongs to the other model), and ancestral noise keeps coming from the same per-image generators. The
+        requests' ``refiner_loras`` are merged into this model for it (they share a batch key, so the first's hold)."""
+        self.use_loras(reqs[0].refiner_loras)
         cond, y = self._conditioning(reqs)
         cfg = torch.tensor([r.cfg_scale for r in reqs], dtype=torch.float32, device=self.device)
         denoiser = self._denoiser(cond, cfg, None, None, None, y)
@@ -446,9 +447,12 @@ class Pipeline:
         if r.refiner_switch is not None and self.refiner is not None:
             p["Refiner"] = f"{self.refiner.models.checkpoint.name} [{self.refiner.models.checkpoint.short_hash}]"
             p["Refiner switch at"] = _fmt(r.refiner_switch)
+            if r.refiner_loras:  # no prompt tag carries them, so the infotext names them with their strengths
+                p["Refiner loras"] = ", ".join(f"{u.file.name}: {_fmt(u.te)}" + ("" if u.te == u.unet else f":{_fmt(u.unet)}")
+                                               for u in r.refiner_loras)
         if m.prediction != "eps" or m.family.name.startswith("sd2"):
             p["Prediction"] = m.prediction  # SD 2.x files do not say which they are: the choice made is recorded
-        p.update(adapter_parameters(r.loras, r.embeddings, m.checkpoint.short_hash))
+        p.update(adapter_parameters(r.loras + r.refiner_loras, r.embeddings, m.checkpoint.short_hash))
         return p
 
 

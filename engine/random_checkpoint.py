@@ -6,18 +6,22 @@ exactly the loader a downloaded checkpoint does. The images it renders are noise
 Each family has two presets: ``tiny`` (the family's topology at narrow widths: a few MB, renders 64x64 in
 milliseconds) and ``full`` (the published shapes: SD 1.5, SD 2.1, SDXL base; gigabytes, written only when asked).
 Tiny widths are not multiples of the real 64-wide attention heads, so our files record heads in metadata.
+
+:func:`write_random` streams: one network at a time is filled and written (:class:`SafetensorsWriter`), so a full
+SDXL file costs about its U-Net's size in memory, not the file's; the tensors are the ones :func:`random_state_dict`
+makes for the same arguments, bit for bit.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
 from engine.checkpoint_writer import (
+    SafetensorsWriter,
     checkpoint_metadata,
-    save_checkpoint,
     save_sd1_checkpoint,
     sd1_state_dict,
     sd2_state_dict,
@@ -31,7 +35,7 @@ from engine.vae import AutoencoderKL, VAEConfig
 __all__ = [
     "FAMILY_NAMES", "PRESETS", "PRESET_NAMES", "RandomModels", "RandomSpec", "TINY_TEXT", "TINY_UNET", "TINY_VAE",
     "models_state_dict", "random_metadata", "random_models", "random_sd1_models", "random_sd1_state_dict", "random_spec",
-    "random_state_dict", "randomize_", "sd1_metadata", "write_random", "write_random_sd1",
+    "random_state_dict", "randomize_", "sd1_metadata", "write_random", "write_random_sd1", "write_random_spec",
 ]
 
 # Same topology as SD 1.5 (two U-Net levels instead of four, narrow widths): loads and renders in milliseconds.
@@ -219,8 +223,69 @@ def write_random(
     ``metadata`` is added to (and overrides) what the file declares about itself."""
     if inpaint and family not in ("sd1", "sd2", "sdxl"):
         raise ValueError(f"no inpainting variant of {family!r}: sd1, sd2 and sdxl only")
-    tensors, meta = random_state_dict(family, preset, seed=seed, inpaint=inpaint, dtype=dtype)
-    return save_checkpoint(path, tensors, {**meta, **(metadata or {})})
+    return write_random_spec(path, random_spec(family, preset), seed=seed, inpaint=inpaint, dtype=dtype,
+                             metadata=metadata)
+
+
+def write_random_spec(
+    path: str | os.PathLike[str],
+    spec: RandomSpec,
+    *,
+    seed: int = 0,
+    inpaint: bool = False,
+    dtype: torch.dtype = torch.float32,
+    metadata: Mapping[str, str] | None = None,
+) -> str:
+    """:func:`write_random` for any :class:`RandomSpec` (e.g. a preset with some widths replaced), streamed.
+
+    The file's layout comes from the networks built on the meta device (no memory); then, in the order
+    :func:`random_models` draws from the generator, each network is allocated in ``dtype`` (no default init: every
+    parameter is overwritten), filled, its tensors written, and put back to meta before the next. The same layout
+    function as :func:`random_state_dict` names the tensors, so the two cannot disagree."""
+    gen = torch.Generator().manual_seed(seed)
+    unet_cfg = replace(spec.unet, in_channels=2 * spec.unet.out_channels + 1) if inpaint else spec.unet
+    factories: dict[str, Callable[[], torch.nn.Module]] = {"unet": lambda: UNetModel(unet_cfg),
+                                                            "text_encoder": lambda: build_text_encoder(spec.text)}
+    if spec.text_2 is not None:
+        text_2 = spec.text_2
+        factories["text_encoder_2"] = lambda: build_text_encoder(text_2)
+    factories["vae"] = lambda: AutoencoderKL(spec.vae)
+
+    def on_meta(name: str) -> torch.nn.Module:
+        with torch.device("meta"):
+            return factories[name]().to(dtype)
+
+    meta = {name: on_meta(name) for name in factories}
+    projection_meta = None if spec.projection_dim is None else torch.empty(
+        spec.text.hidden_size, spec.projection_dim, device="meta")
+    models = RandomModels(meta["unet"], meta["text_encoder"], meta["vae"], meta.get("text_encoder_2"),  # type: ignore[arg-type]
+                          projection_meta)
+    header = models_state_dict(spec, models, dtype)
+    file_meta = {**random_metadata(spec, models), **(metadata or {})}
+
+    def filled(name: str) -> torch.nn.Module:
+        module = on_meta(name).to_empty(device="cpu")
+        randomize_(module, gen)
+        if name.startswith("text_encoder"):
+            reset_position_ids(module, "cpu")  # type: ignore[arg-type]
+        return module
+
+    # random_models' draw order: U-Net, text encoder(s), SD 2.x's projection, VAE.
+    steps: list[tuple[str, Callable[[], object]]] = [(n, lambda n=n: filled(n)) for n in factories if n != "vae"]
+    if spec.projection_dim is not None:
+        width = spec.text.hidden_size
+        steps.append(("text_projection", lambda: torch.randn(width, spec.projection_dim, generator=gen) / width**0.5))
+    steps.append(("vae", lambda: filled("vae")))
+    with SafetensorsWriter(path, header, file_meta) as writer:
+        for attr, make in steps:
+            placeholder = getattr(models, attr)
+            setattr(models, attr, make())
+            # Only this step's tensors are real (plus constants such as logit_scale): write those not yet written.
+            for key, tensor in models_state_dict(spec, models, dtype).items():
+                if key in writer.pending and not tensor.is_meta:
+                    writer.write(key, tensor)
+            setattr(models, attr, placeholder)  # frees the network before the next is allocated
+    return str(path)
 
 
 # ---- SD 1.x, as the rest of the code base has always called it -------------------------------------------------

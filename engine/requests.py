@@ -48,6 +48,8 @@ class GenerationRequest:
     # SDXL base + refiner: the share of the schedule the base runs before the pipeline's refiner finishes it (A1111's
     # "Refiner switch at", diffusers' denoising_end); None = no refiner.
     refiner_switch: float | None = None
+    # LoRAs merged into the refiner for its part (files made for the SDXL refiner; a base LoRA does not fit it).
+    refiner_loras: tuple[LoraUse, ...] = ()
 
     @property
     def mode(self) -> str:
@@ -90,6 +92,8 @@ class GenerationRequest:
             raise ValueError(f"tile must be 0 (never tile) or a multiple of 8 of at least 64, got {self.tile}")
         if self.refiner_switch is not None and not 0.0 < self.refiner_switch <= 1.0:
             raise ValueError(f"refiner switch must be in (0, 1], got {self.refiner_switch}")
+        if self.refiner_loras and self.refiner_switch is None:
+            raise ValueError("refiner LoRAs need a refiner switch (no refiner pass, nothing to merge them into)")
         if self.refiner_switch is not None and self.has_init:
             raise ValueError("a refiner pass goes with txt2img only (the refiner is for finishing a base render)")
         sampler = get_sampler(self.sampler)
@@ -102,7 +106,7 @@ class GenerationRequest:
         """Requests with equal keys run in one U-Net batch; ``sampler`` is what :meth:`validate` resolved."""
         strength = self.strength if self.has_init else None
         return (self.width, self.height, self.steps, sampler, self.mode, strength, self.init_latent is not None, self.tile,
-                self.lora_key, self.refiner_switch)
+                self.lora_key, self.refiner_switch, tuple(use.key for use in self.refiner_loras))
 
 
 @dataclass

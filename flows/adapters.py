@@ -1,4 +1,5 @@
-"""Adapters in a plan: the LoRA and embedding files a variant's prompts name, checked and pinned.
+"""Adapters in a plan: the LoRA and embedding files a variant's prompts name, and the run's SDXL refiner, checked
+and pinned.
 
 A prompt names a LoRA with A1111's tag (``<lora:acme-style:0.8>``) and an embedding by writing its name
 (``easynegative``); both are looked up by file stem in the run's folders (settings ``lora_dir`` /
@@ -40,14 +41,15 @@ class AdapterProblem(ValueError):
 
 @dataclass(frozen=True)
 class PlannedAdapter:
-    kind: str  # lora | embedding
+    kind: str  # lora | embedding | refiner
     model: ModelInfo
     te: float | None = None
     unet: float | None = None
+    switch: float | None = None  # refiner: the share of the schedule the base runs first
 
     @property
     def pin(self) -> AdapterPin:
-        return AdapterPin(self.kind, self.model.name, self.model.sha256, self.te, self.unet)
+        return AdapterPin(self.kind, self.model.name, self.model.sha256, self.te, self.unet, self.switch)
 
 
 def family_base(family: str) -> str:
@@ -64,6 +66,36 @@ class PromptAdapters:
         self.library = AdapterLibrary([Path(settings.lora_dir)], [Path(settings.embeddings_dir)])
         self._resolve_model = resolve_model
         self._models: dict[str, ModelInfo | AdapterProblem] = {}
+        self._refiner_path = settings.refiner
+        self._refiner_switch = settings.refiner_switch
+        self._refiner: ModelInfo | AdapterProblem | None = None
+
+    def refiner(self, row: BriefRow, model: ModelInfo) -> PlannedAdapter | None:
+        """The settings' SDXL refiner for ``row`` on ``model`` (None without one). Only an SDXL base render can
+        be finished by it: a refiner set for a run whose row renders on another family is that row's problem, not
+        a silent skip (the run would deliver images the settings say were refined)."""
+        if not self._refiner_path:
+            return None
+        if self._refiner is None:
+            try:
+                info = self._resolve_model(self._refiner_path)
+                if info.kind != "checkpoint" or info.family != "sdxl-refiner":
+                    what = info.kind_phrase if info.kind != "checkpoint" else f"a {info.family} checkpoint"
+                    raise AdapterProblem(f"refiner {self._refiner_path!r} is {what}, not an SDXL refiner", "model")
+                self._refiner = info
+            except (CheckpointError, AdapterError, OSError) as exc:
+                self._refiner = AdapterProblem(f"refiner {self._refiner_path!r} cannot be used: {exc}", "model")
+            except AdapterProblem as exc:
+                self._refiner = exc
+        if isinstance(self._refiner, AdapterProblem):
+            raise self._refiner
+        if model.family != "sdxl":
+            raise AdapterProblem(f"the run's refiner '{self._refiner.name}' finishes SDXL base renders, but the row's "
+                                 f"model '{model.name}' is {FAMILY_LABELS.get(family_base(model.family), model.family)}", "model")
+        refusal = check_license(self._refiner, row.license)
+        if refusal:
+            raise AdapterProblem(refusal, "license")
+        return PlannedAdapter("refiner", self._refiner, switch=self._refiner_switch)
 
     def _model(self, path: str, name: str, kind: str) -> ModelInfo:
         if path not in self._models:
@@ -103,6 +135,9 @@ class PromptAdapters:
             info = self._model(path, name, kind)
         except AdapterProblem as exc:
             raise AdapterProblem(str(exc), _blame(row, name)) from None
+        if info.family == "sdxl-refiner":
+            raise AdapterProblem(f"{kind} '{name}' is for the SDXL refiner; a prompt's LoRAs go into the row's model "
+                                 f"'{model.name}'", _blame(row, name))
         want, have = family_base(model.family), family_base(info.family)
         if have in FAMILY_LABELS and want in FAMILY_LABELS and have != want:
             raise AdapterProblem(f"{kind} '{name}' is for {FAMILY_LABELS[have]}, but the row's model '{model.name}' is "

@@ -32,8 +32,14 @@ class LicenseError(ValueError):
     pass
 
 
+# Ids the Hugging Face Hub's model cards use for licences known here under their full names: SD 2.x and SDXL
+# cards say ``license: openrail++`` for CreativeML Open RAIL++-M.
+ALIASES = {"openrail++": "creativeml-openrail++-m", "openrail++-m": "creativeml-openrail++-m"}
+
+
 def normalize_license(license_id: str) -> str:
-    return license_id.strip().lower().replace(" ", "-").replace("_", "-")
+    normal = license_id.strip().lower().replace(" ", "-").replace("_", "-")
+    return ALIASES.get(normal, normal)
 
 
 def commercial_use_of(license_id: str | None) -> bool | None:

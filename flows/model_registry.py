@@ -6,9 +6,16 @@ entered on first use with the licence its own metadata declares (``modelspec.lic
 many trainers write it) or, failing that, as unknown. Whether a row may use a model is the licence policy's
 (:mod:`flows.licence_policy`).
 
+A file adforge trained (``adforge train lora``, :mod:`flows.training`) is registered by :func:`register_trained` with
+the licence its base model carries over and its training record (``models.training``).
+
 LoRAs and textual-inversion embeddings are models too (``kind`` = ``lora`` / ``embedding``, ``family`` = the
 checkpoint family they are for): a run enters the ones its prompts name, and the licence policy judges them like
 checkpoints.
+
+A diffusers folder (``model_index.json`` + ``unet/``, ``vae/``...) is a checkpoint like a single file: its sha256 is
+:func:`engine.diffusers_folder.folder_sha256`, its name the folder's, its licence the ``license:`` of the model card
+(``README.md`` front matter, as the Hugging Face Hub writes it) where the file's would be its metadata.
 
 Upscaler files (ESRGAN-family ``.pth`` / ``.safetensors`` that spandrel recognises) are models like any other here:
 same table (``kind`` = ``upscaler``), same registration. Their ``.pth`` files are read with ``weights_only``
@@ -17,6 +24,7 @@ unpickling.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +38,8 @@ from flows.licence_policy import KNOWN_LICENSES, LicenseError, commercial_use_of
 from storage.database import Database, audit
 from storage.schema import ModelRecord
 
-__all__ = ["ModelInfo", "describe_model", "ensure_model", "enter_model", "register_model"]
+__all__ = ["ModelInfo", "describe_model", "ensure_model", "enter_model", "register_model", "register_trained",
+           "training_record_of"]
 
 
 @dataclass(frozen=True)
@@ -117,10 +126,44 @@ def _file_metadata(path: Path) -> dict[str, str]:
         return {}
 
 
+def _card_license(folder: Path) -> str | None:
+    """The ``license:`` of a folder's model card (``README.md`` YAML front matter); None if there is none."""
+    import yaml
+
+    try:
+        text = (folder / "README.md").read_text(encoding="utf-8")[:65536]
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.startswith("---"):
+        return None
+    front, sep, _ = text[3:].partition("\n---")
+    try:
+        card = yaml.safe_load(front) if sep else None
+    except yaml.YAMLError:
+        return None
+    value = card.get("license") if isinstance(card, dict) else None
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def _inspect_folder(path: Path, allow_pickle: bool) -> _Inspected:
+    """A diffusers folder, read (lazily) in the single-file layout as loading reads it."""
+    from engine.diffusers_folder import open_folder
+
+    sd = open_folder(path, allow_pickle=allow_pickle)
+    detection = detect_family(sd)
+    metadata = {"modelspec.title": path.name, **sd.metadata}
+    if lic := _card_license(path):
+        metadata["modelspec.license"] = lic
+    native = _native_size(path, metadata, _family_native_size(sd, detection.family))
+    return _Inspected(sd.sha256(), detection.name, _kind(detection.name), metadata, native)
+
+
 def _inspect(path: Path, allow_pickle: bool) -> _Inspected:
-    """What a model file is; CheckpointError names the file and problem. A file that is no SD checkpoint but an
-    upscaler spandrel recognises is an upscaler (``.pth`` ones read weights-only, without ``allow_pickle``); a
-    LoRA or an embedding is that."""
+    """What a model file (or diffusers folder) is; CheckpointError names the file and problem. A file that is no SD
+    checkpoint but an upscaler spandrel recognises is an upscaler (``.pth`` ones read weights-only, without
+    ``allow_pickle``); a LoRA or an embedding is that."""
+    if path.is_dir():
+        return _inspect_folder(path, allow_pickle)
     suffix = path.suffix.lower()
     adapter = _as_adapter(path)
     if adapter is not None:
@@ -187,8 +230,8 @@ def register_model(db: Database, path: str | os.PathLike[str], license_id: str, 
     """Register (or re-register) a model file with its licence. ``commercial`` defaults to what
     :data:`KNOWN_LICENSES` says; an unknown licence id needs it stated."""
     p = Path(path)
-    if not p.is_file():
-        raise LicenseError(f"{p}: no such model file")
+    if not (p.is_file() or p.is_dir()):
+        raise LicenseError(f"{p}: no such model file or folder")
     lic = normalize_license(license_id)
     if not lic:
         raise LicenseError("the licence id must not be empty")
@@ -205,7 +248,7 @@ def register_model(db: Database, path: str | os.PathLike[str], license_id: str, 
         record = s.scalar(select(ModelRecord).where(ModelRecord.sha256 == sha))
         before = None
         if record is None:
-            record = ModelRecord(sha256=sha, short_hash=a1111_short_hash(sha), name=name or p.stem, path=str(p.resolve()),
+            record = ModelRecord(sha256=sha, short_hash=a1111_short_hash(sha), name=name or _default_name(p), path=str(p.resolve()),
                                  family=found.family, kind=found.kind)
             s.add(record)
         else:
@@ -224,15 +267,20 @@ def _from_file(p: Path, found: _Inspected) -> ModelInfo:
     """What the file itself declares (``id`` 0: not registered)."""
     declared = found.metadata.get("modelspec.license")
     lic = normalize_license(declared) if declared else None
-    return ModelInfo(id=0, path=str(p.resolve()), name=found.metadata.get("modelspec.title") or p.stem, sha256=found.sha256,
+    return ModelInfo(id=0, path=str(p.resolve()), name=found.metadata.get("modelspec.title") or _default_name(p), sha256=found.sha256,
                      short_hash=a1111_short_hash(found.sha256), family=found.family, license=lic,
                      commercial_use=commercial_use_of(lic), native_size=found.native_size, kind=found.kind, scale=found.scale)
 
 
+def _default_name(p: Path) -> str:
+    """A file's name without its suffix; a folder's whole name (``sdxl-base-1.0`` has no suffix to drop)."""
+    return p.name if p.is_dir() else p.stem
+
+
 def _inspect_file(path: str | os.PathLike[str], allow_pickle: bool) -> tuple[Path, _Inspected]:
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(p, "no such model file")
+    if not (p.is_file() or p.is_dir()):
+        raise CheckpointError(p, "no such model file or folder")
     return p, _inspect(p, allow_pickle)
 
 
@@ -274,3 +322,41 @@ def describe_model(path: str | os.PathLike[str], db: Database | None = None, *, 
             if record is not None:
                 return _info(record, found)
     return _from_file(p, found)
+
+
+def register_trained(db: Database, path: str | os.PathLike[str], *, kind: str, family: str, license_id: str | None,
+                     commercial: bool | None, license_source: str, training: dict, actor: str = "system:training") -> ModelInfo:
+    """Register a file adforge trained: ``kind`` / ``family`` as the trainer says (the base's family), the licence
+    the trainer decided (the base's carried over, ``license_source`` "inherited", or a stricter "override"), and the
+    training record. Re-registering the same bytes updates the row (a re-run of a finished training)."""
+    p = Path(path)
+    found = _inspect(p, allow_pickle=False)
+    if found.kind != kind:
+        raise CheckpointError(p, f"expected {kind} file, but it reads as {found.kind}")
+    record_json = json.dumps(training, sort_keys=True, separators=(",", ":"))
+    with db.session() as s:
+        record = s.scalar(select(ModelRecord).where(ModelRecord.sha256 == found.sha256))
+        before = None
+        if record is None:
+            record = ModelRecord(sha256=found.sha256, short_hash=a1111_short_hash(found.sha256), name=_default_name(p),
+                                 path=str(p.resolve()), family=family, kind=kind)
+            s.add(record)
+        else:
+            before = {"license": record.license, "commercial_use": record.commercial_use,
+                      "license_source": record.license_source, "path": record.path}
+            record.path = str(p.resolve())
+        record.license, record.commercial_use, record.license_source = license_id, commercial, license_source
+        record.training = record_json
+        s.flush()
+        audit(s, actor=actor, action="model.trained", entity="model", entity_id=record.id, before=before,
+              after={"path": record.path, "sha256": found.sha256, "license": license_id, "commercial_use": commercial,
+                     "license_source": license_source, "base_sha256": training.get("base_model", {}).get("sha256"),
+                     "image_set_sha256": training.get("image_set_sha256")})
+        return _info(record, found)
+
+
+def training_record_of(db: Database, sha256: str) -> dict | None:
+    """The training record of the registered model with this sha256; None if it has none (or no row)."""
+    with db.session() as s:
+        text = s.scalar(select(ModelRecord.training).where(ModelRecord.sha256 == sha256))
+    return json.loads(text) if text else None

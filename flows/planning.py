@@ -220,7 +220,9 @@ def plan_brief(
                 if max(channel.width, channel.height) > MAX_SIDE:
                     raise ChainProblem(f"channel '{channel_name}' delivers {channel.width}x{channel.height}, more than {MAX_SIDE} px a side")
                 post, upscalers = _row_chain(chains, upscaler_files, channel, (gen_w, gen_h), resolve_model, row.license)
-                prompt_adapters = [adapters.resolve(row, p.prompt, p.negative_prompt, model) for p in prompts]
+                refiner = adapters.refiner(row, model)
+                prompt_adapters = [adapters.resolve(row, p.prompt, p.negative_prompt, model) + ((refiner,) if refiner else ())
+                                   for p in prompts]
                 for i in range(row.variants):
                     prompt = prompts[i % len(prompts)]
                     used = prompt_adapters[i % len(prompts)]
@@ -253,11 +255,11 @@ def plan_brief(
 
 
 def _lora_set(adapters: str) -> str:
-    """The LoRA part of a variant's adapters: variants that differ in it cannot share a U-Net batch (embeddings only
-    change the text encoding, so they can)."""
+    """The LoRA and refiner part of a variant's adapters: variants that differ in it cannot share a U-Net batch
+    (embeddings only change the text encoding, so they can)."""
     from storage.variants import adapters_text, parse_adapters
 
-    return adapters_text([p for p in parse_adapters(adapters) if p.kind == "lora"])
+    return adapters_text([p for p in parse_adapters(adapters) if p.kind != "embedding"])
 
 
 def model_folders(settings: Settings, default_model: str | os.PathLike[str]) -> list[Path]:

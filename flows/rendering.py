@@ -110,6 +110,7 @@ class RenderJob:
         by_sha = {a.sha256: a for a in self.adapters}
         loras: list[LoraUse] = []
         embeddings: list[AdapterFile] = []
+        switch: float | None = None
         for pin in parse_adapters(self.spec.adapters):
             ref = by_sha.get(pin.sha256)
             if ref is None:
@@ -118,9 +119,18 @@ class RenderJob:
             file = AdapterFile(pin.name, ref.path, ref.sha256)
             if pin.kind == "lora":
                 loras.append(LoraUse(file, 1.0 if pin.te is None else pin.te, 1.0 if pin.unet is None else pin.unet))
+            elif pin.kind == "refiner":
+                switch = pin.switch
             else:
                 embeddings.append(file)
-        return GenerationRequest(**self.spec.engine_arguments(), loras=tuple(loras), embeddings=tuple(embeddings))
+        return GenerationRequest(**self.spec.engine_arguments(), loras=tuple(loras), embeddings=tuple(embeddings),
+                                 refiner_switch=switch)
+
+    @property
+    def refiner(self) -> ModelRef | None:
+        """The SDXL refiner the spec pins (its ``models`` row), if any."""
+        pins = [p for p in _adapter_pins(self.spec.adapters) if p.kind == "refiner"]
+        return next((a for a in self.adapters if pins and a.sha256 == pins[0].sha256), None)
 
 
 def load_jobs(db: Database, variant_ids: Sequence[int]) -> list[RenderJob]:
@@ -313,6 +323,27 @@ def _hires_pass(todo: Sequence[RenderJob], results: list[GenerationResult], pipe
     return ready
 
 
+def _attach_refiner(pipeline: Pipeline, jobs: Sequence[RenderJob]) -> None:
+    """Give ``pipeline`` the refiner its jobs pin (one per batch: the plan's batch groups keep them apart), loaded
+    once per process like any checkpoint, on the base's device and in its dtype, and checked against the pinned
+    sha256 (a file replaced since planning would finish the images with other weights than recorded)."""
+    refs = {job.refiner.sha256: job.refiner for job in jobs if job.refiner is not None}
+    if not refs:
+        return
+    if len(refs) > 1:
+        raise ValueError("one batch pins several refiners")
+    (ref,) = refs.values()
+    refiner = get_pipeline(ref.path, ref.sha256, device=str(pipeline.device), dtype=str(pipeline.dtype).removeprefix("torch."),
+                           max_batch_size=pipeline.max_batch_size)
+    if refiner.models.checkpoint.sha256 != ref.sha256:
+        raise ValueError(f"refiner {ref.path}: the file's sha256 is {refiner.models.checkpoint.sha256[:12]}, not the "
+                         f"{ref.sha256[:12]} the variants were planned with (register the file again)")
+    if refiner.models.family.latent_scale != pipeline.models.family.latent_scale:
+        raise ValueError(f"refiner {ref.path}: a {refiner.models.family.label} model cannot finish a "
+                         f"{pipeline.models.family.label} render")
+    pipeline.refiner = refiner
+
+
 def _render_batch(todo: Sequence[RenderJob], pipeline: Pipeline, store: AssetStore, db: Database, run_id: int,
                   counts: RenderCounts, on_event: EventFn | None) -> None:
     timings = counts.seconds
@@ -329,6 +360,7 @@ def _render_batch(todo: Sequence[RenderJob], pipeline: Pipeline, store: AssetSto
     if not todo:
         return
     try:
+        _attach_refiner(pipeline, todo)
         results = pipeline.generate(requests)
     except Exception as exc:  # engine errors: record them against the batch and carry on with the run
         log.exception("render of %d variants failed", len(todo))

@@ -7,6 +7,8 @@ Defaults need no setup: a SQLite file and an asset folder under ``./adforge-data
     db_url = "postgresql+psycopg://adforge@db.internal/adforge"
     store_url = "s3://brand-assets/adforge?endpoint_url=https://minio.internal:9000"
     model = "models/brand-v3.safetensors"
+    refiner = "models/sdxl-refiner.safetensors"   # SDXL only: finishes each base render
+    refiner_switch = 0.8                          # the share of the schedule the base runs first
     sampler = "DPM++ 2M Karras"
     steps = 25
     cfg_scale = 7.0
@@ -39,6 +41,8 @@ ENV_VARS = {
     "db_url": "ADFORGE_DB_URL",
     "store_url": "ADFORGE_STORE_URL",
     "model": "ADFORGE_MODEL",
+    "refiner": "ADFORGE_REFINER",
+    "refiner_switch": "ADFORGE_REFINER_SWITCH",
     "device": "ADFORGE_DEVICE",
     "devices": "ADFORGE_DEVICES",
     "fan_out": "ADFORGE_FAN_OUT",
@@ -59,6 +63,10 @@ class Settings:
     db_url: str
     store_url: str
     model: str | None = None  # None = the bundled model
+    # An SDXL refiner checkpoint that finishes every SDXL base render after the base has run ``refiner_switch`` of
+    # the schedule (A1111's "Refiner" / "Switch at"); None = no refiner.
+    refiner: str | None = None
+    refiner_switch: float = 0.8
     sampler: str = "DPM++ 2M Karras"
     steps: int = 25
     cfg_scale: float = 7.0
@@ -195,6 +203,9 @@ def load_settings(overrides: dict[str, Any] | None = None, *, config: str | os.P
     for key, low in (("steps", 1), ("batch_size", 1), ("cfg_scale", 0), ("fan_out", 1), *limits):
         if getattr(settings, key) < low:
             raise SettingsError(f"{sources.get(key, 'default')}: '{key}' must be >= {low}, got {getattr(settings, key)!r}")
+    if not 0.0 < settings.refiner_switch <= 1.0:
+        raise SettingsError(f"{sources.get('refiner_switch', 'default')}: 'refiner_switch' must be in (0, 1] (the share of "
+                            f"the schedule the base model runs), got {settings.refiner_switch!r}")
     problem = devices_problem(settings.devices)
     if problem:
         raise SettingsError(f"{sources.get('devices', 'default')}: 'devices' {problem}")

@@ -2,7 +2,8 @@
 
 What each table answers for an auditor:
 
-* ``models``      which file made an asset (path, sha256, A1111 short hash, family) and under which licence.
+* ``models``      which file made an asset (path, sha256, A1111 short hash, family) and under which licence;
+                  for a file adforge trained, its training record.
 * ``campaigns``   the campaign names briefs use.
 * ``briefs``      which spreadsheet (by content hash) a row came from.
 * ``brief_rows``  the row as read (every column, extras included), where it is in the file.
@@ -91,6 +92,9 @@ class ModelRecord(Base):
     commercial_use: Mapped[bool | None] = mapped_column(Boolean)
     license_source: Mapped[str] = mapped_column(String(32), default="registered")  # registered | file-metadata
     registered_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # A file adforge trained (``adforge train lora``): canonical JSON of how (trainer, settings, image-set sha256,
+    # trigger, base model name + sha256, steps, times). Text, not JSON: it is written once and read whole.
+    training: Mapped[str | None] = mapped_column(Text)
 
 
 class Campaign(Base):

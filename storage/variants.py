@@ -129,28 +129,33 @@ class VariantSpec:
 
 @dataclass(frozen=True)
 class AdapterPin:
-    """One adapter of a variant: a LoRA (with its text-encoder and U-Net strengths) or an embedding, by the name
-    prompts call it and the sha256 of the file it was planned with."""
+    """One model file a variant renders with besides its checkpoint: a LoRA (with its text-encoder and U-Net
+    strengths), an embedding, or the SDXL refiner that finishes the image (with the share of the schedule the base
+    runs first), by the name prompts or settings call it and the sha256 of the file it was planned with."""
 
-    kind: str  # "lora" | "embedding"
+    kind: str  # "lora" | "embedding" | "refiner"
     name: str
     sha256: str
     te: float | None = None
     unet: float | None = None
+    switch: float | None = None  # refiner only
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "name": self.name, "sha256": self.sha256}
         if self.kind == "lora":
             out.update(te=self.te, unet=self.unet)
+        elif self.kind == "refiner":
+            out.update(switch=self.switch)
         return out
 
 
 def adapters_text(pins: tuple[AdapterPin, ...] | list[AdapterPin]) -> str:
     """The canonical text of a variant's adapters (its ``adapters`` setting): "" for none, else compact JSON with
-    sorted keys, LoRAs first in prompt order, then embeddings in prompt order."""
+    sorted keys, LoRAs first in prompt order, then embeddings in prompt order, then the refiner."""
     if not pins:
         return ""
-    ordered = [p for p in pins if p.kind == "lora"] + [p for p in pins if p.kind != "lora"]
+    rank = {"lora": 0, "refiner": 2}
+    ordered = sorted(pins, key=lambda p: rank.get(p.kind, 1))  # stable: prompt order within a kind
     return json.dumps([p.as_dict() for p in ordered], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -162,7 +167,8 @@ def parse_adapters(text: str) -> tuple[AdapterPin, ...]:
         items = json.loads(text)
         return tuple(AdapterPin(kind=str(i["kind"]), name=str(i["name"]), sha256=str(i["sha256"]),
                                 te=None if i.get("te") is None else float(i["te"]),
-                                unet=None if i.get("unet") is None else float(i["unet"])) for i in items)
+                                unet=None if i.get("unet") is None else float(i["unet"]),
+                                switch=None if i.get("switch") is None else float(i["switch"])) for i in items)
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"unreadable adapters record {text[:80]!r}: {exc}") from None
 

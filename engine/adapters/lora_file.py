@@ -175,12 +175,16 @@ class LoraFile:
         meta = self.metadata
         base = meta.get("ss_base_model_version", "")
         parts = {m.part for m in self.modules}
+        context, te_width = self._widths()
+        # The SDXL refiner: its U-Net attends to bigG alone (1280 wide), and SAI's modelspec names its architecture.
+        if meta.get("modelspec.architecture", "").startswith("stable-diffusion-xl-v1-refiner") or (
+                context == 1280 and not any(m.stem.startswith("lora_te1_") for m in self.modules)):
+            return "sdxl-refiner"
         # SDXL's two encoders: kohya's te1/te2 prefixes (even one alone), diffusers' text_encoder_2.
         if TEXT_ENCODER_2 in parts or base.startswith("sdxl") or any(
                 m.stem.startswith(("lora_te1_", "lora_te2_")) or "label_emb" in m.name or "add_embedding" in m.name
                 for m in self.modules):
             return "sdxl"
-        context, te_width = self._widths()
         if context == 2048:
             return "sdxl"
         if meta.get("ss_v2") == "True" or base.startswith("sd_v2") or context == 1024 or te_width == 1024:

@@ -46,7 +46,13 @@ FAMILIES = ["sd1", "sd2-v", "sdxl"]
 FILE_ONLY_META = {"modelspec.sai_model_spec", "modelspec.architecture"}
 
 
-def _write_folder(family: str, file: Path, folder: Path) -> None:
+def _write_folder(family: str, file: Path, folder: Path, **save) -> None:
+    """``save``: more ``save_pretrained`` arguments (``max_shard_size``, ``variant``)."""
+    _diffusers_pipeline(family, file).save_pretrained(folder, safe_serialization=True, **save)
+
+
+def _diffusers_pipeline(family: str, file: Path):
+    """The file's tensors in diffusers' own pipeline of its family."""
     ours = Pipeline.load(file, device="cpu", dtype="float32")
     m = ours.models
     sd = load_file(str(file))
@@ -63,7 +69,7 @@ def _write_folder(family: str, file: Path, folder: Path) -> None:
                 else _open_clip(sd, SD2_PREFIX, m.text_encoder, drop_last=True))
         pipe = StableDiffusionPipeline(text_encoder=text, tokenizer=hf_tokenizer("!" if family != "sd1" else "<|endoftext|>"),
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False, **common)
-    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -66,6 +66,7 @@ def test_known_licence_table_uses_normalised_ids() -> None:
 
 @pytest.mark.parametrize("given, normal", [
     ("Apache-2.0", "apache-2.0"), (" CC BY NC 4.0 ", "cc-by-nc-4.0"), ("creativeml_openrail_m", "creativeml-openrail-m"),
+    ("openrail++", "creativeml-openrail++-m"),  # the Hub model cards of SD 2.x and SDXL
 ])
 def test_normalize_license(given: str, normal: str) -> None:
     """Case, spaces and underscores do not matter in licence ids."""

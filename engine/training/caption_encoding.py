@@ -1,0 +1,104 @@
+"""Captions -> text-encoder hidden states for training, the same numbers the pipeline's prompt encoder gives.
+
+:class:`engine.conditioning.PromptEncoder` runs under ``torch.no_grad`` (it serves inference); a LoRA on the text
+encoder, or an embedding's vectors, need gradients through it. This module repeats its recipe with autograd on,
+from the same parts: :func:`engine.conditioning.chunk_prompt` (A1111 weighting, 75-token chunks, comma backtrack,
+embedding placement), the family's :class:`engine.text_encoder.Encoding` (padding id, clip-skip floor, final layer
+norm), :func:`emphasize`, and padding of shorter captions with the empty prompt's chunk. Tests hold the two to
+equality, so what the LoRA or the embedding learns to respond to is exactly what a prompt will feed it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from engine.adapters.embeddings import Embedding
+from engine.conditioning import PromptChunk, chunk_prompt, emphasize
+from engine.text_encoder import SD1_ENCODING, SD2_ENCODING, Encoding, TextModel, text_transformer
+from engine.tokenizer import ClipTokenizer
+
+
+def family_encoding(models) -> Encoding:
+    """The encoding the pipeline uses for a one-text-encoder model (engine.pipeline._prompt_encoder's rule)."""
+    return SD2_ENCODING if "openclip-h" in models.family.text_encoders else SD1_ENCODING
+
+
+def encode_captions(
+    model: TextModel, tokenizer: ClipTokenizer, encoding: Encoding, captions: Sequence[str], *,
+    clip_skip: int = 1, device: torch.device | str = "cpu", embeddings: Mapping[str, Embedding] | None = None,
+) -> torch.Tensor:
+    """(B, max_chunks * 77, width) float32 hidden states, with gradients where the model's parameters (or the
+    ``embeddings``' vectors) have them.
+
+    All chunks of all captions (and one empty chunk, if a caption is shorter than the longest) go through the
+    encoder as one batch. ``embeddings`` are placed as the pipeline places them, their vectors written over the
+    placeholders' input embeddings."""
+    per_caption = [chunk_prompt(c, tokenizer, embeddings) for c in captions]
+    longest = max(len(c) for c in per_caption)
+    chunks: list[PromptChunk] = [chunk for cs in per_caption for chunk in cs]
+    if any(len(c) < longest for c in per_caption):
+        chunks.append(chunk_prompt("", tokenizer)[0])  # the padding chunk, as the pipeline pads batches
+    framed = [c.framed(encoding.pad_id) for c in chunks]
+    ids = torch.tensor([f[0] for f in framed], device=device)
+    weights = torch.tensor([f[1] for f in framed], device=device, dtype=torch.float32)
+    inner = text_transformer(model)
+    skip = max(clip_skip, encoding.min_skip)
+    if skip > inner.config.num_hidden_layers:
+        raise ValueError(f"clip skip {skip} exceeds the text encoder's {inner.config.num_hidden_layers} layers")
+
+    def overwrite(_module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+        # The pipeline's write-over (engine.conditioning.run_text_encoder), outside no_grad: the vectors stay in
+        # the graph, the frozen table's rows under the placeholders do not.
+        output = output.clone()
+        for row, chunk in enumerate(chunks):
+            for offset, emb in chunk.fixes:
+                output[row, 1 + offset:1 + offset + emb.n_vectors] = emb.vectors.to(output.device, output.dtype)
+        return output
+
+    handle = inner.embeddings.token_embedding.register_forward_hook(overwrite) if embeddings is not None else None
+    try:
+        if skip == 1 and encoding.final_norm:
+            hidden = inner(input_ids=ids).last_hidden_state
+        else:
+            hidden = inner(input_ids=ids, output_hidden_states=True).hidden_states[-skip]
+            if encoding.final_norm:
+                hidden = inner.final_layer_norm(hidden)
+    finally:
+        if handle is not None:
+            handle.remove()
+    z = emphasize(hidden.float(), weights)
+    empty = z[-1] if len(chunks) > sum(len(c) for c in per_caption) else None
+    out, start = [], 0
+    for cs in per_caption:
+        rows = [z[start + i] for i in range(len(cs))] + [empty] * (longest - len(cs))  # type: ignore[list-item]
+        out.append(torch.cat(rows))
+        start += len(cs)
+    return torch.stack(out)
+
+
+class CaptionContexts:
+    """Captions -> a training step's context. A training text encoder runs on every step; a frozen one encodes
+    each caption once (its output cannot change), except for a batch of mixed chunk counts, which is encoded whole
+    so the padder pads it with the empty prompt as the pipeline does."""
+
+    def __init__(self, models, *, clip_skip: int, trains: bool) -> None:
+        self.models, self.clip_skip, self.trains = models, clip_skip, trains
+        self.encoding = family_encoding(models)
+        self.frozen: dict[str, torch.Tensor] = {}  # caption -> context, when the text encoder does not train
+
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        return encode_captions(self.models.text_encoder, self.models.tokenizer, self.encoding, captions,
+                               clip_skip=self.clip_skip, device=self.models.device)
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        if self.trains:
+            return self.encode(captions)
+        with torch.no_grad():
+            for c in dict.fromkeys(captions):
+                if c not in self.frozen:
+                    self.frozen[c] = self.encode([c])[0]
+            if len({self.frozen[c].shape[0] for c in captions}) > 1:
+                return self.encode(captions)
+            return torch.stack([self.frozen[c] for c in captions])

@@ -1,0 +1,217 @@
+"""Training a LoRA of a product on a loaded SD 1.x / SD 2.x model (``adforge train lora``).
+
+The recipe is kohya's ``train_network.py`` with its usual defaults, on our own networks:
+
+* images go to aspect buckets (:mod:`engine.training.buckets`) and are VAE-encoded once, to the posterior *mean*
+  times the checkpoint's latent scale (deterministic, so a resumed run sees the same latents);
+* every base weight is frozen; only the LoRA layers (:mod:`engine.training.lora_layers`) train, with AdamW
+  (weight decay 0.01, torch's default betas), U-Net ``lr`` and text-encoder ``text_lr``, gradients clipped to 1;
+* learning rate: ``warmup_steps`` of linear warmup, then constant (kohya's default) or cosine down to 0;
+* timesteps uniform over the 1000 training steps of the SD schedule (SD 1.x and 2.x share it), x_t = sqrt(ac) x0 +
+  sqrt(1-ac) eps, loss = MSE against eps, or against v = sqrt(ac) eps - sqrt(1-ac) x0 for v-prediction models
+  (:mod:`engine.training.diffusion_step`, shared with the embedding and DreamBooth trainers);
+* captions are encoded exactly as the pipeline encodes prompts (:mod:`engine.training.caption_encoding`);
+  ``caption_dropout`` replaces that share of captions by "" (kohya's caption_dropout_rate).
+
+All randomness comes from one CPU generator seeded with ``seed`` (noise drawn on the CPU, then moved, as the
+pipeline does), and the order images are seen in is a pure function of (seed, epoch). The full state is saved
+atomically every ``save_every`` steps (:mod:`engine.training.run_state`), so a killed run started again with the same
+``state_dir`` ends with the very weights an uninterrupted run ends with; a different config or image set with that
+``state_dir`` is refused.
+
+``mixed_precision`` ("bf16") and ``gradient_checkpointing`` apply on CUDA and are ignored on the CPU (bf16 autocast
+there is a speed gamble, and checkpointing saves memory a CPU run does not lack). SDXL is refused for now: its
+two encoders, pooled output and size embedding need their own conditioning path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine.adapters.lora_names import UNET
+from engine.training.buckets import Bucket, fit_to_bucket
+from engine.training.caption_encoding import CaptionContexts
+from engine.training.diffusion_step import (
+    DiffusionStep, bucket_images, cuda_speedups, optimizer_step, planned_batches, refuse_unsupported_family,
+    training_resolution, uncheckpoint_blocks,
+)
+from engine.training.image_set import ImageSet, open_image
+from engine.training.lora_layers import LoraNetwork, find_targets
+from engine.training.run_state import RunState, claim_state_dir, config_fingerprint
+
+STATE_FILE = "lora-state.pt"
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+@dataclass(frozen=True)
+class LoraTrainingConfig:
+    rank: int = 16
+    # None: rank / 2 (a common kohya recipe: scale 0.5 keeps lr 1e-4 gentle); alpha == rank gives scale 1.
+    alpha: float | None = None
+    steps: int = 1000
+    lr: float = 1e-4  # U-Net LoRA
+    text_lr: float = 5e-5  # text-encoder LoRA (kohya's text_encoder_lr)
+    batch_size: int = 1
+    resolution: int | None = None  # None: the model's native size
+    train_text_encoder: bool = True
+    conv: bool = False  # LoCon: also the resnets' and samplers' 3x3 convs
+    seed: int = 0
+    save_every: int = 100
+    sample_every: int = 0  # 0: never call on_sample
+    noise_offset: float = 0.0
+    caption_dropout: float = 0.0
+    lr_scheduler: str = "constant"  # "constant" or "cosine" (after warmup)
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    max_bucket_ratio: float = 2.0
+    clip_skip: int = 1
+    mixed_precision: str = "no"  # "no" or "bf16"; CUDA only
+    gradient_checkpointing: bool = False  # CUDA only
+
+    @property
+    def network_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else self.rank / 2
+
+    def check(self) -> None:
+        if self.rank < 1 or self.steps < 1 or self.batch_size < 1 or self.save_every < 1:
+            raise ValueError("rank, steps, batch_size and save_every must be at least 1")
+        if self.lr_scheduler not in ("constant", "cosine"):
+            raise ValueError(f"lr_scheduler must be 'constant' or 'cosine', not {self.lr_scheduler!r}")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16', not {self.mixed_precision!r}")
+
+
+@dataclass
+class LoraTrainingResult:
+    network: LoraNetwork  # detached from the model on return: ``network.attach()`` renders with it
+    losses: list[float]  # per step, every run of a resumed training included
+    steps: int
+    resumed_from: int  # 0 for a fresh run
+    resolution: int
+    buckets: dict[Bucket, int]  # bucket -> number of images in it
+    started_at: float  # unix time of the first run's start
+    finished_at: float
+    seconds: float  # training time summed over all runs
+    fingerprint: str
+    extra: dict = field(default_factory=dict)
+
+
+def refuse_unsupported(models) -> None:
+    refuse_unsupported_family(models, "LoRA")
+
+
+def fingerprint(config: LoraTrainingConfig, image_set: ImageSet, base_sha256: str, resolution: int) -> str:
+    return config_fingerprint(config, resolution=resolution, image_set=image_set.sha256, base=base_sha256)
+
+
+def lr_factor(config: LoraTrainingConfig) -> Callable[[int], float]:
+    def factor(i: int) -> float:
+        if i < config.warmup_steps:
+            return (i + 1) / config.warmup_steps
+        if config.lr_scheduler == "cosine":
+            span = max(1, config.steps - config.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(i - config.warmup_steps, span) / span))
+        return 1.0
+    return factor
+
+
+@torch.no_grad()
+def cache_latents(models, image_set: ImageSet, assignment: dict[Bucket, list[int]]) -> dict[int, torch.Tensor]:
+    """Image index -> (4, h, w) float32 scaled latents (posterior mean), one VAE call per image."""
+    out: dict[int, torch.Tensor] = {}
+    for bucket, members in assignment.items():
+        for i in members:
+            image = fit_to_bucket(open_image(image_set.items[i].path), bucket)
+            pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(bucket[1], bucket[0], 3)
+            pixels = pixels.permute(2, 0, 1)[None].float() / 255.0
+            out[i] = models.vae.encode_latents(pixels.to(models.device))[0].float()
+    return out
+
+
+def train_lora(
+    models,
+    image_set: ImageSet,
+    config: LoraTrainingConfig,
+    *,
+    state_dir: str | os.PathLike[str],
+    on_step: Callable[[int, int, float], None] | None = None,
+    on_sample: Callable[[int], None] | None = None,
+) -> LoraTrainingResult:
+    """Train a LoRA on ``models`` (an :class:`engine.loading.LoadedModels`) from ``image_set``.
+
+    ``on_step(step, total, loss)`` after every step (step counts from 1); ``on_sample(step)`` every
+    ``sample_every`` steps with the LoRA attached to the models, so the caller can render with the current weights
+    (a Pipeline on the same models must ``prompts.clear_cache()`` first: the text encoder changed). An exception
+    from a callback stops the run like a kill: the last saved state stays and the next call resumes from it."""
+    config.check()
+    refuse_unsupported(models)
+    device = models.device
+    resolution, align = training_resolution(models, config.resolution)
+    identity = fingerprint(config, image_set, models.checkpoint.sha256, resolution)
+    claim_state_dir(Path(state_dir), FINGERPRINT_FILE, identity,
+                    {"config": asdict(config), "image_set": image_set.sha256},
+                    "training (other settings, images or base model)")
+
+    assignment = bucket_images(image_set, resolution, align, config.max_bucket_ratio)
+    latents = cache_latents(models, image_set, assignment)
+
+    for net in (models.unet, models.text_encoder, models.vae):
+        net.requires_grad_(False)
+    targets = find_targets(models, text_encoder=config.train_text_encoder, conv=config.conv)
+    network = LoraNetwork(targets, config.rank, config.network_alpha, seed=config.seed).to(device)
+    groups = [{"params": list(network.parameters_of(UNET)), "lr": config.lr}]
+    if config.train_text_encoder:
+        groups.append({"params": list(network.parameters_of("text_encoder")), "lr": config.text_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config))
+    gen = torch.Generator().manual_seed(config.seed)
+    run = RunState(Path(state_dir) / STATE_FILE, identity, opt, sched, gen,
+                   lambda: {"lora": network.state_dict()})
+    state = run.resume()
+    if state is not None:
+        network.load_state_dict(state["lora"])
+        del state
+
+    autocast, wrapped = cuda_speedups(models, config.mixed_precision, config.gradient_checkpointing)
+    diffusion = DiffusionStep(models, gen, noise_offset=config.noise_offset, autocast=autocast)
+    context_for = CaptionContexts(models, clip_skip=config.clip_skip, trains=config.train_text_encoder)
+    params = [p for g in groups for p in g["params"]]
+    run.start_clock()
+
+    network.attach()
+    try:
+        for i, members in planned_batches(assignment, config.batch_size, config.seed, run.first, config.steps):
+            x0 = torch.stack([latents[m] for m in members])
+            captions = [image_set.items[m].caption for m in members]
+            # Drawn before the noise (the shared draw order of engine.training.diffusion_step).
+            drop = (torch.rand(len(captions), generator=gen) < config.caption_dropout).tolist()
+            captions = ["" if d else c for c, d in zip(captions, drop)]
+            pred, target = diffusion.predict(x0, context_for, captions)
+            loss = F.mse_loss(pred, target)
+            optimizer_step(loss, opt, sched, params, 1.0)
+            run.end_step(i + 1, config.steps, loss.item(), save_every=config.save_every,
+                         sample_every=config.sample_every, on_step=on_step, on_sample=on_sample)
+    finally:
+        network.detach()
+        uncheckpoint_blocks(wrapped)
+    return LoraTrainingResult(
+        network=network, losses=run.losses, steps=config.steps, resumed_from=run.first, resolution=resolution,
+        buckets={b: len(m) for b, m in assignment.items()}, started_at=run.started_at, finished_at=time.time(),
+        seconds=run.seconds(), fingerprint=identity,
+        extra={"mean_ar_error": _mean_ar_error(image_set, assignment)},
+    )
+
+
+def _mean_ar_error(image_set: ImageSet, assignment: dict[Bucket, list[int]]) -> float:
+    """kohya's ``mean_img_ar_error``: mean |image aspect - bucket aspect|."""
+    errors = [abs(image_set.items[i].width / image_set.items[i].height - b[0] / b[1])
+              for b, members in assignment.items() for i in members]
+    return sum(errors) / len(errors)
