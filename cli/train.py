@@ -115,7 +115,9 @@ def train_lora_command(
     text_lr: Annotated[float, typer.Option(min=0.0, help="Text-encoder learning rate.")] = 5e-5,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 1,
     resolution: Annotated[int | None, typer.Option(min=8, help="Training resolution in px (default: the model's native size).")] = None,
-    text_encoder: Annotated[bool, typer.Option("--text-encoder/--no-text-encoder", help="Also train the text encoder's LoRA.")] = True,
+    text_encoder: Annotated[bool | None, typer.Option(
+        "--text-encoder/--no-text-encoder",
+        help="Also train the text encoders' LoRA (default: on for SD 1.x / 2.x, off for SDXL as sd-scripts users do).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of all training randomness.")] = 0,
     save_every: Annotated[int, typer.Option(min=1, help="Save the resumable state every N steps.")] = 100,
     sample_every: Annotated[int, typer.Option(min=0, help="Render sample images every N steps (0: never).")] = 0,

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from PIL import Image
 
 Bucket = tuple[int, int]  # (width, height) in pixels
+MIN_AREA_SHARE = 0.75  # of resolution^2: smaller buckets are not made (see make_buckets)
 
 
 def bucket_step(resolution: int, align: int) -> int:
@@ -29,7 +30,9 @@ def make_buckets(resolution: int, step: int, max_ratio: float = 2.0) -> list[Buc
     """Buckets of about ``resolution``^2 pixels, both sides multiples of ``step`` and at least half the resolution,
     aspect at most ``max_ratio``, sorted by aspect. For each width: the tallest height the area allows (kohya's
     ``make_bucket_resolutions``) and, so that the most elongated photos keep their exact shape, the lowest height the
-    ratio allows; then the same transposed (portrait)."""
+    ratio allows; then the same transposed (portrait). Buckets under :data:`MIN_AREA_SHARE` of the area are left
+    out: with coarse steps (a small model's) such a bucket can be nearest in aspect and would train a photo at a
+    fraction of the resolution, where a product's fine detail is a few pixels."""
     if resolution % step:
         raise ValueError(f"resolution {resolution} is not a multiple of the bucket step {step}")
     area = resolution * resolution
@@ -41,6 +44,7 @@ def make_buckets(resolution: int, step: int, max_ratio: float = 2.0) -> list[Buc
         for h in (tallest, lowest):
             if lo <= h <= tallest and w / h <= max_ratio and h / w <= max_ratio:
                 out.update({(w, h), (h, w)})
+    out = {b for b in out if b[0] * b[1] >= MIN_AREA_SHARE * area}
     return sorted(out, key=lambda b: (b[0] / b[1], b[0] * b[1]))
 
 

@@ -6,6 +6,12 @@ from the same parts: :func:`engine.conditioning.chunk_prompt` (A1111 weighting, 
 embedding placement), the family's :class:`engine.text_encoder.Encoding` (padding id, clip-skip floor, final layer
 norm), :func:`emphasize`, and padding of shorter captions with the empty prompt's chunk. Tests hold the two to
 equality, so what the LoRA or the embedding learns to respond to is exactly what a prompt will feed it.
+
+SDXL (:func:`encode_sdxl_captions`, :class:`SDXLConditioning`) repeats :class:`engine.conditioning.SDXLPromptEncoder`
+the same way: CLIP-L and bigG over the same chunks, each with its own padding id and emphasis rescale, concatenated
+on the feature axis; the pooled bigG output of each caption's first chunk, unweighted; and the U-Net's ``y`` =
+pooled ++ :func:`engine.unet.sdxl_size_embedding` as ``engine.pipeline.Pipeline._conditioning`` builds it. A dropped
+caption is "" encoded like any prompt: the pipeline's uncond for an empty negative prompt is that too (no zeroing).
 """
 
 from __future__ import annotations
@@ -16,8 +22,12 @@ import torch
 
 from engine.adapters.embeddings import Embedding
 from engine.conditioning import PromptChunk, chunk_prompt, emphasize
-from engine.text_encoder import SD1_ENCODING, SD2_ENCODING, Encoding, TextModel, text_transformer
+from engine.text_encoder import (
+    SD1_ENCODING, SD2_ENCODING, SDXL_CLIP_G_ENCODING, SDXL_CLIP_L_ENCODING, Encoding, TextModel, pooled_output,
+    text_transformer,
+)
 from engine.tokenizer import ClipTokenizer
+from engine.unet import sdxl_size_embedding
 
 
 def family_encoding(models) -> Encoding:
@@ -36,10 +46,26 @@ def encode_captions(
     encoder as one batch. ``embeddings`` are placed as the pipeline places them, their vectors written over the
     placeholders' input embeddings."""
     per_caption = [chunk_prompt(c, tokenizer, embeddings) for c in captions]
+    chunks = _batch_chunks(per_caption, tokenizer)
+    z, _ = _run_chunks(model, encoding, chunks, clip_skip, device, with_fixes=embeddings is not None)
+    return _per_caption(z, per_caption, len(chunks))
+
+
+def _batch_chunks(per_caption: list[list[PromptChunk]], tokenizer: ClipTokenizer) -> list[PromptChunk]:
+    """All captions' chunks in order, then one empty chunk if a caption is shorter than the longest (the padding
+    chunk, as the pipeline pads batches)."""
     longest = max(len(c) for c in per_caption)
     chunks: list[PromptChunk] = [chunk for cs in per_caption for chunk in cs]
     if any(len(c) < longest for c in per_caption):
-        chunks.append(chunk_prompt("", tokenizer)[0])  # the padding chunk, as the pipeline pads batches
+        chunks.append(chunk_prompt("", tokenizer)[0])
+    return chunks
+
+
+def _run_chunks(
+    model: TextModel, encoding: Encoding, chunks: list[PromptChunk], clip_skip: int, device: torch.device | str,
+    *, with_fixes: bool = False, pooled: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """((chunks, 77, width) emphasized float32 hidden states, (chunks, projection) pooled or None), with autograd."""
     framed = [c.framed(encoding.pad_id) for c in chunks]
     ids = torch.tensor([f[0] for f in framed], device=device)
     weights = torch.tensor([f[1] for f in framed], device=device, dtype=torch.float32)
@@ -57,25 +83,54 @@ def encode_captions(
                 output[row, 1 + offset:1 + offset + emb.n_vectors] = emb.vectors.to(output.device, output.dtype)
         return output
 
-    handle = inner.embeddings.token_embedding.register_forward_hook(overwrite) if embeddings is not None else None
+    handle = inner.embeddings.token_embedding.register_forward_hook(overwrite) if with_fixes else None
     try:
         if skip == 1 and encoding.final_norm:
-            hidden = inner(input_ids=ids).last_hidden_state
+            out = inner(input_ids=ids)
+            hidden = out.last_hidden_state
         else:
-            hidden = inner(input_ids=ids, output_hidden_states=True).hidden_states[-skip]
+            out = inner(input_ids=ids, output_hidden_states=True)
+            hidden = out.hidden_states[-skip]
             if encoding.final_norm:
                 hidden = inner.final_layer_norm(hidden)
     finally:
         if handle is not None:
             handle.remove()
-    z = emphasize(hidden.float(), weights)
-    empty = z[-1] if len(chunks) > sum(len(c) for c in per_caption) else None
+    # The pooled output ignores clip skip and emphasis (engine.text_encoder.encode_with_pooled).
+    pool = pooled_output(model, out.last_hidden_state, ids) if pooled else None  # type: ignore[arg-type]
+    return emphasize(hidden.float(), weights), pool
+
+
+def _per_caption(z: torch.Tensor, per_caption: list[list[PromptChunk]], n_chunks: int) -> torch.Tensor:
+    """(B, longest * 77, width): each caption's chunks side by side, padded with the empty chunk (z's last row)."""
+    longest = max(len(c) for c in per_caption)
+    empty = z[-1] if n_chunks > sum(len(c) for c in per_caption) else None
     out, start = [], 0
     for cs in per_caption:
         rows = [z[start + i] for i in range(len(cs))] + [empty] * (longest - len(cs))  # type: ignore[list-item]
         out.append(torch.cat(rows))
         start += len(cs)
     return torch.stack(out)
+
+
+def encode_sdxl_captions(
+    clip_l: TextModel, clip_g: TextModel, tokenizer: ClipTokenizer, captions: Sequence[str], *,
+    clip_skip: int = 1, device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """((B, max_chunks * 77, width_l + width_g) context, (B, projection) pooled) as SDXLPromptEncoder gives them,
+    with gradients through both encoders. The pooled output is each caption's first chunk's, as the pipeline's."""
+    per_caption = [chunk_prompt(c, tokenizer) for c in captions]
+    chunks = _batch_chunks(per_caption, tokenizer)
+    z_l, _ = _run_chunks(clip_l, SDXL_CLIP_L_ENCODING, chunks, clip_skip, device)
+    z_g, pooled = _run_chunks(clip_g, SDXL_CLIP_G_ENCODING, chunks, clip_skip, device, pooled=True)
+    firsts = torch.tensor([sum(len(c) for c in per_caption[:i]) for i in range(len(per_caption))], device=z_g.device)
+    context = _per_caption(torch.cat([z_l, z_g], dim=-1), per_caption, len(chunks))
+    return context, pooled[firsts]  # type: ignore[index]
+
+
+def sdxl_y(pooled: torch.Tensor, size_ids: torch.Tensor) -> torch.Tensor:
+    """The U-Net's ``y``: pooled text ++ the size embedding of (orig h, w, crop top, left, target h, w) rows."""
+    return torch.cat([pooled.float(), sdxl_size_embedding(size_ids.float()).to(pooled.device)], dim=-1)
 
 
 class CaptionContexts:
@@ -102,3 +157,33 @@ class CaptionContexts:
             if len({self.frozen[c].shape[0] for c in captions}) > 1:
                 return self.encode(captions)
             return torch.stack([self.frozen[c] for c in captions])
+
+
+class SDXLConditioning:
+    """Captions and size rows -> an SDXL training step's (context, y), caching a frozen pair of encoders' output per
+    caption as :class:`CaptionContexts` does."""
+
+    def __init__(self, models, *, clip_skip: int, trains: bool) -> None:
+        self.models, self.clip_skip, self.trains = models, clip_skip, trains
+        self.frozen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.models
+        return encode_sdxl_captions(m.text_encoder, m.text_encoder_2, m.tokenizer, captions,
+                                    clip_skip=self.clip_skip, device=m.device)
+
+    def __call__(self, captions: list[str], size_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.trains:
+            context, pooled = self.encode(captions)
+            return context, sdxl_y(pooled, size_ids)
+        with torch.no_grad():
+            for c in dict.fromkeys(captions):
+                if c not in self.frozen:
+                    context, pooled = self.encode([c])
+                    self.frozen[c] = (context[0], pooled[0])
+            if len({self.frozen[c][0].shape[0] for c in captions}) > 1:
+                context, pooled = self.encode(captions)  # mixed chunk counts: padded as a batch, as the pipeline
+            else:
+                context = torch.stack([self.frozen[c][0] for c in captions])
+                pooled = torch.stack([self.frozen[c][1] for c in captions])
+            return context, sdxl_y(pooled, size_ids)

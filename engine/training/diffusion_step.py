@@ -23,7 +23,8 @@ from engine.training.image_set import ImageSet
 
 def refuse_unsupported_family(models, kind: str, why: str = "") -> None:
     """ValueError for what the brand trainers do not train on: SDXL (its two encoders, pooled output and size
-    embedding need their own conditioning path; ``why`` may add the trainer's own reason) and inpainting models."""
+    embedding need their own conditioning path, which only the LoRA trainer has so far; ``why`` may add the
+    trainer's own reason) and inpainting models."""
     if models.text_encoder_2 is not None or models.family.name.startswith("sdxl"):
         raise ValueError(f"{kind} training for {models.family.label} is not supported yet (SD 1.x and SD 2.x are)"
                          + (f": {why}" if why else ""))
@@ -98,7 +99,7 @@ def cuda_speedups(models, mixed_precision: str, gradient_checkpointing: bool) ->
 
 
 class DiffusionStep:
-    """Noise x0 at uniform timesteps of the SD training schedule (its 1000 steps, shared by SD 1.x and 2.x) and
+    """Noise x0 at uniform timesteps of the SD training schedule (its 1000 steps, shared by SD 1.x, 2.x and SDXL) and
     return the U-Net's prediction with its target: eps, or v = sqrt(ac) eps - sqrt(1-ac) x0 for v-prediction."""
 
     def __init__(self, models, gen: torch.Generator, *, noise_offset: float = 0.0,
@@ -120,14 +121,17 @@ class DiffusionStep:
         target = noise if self.models.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
         return x_t, t, target
 
-    def predict(self, x0: torch.Tensor, encode: Callable[[list[str]], torch.Tensor],
+    def predict(self, x0: torch.Tensor, encode: Callable[[list[str]], torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
                 captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(float32 prediction, target) for noised ``x0``; ``encode(captions)`` runs after the draws, under
-        autocast."""
+        autocast, and gives the context, or (context, y) for an SDXL U-Net (pooled text + size embedding)."""
         x_t, t, target = self.noised(x0)
         models = self.models
         with self.autocast:
-            pred = models.unet(x_t.to(models.dtype), t.float(), encode(captions).to(models.dtype))
+            cond = encode(captions)
+            context, y = cond if isinstance(cond, tuple) else (cond, None)
+            pred = models.unet(x_t.to(models.dtype), t.float(), context.to(models.dtype),
+                               None if y is None else y.to(models.dtype))
         return pred.float(), target
 
 

@@ -3,7 +3,8 @@
 kohya's layout is what every loader reads (A1111, ComfyUI, diffusers' ``load_lora_weights``, our
 :mod:`engine.adapters.lora_file`): ``<stem>.lora_down.weight`` [r, in(, kh, kw)], ``<stem>.lora_up.weight``
 [out, r(, 1, 1)] and ``<stem>.alpha``, float16 by default (what sd-scripts saves with ``--save_precision fp16``).
-The ``ss_*`` keys let Civitai, A1111's metadata viewer and ``adforge models inspect`` show how it was trained;
+SDXL files hold ``lora_unet_*`` in LDM names, ``lora_te1_*`` (CLIP-L) and ``lora_te2_*`` (bigG),
+as sd-scripts' ``sdxl_train_network`` writes them. The ``ss_*`` keys let Civitai, A1111's metadata viewer and ``adforge models inspect`` show how it was trained;
 ``modelspec.*`` is Stability's model-spec header sd-scripts also writes; ``adforge.*`` records what the audit
 trail needs (the image set's and the base model's sha256, the trigger, the licence the caller says applies).
 """
@@ -23,10 +24,13 @@ from safetensors.torch import save_file
 from engine.training.image_set import ImageSet
 from engine.training.lora_trainer import LoraTrainingConfig, LoraTrainingResult
 
-# sd-scripts' ss_base_model_version and the SAI model-spec architecture of each family/prediction we train.
-_BASE_VERSION = {("sd1", "eps"): "sd_v1", ("sd1", "v"): "sd_v1_v", ("sd2", "eps"): "sd_v2", ("sd2", "v"): "sd_v2_v"}
+# sd-scripts' ss_base_model_version and the SAI model-spec architecture of each family/prediction we train. SDXL
+# files say "sdxl_base_v1-0" (what sdxl_train_network writes; loaders and Civitai read "sdxl_*" as SDXL).
+_BASE_VERSION = {("sd1", "eps"): "sd_v1", ("sd1", "v"): "sd_v1_v", ("sd2", "eps"): "sd_v2", ("sd2", "v"): "sd_v2_v",
+                 ("sdxl", "eps"): "sdxl_base_v1-0"}
 _ARCHITECTURE = {("sd1", "eps"): "stable-diffusion-v1", ("sd1", "v"): "stable-diffusion-v1",
-                 ("sd2", "eps"): "stable-diffusion-v2-512", ("sd2", "v"): "stable-diffusion-v2-768-v"}
+                 ("sd2", "eps"): "stable-diffusion-v2-512", ("sd2", "v"): "stable-diffusion-v2-768-v",
+                 ("sdxl", "eps"): "stable-diffusion-xl-v1-base"}
 
 
 def _legacy_model_hash(path: Path) -> str:
@@ -52,7 +56,7 @@ def lora_metadata(
         "ss_output_name": output_name,
         "ss_learning_rate": str(config.lr),
         "ss_unet_lr": str(config.lr),
-        "ss_text_encoder_lr": str(config.text_lr if config.train_text_encoder else 0.0),
+        "ss_text_encoder_lr": str(config.text_lr if result.text_encoder else 0.0),
         "ss_num_train_images": str(len(image_set.items)),
         "ss_num_reg_images": "0",
         "ss_num_batches_per_epoch": str(batches_per_epoch),
@@ -71,7 +75,7 @@ def lora_metadata(
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(config.network_alpha),
         "ss_network_args": json.dumps({"conv_dim": config.rank, "conv_alpha": config.network_alpha} if config.conv else {}),
-        "ss_network_train_unet_only": str(not config.train_text_encoder),
+        "ss_network_train_unet_only": str(not result.text_encoder),
         "ss_mixed_precision": config.mixed_precision if models.device.type == "cuda" else "no",
         "ss_full_fp16": "False",
         "ss_v2": str(family == "sd2"),

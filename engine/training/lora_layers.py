@@ -9,7 +9,8 @@ removing the LoRA is removing the hooks.
 Targets are those of kohya's ``networks.lora`` (what A1111, ComfyUI and diffusers expect in a LoRA file): in the
 U-Net every Linear and 1x1 Conv2d inside a transformer (attention to_q/to_k/to_v/to_out.0, proj_in/proj_out, ff),
 optionally (``conv``, LoCon) the resnets' and down/upsamplers' 3x3 convs; in the text encoder the attention q/k/v/out
-projections and the MLP fc1/fc2. File names come from :func:`engine.adapters.lora_names.diffusers_unet_names` (SD
+projections and the MLP fc1/fc2 (SDXL: both encoders, ``lora_te1_`` CLIP-L and ``lora_te2_`` bigG, as sd-scripts'
+``sdxl_train_network`` names them). File names come from :func:`engine.adapters.lora_names.diffusers_unet_names` (SD
 1.x/2.x kohya files spell the U-Net in diffusers paths, SDXL files in LDM paths) and each one is checked against
 :class:`~engine.adapters.lora_names.ModuleIndex`, the very lookup our merger reads files with.
 """

@@ -1,4 +1,4 @@
-"""Training a LoRA of a product on a loaded SD 1.x / SD 2.x model (``adforge train lora``).
+"""Training a LoRA of a product on a loaded SD 1.x / SD 2.x / SDXL base model (``adforge train lora``).
 
 The recipe is kohya's ``train_network.py`` with its usual defaults, on our own networks:
 
@@ -20,8 +20,17 @@ atomically every ``save_every`` steps (:mod:`engine.training.run_state`), so a k
 ``state_dir`` is refused.
 
 ``mixed_precision`` ("bf16") and ``gradient_checkpointing`` apply on CUDA and are ignored on the CPU (bf16 autocast
-there is a speed gamble, and checkpointing saves memory a CPU run does not lack). SDXL is refused for now: its
-two encoders, pooled output and size embedding need their own conditioning path.
+there is a speed gamble, and checkpointing saves memory a CPU run does not lack).
+
+SDXL base (sd-scripts' ``sdxl_train_network.py`` recipe): the U-Net is conditioned as the pipeline conditions it
+(:class:`engine.training.caption_encoding.SDXLConditioning`: CLIP-L ++ bigG penultimate context, pooled bigG and
+the size embedding in ``y``), the LoRA targets both encoders (``lora_te1_`` CLIP-L, ``lora_te2_`` bigG) and the
+U-Net in LDM names. The size rows are sd-scripts': original size = the photo's size before the bucket resize, crop
+top-left = the offset of the bucket's crop in the resized photo, target size = the bucket. ``train_text_encoder``
+None (the default) means the family's habit: on for SD 1.x / 2.x, *off* for SDXL, as sd-scripts users mostly
+train SDXL (``--network_train_unet_only``: two big encoders double the memory and overfit a product quickly).
+The refiner (no CLIP-L, aesthetic-score ``y``) and inpainting models are refused; the default resolution is the
+model's native size, so a real SDXL file buckets at 1024-class sizes in kohya's 64 px steps.
 """
 
 from __future__ import annotations
@@ -30,15 +39,15 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from engine.adapters.lora_names import UNET
-from engine.training.buckets import Bucket, fit_to_bucket
-from engine.training.caption_encoding import CaptionContexts
+from engine.training.buckets import Bucket, cover_crop_box, fit_to_bucket
+from engine.training.caption_encoding import CaptionContexts, SDXLConditioning
 from engine.training.diffusion_step import (
     DiffusionStep, bucket_images, cuda_speedups, optimizer_step, planned_batches, refuse_unsupported_family,
     training_resolution, uncheckpoint_blocks,
@@ -61,7 +70,7 @@ class LoraTrainingConfig:
     text_lr: float = 5e-5  # text-encoder LoRA (kohya's text_encoder_lr)
     batch_size: int = 1
     resolution: int | None = None  # None: the model's native size
-    train_text_encoder: bool = True
+    train_text_encoder: bool | None = None  # None: the family's default (SD 1.x / 2.x on, SDXL off)
     conv: bool = False  # LoCon: also the resnets' and samplers' 3x3 convs
     seed: int = 0
     save_every: int = 100
@@ -79,6 +88,9 @@ class LoraTrainingConfig:
     @property
     def network_alpha(self) -> float:
         return self.alpha if self.alpha is not None else self.rank / 2
+
+    def trains_text_encoder(self, models) -> bool:
+        return self.train_text_encoder if self.train_text_encoder is not None else not is_sdxl(models)
 
     def check(self) -> None:
         if self.rank < 1 or self.steps < 1 or self.batch_size < 1 or self.save_every < 1:
@@ -101,11 +113,23 @@ class LoraTrainingResult:
     finished_at: float
     seconds: float  # training time summed over all runs
     fingerprint: str
+    text_encoder: bool = True  # whether the text encoder(s) trained (config's None resolved for the family)
     extra: dict = field(default_factory=dict)
 
 
+def is_sdxl(models) -> bool:
+    return models.text_encoder_2 is not None or models.family.name.startswith("sdxl")
+
+
 def refuse_unsupported(models) -> None:
-    refuse_unsupported_family(models, "LoRA")
+    """ValueError for the SDXL refiner and inpainting models; SD 1.x, SD 2.x and SDXL base train."""
+    if models.family.name == "sdxl-refiner":
+        raise ValueError("LoRA training on the SDXL refiner is not supported; train on the SDXL base model "
+                         "(the refiner only finishes renders, a product LoRA belongs on the base)")
+    if models.family.inpainting:
+        raise ValueError("LoRA training on an inpainting model is not supported; train on the base model")
+    if not is_sdxl(models):
+        refuse_unsupported_family(models, "LoRA")
 
 
 def fingerprint(config: LoraTrainingConfig, image_set: ImageSet, base_sha256: str, resolution: int) -> str:
@@ -132,7 +156,26 @@ def cache_latents(models, image_set: ImageSet, assignment: dict[Bucket, list[int
             image = fit_to_bucket(open_image(image_set.items[i].path), bucket)
             pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(bucket[1], bucket[0], 3)
             pixels = pixels.permute(2, 0, 1)[None].float() / 255.0
-            out[i] = models.vae.encode_latents(pixels.to(models.device))[0].float()
+            latent = models.vae.encode_latents(pixels.to(models.device))[0].float()
+            if not torch.isfinite(latent).all() and models.vae.dtype != torch.float32:
+                # The SDXL VAE overflows in float16 (DESIGN "Family facts"): redo in float32 from now on, as the
+                # pipeline's decode does, rather than train on NaN latents.
+                models.vae = models.vae.float()
+                latent = models.vae.encode_latents(pixels.to(models.device))[0].float()
+            out[i] = latent
+    return out
+
+
+def size_conditioning(image_set: ImageSet, assignment: dict[Bucket, list[int]]) -> dict[int, tuple[int, ...]]:
+    """Image index -> SDXL's (original h, w, crop top, left, target h, w), as sd-scripts builds them: the photo's
+    size before the bucket resize, where :func:`fit_to_bucket` crops the resized photo, and the bucket. Telling the
+    U-Net about the crop is what lets SDXL renders (crop 0, 0) come out uncropped."""
+    out: dict[int, tuple[int, ...]] = {}
+    for (bw, bh), members in assignment.items():
+        for i in members:
+            w, h = image_set.items[i].width, image_set.items[i].height
+            _, (left, top, _, _) = cover_crop_box(w, h, (bw, bh))
+            out[i] = (h, w, top, left, bh, bw)
     return out
 
 
@@ -153,6 +196,8 @@ def train_lora(
     from a callback stops the run like a kill: the last saved state stays and the next call resumes from it."""
     config.check()
     refuse_unsupported(models)
+    # None resolved before the fingerprint: "the family's default" and that default spelled out are one training.
+    config = replace(config, train_text_encoder=config.trains_text_encoder(models))
     device = models.device
     resolution, align = training_resolution(models, config.resolution)
     identity = fingerprint(config, image_set, models.checkpoint.sha256, resolution)
@@ -163,12 +208,14 @@ def train_lora(
     assignment = bucket_images(image_set, resolution, align, config.max_bucket_ratio)
     latents = cache_latents(models, image_set, assignment)
 
-    for net in (models.unet, models.text_encoder, models.vae):
-        net.requires_grad_(False)
-    targets = find_targets(models, text_encoder=config.train_text_encoder, conv=config.conv)
+    trains_text = config.trains_text_encoder(models)
+    for net in (models.unet, models.text_encoder, models.text_encoder_2, models.vae):
+        if net is not None:
+            net.requires_grad_(False)
+    targets = find_targets(models, text_encoder=trains_text, conv=config.conv)
     network = LoraNetwork(targets, config.rank, config.network_alpha, seed=config.seed).to(device)
     groups = [{"params": list(network.parameters_of(UNET)), "lr": config.lr}]
-    if config.train_text_encoder:
+    if trains_text:
         groups.append({"params": list(network.parameters_of("text_encoder")), "lr": config.text_lr})
     opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config))
@@ -182,7 +229,10 @@ def train_lora(
 
     autocast, wrapped = cuda_speedups(models, config.mixed_precision, config.gradient_checkpointing)
     diffusion = DiffusionStep(models, gen, noise_offset=config.noise_offset, autocast=autocast)
-    context_for = CaptionContexts(models, clip_skip=config.clip_skip, trains=config.train_text_encoder)
+    sdxl = is_sdxl(models)
+    context_for = CaptionContexts(models, clip_skip=config.clip_skip, trains=trains_text)
+    sdxl_cond = SDXLConditioning(models, clip_skip=config.clip_skip, trains=trains_text) if sdxl else None
+    sizes = size_conditioning(image_set, assignment) if sdxl else {}
     params = [p for g in groups for p in g["params"]]
     run.start_clock()
 
@@ -194,7 +244,11 @@ def train_lora(
             # Drawn before the noise (the shared draw order of engine.training.diffusion_step).
             drop = (torch.rand(len(captions), generator=gen) < config.caption_dropout).tolist()
             captions = ["" if d else c for c, d in zip(captions, drop)]
-            pred, target = diffusion.predict(x0, context_for, captions)
+            encode: Callable[[list[str]], torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = context_for
+            if sdxl_cond is not None:
+                size_ids = torch.tensor([sizes[m] for m in members], dtype=torch.float32)
+                encode = lambda caps, ids=size_ids: sdxl_cond(caps, ids)  # noqa: E731
+            pred, target = diffusion.predict(x0, encode, captions)
             loss = F.mse_loss(pred, target)
             optimizer_step(loss, opt, sched, params, 1.0)
             run.end_step(i + 1, config.steps, loss.item(), save_every=config.save_every,
@@ -205,7 +259,7 @@ def train_lora(
     return LoraTrainingResult(
         network=network, losses=run.losses, steps=config.steps, resumed_from=run.first, resolution=resolution,
         buckets={b: len(m) for b, m in assignment.items()}, started_at=run.started_at, finished_at=time.time(),
-        seconds=run.seconds(), fingerprint=identity,
+        seconds=run.seconds(), fingerprint=identity, text_encoder=trains_text,
         extra={"mean_ar_error": _mean_ar_error(image_set, assignment)},
     )
 

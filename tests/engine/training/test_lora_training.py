@@ -125,10 +125,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(models, trained) -> Non
     assert all("forward" not in vars(b) for b in blocks)
 
 
-def test_sdxl_and_inpainting_are_refused() -> None:
-    fam = SimpleNamespace(name="sdxl", label="SDXL", inpainting=False)
-    with pytest.raises(ValueError, match="SDXL is not supported yet"):
-        refuse_unsupported(SimpleNamespace(text_encoder_2=object(), family=fam))
+def test_sdxl_refiner_and_inpainting_are_refused() -> None:
+    # SDXL base trains (tests/engine/training/test_lora_sdxl_training.py); its refiner does not.
+    fam = SimpleNamespace(name="sdxl-refiner", label="SDXL refiner", inpainting=False)
+    with pytest.raises(ValueError, match="SDXL refiner is not supported"):
+        refuse_unsupported(SimpleNamespace(text_encoder_2=None, family=fam))
     fam = SimpleNamespace(name="sd1-inpaint", label="SD 1.x", inpainting=True)
     with pytest.raises(ValueError, match="inpainting"):
         refuse_unsupported(SimpleNamespace(text_encoder_2=None, family=fam))
@@ -179,7 +180,7 @@ def test_sd2_v_trains_and_exports_as_v2(tmp_path: Path, images) -> None:
     assert describe_lora(tmp_path / "v.safetensors").family == "sd2"
 
 
-def test_diffusers_loads_the_file_with_the_same_unet_output(models, images, trained, tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_diffusers_loads_the_file_with_the_same_effect(models, images, trained, tiny_checkpoint: Path, tmp_path: Path) -> None:
     pytest.importorskip("peft")
     diffusers = pytest.importorskip("diffusers")
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
@@ -206,3 +207,10 @@ def test_diffusers_loads_the_file_with_the_same_unet_output(models, images, trai
         base = models.unet(x, torch.tensor([400.0]), context)
     assert (ours - base).abs().max() > 1e-3
     assert (ours - ref).abs().max() / ref.abs().max() < 1e-3
+    # The text-encoder half too: diffusers converts the kohya lora_te_ keys and patches its CLIP the same way.
+    ids = torch.randint(0, 1000, (1, 77), generator=g)
+    with torch.no_grad():
+        ref_text, ours_text = pipe.text_encoder(ids)[0], merged.text_encoder(ids)[0]
+        base_text = models.text_encoder(ids)[0]
+    assert (ours_text - base_text).abs().max() > 1e-3
+    assert (ours_text - ref_text).abs().max() / ref_text.abs().max() < 1e-4
