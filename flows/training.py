@@ -29,7 +29,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -278,8 +278,8 @@ def run_training(job: TrainingJob, *, on_step: StepFn | None = None, log: LogFn 
         licence = decide_licence(base, job.license)
         if licence.id is None:
             log(f"warning: the base model '{base.name}' has no licence on record; the output's licence is unknown")
-        if getattr(config, "train_text_encoder", False) is None:  # the family's default, as the trainer decides it
-            config = replace(config, train_text_encoder=not base.family.startswith("sdxl"))
+        if hasattr(config, "for_family"):  # settings whose default depends on the base's family, decided as training does
+            config = config.for_family(base.family)
         identity = trainer.fingerprint(config, image_set, base.sha256, resolution, job)
         out = Path(job.out)
         if out.exists():

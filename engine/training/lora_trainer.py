@@ -90,7 +90,15 @@ class LoraTrainingConfig:
         return self.alpha if self.alpha is not None else self.rank / 2
 
     def trains_text_encoder(self, models) -> bool:
-        return self.train_text_encoder if self.train_text_encoder is not None else not is_sdxl(models)
+        return self.for_family("sdxl" if is_sdxl(models) else models.family.name).train_text_encoder  # type: ignore[return-value]
+
+    def for_family(self, family: str) -> "LoraTrainingConfig":
+        """This config with ``train_text_encoder`` decided: as given, else the family's default (on for SD 1.x /
+        2.x, off for SDXL). Callers that know only the family name (a run checking a finished output before loading
+        the model) and the trainer decide it here alike, so their fingerprints agree."""
+        if self.train_text_encoder is not None:
+            return self
+        return replace(self, train_text_encoder=not family.startswith("sdxl"))
 
     def check(self) -> None:
         if self.rank < 1 or self.steps < 1 or self.batch_size < 1 or self.save_every < 1:

@@ -28,8 +28,9 @@ from tests.engine.test_unet_parity import diffusers_config  # noqa: E402
 TOL = 1e-5
 
 
-def diffusers_fused(models, path: Path, scale: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(U-Net, text encoder) state dicts after diffusers loaded ``path`` into base weights equal to ``models``'."""
+def diffusers_pipeline(models, path: Path):
+    """diffusers' StableDiffusionPipeline (U-Net and text encoder only) on base weights equal to ``models``', with the
+    LoRA file ``path`` loaded by diffusers' own loader."""
     cfg = diffusers_config(models.unet.config)
     unet = diffusers.UNet2DConditionModel(**cfg)
     unet.load_state_dict(convert_ldm_unet_checkpoint({UNET_PREFIX + k: v for k, v in models.unet.state_dict().items()}, cfg))
@@ -37,6 +38,12 @@ def diffusers_fused(models, path: Path, scale: float) -> tuple[dict[str, torch.T
                                              unet=unet, scheduler=None, safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False)
     pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    return pipe
+
+
+def diffusers_fused(models, path: Path, scale: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(U-Net, text encoder) state dicts after diffusers loaded ``path`` into base weights equal to ``models``'."""
+    pipe = diffusers_pipeline(models, path)
     pipe.fuse_lora(lora_scale=scale)
     pipe.unload_lora_weights()  # the fused weights stay, the LoRA layers go
     return pipe.unet.state_dict(), pipe.text_encoder.state_dict()

@@ -182,21 +182,11 @@ def test_sd2_v_trains_and_exports_as_v2(tmp_path: Path, images) -> None:
 
 def test_diffusers_loads_the_file_with_the_same_effect(models, images, trained, tiny_checkpoint: Path, tmp_path: Path) -> None:
     pytest.importorskip("peft")
-    diffusers = pytest.importorskip("diffusers")
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
-    from engine.checkpoint import UNET_PREFIX
-    from tests.engine.test_unet_parity import diffusers_config
+    pytest.importorskip("diffusers")
+    from tests.engine.adapters.test_lora_diffusers_parity import diffusers_pipeline
 
     path = export_lora(tmp_path / "zwx.safetensors", trained, models, images, CONFIG)
-    cfg = diffusers_config(models.unet.config)
-    unet = diffusers.UNet2DConditionModel(**cfg)
-    unet.load_state_dict(convert_ldm_unet_checkpoint({UNET_PREFIX + k: v for k, v in models.unet.state_dict().items()}, cfg))
-    import copy
-    pipe = diffusers.StableDiffusionPipeline(vae=None, text_encoder=copy.deepcopy(models.text_encoder), tokenizer=None,
-                                             unet=unet, scheduler=None, safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    pipe = diffusers_pipeline(models, path)
     g = torch.Generator().manual_seed(8)
     x, context = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 32, generator=g)
     merged = load_checkpoint(tiny_checkpoint)
