@@ -256,7 +256,7 @@ def plan(
             f"{_shown(campaign)} / {_shown(row_id)} / {_shown(channel)}: {len(vs)} image(s), template {_shown(v0.prompt.template_name)}, "
             f"{len({v.prompt.prompt for v in vs})} prompt variation(s), {seed_text}, generate {v0.spec.gen_width}x{v0.spec.gen_height} "
             f"-> deliver {v0.channel.width}x{v0.channel.height} {v0.channel.format}, model {_shown(v0.model.name)} "
-            f"({v0.model.short_hash}, licence {v0.model.license or 'unknown'})" + _adapters_text(vs),
+            f"({v0.model.short_hash}, licence {v0.model.license or 'unknown'})" + _adapters_text(vs) + _inputs_text(v0),
             soft_wrap=True,
         )
     if details:
@@ -267,6 +267,20 @@ def plan(
               f"{settings.steps} steps of {settings.sampler}, CFG {settings.cfg_scale:g}")
     print_problems(the_plan.problems, "rows that would be skipped")
     print_problems(parsed.warnings, "warnings")
+
+
+def _inputs_text(v) -> str:
+    """The row's packshot and layout, as a plan line's tail."""
+    from storage.variants import parse_inputs
+
+    inputs = parse_inputs(v.spec.inputs)
+    parts = []
+    if (p := inputs.product) is not None:
+        parts.append(f"product {_shown(p.file)} ({p.image[:10]}) at {p.placement}")
+    if (c := inputs.control) is not None:
+        parts.append(f"{c.type} layout {_shown(c.file)} ({c.image[:10]}) via ControlNet {_shown(c.model_name)} "
+                     f"weight {c.strength:g}")
+    return "".join(", " + part for part in parts)
 
 
 @app.command()

@@ -7,12 +7,17 @@ keys stay on one line, whatever the terminal's width).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-__all__ = ["console", "fail", "print_problems", "rejected"]
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = ["console", "fail", "open_image", "print_problems", "rejected"]
 
 console = Console(stderr=True)
 
@@ -40,3 +45,18 @@ def print_problems(problems: Iterable[object], title: str) -> None:
     console.print(f"[yellow]{title} ({len(problems)}):[/yellow]")
     for p in problems:
         console.print(f"  {escape(p)}", soft_wrap=True)
+
+
+def open_image(path: Path, what: str, option: str) -> Image.Image:
+    """The image at ``path``, decoded; a one-line BadParameter on ``option`` naming ``what`` if it is missing or not
+    an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise typer.BadParameter(f"{what} {path} not found", param_hint=option) from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise typer.BadParameter(f"{what} {path} is not a readable image ({exc})", param_hint=option) from None

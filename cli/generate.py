@@ -8,25 +8,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from PIL import Image, UnidentifiedImageError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from cli.errors import console, fail
+from cli.errors import console, fail, open_image
 
 __all__ = ["app", "generate"]
 
 app = typer.Typer()
-
-
-def _open_image(path: Path, what: str) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except FileNotFoundError:
-        raise typer.BadParameter(f"{what} {path} not found", param_hint=f"--{what.replace(' ', '-')}") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise typer.BadParameter(f"{what} {path} is not a readable image ({exc})", param_hint=f"--{what.replace(' ', '-')}") from None
 
 
 def _next_index(out: Path) -> int:
@@ -113,6 +101,16 @@ def generate(
     embeddings_dir: Annotated[
         Path, typer.Option(envvar="ADFORGE_EMBEDDINGS_DIR", help="Textual-inversion embeddings, used by writing their file name in a prompt.")
     ] = Path("models/embeddings"),
+    control: Annotated[
+        list[str] | None, typer.Option(help="ControlNet: TYPE:IMAGE[:STRENGTH[:START[:END]]] (repeatable), e.g. canny:layout.png:0.8; "
+                                            "types canny, softedge (made from IMAGE), lineart, scribble, depth, pose, none (IMAGE as is).")
+    ] = None,
+    controlnet_dir: Annotated[
+        Path, typer.Option(envvar="ADFORGE_CONTROLNET_DIR", help="ControlNet files; a type uses the one whose name carries its word.")
+    ] = Path("models/controlnet"),
+    control_model: Annotated[
+        list[str] | None, typer.Option(help="TYPE=FILE_OR_NAME: the ControlNet for a type (repeatable).")
+    ] = None,
 ) -> None:
     """Render images from a prompt (txt2img, img2img, inpaint, outpaint) into PNGs with A1111 infotext.
 
@@ -156,6 +154,10 @@ def generate(
             raise typer.BadParameter("refiner LoRAs need --refiner", param_hint="--refiner-lora")
     except AdapterError as exc:
         raise fail(exc, 2) from None
+    from cli.control_options import parse_control_models, parse_controls, resolve_controls
+
+    control_specs = parse_controls(control)
+    chosen_models = parse_control_models(control_model)
     try:
         if seed >= 0:
             check_seeds(seed, n)
@@ -177,8 +179,8 @@ def generate(
     except (CheckpointError, ValueError) as exc:
         raise fail(exc, 2) from None
 
-    init = _open_image(init_image, "init image") if init_image else None
-    mask_img = _open_image(mask, "mask") if mask else None
+    init = open_image(init_image, "init image", "--init-image") if init_image else None
+    mask_img = open_image(mask, "mask", "--mask") if mask else None
     if init is not None and outpaint is not None:
         try:
             pad = Outpaint.parse(outpaint).rounded(init.size)
@@ -201,6 +203,11 @@ def generate(
         raise typer.BadParameter("strength 0 would change nothing; use a value in (0, 1]", param_hint="--strength")
     if seed < 0:
         seed = secrets.randbelow(2**32)
+    pipe.controlnets.allow_pickle = allow_pickle
+    try:
+        controls = resolve_controls(control_specs, chosen_models, controlnet_dir, pipe, width, height)
+    except CheckpointError as exc:
+        raise fail(exc, 2) from None
     try:
         check_seeds(seed, n)
         _check_results_fit(n, width, height)
@@ -225,6 +232,7 @@ def generate(
         embeddings=adapters.embeddings,
         refiner_switch=refiner_switch if refiner is not None else None,
         refiner_loras=refiner_loras,
+        controls=controls,
     )
     try:
         base.validate(DeviceBudget.for_models(pipe.models))

@@ -29,6 +29,7 @@ from engine.adapters.infotext import adapter_parameters
 from engine.adapters.lora_merge import LoraMerger
 from engine.adapters.refs import LoraUse
 from engine.conditioning import PromptEncoder, SDXLPromptEncoder
+from engine.control_steps import ControlNetCache, ControlSteps, Residuals
 from engine.devices import free_device_memory, resolve_device, resolve_dtype
 from engine.image_ops import fit_image, latent_mask, mask_to_tensor, pil_to_tensor01, tensor01_to_pil
 from engine.loading import LoadedModels, load_checkpoint
@@ -79,6 +80,7 @@ class Pipeline:
         self._embeddings: dict[tuple[str, str | None], ModelEmbedding] = {}
         self.latent_channels = models.vae.config.z_channels
         self.vae_factor = models.vae.config.downscale_factor
+        self.controlnets = ControlNetCache(models, self.vae_factor)  # each ControlNet file loaded once
 
     @classmethod
     def load(
@@ -247,7 +249,8 @@ class Pipeline:
             concat = self._inpaint_concat(init_pixels, pixel_mask, b, (first.height, first.width), tile)
 
         x = noise * sigmas[0] if init_latent is None else init_latent + noise * sigmas[0]
-        denoiser = self._denoiser(cond, cfg, concat, init_latent if not self.models.is_inpainting else None, repaint, y)
+        denoiser = self._denoiser(cond, cfg, concat, init_latent if not self.models.is_inpainting else None, repaint, y,
+                                  self.controlnets.steps(first, sigmas))
         if tile is not None:
             denoiser = self._tiled_denoiser(denoiser, tile)
         noise_fn = (lambda i: self._initial_noise(gens, shape)) if sampler.ancestral else None
@@ -324,6 +327,7 @@ class Pipeline:
         init_latent: torch.Tensor | None,
         repaint: torch.Tensor | None,
         y: torch.Tensor | None = None,
+        control: ControlSteps | None = None,
     ) -> Callable[..., torch.Tensor]:
         """D(x, sigma[, region]); ``region`` (latent top, bottom, left, right) says which part of the image ``x``
         is when the denoiser runs on a tile, so the inpainting inputs are cut to match."""
@@ -346,7 +350,7 @@ class Pipeline:
             x_in = (x * c_in).repeat(reps, 1, 1, 1)
             if concat_in is not None:
                 x_in = torch.cat([x_in.to(self.dtype), cut(concat_in, region)], dim=1)
-            out = self._unet_rows(x_in, t.repeat(reps), context, reps, y_in)
+            out = self._unet_rows(x_in, t.repeat(reps), context, reps, y_in, None if control is None else control.at(sigma))
             if use_uncond:  # guidance on the model's output, eps or v alike (it is linear in both)
                 out_c, out_u = out.chunk(2)
                 out = out_u + cfg[:, None, None, None] * (out_c - out_u)
@@ -366,14 +370,18 @@ class Pipeline:
         return denoise
 
     def _unet_rows(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, reps: int,
-                   y: torch.Tensor | None = None) -> torch.Tensor:
+                   y: torch.Tensor | None = None, control: Residuals | None = None) -> torch.Tensor:
         """The U-Net on ``reps`` stacked copies of a batch of images (cond rows, then uncond rows); with
-        :attr:`batch_invariant`, one image's rows per call."""
+        :attr:`batch_invariant`, one image's rows per call. ``control`` gives the ControlNet residuals of those rows."""
         unet = self.models.unet
+
+        def run(x: torch.Tensor, tt: torch.Tensor, c: torch.Tensor, yy: torch.Tensor | None) -> torch.Tensor:
+            return unet(x, tt, c, yy, None if control is None else control(x, tt, c, yy)).float()
+
         b = x_in.shape[0] // reps
         if not self.batch_invariant or b == 1:
-            return unet(x_in, t, context, y).float()
-        per_image = [unet(x_in[rows], t[rows], context[rows], None if y is None else y[rows]).float()
+            return run(x_in, t, context, y)
+        per_image = [run(x_in[rows], t[rows], context[rows], None if y is None else y[rows])
                      for rows in ([i + k * b for k in range(reps)] for i in range(b))]
         return torch.cat([part[k : k + 1] for k in range(reps) for part in per_image])
 
@@ -453,6 +461,7 @@ class Pipeline:
         if m.prediction != "eps" or m.family.name.startswith("sd2"):
             p["Prediction"] = m.prediction  # SD 2.x files do not say which they are: the choice made is recorded
         p.update(adapter_parameters(r.loras + r.refiner_loras, r.embeddings, m.checkpoint.short_hash))
+        p.update(self.controlnets.parameters(r.controls))
         return p
 
 

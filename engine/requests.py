@@ -6,7 +6,10 @@ pipeline re-exports both.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 from PIL import Image
@@ -17,7 +20,40 @@ from engine.request_limits import DeviceBudget, check_seeds, check_size
 from engine.sampler_names import SamplerSpec, get_sampler
 from engine.tiling import AUTO_TILE_PIXELS
 
-__all__ = ["GenerationRequest", "GenerationResult", "with_seeds"]
+__all__ = ["ControlUse", "GenerationRequest", "GenerationResult", "with_seeds"]
+
+
+@dataclass(frozen=True)
+class ControlUse:
+    """A ControlNet steering a request: the model file, its control image (already preprocessed: an edge map, a depth
+    map ...; RGB, resized to the request's size by the pipeline if it is not), the preprocessor's name (for the
+    infotext), and how much and when: ``strength`` multiplies its residuals; ``start`` / ``end`` are the share of the
+    sampling steps during which it acts (A1111's Guidance Start / End, diffusers' control_guidance_start / end)."""
+
+    model: AdapterFile
+    image: Image.Image
+    kind: str = "none"
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    @cached_property
+    def image_sha256(self) -> str:
+        """The control image's identity (its pixels and size): requests share a batch only with the same image."""
+        rgb = self.image.convert("RGB")
+        return hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()
+
+    @property
+    def key(self) -> tuple:
+        return (self.model.sha256 or os.path.abspath(self.model.path), self.strength, self.start, self.end,
+                self.image_sha256)
+
+    def validate(self) -> None:
+        if not self.strength >= 0:
+            raise ValueError(f"ControlNet {self.model.name}: strength must be >= 0, got {self.strength}")
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise ValueError(f"ControlNet {self.model.name}: guidance start/end must satisfy 0 <= start < end <= 1, "
+                             f"got {self.start}, {self.end}")
 
 
 @dataclass(frozen=True)
@@ -50,6 +86,8 @@ class GenerationRequest:
     refiner_switch: float | None = None
     # LoRAs merged into the refiner for its part (files made for the SDXL refiner; a base LoRA does not fit it).
     refiner_loras: tuple[LoraUse, ...] = ()
+    # ControlNets steering the base model's steps (their residuals summed); none on the refiner's part.
+    controls: tuple[ControlUse, ...] = ()
 
     @property
     def mode(self) -> str:
@@ -96,6 +134,10 @@ class GenerationRequest:
             raise ValueError("refiner LoRAs need a refiner switch (no refiner pass, nothing to merge them into)")
         if self.refiner_switch is not None and self.has_init:
             raise ValueError("a refiner pass goes with txt2img only (the refiner is for finishing a base render)")
+        for control in self.controls:
+            control.validate()
+        if self.controls and self.tiled:
+            raise ValueError("ControlNets do not work with tiled denoising yet: render untiled (tile=0) or smaller")
         sampler = get_sampler(self.sampler)
         check_lora_tags(self.prompt, self.negative_prompt, self.loras)
         if budget is not None:
@@ -106,7 +148,8 @@ class GenerationRequest:
         """Requests with equal keys run in one U-Net batch; ``sampler`` is what :meth:`validate` resolved."""
         strength = self.strength if self.has_init else None
         return (self.width, self.height, self.steps, sampler, self.mode, strength, self.init_latent is not None, self.tile,
-                self.lora_key, self.refiner_switch, tuple(use.key for use in self.refiner_loras))
+                self.lora_key, self.refiner_switch, tuple(use.key for use in self.refiner_loras),
+                tuple(use.key for use in self.controls))
 
 
 @dataclass

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -143,43 +144,83 @@ def sdxl_size_embedding(time_ids: torch.Tensor, dim: int = 256) -> torch.Tensor:
     return timestep_embedding(time_ids.flatten(), dim).reshape(time_ids.shape[0], -1)
 
 
+class Encoder(NamedTuple):
+    """The U-Net's first half (what a ControlNet copies): embeddings, input blocks, middle block; and the width of
+    each input block's output (its skip connection)."""
+
+    time_embed: nn.Sequential
+    label_emb: nn.Sequential | None
+    input_blocks: nn.ModuleList
+    middle_block: TimestepEmbedSequential
+    skip_channels: list[int]
+
+
+def build_encoder(cfg: UNetConfig) -> Encoder:
+    """Built in the order UNetModel has always registered them, so default initialisation and random fills draw the
+    same numbers as before the ControlNet shared this code."""
+    mc = cfg.model_channels
+    emb_dim = cfg.time_embed_dim
+    time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+    # LDM's "sequential" class embedding, one Sequential inside another: hence the keys label_emb.0.0 and
+    # label_emb.0.2.
+    label_emb: nn.Sequential | None = None
+    if cfg.adm_in_channels is not None:
+        label_emb = nn.Sequential(
+            nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        )
+    depths = cfg.level_depths
+    input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+    skip_channels = [mc]
+    ch = mc
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc)]
+            ch = mult * mc
+            if depths[level]:
+                layers.append(attention_block(cfg, ch, depths[level]))
+            input_blocks.append(TimestepEmbedSequential(layers))
+            skip_channels.append(ch)
+        if level != len(cfg.channel_mult) - 1:
+            input_blocks.append(TimestepEmbedSequential([Downsample(ch)]))
+            skip_channels.append(ch)
+    middle_block = TimestepEmbedSequential(
+        [ResBlock(ch, emb_dim, ch), attention_block(cfg, ch, cfg.middle_depth), ResBlock(ch, emb_dim, ch)]
+    )
+    return Encoder(time_embed, label_emb, input_blocks, middle_block, skip_channels)
+
+
+def attention_block(cfg: UNetConfig, ch: int, depth: int) -> SpatialTransformer:
+    return SpatialTransformer(ch, cfg.heads(ch), depth, cfg.context_dim, cfg.use_linear_in_transformer)
+
+
+def embed(module: nn.Module, cfg: UNetConfig, timesteps: torch.Tensor, y: torch.Tensor | None, batch: int,
+          dtype: torch.dtype) -> torch.Tensor:
+    """Time embedding plus, for an SDXL-style network (``label_emb``), the vector conditioning ``y``."""
+    emb = module.time_embed(timestep_embedding(timesteps, cfg.model_channels).to(dtype))
+    if module.label_emb is not None:
+        adm = cfg.adm_in_channels
+        if y is None:
+            raise ValueError(f"this U-Net (SDXL-style) needs y: [batch, {adm}] pooled text + size embedding")
+        if y.shape != (batch, adm):
+            raise ValueError(f"y has shape {tuple(y.shape)}; this U-Net needs [{batch}, {adm}]")
+        emb = emb + module.label_emb(y.to(dtype))
+    elif y is not None:
+        raise ValueError("this U-Net takes no y (it has no label_emb); y is for SDXL-style U-Nets")
+    return emb
+
+
 class UNetModel(nn.Module):
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
         self.config = cfg = config
         mc = cfg.model_channels
         emb_dim = cfg.time_embed_dim
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        # LDM's "sequential" class embedding, one Sequential inside another: hence the keys label_emb.0.0 and
-        # label_emb.0.2.
-        self.label_emb: nn.Sequential | None = None
-        if cfg.adm_in_channels is not None:
-            self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-            )
-
-        def attention(ch: int, depth: int) -> SpatialTransformer:
-            return SpatialTransformer(ch, cfg.heads(ch), depth, cfg.context_dim, cfg.use_linear_in_transformer)
-
+        enc = build_encoder(cfg)
+        self.time_embed, self.label_emb = enc.time_embed, enc.label_emb
+        self.input_blocks, self.middle_block = enc.input_blocks, enc.middle_block
+        skip_channels = list(enc.skip_channels)
         depths = cfg.level_depths
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
-        skip_channels = [mc]
-        ch = mc
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc)]
-                ch = mult * mc
-                if depths[level]:
-                    layers.append(attention(ch, depths[level]))
-                self.input_blocks.append(TimestepEmbedSequential(layers))
-                skip_channels.append(ch)
-            if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential([Downsample(ch)]))
-                skip_channels.append(ch)
-
-        self.middle_block = TimestepEmbedSequential(
-            [ResBlock(ch, emb_dim, ch), attention(ch, cfg.middle_depth), ResBlock(ch, emb_dim, ch)]
-        )
+        ch = skip_channels[-1]
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -187,7 +228,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult)]
                 ch = mc * mult
                 if depths[level]:
-                    layers.append(attention(ch, depths[level]))
+                    layers.append(attention_block(cfg, ch, depths[level]))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(layers))
@@ -199,21 +240,17 @@ class UNetModel(nn.Module):
         return self.time_embed[0].weight.dtype
 
     def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
+        control: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict the noise in ``x`` at (possibly fractional) ``timesteps`` given text ``context`` and, for an
-        SDXL-style U-Net (``adm_in_channels`` set), the vector conditioning ``y`` [B, adm_in_channels]."""
+        SDXL-style U-Net (``adm_in_channels`` set), the vector conditioning ``y`` [B, adm_in_channels].
+
+        ``control``: ControlNet residuals, one per input block (in order) and one for the middle block: each is added
+        to that block's skip connection, the last to the middle block's output (LDM's ControlledUnetModel, diffusers'
+        down/mid additional residuals)."""
         dtype = self.dtype
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
-        if self.label_emb is not None:
-            adm = self.config.adm_in_channels
-            if y is None:
-                raise ValueError(f"this U-Net (SDXL-style) needs y: [batch, {adm}] pooled text + size embedding")
-            if y.shape != (x.shape[0], adm):
-                raise ValueError(f"y has shape {tuple(y.shape)}; this U-Net needs [{x.shape[0]}, {adm}]")
-            emb = emb + self.label_emb(y.to(dtype))
-        elif y is not None:
-            raise ValueError("this U-Net takes no y (it has no label_emb); y is for SDXL-style U-Nets")
+        emb = embed(self, self.config, timesteps, y, x.shape[0], dtype)
         h = x.to(dtype)
         context = context.to(dtype)
         skips: list[torch.Tensor] = []
@@ -221,6 +258,12 @@ class UNetModel(nn.Module):
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            if len(control) != len(skips) + 1:
+                raise ValueError(f"control has {len(control)} residuals; this U-Net takes {len(skips) + 1} "
+                                 f"({len(skips)} skips and the middle)")
+            h = h + control[-1].to(dtype)
+            skips = [s + c.to(dtype) for s, c in zip(skips, control)]
         for block in self.output_blocks:
             skip = skips.pop()
             h = torch.cat([h, skip], dim=1)
@@ -234,7 +277,8 @@ _TRANSFORMER_BLOCK = re.compile(r"^(input_blocks\.\d+|middle_block|output_blocks
 
 
 def unet_config_from_state_dict(
-    sd: Mapping[str, torch.Tensor], num_heads: int = SD1_NUM_HEADS, num_head_channels: int | None = None
+    sd: Mapping[str, torch.Tensor], num_heads: int = SD1_NUM_HEADS, num_head_channels: int | None = None,
+    out_channels: int | None = None,
 ) -> UNetConfig:
     """Read the architecture from the (prefix-stripped) tensors of an LDM U-Net (SD 1.x, SD 2.x, SDXL).
 
@@ -243,6 +287,7 @@ def unet_config_from_state_dict(
     ndim, context width from attn2.to_k, ``adm_in_channels`` from ``label_emb.0.0.weight``. Heads are in no shape,
     so the caller says: ``num_head_channels`` > 0 (SD 2.x, SDXL: 64, from the family table) sizes heads by width;
     otherwise each block has ``num_heads`` (SD 1.x: 8, or what a file of ours records in its metadata).
+    ``out_channels`` given: the network has no output layer to read it from (a ControlNet, the U-Net's first half).
 
     Raises KeyError naming the first tensor it needed and did not find, ValueError for a layout that is not an LDM
     U-Net.
@@ -255,7 +300,8 @@ def unet_config_from_state_dict(
 
     conv_in = need("input_blocks.0.0.weight")
     model_channels, in_channels = int(conv_in.shape[0]), int(conv_in.shape[1])
-    out_channels = int(need("out.2.weight").shape[0])
+    if out_channels is None:
+        out_channels = int(need("out.2.weight").shape[0])
 
     # One pass over the keys: the depth of every block's SpatialTransformer (blocks without one are absent).
     block_depth: dict[str, int] = {}

@@ -23,6 +23,20 @@ optional
                          :func:`derive_seed` (campaign, row_id), stable across runs.
     ``model``            model name or path (empty = the configured default, ``None``).
     ``license``          licence constraint on the model: ``commercial`` (default) or ``any``.
+    ``product_image``    a packshot kept pixel-exact in every image of the row: a PNG with transparency, or any image
+                         with ``product_mask`` (white = product). Paths are relative to the brief's folder.
+    ``product_mask``     the product's mask for a ``product_image`` without transparency.
+    ``placement``        where the product goes: ``ANCHOR[:SCALE[:MARGIN[:SHADOW]]]`` (anchors centre, left_third,
+                         right_third, bottom; :class:`engine.packshot.Placement`); default: the channel's
+                         ``product:`` settings in channels.yaml.
+    ``control_image``    a layout image for ControlNet (a sketch, line art, depth or pose map, or a photo to take
+                         edges from), relative to the brief's folder.
+    ``control_type``     what the control image is: canny, softedge (edges taken from it), lineart, scribble,
+                         depth, pose (used as it is).
+    ``control_strength`` the ControlNet's weight (default 1), ``control_start`` / ``control_end`` the share of the
+                         sampling steps it acts on (default 0 and 1).
+
+Image files are read and checked when the brief is planned (:mod:`flows.input_images`), not here.
 
 Any other column is kept per row in :attr:`BriefRow.extra` (key = normalised header name,
 value = stripped text) for use as a template variable.
@@ -61,6 +75,7 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flows.brief_inputs import CONTROL_COLUMNS, CONTROL_TYPES, PRODUCT_COLUMNS, ControlCell, check_control, check_product
 from flows.brief_limits import COLUMN_LENGTHS, BriefLimits, RecordGuard, setting, too_big
 from flows.brief_problems import BriefError, BriefProblem
 from flows.safe_text import quoted
@@ -72,6 +87,8 @@ __all__ = [
     "BriefLimits",
     "BriefProblem",
     "BriefRow",
+    "CONTROL_TYPES",
+    "ControlCell",
     "DEFAULT_LICENSE",
     "DEFAULT_VARIANTS",
     "LICENSES",
@@ -93,6 +110,8 @@ OPTIONAL_COLUMNS: tuple[str, ...] = (
     "seed",
     "model",
     "license",
+    *PRODUCT_COLUMNS,
+    *CONTROL_COLUMNS,
 )
 LICENSES: tuple[str, ...] = ("commercial", "any")
 DEFAULT_LICENSE = "commercial"
@@ -133,6 +152,10 @@ class BriefRow:
     license: str
     extra: dict[str, str]
     line: int  # 1-based line (CSV) / sheet row (XLSX) where the row starts
+    product_image: str = ""  # as written in the brief (relative to its folder); "" = none
+    product_mask: str = ""
+    placement: str = ""  # canonical ANCHOR:SCALE:MARGIN:SHADOW, or "" for the channel's default
+    control: ControlCell | None = None
 
 
 @dataclass
@@ -428,6 +451,9 @@ def _check_row(values: dict[str, str], line: int, bad, known: set[str] | None, l
     if licence not in LICENSES:
         bad("license", f"unknown licence {quoted(values['license'])} (expected 'commercial' or 'any')")
 
+    product_image, product_mask, placement = check_product(values, bad)
+    control = check_control(values, bad)
+
     if not (values["campaign"] and values["row_id"]):
         return None
     return BriefRow(
@@ -445,6 +471,10 @@ def _check_row(values: dict[str, str], line: int, bad, known: set[str] | None, l
         license=licence,
         extra={k: v for k, v in values.items() if k not in REQUIRED_COLUMNS and k not in OPTIONAL_COLUMNS},
         line=line,
+        product_image=product_image,
+        product_mask=product_mask,
+        placement=placement,
+        control=control,
     )
 
 

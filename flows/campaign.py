@@ -41,6 +41,7 @@ from flows.rendering import render_variants
 from flows.settings import Settings, load_settings
 from flows.channels import load_channels
 from flows.styles import load_styles
+from flows.input_images import StoreSource, store_inputs
 from storage.assets import AssetStore, open_store
 from storage.database import Database, DatabaseError, database_failure, open_database
 from storage.retrying import is_permanent
@@ -121,8 +122,9 @@ def validate_brief(brief_path: str, strict: bool, templates_dir: str | None, lim
     return read_brief(brief_path, known_channels=set(channels), strict=strict, limits=limits)
 
 
-def make_plan(brief: Brief, settings: Settings, db: Database | None, strict: bool) -> Plan:
-    """Plan ``brief``; models are looked up in ``db`` (if given) but nothing is written."""
+def make_plan(brief: Brief, settings: Settings, db: Database | None, strict: bool, inputs_from: str | None = None) -> Plan:
+    """Plan ``brief``; models are looked up in ``db`` (if given) but nothing is written. The rows' image paths are
+    read from the brief's folder, or from the store at ``inputs_from`` (the S3 inbox a brief came from)."""
     tdir = Path(settings.templates_dir) if settings.templates_dir else None
     channels = load_channels(tdir / "channels.yaml" if tdir else None)
     styles = load_styles(tdir / "styles.yaml" if tdir else None)
@@ -130,16 +132,20 @@ def make_plan(brief: Brief, settings: Settings, db: Database | None, strict: boo
     def resolve(path: str) -> ModelInfo:
         return describe_model(path, db)
 
+    inputs = StoreSource(open_store(inputs_from), "") if inputs_from else None
     return plan_brief(brief, settings, channels=channels, styles=styles, resolve_model=resolve,
-                      default_model=default_model_path(settings), strict=strict)
+                      default_model=default_model_path(settings), strict=strict, inputs=inputs)
 
 
 @task(name="plan-run", cache_policy=NO_CACHE)
-def plan_run(brief: Brief, settings: Settings, strict: bool, flow_run_id: str | None, source: str | None = None) -> PlannedRun:
-    db, _ = open_resources(settings)
+def plan_run(brief: Brief, settings: Settings, strict: bool, flow_run_id: str | None, source: str | None = None,
+             inputs_from: str | None = None) -> PlannedRun:
+    db, store = open_resources(settings)
     # Planning writes nothing, so a rejected brief leaves no trace; once it passed, models seen for the first
     # time are entered (with the licence their file declares) and the variants get their model ids.
-    plan = make_plan(brief, settings, db, strict)
+    plan = make_plan(brief, settings, db, strict, inputs_from)
+    # The input images go to the store before any variant that pins them is recorded: a worker anywhere finds them.
+    store_inputs(store, list(plan.input_images.values()))
     entered: dict[str, ModelInfo] = {}
     for v in plan.variants:
         if v.model.id == 0 and v.model.sha256 not in entered:
@@ -242,27 +248,29 @@ def _fan_out(run_id: int, batches: list[list[int]], settings: Settings, flow_run
 
 @flow(name="campaign-run", log_prints=False, validate_parameters=True)
 def campaign_run(brief_path: str, strict: bool = False, overrides: dict | None = None, config: str | None = None,
-                 source: str | None = None) -> dict:
+                 source: str | None = None, inputs_from: str | None = None) -> dict:
     """Render every planned variant of a brief; returns the run summary as a dict. ``source`` is where the brief
-    really came from (an S3 URL the inbox downloaded it from), recorded instead of the local path.
+    really came from (an S3 URL the inbox downloaded it from), recorded instead of the local path; ``inputs_from``
+    the store URL its image paths are relative to (the S3 inbox), instead of the brief's folder.
 
     A database that fails (full disk, damaged file, lost server) ends the run with a one-line
     :class:`~storage.database.DatabaseError` naming the database and the driver's reason."""
     settings = load_settings(overrides or {}, config=config)
     try:
-        return _campaign_run(brief_path, strict, settings, config, source)
+        return _campaign_run(brief_path, strict, settings, config, source, inputs_from)
     except SQLAlchemyError as exc:
         raise database_failure(settings.db_url, exc) from exc
 
 
-def _campaign_run(brief_path: str, strict: bool, settings: Settings, config: str | None, source: str | None) -> dict:
+def _campaign_run(brief_path: str, strict: bool, settings: Settings, config: str | None, source: str | None,
+                  inputs_from: str | None = None) -> dict:
     from prefect.runtime import flow_run
 
     t0 = time.perf_counter()
     if settings.fan_out == 1:
         plan_workers(settings.devices, settings.device)  # devices this machine lacks: refused before anything is recorded
     brief = validate_brief(brief_path, strict, settings.templates_dir, BriefLimits.from_settings(settings))
-    planned = plan_run(brief, settings, strict, str(flow_run.id) if flow_run.id else None, source)
+    planned = plan_run(brief, settings, strict, str(flow_run.id) if flow_run.id else None, source, inputs_from)
     _emit("planned", planned.planned)
     _emit("skipped", planned.already_done)
     t_plan = time.perf_counter() - t0

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.packshot import Placement, PlacementError
 from engine.upscale.chain import Chain, ChainError, parse_chain
 from flows.template_config import (
     TEMPLATES_DIR,
@@ -36,6 +37,8 @@ class ChannelFormat:
     # The upscale chain (``upscale:`` key; see engine.upscale.chain); None = the default, fit(WxH).
     upscale: Chain | None = None
     source: str = ""  # the channels file this entry came from, for messages about it
+    # Where a row's product packshot goes on this channel unless the row says (``product:`` key; engine.packshot).
+    product: Placement = Placement()
 
     @property
     def upscale_key(self) -> str:
@@ -67,7 +70,7 @@ def load_channels(path: str | os.PathLike[str] | None = None) -> dict[str, Chann
         name = check_name(file, "channels", name)
         where = f"channels.{name}"
         entry = check_keys(
-            file, where, entry, {"width", "height", "format", "max_kb"}, {"description", "template", "upscale"}
+            file, where, entry, {"width", "height", "format", "max_kb"}, {"description", "template", "upscale", "product"}
         )
         fmt = entry["format"]
         if fmt not in CHANNEL_FORMATS:
@@ -87,8 +90,20 @@ def load_channels(path: str | os.PathLike[str] | None = None) -> dict[str, Chann
             template=template,
             upscale=_upscale_chain(file, f"{where}.upscale", entry.get("upscale"), width, height),
             source=file,
+            product=_placement(file, f"{where}.product", entry.get("product")),
         )
     return out
+
+
+def _placement(file: str, where: str, value: object) -> Placement:
+    if value is None:
+        return Placement()
+    if not isinstance(value, str) or not value.strip():
+        raise TemplatingConfigError(f"{file}: key '{where}': expected a placement as text, e.g. 'bottom:0.55:0.05', got {value!r}")
+    try:
+        return Placement.parse(value)
+    except PlacementError as exc:
+        raise TemplatingConfigError(f"{file}: key '{where}': {exc}") from None
 
 
 def _upscale_chain(file: str, where: str, value: object, width: int, height: int) -> Chain | None:

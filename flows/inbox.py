@@ -150,7 +150,8 @@ def inbox_run(inbox: str, strict: bool = False, overrides: dict | None = None, c
                 result = BriefResult(entry.name, "skipped", sha256, run_id=first.run_id,
                                      problems=[f"{entry.name}: same content as {first.brief}"])
             else:
-                result = seen[sha256] = _run_brief(entry.name, path, sha256, db, strict, overrides, config, limits)
+                result = seen[sha256] = _run_brief(entry.name, path, sha256, db, strict, overrides, config, limits,
+                                                   inputs_from=inbox if entry.key is not None else None)
             log.info("%s: %s%s", visible(entry.name), result.status, "".join("\n  " + p for p in result.problems))
             results.append(result)
     counts = Counter(r.status for r in results)
@@ -159,8 +160,9 @@ def inbox_run(inbox: str, strict: bool = False, overrides: dict | None = None, c
 
 
 def _run_brief(name: str, path: Path, sha256: str, db: Database, strict: bool, overrides: dict | None,
-               config: str | None, limits: BriefLimits) -> BriefResult:
-    """Run one brief unless a brief with its content has completed; ``name`` is what reports call it."""
+               config: str | None, limits: BriefLimits, inputs_from: str | None = None) -> BriefResult:
+    """Run one brief unless a brief with its content has completed; ``name`` is what reports call it; its image
+    paths are read from ``inputs_from`` (the S3 inbox), else beside the brief."""
     if (done := _completed_run(db, sha256)) is not None:
         return BriefResult(name, "skipped", sha256, run_id=done)
 
@@ -177,7 +179,7 @@ def _run_brief(name: str, path: Path, sha256: str, db: Database, strict: bool, o
         return BriefResult(name, "rejected", sha256, problems=named([str(p) for p in exc.problems]))
     try:
         summary = campaign_run(local, strict=strict, overrides=overrides, config=config,
-                               source=name if name != local else None)
+                               source=name if name != local else None, inputs_from=inputs_from)
     except BriefError as exc:
         return BriefResult(name, "rejected", sha256, problems=named([str(p) for p in exc.problems]))
     except Exception as exc:  # model missing, database down, ...: this brief failed, the next one may not

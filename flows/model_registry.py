@@ -55,19 +55,19 @@ class ModelInfo:
     license: str | None
     commercial_use: bool | None
     native_size: int
-    kind: str = "checkpoint"  # checkpoint | upscaler | lora | embedding (| vae, never rendered by a run)
+    kind: str = "checkpoint"  # checkpoint | upscaler | lora | embedding | controlnet (| vae, never rendered by a run)
     scale: int = 1  # an upscaler's scale, read from the model
 
     @property
     def noun(self) -> str:
         """What messages call it."""
-        return {"upscaler": "upscaler", "lora": "LoRA", "embedding": "embedding"}.get(self.kind, "model")
+        return {"upscaler": "upscaler", "lora": "LoRA", "embedding": "embedding", "controlnet": "ControlNet"}.get(self.kind, "model")
 
     @property
     def kind_phrase(self) -> str:
         """``a LoRA``, ``an upscaler``, ``a checkpoint`` ..."""
         return {"upscaler": "an upscaler", "lora": "a LoRA", "embedding": "an embedding", "vae": "a VAE",
-                "checkpoint": "a checkpoint"}.get(self.kind, f"a {self.kind} file")
+                "checkpoint": "a checkpoint", "controlnet": "a ControlNet"}.get(self.kind, f"a {self.kind} file")
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,20 @@ def _as_adapter(path: Path) -> _Inspected | None:
     if isinstance(info, LoraInfo):
         return _Inspected(file_sha256(path), info.family, "lora", _file_metadata(path), 0)
     return _Inspected(file_sha256(path), embedding_family(info), "embedding", _file_metadata(path), 0)
+
+
+def _as_controlnet(path: Path, allow_pickle: bool) -> _Inspected | None:
+    """The file as a ControlNet (``control_model.*``, bare or diffusers keys), or None."""
+    from engine.control_library import family_name
+    from engine.controlnet_loading import inspect_controlnet
+
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        return None
+    try:
+        info = inspect_controlnet(path, allow_pickle)
+    except CheckpointError:
+        return None
+    return _Inspected(file_sha256(path), family_name(info.family), "controlnet", _file_metadata(path), 0)
 
 
 def _file_metadata(path: Path) -> dict[str, str]:
@@ -168,6 +182,9 @@ def _inspect(path: Path, allow_pickle: bool) -> _Inspected:
     adapter = _as_adapter(path)
     if adapter is not None:
         return adapter
+    controlnet = _as_controlnet(path, allow_pickle)
+    if controlnet is not None:
+        return controlnet
     upscaler_problem = None
     if suffix in PICKLE_SUFFIXES and suffix in UPSCALER_SUFFIXES and not allow_pickle:
         found, upscaler_problem = _as_upscaler(path)

@@ -52,6 +52,8 @@ from flows.safe_text import quoted
 from flows.settings import Settings
 from flows.styles import StylePreset
 from flows.templating import PromptVariant, TemplateError, render_prompts
+from flows.input_images import FolderSource, InputImage, InputSource
+from flows.row_inputs import InputProblem, RowInputs
 from storage.variants import VariantSpec
 
 __all__ = ["Plan", "PlannedVariant", "model_folders", "plan_brief"]
@@ -73,6 +75,8 @@ class PlannedVariant:
     upscalers: tuple[tuple[int, ModelInfo], ...] = ()
     # the LoRA and embedding files its prompts name (pinned in ``spec.adapters``)
     adapters: tuple[PlannedAdapter, ...] = ()
+    # the ControlNet its row's layout image steers it with (pinned in ``spec.inputs``)
+    controlnet: ModelInfo | None = None
 
     @property
     def identity(self) -> str:
@@ -96,6 +100,9 @@ class Plan:
     variants: list[PlannedVariant]
     problems: list[BriefProblem]  # the brief's own problems, then planning problems
     skipped_rows: list[BriefRow] = field(default_factory=list)  # valid in the brief, unplannable
+    # The images the planned variants pin (product packshots, masks, control images), by store key: the run puts
+    # them in the asset store before it records the plan.
+    input_images: dict[str, InputImage] = field(default_factory=dict)
 
     def by_row(self) -> dict[tuple[str, str], list[PlannedVariant]]:
         out: dict[tuple[str, str], list[PlannedVariant]] = {}
@@ -162,7 +169,9 @@ def plan_brief(
     resolve_model: ModelResolver,
     default_model: str | os.PathLike[str],
     strict: bool = False,
+    inputs: InputSource | None = None,
 ) -> Plan:
+    """``inputs``: where the rows' image paths are read from (default: the brief's folder)."""
     problems = list(brief.problems)
     variants: list[PlannedVariant] = []
     skipped: list[BriefRow] = []
@@ -174,7 +183,9 @@ def plan_brief(
     prompts_dir = Path(settings.templates_dir) / "prompts" if settings.templates_dir else None
 
     folders = None if settings.allow_any_model_path else model_folders(settings, default_model)
+    plan_images: dict[str, InputImage] = {}
     adapters = PromptAdapters(settings, resolve_model)
+    images = RowInputs(inputs or FolderSource(brief.path.parent), settings, resolve_model)
 
     for row in brief.rows:
         refusal = _row_refusal(row, folders)
@@ -207,6 +218,8 @@ def plan_brief(
             continue
         row_variants: list[PlannedVariant] = []
         try:
+            product = images.product(row)
+            control, controlnet = images.control(row, model)
             for channel_name in row.channels:
                 channel = channels[channel_name]
                 prompts = render_prompts(row, channel, styles=styles, channels=channels, templates_dir=prompts_dir)
@@ -221,6 +234,7 @@ def plan_brief(
                     raise ChainProblem(f"channel '{channel_name}' delivers {channel.width}x{channel.height}, more than {MAX_SIDE} px a side")
                 post, upscalers = _row_chain(chains, upscaler_files, channel, (gen_w, gen_h), resolve_model, row.license)
                 refiner = adapters.refiner(row, model)
+                variant_inputs = images.pins(row, channel, product, control)
                 prompt_adapters = [adapters.resolve(row, p.prompt, p.negative_prompt, model) + ((refiner,) if refiner else ())
                                    for p in prompts]
                 for i in range(row.variants):
@@ -233,25 +247,26 @@ def plan_brief(
                         steps=settings.steps, cfg_scale=settings.cfg_scale, clip_skip=settings.clip_skip,
                         gen_width=gen_w, gen_height=gen_h, out_width=channel.width, out_height=channel.height,
                         out_format=channel.format, out_max_kb=channel.max_kb, postprocess=post,
-                        adapters=pins_text(used),
+                        adapters=pins_text(used), inputs=variant_inputs,
                     )
                     row_variants.append(PlannedVariant(row=row, channel=channel, prompt=prompt, model=model, spec=spec,
-                                                       upscalers=upscalers, adapters=used))
+                                                       upscalers=upscalers, adapters=used, controlnet=controlnet))
         except TemplateError as exc:
             problems.append(BriefProblem(file, row.line, "channels", str(exc)))
             skipped.append(row)
             continue
-        except (ChainProblem, AdapterProblem) as exc:
+        except (ChainProblem, AdapterProblem, InputProblem) as exc:
             problems.append(BriefProblem(file, row.line, exc.column, str(exc)))
             skipped.append(row)
             continue
         variants.extend(row_variants)
+        images.keep(row, plan_images)
 
     if strict and problems:
         raise BriefError(problems)
     if not variants and problems:
         raise BriefError(problems + [BriefProblem(file, None, None, "no row of the brief can be rendered")])
-    return Plan(brief=brief, variants=variants, problems=problems, skipped_rows=skipped)
+    return Plan(brief=brief, variants=variants, problems=problems, skipped_rows=skipped, input_images=plan_images)
 
 
 def _lora_set(adapters: str) -> str:

@@ -201,7 +201,10 @@ def _sync_plan(db: Database, plan: Plan, run_id: int) -> dict[str, VariantState]
                 if info.sha256 not in upscaler_ids:
                     upscaler_ids[info.sha256] = enter_model(s, info, actor=RUN_ACTOR).id
         # Likewise every LoRA and embedding: the variant pins them by sha256, rendering finds them here.
-        for sha, info in {a.model.sha256: a.model for v in plan.variants for a in v.adapters}.items():
+        # And every ControlNet a row's layout uses.
+        used = {a.model.sha256: a.model for v in plan.variants for a in v.adapters}
+        used.update({v.controlnet.sha256: v.controlnet for v in plan.variants if v.controlnet is not None})
+        for sha, info in used.items():
             if sha not in upscaler_ids:
                 upscaler_ids[sha] = enter_model(s, info, actor=RUN_ACTOR).id
         if missing:
@@ -264,6 +267,9 @@ class AssetRecord:
     height: int
     infotext: str
     render_seconds: float | None
+    product_error: float | None = None  # see storage.schema.Asset.product_error / product_changed
+    product_changed: bool | None = None
+    product_outline: str | None = None
 
 
 @retry_transient()
@@ -284,7 +290,9 @@ def record_assets(db: Database, run_id: int, records: list[AssetRecord]) -> int:
             before = {"status": variant.status}
             asset = Asset(variant_id=r.variant_id, run_id=run_id, store_url=r.stored.url, storage_key=r.stored.key,
                           sha256=r.stored.sha256, size_bytes=r.stored.size, format=r.fmt, width=r.width, height=r.height,
-                          infotext=r.infotext, render_seconds=r.render_seconds)
+                          infotext=r.infotext, render_seconds=r.render_seconds,
+                          product_error=r.product_error, product_changed=r.product_changed,
+                          product_outline=r.product_outline)
             s.add(asset)
             variant.status, variant.error = "done", None
             s.flush()

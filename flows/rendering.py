@@ -30,18 +30,22 @@ from sqlalchemy import select
 
 from engine.adapters.refs import AdapterError, AdapterFile, LoraUse
 from engine.image_ops import cover_fit
+from engine.packshot import MASK_BLUR, Placement, ProductLayer, engine_inputs, finish, outline
 from engine.pipeline import GenerationRequest, GenerationResult, Pipeline
+from engine.requests import ControlUse
 from engine.upscale.chain import Chain, ChainError, Fit, parse_chain
 from engine.upscale.networks import ModelUpscaler, UpscalerError, load_upscaler
 from engine.upscale.runner import UpscalerResolver, apply_hires, apply_pixel_steps
 from flows.counts import RenderCounts
+from flows.product_check import check_product
+from flows.render_inputs import InputReader, control_model, controls_of, product_layer_of
 from flows.recording import AssetRecord, claim_variants, record_assets, record_failure, release_claims
 from storage.retrying import retry_call
 from storage.assets import AssetStore
 from storage.database import Database
 from storage.image_metadata import CONTENT_TYPES, encode_image, format_infotext, xmp_packet
 from storage.schema import ModelRecord
-from storage.variants import AdapterPin, ModelRef, VariantSpec, load_variants, parse_adapters
+from storage.variants import AdapterPin, ModelRef, VariantInputs, VariantSpec, load_variants, parse_adapters, parse_inputs
 
 __all__ = ["RenderJob", "cover_resize", "encode_within_cap", "get_pipeline", "load_jobs", "parse_postprocess",
            "render_jobs", "render_variants"]
@@ -94,6 +98,7 @@ class RenderJob:
     model: ModelRef
     upscalers: tuple[ModelRef, ...] = ()  # the chain's model files in chain order
     adapters: tuple[ModelRef, ...] = ()  # the LoRA and embedding files its spec pins, found by sha256 in ``models``
+    controlnet: ModelRef | None = None  # the ControlNet its layout image pins, found by sha256 in ``models``
 
     @property
     def chain(self) -> Chain:
@@ -104,9 +109,22 @@ class RenderJob:
         """True when post-processing is more than the default cover-resize."""
         return _COVER.fullmatch(self.spec.postprocess) is None and not self.chain.is_plain_fit
 
-    def request(self) -> GenerationRequest:
+    @property
+    def inputs(self) -> VariantInputs:
+        return parse_inputs(self.spec.inputs)
+
+    def product_layer(self, read: InputReader) -> ProductLayer | None:
+        """The placed packshot at the delivered size, or None for a variant without one."""
+        return product_layer_of(self.spec, read)
+
+    def controls(self, read: InputReader) -> tuple[ControlUse, ...]:
+        """The engine's ControlNet inputs: the pinned layout image, prepared at the generation size, and the file."""
+        return controls_of(self.spec, read, self.controlnet)
+
+    def request(self, layer: ProductLayer | None = None, controls: tuple[ControlUse, ...] = ()) -> GenerationRequest:
         """The engine request, with each pinned adapter file at the path its ``models`` row records (the engine
-        checks the file's sha256 before using it)."""
+        checks the file's sha256 before using it); with a product ``layer``, an inpainting request that keeps the
+        product and generates the scene around it."""
         by_sha = {a.sha256: a for a in self.adapters}
         loras: list[LoraUse] = []
         embeddings: list[AdapterFile] = []
@@ -123,8 +141,12 @@ class RenderJob:
                 switch = pin.switch
             else:
                 embeddings.append(file)
+        extra: dict = {"controls": controls} if controls else {}
+        if layer is not None:
+            init, mask = engine_inputs(layer, (self.spec.gen_width, self.spec.gen_height))
+            extra.update(init_image=init, mask=mask, strength=1.0, mask_blur=MASK_BLUR)
         return GenerationRequest(**self.spec.engine_arguments(), loras=tuple(loras), embeddings=tuple(embeddings),
-                                 refiner_switch=switch)
+                                 refiner_switch=switch, **extra)
 
     @property
     def refiner(self) -> ModelRef | None:
@@ -139,13 +161,15 @@ def load_jobs(db: Database, variant_ids: Sequence[int]) -> list[RenderJob]:
         stored = load_variants(s, list(variant_ids))
         pins = {vid: _pins(v.spec.postprocess) for vid, v in stored.items()}
         adapter_pins = {vid: [p.sha256 for p in _adapter_pins(v.spec.adapters)] for vid, v in stored.items()}
+        control_pins = {vid: control_model(v.spec.inputs) for vid, v in stored.items()}
         wanted = {sha for shas in (*pins.values(), *adapter_pins.values()) for sha in shas}
+        wanted |= {sha for sha in control_pins.values() if sha}
         refs = {m.sha256: ModelRef.of(m)
                 for m in (s.scalars(select(ModelRecord).where(ModelRecord.sha256.in_(wanted))) if wanted else ())}
     return [
         RenderJob(v.id, v.identity, v.spec, v.storage_key, v.status, v.model,
                   tuple(refs[sha] for sha in pins[v.id] if sha in refs),
-                  tuple(refs[sha] for sha in adapter_pins[v.id] if sha in refs))
+                  tuple(refs[sha] for sha in adapter_pins[v.id] if sha in refs), refs.get(control_pins[v.id] or ""))
         for v in (stored[i] for i in variant_ids if i in stored)
     ]
 
@@ -228,6 +252,13 @@ def _infotext(job: RenderJob, parameters: dict[str, str], quality: int | None) -
     licences = [f"{a.name}: {a.license or 'unknown'}" for a in job.adapters]
     if licences:
         params["Adapter licenses"] = ", ".join(licences)
+    control = job.inputs.control
+    if control is not None:  # the engine's "ControlNet 0" entry names the model; this names the brief's image
+        params["Control image"] = f"{control.file} [{control.image[:12]}]"
+    product = job.inputs.product
+    if product is not None:
+        params["Product"] = f"{product.file} [{product.image[:12]}]" + (f", mask [{product.mask[:12]}]" if product.mask else "")
+        params["Placement"] = product.placement
     params["Variant"] = job.identity[:16]
     return format_infotext(spec.prompt, spec.negative_prompt, params)
 
@@ -350,10 +381,13 @@ def _render_batch(todo: Sequence[RenderJob], pipeline: Pipeline, store: AssetSto
     t0 = time.perf_counter()
     requests: list[GenerationRequest] = []
     ready_jobs: list[RenderJob] = []
+    layers: list[ProductLayer | None] = []
     for job in todo:
         try:
-            requests.append(job.request())
+            layer = job.product_layer(store.get)
+            requests.append(job.request(layer, job.controls(store.get)))
             ready_jobs.append(job)
+            layers.append(layer)
         except (AdapterError, ValueError) as exc:  # an unreadable record or a file gone from ``models``: this one only
             _fail(db, [job], run_id, f"render failed: {exc}", counts, on_event)
     todo = ready_jobs
@@ -388,21 +422,37 @@ def _render_batch(todo: Sequence[RenderJob], pipeline: Pipeline, store: AssetSto
                 image = cover_resize(result.image, spec.out_width, spec.out_height)
             if image.size != (spec.out_width, spec.out_height):
                 raise ValueError(f"post-processing made {image.width}x{image.height}, the channel needs {spec.out_width}x{spec.out_height}")
+            layer = layers[k]
+            if layer is not None:
+                image = finish(image, layer, Placement.parse(job.inputs.product.placement).shadow)  # type: ignore[union-attr]
             meta = {"Model": job.model.name, "ModelSHA256": job.model.sha256, "VariantIdentity": job.identity}
+            if spec.inputs:
+                meta["Inputs"] = spec.inputs  # every input image with its sha256, placement, control settings
             if job.upscales:
                 meta["Postprocess"] = spec.postprocess
             if spec.adapters:
                 meta["Adapters"] = spec.adapters  # every LoRA / embedding with its sha256 and strengths
             xmp = xmp_packet(meta)
-            data, infotext = encode_within_cap(
-                image, spec.out_format, lambda q, p=result.parameters, j=job: _infotext(j, p, q), xmp, spec.out_max_kb
-            )
+            qualities: list[int | None] = []
+
+            def infotext_for(q: int | None, p: dict = result.parameters, j: RenderJob = job) -> str:
+                qualities.append(q)
+                return _infotext(j, p, q)
+
+            data, infotext = encode_within_cap(image, spec.out_format, infotext_for, xmp, spec.out_max_kb)
+            error = changed = None
+            if layer is not None:
+                error, changed = check_product(data, spec.out_format, qualities[-1], layer)
+                if changed:
+                    log.warning("variant %s: the delivered file's product region differs from the packshot (mean %.2f)",
+                                job.variant_id, error)
             t2 = time.perf_counter()
             stored = retry_call(store.put, job.storage_key, data, CONTENT_TYPES[spec.out_format])
             timings["postprocess"] += t2 - t1
             timings["store"] += time.perf_counter() - t2
             records.append(AssetRecord(job.variant_id, stored, spec.out_format, spec.out_width, spec.out_height, infotext,
-                                       per_image))
+                                       per_image, product_error=error, product_changed=changed,
+                                       product_outline=None if layer is None else outline(layer)))
         except Exception as exc:
             log.exception("variant %s failed after rendering", job.variant_id)
             _fail(db, [job], run_id, f"{type(exc).__name__}: {exc}", counts, on_event)

@@ -19,6 +19,7 @@ Defaults need no setup: a SQLite file and an asset folder under ``./adforge-data
     model_dirs = ["models", "/srv/checkpoints"]   # where a brief's ``model`` column may point
     lora_dir = "models/loras"            # <lora:NAME:weight> in prompts: NAME.safetensors here
     embeddings_dir = "models/embeddings" # textual-inversion embeddings, used by writing their name in a prompt
+    controlnet_dir = "models/controlnet" # ControlNets for briefs' control_image rows, chosen by type word
     brief_max_rows = 20000   # and the other brief_max_* caps (flows/brief_limits.py)
 """
 
@@ -50,6 +51,7 @@ ENV_VARS = {
     "allow_any_model_path": "ADFORGE_ALLOW_ANY_MODEL_PATH",
     "lora_dir": "ADFORGE_LORA_DIR",
     "embeddings_dir": "ADFORGE_EMBEDDINGS_DIR",
+    "controlnet_dir": "ADFORGE_CONTROLNET_DIR",
 }
 _LIMITS = BriefLimits()
 
@@ -90,6 +92,9 @@ class Settings:
     # brief cannot reach other files); relative to where adforge runs.
     lora_dir: str = "models/loras"
     embeddings_dir: str = "models/embeddings"
+    # Where a brief row's ControlNet is found for its control_type (engine.control_library); the one shipped beside
+    # the bundled model is found after it.
+    controlnet_dir: str = "models/controlnet"
     # Caps on a brief, checked while it is read (flows/brief_limits.py says what each counts).
     brief_max_bytes: int = _LIMITS.max_bytes
     brief_max_xlsx_bytes: int = _LIMITS.max_xlsx_bytes

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from storage.review_schema import ABResult, RerenderRequest, ReviewSettings, ReviewState
 from storage.schema import Asset, Brief, BriefRowRecord, Campaign, ModelRecord, PromptRecord, Run, Variant
-from storage.variants import describe_adapters, with_joins
+from storage.variants import describe_adapters, parse_inputs, with_joins
 
 __all__ = [
     "Card",
@@ -187,6 +187,8 @@ class Card:
     status: str
     starred: bool
     group: str | None
+    product_changed: bool | None = None  # a packshot variant whose delivered product pixels differ (must not)
+    product_outline: str | None = None  # SVG path data in the file's pixels
 
 
 @dataclass
@@ -211,6 +213,7 @@ def gallery(s: Session, campaign_id: int, filters: Filters, needed: int) -> Gall
             Variant.id, Asset.id, Variant.row_id, BriefRowRecord.row_key, Variant.channel, Variant.variant_index,
             PromptRecord.template, ModelRecord.id, ModelRecord.name, Variant.seed, Asset.width, Asset.height, Asset.format,
             PromptRecord.prompt, _status(), func.coalesce(ReviewState.starred, False), ReviewState.ab_group,
+            Asset.product_changed, Asset.product_outline,
         ), campaign_id)
         .order_by(BriefRowRecord.row_key, Variant.row_id, Variant.channel, Variant.variant_index, Variant.id)
     )
@@ -278,6 +281,25 @@ def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+def _inputs(text: str, asset: Asset) -> dict[str, Any]:
+    """A variant's input images for people: the product (file, hashes, placement, and how its delivered pixels
+    compare with the packshot) and the ControlNet layout."""
+    try:
+        inputs = parse_inputs(text)
+    except ValueError:
+        return {"unreadable": text[:80]}
+    out: dict[str, Any] = {}
+    if inputs.product is not None:
+        p = inputs.product
+        out["product"] = {"file": p.file, "sha256": p.image, "mask_sha256": p.mask, "placement": p.placement,
+                          "error": asset.product_error, "changed": asset.product_changed}
+    if inputs.control is not None:
+        c = inputs.control
+        out["control"] = {"file": c.file, "sha256": c.image, "type": c.type, "model": c.model_name, "model_sha256": c.model,
+                          "strength": c.strength, "start": c.start, "end": c.end}
+    return out
+
+
 def variant_detail(s: Session, variant_id: int) -> dict[str, Any] | None:
     """Everything the detail panel shows (and the audit export reuses): settings, model, row, run, review state."""
     found = s.execute(
@@ -317,6 +339,7 @@ def variant_detail(s: Session, variant_id: int) -> dict[str, Any] | None:
         "format": variant.out_format,
         "postprocess": variant.postprocess,
         "adapters": describe_adapters(s, variant.adapters),
+        "inputs": _inputs(variant.inputs, asset),
         "model": {"id": model.id, "name": model.name, "path": model.path, "sha256": model.sha256, "hash": model.short_hash,
                   "family": model.family, "license": model.license, "commercial_use": model.commercial_use},
         "asset": {"key": asset.storage_key, "url": asset.store_url, "sha256": asset.sha256, "bytes": asset.size_bytes,

@@ -195,6 +195,9 @@ class Variant(Base):
     # The LoRAs (with strengths) and embeddings it renders with, each pinned by its file's sha256, as canonical JSON
     # (storage.variants.adapters_text); "" = none. Each file has its row in ``models`` (kind lora | embedding).
     adapters: Mapped[str] = mapped_column(Text, default="", server_default=text("''"))
+    # The images the brief hands the engine (product packshot and mask with its placement, ControlNet layout with
+    # its model), each pinned by sha256, as canonical JSON (storage.variants.inputs_text); "" = none.
+    inputs: Mapped[str] = mapped_column(Text, default="", server_default=text("''"))
     storage_key: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default="planned", index=True)  # planned | done | failed
     error: Mapped[str | None] = mapped_column(Text)
@@ -237,6 +240,13 @@ class Asset(Base):
     height: Mapped[int] = mapped_column(Integer)
     infotext: Mapped[str] = mapped_column(Text)
     render_seconds: Mapped[float | None] = mapped_column(Float)
+    # For a variant with a product packshot: the mean absolute difference (0-255) between the delivered file's
+    # decoded product pixels and the packshot's (0 for a PNG that kept it), and whether that is more than the file's
+    # encoder explains (flows.product_check); both None for no packshot.
+    product_error: Mapped[float | None] = mapped_column(Float)
+    product_changed: Mapped[bool | None] = mapped_column(Boolean)
+    # The product's outline as SVG path data in the file's pixels (engine.packshot.outline), for the gallery.
+    product_outline: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     variant: Mapped[Variant] = relationship(back_populates="asset")

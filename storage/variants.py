@@ -29,7 +29,7 @@ from storage.image_metadata import EXTENSIONS
 from storage.review_schema import ReviewState
 from storage.schema import Asset, Brief, BriefRowRecord, Campaign, ModelRecord, PromptRecord, Variant
 
-__all__ = ["AdapterPin", "ModelRef", "adapters_text", "describe_adapters", "parse_adapters", "StoredVariant", "VariantSpec", "load_variants", "spec_from_rows", "with_joins"]
+__all__ = ["ControlPin", "ProductPin", "VariantInputs", "inputs_text", "parse_inputs", "AdapterPin", "ModelRef", "adapters_text", "describe_adapters", "parse_adapters", "StoredVariant", "VariantSpec", "load_variants", "spec_from_rows", "with_joins"]
 
 _SAME = object()  # metadata default: "same as the field's name"
 
@@ -71,6 +71,8 @@ class VariantSpec:
     # LoRAs and embeddings, pinned by sha256 (canonical JSON, see :func:`adapters_text`); "" = none, which keeps the
     # identity of every variant planned before adapters existed.
     adapters: str = _setting("adapters", default="", since_default=True)
+    # The images the brief hands the engine, pinned by sha256 (canonical JSON, see :func:`inputs_text`); "" = none.
+    inputs: str = _setting("inputs", default="", since_default=True)
 
     # ------------------------------------------------------------------ identity
 
@@ -191,6 +193,70 @@ def describe_adapters(session, text: str) -> list[dict[str, Any]]:
                     "family": m.family if m else None, "license": m.license if m else None,
                     "commercial_use": m.commercial_use if m else None})
     return out
+
+
+@dataclass(frozen=True)
+class ProductPin:
+    """A row's product packshot: the image (and mask) by sha256 and file suffix, the name the brief gave it, and
+    the canonical placement (engine.packshot.Placement)."""
+
+    image: str
+    suffix: str
+    file: str
+    placement: str
+    mask: str | None = None
+    mask_suffix: str | None = None
+
+
+@dataclass(frozen=True)
+class ControlPin:
+    """A row's ControlNet layout: the image by sha256 and suffix, the name the brief gave it, its type, and the
+    ControlNet model (sha256, name) with its weight and step window."""
+
+    image: str
+    suffix: str
+    file: str
+    type: str
+    model: str
+    model_name: str
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
+@dataclass(frozen=True)
+class VariantInputs:
+    product: ProductPin | None = None
+    control: ControlPin | None = None
+
+    def __bool__(self) -> bool:
+        return self.product is not None or self.control is not None
+
+
+def inputs_text(inputs: VariantInputs) -> str:
+    """The canonical text of a variant's input images (its ``inputs`` setting): "" for none, else compact JSON with
+    sorted keys."""
+    if not inputs:
+        return ""
+    out: dict[str, Any] = {}
+    if inputs.product is not None:
+        out["product"] = {k: v for k, v in asdict(inputs.product).items() if v is not None}
+    if inputs.control is not None:
+        out["control"] = asdict(inputs.control)
+    return json.dumps(out, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def parse_inputs(text: str) -> VariantInputs:
+    """The inputs of an ``inputs`` text (ValueError if it is not one :func:`inputs_text` wrote)."""
+    if not text:
+        return VariantInputs()
+    try:
+        data = json.loads(text)
+        product = ProductPin(**data["product"]) if "product" in data else None
+        control = ControlPin(**data["control"]) if "control" in data else None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"unreadable inputs record {text[:80]!r}: {exc}") from None
+    return VariantInputs(product, control)
 
 
 _PAIRED = frozenset(f.metadata["identity"] for f in fields(VariantSpec)

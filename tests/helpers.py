@@ -126,13 +126,21 @@ def batched_device_with_latent_cap(cap: int) -> None:
 
 def templates_with(tmp_path: Path, channels: dict[str, tuple[int, int, str | None]]) -> Path:
     """A copy of the project's templates with extra channels: name -> (width, height, upscale chain or None)."""
+    text = ""
+    for name, (w, h, chain) in channels.items():
+        text += f"  {name}:\n    width: {w}\n    height: {h}\n    format: jpeg\n    max_kb: 8192\n    template: vertical\n"
+        if chain is not None:
+            text += f"    upscale: \"{chain}\"\n"
+    return templates_with_channels(tmp_path, text)
+
+
+def templates_with_channels(tmp_path: Path, channels_yaml: str) -> Path:
+    """A copy of the project's templates in ``tmp_path / "templates"`` with ``channels_yaml`` (entries indented under
+    ``channels:``) added to channels.yaml."""
     import shutil
 
     templates = tmp_path / "templates"
     shutil.copytree(ROOT / "templates", templates)
     with open(templates / "channels.yaml", "a", encoding="utf-8") as f:
-        for name, (w, h, chain) in channels.items():
-            f.write(f"  {name}:\n    width: {w}\n    height: {h}\n    format: jpeg\n    max_kb: 8192\n    template: vertical\n")
-            if chain is not None:
-                f.write(f"    upscale: \"{chain}\"\n")
+        f.write(channels_yaml)
     return templates

@@ -92,10 +92,15 @@ def hires_requests(first: Sequence[GenerationResult], fix: Hires, upscaler: Mode
                 raise ValueError("a latent hires fix needs the first pass's latents")
             mode = "nearest" if fix.upscaler == "latent-nearest" else "bilinear"
             latent = _upscale_latent(res.latents, (h // factor, w // factor), mode)
-            out.append(replace(r, init_image=None, init_latent=latent, **common))
+            second = replace(r, init_image=None, init_latent=latent, **common)
         else:
             image = _upscale_pixels(res.image, (w, h), fix, upscaler)
-            out.append(replace(r, init_image=image, init_latent=None, **common))
+            second = replace(r, init_image=image, init_latent=None, **common)
+        if second.tiled and second.controls:
+            # The first pass laid the composition out; a tiled second pass only refines it, and ControlNets do not
+            # run on tiles, so it goes without them rather than fail.
+            second = replace(second, controls=())
+        out.append(second)
     return out
 
 
