@@ -667,3 +667,30 @@ def test_a_prompt_with_script_renders_as_text(tab: Tab, serve: Callable[..., Liv
     page.wait_for_timeout(200)  # give any stray handler a moment to fire
     assert tab.dialogs == []
     assert page.evaluate("document.querySelectorAll('script:not([src])').length") == 0
+
+
+# ------------------------------------------------------------------------------------------------ packshots
+
+
+def test_a_packshot_outline_shows_on_hover_and_a_changed_product_is_flagged(tab: Tab, serve: Callable[..., Live]) -> None:
+    from playwright.sync_api import expect
+
+    from storage.schema import Asset
+
+    live = serve()
+    w = live.world
+    kept, changed = w.variants[("hero-01", "instagram_square")][:2]
+    with w.db.session() as s:
+        for vid, flag in ((kept, False), (changed, True)):
+            asset = s.scalar(select(Asset).where(Asset.variant_id == vid))
+            asset.product_error, asset.product_changed = (31.5 if flag else 0.0), flag
+            asset.product_outline = "M20 15 L60 15 L60 90 L20 90 Z"
+    tab.sign_in("rita", f"/campaigns/{w.campaign_id}/gallery")
+    tab.wait_ready()
+    visibility = f"getComputedStyle(document.querySelector('#variant-{kept} .product-outline')).visibility"
+    assert tab.page.evaluate(visibility) == "hidden"
+    card(tab, kept).hover()
+    tab.until(f"{visibility} === 'visible'")
+    tab.shot("01-outline-on-hover")
+    expect(card(tab, changed).locator('[data-field="product-changed"]')).to_have_text("product changed")
+    expect(card(tab, kept).locator('[data-field="product-changed"]')).to_have_count(0)
