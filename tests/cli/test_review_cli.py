@@ -190,6 +190,19 @@ def test_export_names_are_capped_and_stay_unique(sqlite_db_url: str, tmp_path: P
     assert {m["row"] for m in manifest} == {long_a, long_b}  # the manifest keeps the full row id
 
 
+def _drop_access_log_files() -> None:
+    """The app was built but never served, so its shutdown never took its access-log file off the process-wide logger:
+    do it here, or later tests would log into this test's (deleted) folder."""
+    import logging
+
+    from review.middleware import ACCESS_LOGGER
+
+    logger = logging.getLogger(ACCESS_LOGGER)
+    for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+        logger.removeHandler(handler)
+        handler.close()
+
+
 def test_gallery_limits_come_from_the_config_file(world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     w, db_url, store_url = world
     served = {}
@@ -204,6 +217,7 @@ def test_gallery_limits_come_from_the_config_file(world, tmp_path: Path, monkeyp
     assert cfg.access_log == str(tmp_path / "access.log")
     assert served["app"].state.samplers.resolve("euler_a") == "Euler a"
     served["app"].state.db.dispose()
+    _drop_access_log_files()
     config.write_text('[adforge]\nsteps = 20\n\n[gallery]\nmax_body_byte = 1\n')
     r = invoke("gallery", "--db", db_url, "--store", store_url, "--config", str(config))
     assert r.exit_code == 2 and "unknown gallery setting(s) max_body_byte" in r.stderr
