@@ -1,5 +1,6 @@
 """``adforge train``: brand training from a folder of product photos (``lora``: a LoRA; ``embedding``: a
-textual-inversion embedding; ``dreambooth``: a fine-tuned checkpoint) and training the bundled demo model (``demo``).
+textual-inversion embedding; ``dreambooth``: a fine-tuned checkpoint) and training the bundled demo model (``demo``)
+and its layout ControlNet (``controlnet``).
 
 The brand commands call :func:`flows.training.run_training` directly, the same function the ``brand-training``
 Prefect deployment runs on a GPU worker, so both paths check, train, resume, export and register alike. Each command
@@ -17,7 +18,8 @@ from rich.markup import escape
 from cli.errors import console, fail, rejected
 from cli.options import ConfigOpt, DbOpt
 
-__all__ = ["app", "train_demo_command", "train_dreambooth_command", "train_embedding_command", "train_lora_command"]
+__all__ = ["app", "train_controlnet_command", "train_demo_command", "train_dreambooth_command", "train_embedding_command",
+           "train_lora_command"]
 
 app = typer.Typer(no_args_is_help=True, help="Training: brand LoRAs, embeddings and DreamBooth checkpoints from "
                                              "product photos; the bundled demo model.")
@@ -49,6 +51,29 @@ def train_demo_command(
     except ValueError as exc:
         raise fail(exc, 2) from None
     typer.echo(f"{out} ({report['total_seconds']:.0f} s)")
+
+
+@app.command("controlnet")
+def train_controlnet_command(
+    out: Annotated[Path, typer.Option(help="Where to write the ControlNet.")] = Path(
+        "models/controlnet/adforge-demo-scribble.safetensors"),
+    state_dir: Annotated[
+        Path | None, typer.Option(help="Resumable training state; a killed run started again continues. Default: "
+                                       "models/.demo-train/controlnet-state")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Override the recipe's steps (smoke runs).")] = None,
+    scenes: Annotated[int | None, typer.Option(min=1, help="Override the recipe's scene count (smoke runs).")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 1,
+) -> None:
+    """Train the bundled model's layout ControlNet (scribble: outline sketch -> scene) from demo/controlnet_recipe.yaml."""
+    from demo.controlnet_train import DEFAULT_STATE, train_demo_controlnet
+
+    try:
+        report = train_demo_controlnet(out, state_dir=state_dir or DEFAULT_STATE, steps=steps, scenes=scenes,
+                                       threads=threads, log=lambda m: console.print(m, soft_wrap=True, markup=False))
+    except ValueError as exc:
+        raise fail(exc, 2) from None
+    typer.echo(f"{out} ({report['wall_seconds']:.0f} s)")
 
 
 def _train(job, what: str) -> None:

@@ -1,6 +1,7 @@
-"""The example packshot campaign (examples/briefs/product-launch.csv) end to end on the bundled model, on a local
-folder with SQLite and on S3 with PostgreSQL: every delivered file holds the packshot (read back here from the file)
-and a second run renders nothing."""
+"""The example packshot campaign (examples/briefs/product-launch.csv: packshots, and a row with a layout sketch)
+end to end on the bundled model and the ControlNet shipped beside it, on a local folder with SQLite and on S3 with
+PostgreSQL: every delivered file holds the packshot (read back here from the file), the sketched row is steered by
+the ControlNet, and a second run renders nothing."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def test_the_example_packshot_campaign(backend: str, tmp_path, campaign_caches, 
     summary = campaign_run(str(BRIEF), overrides=overrides)
     assert summary["status"] == "completed" and summary["counts"]["failed"] == 0, summary
     rendered = summary["counts"]["rendered"]
-    assert rendered >= 8
+    assert rendered == 10
     channels = load_channels()
     db = open_database(db_url)
     store = open_store(store_url)
@@ -44,11 +45,16 @@ def test_the_example_packshot_campaign(backend: str, tmp_path, campaign_caches, 
         rows = s.execute(select(Variant, Asset).join(Asset, Asset.variant_id == Variant.id)).all()
     db.dispose()
     assert len(rows) == rendered
+    sketched = 0
     for variant, asset in rows:
-        product = parse_inputs(variant.inputs).product
-        if product is None:
-            continue
+        inputs = parse_inputs(variant.inputs)
+        product = inputs.product
+        assert product is not None
         data = store.get(asset.storage_key)
+        if inputs.control is not None:  # the row with a layout sketch, steered by the ControlNet shipped beside the model
+            sketched += 1
+            assert (inputs.control.type, inputs.control.model_name) == ("scribble", "adforge-demo-scribble")
+            assert "Module: scribble, Model: adforge-demo-scribble" in read_image_metadata(data)[0]
         packshot = packshot_rgba(Image.open(BRIEF.parent / product.file))
         canvas = (channels[variant.channel].width, channels[variant.channel].height)
         want, opaque, _ = _expected(packshot, canvas, product.placement)
@@ -60,4 +66,5 @@ def test_the_example_packshot_campaign(backend: str, tmp_path, campaign_caches, 
         encoder = np.abs(np.asarray(Image.open(buf).convert("RGB"))[opaque].astype(int) - want[opaque]).mean()
         assert np.abs(delivered[opaque].astype(int) - want[opaque]).mean() < encoder + 3, (variant.channel, product.placement)
         assert asset.product_changed is False
+    assert sketched == 2
     assert campaign_run(str(BRIEF), overrides=overrides)["counts"]["rendered"] == 0
