@@ -106,7 +106,7 @@ class StoreSource:
         if name.startswith("/") or joined.startswith("..") or (self.prefix and not (joined + "/").startswith(self.prefix + "/")):
             raise InputError(f"{quoted(name)} is outside the brief's prefix {self.prefix or '(the store root)'}")
         try:
-            data = self.store.get(joined)
+            data = self.store.get(joined, max_bytes=max_bytes)  # never more than the cap in memory
         except KeyError:
             raise InputError(f"{quoted(name)} not found (looked for {joined} in {self.store.url})") from None
         except Exception as exc:  # the store's own errors (S3 client errors) name the object; keep it one line

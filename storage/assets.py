@@ -51,7 +51,7 @@ class AssetStore(Protocol):
 
     def put(self, key: str, data: bytes, content_type: str) -> StoredAsset: ...
 
-    def get(self, key: str) -> bytes: ...
+    def get(self, key: str, max_bytes: int | None = None) -> bytes: ...
 
     def exists(self, key: str) -> bool: ...
 
@@ -142,10 +142,13 @@ class LocalAssetStore:
         write_atomic(path, data)
         return self._asset(key, path, len(data), digest)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; with ``max_bytes``, at most ``max_bytes + 1`` of them (a caller capping what it reads
+        sees that it was over without holding all of it)."""
         path = self._path(key)
         try:
-            return path.read_bytes()
+            with open(path, "rb") as f:
+                return f.read() if max_bytes is None else f.read(max_bytes + 1)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise KeyError(key) from None
 
@@ -281,7 +284,8 @@ class S3AssetStore:
         )
         return self._asset(key, len(data), digest)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; with ``max_bytes``, at most ``max_bytes + 1`` of them, read from the stream."""
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
         except Exception as e:
@@ -289,7 +293,7 @@ class S3AssetStore:
                 raise KeyError(key) from None
             raise
         with response["Body"] as body:
-            return body.read()
+            return body.read() if max_bytes is None else body.read(max_bytes + 1)
 
     def exists(self, key: str) -> bool:
         return self._head(key) is not None

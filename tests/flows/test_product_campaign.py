@@ -219,3 +219,26 @@ def test_an_s3_inbox_brief_finds_its_packshot_under_its_prefix(tmp_path: Path, t
     for a in pngs:
         delivered = np.asarray(Image.open(io.BytesIO(open_store(store_url).get(a.storage_key))).convert("RGB"))
         assert np.array_equal(delivered[opaque], want[opaque])
+
+
+def test_input_reads_stop_at_the_cap_on_every_store(tmp_path: Path, s3_endpoint: str, s3_bucket: str) -> None:
+    """An oversized image is refused having read at most the cap plus one byte, from a folder or from S3, and a
+    path may not climb out of the brief's folder or prefix."""
+    from flows.input_images import FolderSource, InputError, StoreSource
+
+    big = bytes(range(256)) * 20  # 5,120 bytes
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "big.png").write_bytes(big)
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    client.put_object(Bucket=s3_bucket, Key="inbox/big.png", Body=big)
+    s3 = open_store(f"s3://{s3_bucket}/inbox?endpoint_url={s3_endpoint}")
+    local = open_store(str(tmp_path / "in"))
+    for store in (s3, local):
+        assert store.get("big.png", max_bytes=1000) == big[:1001]
+        assert store.get("big.png") == big
+        with pytest.raises(InputError, match="more than"):
+            StoreSource(store, "").read("big.png", max_bytes=1000)
+        with pytest.raises(InputError, match="outside the brief's prefix"):
+            StoreSource(store, "").read("../secret.png", max_bytes=1000)
+    with pytest.raises(InputError, match="MiB"):
+        FolderSource(tmp_path / "in").read("big.png", max_bytes=1000)
