@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import campaign, generate, models, review, train, users
+from cli import brand, campaign, generate, models, review, train, users
 
 __all__ = ["app"]
 
@@ -29,6 +29,7 @@ app.add_typer(users.app, name="users")
 app.add_typer(review.results_app, name="results")
 app.add_typer(review.audit_app, name="audit")
 app.add_typer(train.app, name="train")
+app.add_typer(brand.app, name="brand")
 
 
 if __name__ == "__main__":

@@ -270,8 +270,8 @@ def plan(
 
 
 def _inputs_text(v) -> str:
-    """The row's packshot and layout, as a plan line's tail."""
-    from storage.variants import parse_inputs
+    """The row's packshot, layout and brand overlay, as a plan line's tail."""
+    from storage.variants import parse_inputs, parse_overlay
 
     inputs = parse_inputs(v.spec.inputs)
     parts = []
@@ -280,6 +280,9 @@ def _inputs_text(v) -> str:
     if (c := inputs.control) is not None:
         parts.append(f"{c.type} layout {_shown(c.file)} ({c.image[:10]}) via ControlNet {_shown(c.model_name)} "
                      f"weight {c.strength:g}")
+    if (o := parse_overlay(v.spec.overlay)) is not None:
+        texts = "; ".join(f"{k} {_shown(t)!r}" for k, t in (("headline", o.headline), ("body", o.body), ("cta", o.cta)) if t)
+        parts.append(f"brand {_shown(o.brand)} ({o.kit[:10]}, layout {o.layout}" + (f": {texts})" if texts else ")"))
     return "".join(", " + part for part in parts)
 
 

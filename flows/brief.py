@@ -35,6 +35,7 @@ optional
                          depth, pose (used as it is).
     ``control_strength`` the ControlNet's weight (default 1), ``control_start`` / ``control_end`` the share of the
                          sampling steps it acts on (default 0 and 1).
+    ``brand``, ``headline``, ``body``, ``cta``  a brand kit and the copy its overlay draws (:mod:`flows.brand.cells`).
 
 Image files are read and checked when the brief is planned (:mod:`flows.input_images`), not here.
 
@@ -75,6 +76,7 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flows.brand.cells import BRAND_COLUMNS, COPY_COLUMNS, BrandCells, check_brand, copy_without_brand
 from flows.brief_inputs import CONTROL_COLUMNS, CONTROL_TYPES, PRODUCT_COLUMNS, ControlCell, check_control, check_product
 from flows.brief_limits import COLUMN_LENGTHS, BriefLimits, RecordGuard, setting, too_big
 from flows.brief_problems import BriefError, BriefProblem
@@ -112,6 +114,7 @@ OPTIONAL_COLUMNS: tuple[str, ...] = (
     "license",
     *PRODUCT_COLUMNS,
     *CONTROL_COLUMNS,
+    *BRAND_COLUMNS,
 )
 LICENSES: tuple[str, ...] = ("commercial", "any")
 DEFAULT_LICENSE = "commercial"
@@ -156,6 +159,7 @@ class BriefRow:
     product_mask: str = ""
     placement: str = ""  # canonical ANCHOR:SCALE:MARGIN:SHADOW, or "" for the channel's default
     control: ControlCell | None = None
+    brand: BrandCells = BrandCells()  # a brand kit (templates/brands/) and the copy its overlay draws
 
 
 @dataclass
@@ -387,6 +391,8 @@ def read_brief(
         problems.extend(row_problems)
         if not row_problems and row is not None:
             candidates.append(row)
+            if warning := copy_without_brand(row.brand.brand, values):
+                warnings.append(BriefProblem(file, line, *warning))
 
     _check_total(candidates, file, limits)
     if strict and problems:
@@ -469,12 +475,15 @@ def _check_row(values: dict[str, str], line: int, bad, known: set[str] | None, l
         seed=derive_seed(values["campaign"], values["row_id"]) if seed is None else seed,
         model=values.get("model", "") or None,
         license=licence,
-        extra={k: v for k, v in values.items() if k not in REQUIRED_COLUMNS and k not in OPTIONAL_COLUMNS},
+        # The copy columns stay template variables too (a prompt may say what the headline says).
+        extra={k: v for k, v in values.items()
+               if k not in REQUIRED_COLUMNS and (k not in OPTIONAL_COLUMNS or k in COPY_COLUMNS)},
         line=line,
         product_image=product_image,
         product_mask=product_mask,
         placement=placement,
         control=control,
+        brand=check_brand(values, bad),
     )
 
 

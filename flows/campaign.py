@@ -184,7 +184,8 @@ def _worth_retrying(_task, _task_run, state) -> bool:
 def render_batch(run_id: int, variant_ids: list[int], settings: Settings) -> RenderCounts:
     db, store = open_resources(settings)
     counts = render_variants(variant_ids, db=db, store=store, run_id=run_id, device=settings.device,
-                             dtype=settings.dtype, batch_size=settings.batch_size, on_event=_emit)
+                             dtype=settings.dtype, batch_size=settings.batch_size, on_event=_emit,
+                             templates_dir=settings.templates_dir)
     _emit("skipped", counts.skipped)
     return counts
 
@@ -196,7 +197,8 @@ def render_on_devices(run_id: int, batches: list[list[int]], settings: Settings)
     specs = plan_workers(settings.devices, settings.device)
     size = settings.batch_size
     units = [batch[i : i + size] for batch in batches for i in range(0, len(batch), size)]
-    config = PoolConfig(db_url=settings.db_url, store_url=settings.store_url, dtype=settings.dtype, batch_size=size)
+    config = PoolConfig(db_url=settings.db_url, store_url=settings.store_url, dtype=settings.dtype, batch_size=size,
+                        templates_dir=settings.templates_dir)
     with DevicePool(specs, config) as pool:
         result = pool.run(run_id, units, on_event=_emit)
     log.info("run %s on %s: %s units per worker, %d re-queued after a worker died, %d out-of-memory halvings", run_id,

@@ -129,6 +129,7 @@ class PoolConfig:
     store_url: str
     dtype: str = "auto"
     batch_size: int = 4
+    templates_dir: str | None = None  # brand kits for overlays (None: the project's templates/)
     # Called once in each worker before it renders (a picklable top-level function or partial): where a caller
     # sets up what a worker process needs beyond the engine, e.g. a test that gives the device less memory.
     worker_init: Callable[[], None] | None = None
@@ -174,7 +175,7 @@ def _worker_main(conn: Connection, spec: WorkerSpec, config: PoolConfig, env: di
         conn.send(("started", index, None))
         try:
             counts = render_variants(ids, db=db, store=store, run_id=run_id, device=spec.device, dtype=config.dtype,
-                                     batch_size=config.batch_size,
+                                     batch_size=config.batch_size, templates_dir=config.templates_dir,
                                      on_event=lambda event, n, i=index: conn.send(("event", i, (event, n))))
             conn.send(("done", index, counts))
         except Exception as exc:

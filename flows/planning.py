@@ -53,6 +53,7 @@ from flows.settings import Settings
 from flows.styles import StylePreset
 from flows.templating import PromptVariant, TemplateError, render_prompts
 from flows.input_images import FolderSource, InputImage, InputSource
+from flows.brand.rows import OverlayRowProblem, RowOverlays
 from flows.row_inputs import InputProblem, RowInputs
 from storage.variants import VariantSpec
 
@@ -186,6 +187,7 @@ def plan_brief(
     plan_images: dict[str, InputImage] = {}
     adapters = PromptAdapters(settings, resolve_model)
     images = RowInputs(inputs or FolderSource(brief.path.parent), settings, resolve_model)
+    overlays = RowOverlays(settings.templates_dir)
 
     for row in brief.rows:
         refusal = _row_refusal(row, folders)
@@ -235,6 +237,7 @@ def plan_brief(
                 post, upscalers = _row_chain(chains, upscaler_files, channel, (gen_w, gen_h), resolve_model, row.license)
                 refiner = adapters.refiner(row, model)
                 variant_inputs = images.pins(row, channel, product, control)
+                overlay = overlays.pin(row, channel, images.product_box(row, channel))
                 prompt_adapters = [adapters.resolve(row, p.prompt, p.negative_prompt, model) + ((refiner,) if refiner else ())
                                    for p in prompts]
                 for i in range(row.variants):
@@ -247,7 +250,7 @@ def plan_brief(
                         steps=settings.steps, cfg_scale=settings.cfg_scale, clip_skip=settings.clip_skip,
                         gen_width=gen_w, gen_height=gen_h, out_width=channel.width, out_height=channel.height,
                         out_format=channel.format, out_max_kb=channel.max_kb, postprocess=post,
-                        adapters=pins_text(used), inputs=variant_inputs,
+                        adapters=pins_text(used), inputs=variant_inputs, overlay=overlay,
                     )
                     row_variants.append(PlannedVariant(row=row, channel=channel, prompt=prompt, model=model, spec=spec,
                                                        upscalers=upscalers, adapters=used, controlnet=controlnet))
@@ -255,7 +258,7 @@ def plan_brief(
             problems.append(BriefProblem(file, row.line, "channels", str(exc)))
             skipped.append(row)
             continue
-        except (ChainProblem, AdapterProblem, InputProblem) as exc:
+        except (ChainProblem, AdapterProblem, InputProblem, OverlayRowProblem) as exc:
             problems.append(BriefProblem(file, row.line, exc.column, str(exc)))
             skipped.append(row)
             continue

@@ -270,6 +270,8 @@ class AssetRecord:
     product_error: float | None = None  # see storage.schema.Asset.product_error / product_changed
     product_changed: bool | None = None
     product_outline: str | None = None
+    clean_key: str | None = None  # see storage.schema.Asset.clean_key / overlay
+    overlay: str | None = None
 
 
 @retry_transient()
@@ -292,7 +294,7 @@ def record_assets(db: Database, run_id: int, records: list[AssetRecord]) -> int:
                           sha256=r.stored.sha256, size_bytes=r.stored.size, format=r.fmt, width=r.width, height=r.height,
                           infotext=r.infotext, render_seconds=r.render_seconds,
                           product_error=r.product_error, product_changed=r.product_changed,
-                          product_outline=r.product_outline)
+                          product_outline=r.product_outline, clean_key=r.clean_key, overlay=r.overlay)
             s.add(asset)
             variant.status, variant.error = "done", None
             s.flush()

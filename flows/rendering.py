@@ -36,16 +36,18 @@ from engine.requests import ControlUse
 from engine.upscale.chain import Chain, ChainError, Fit, parse_chain
 from engine.upscale.networks import ModelUpscaler, UpscalerError, load_upscaler
 from engine.upscale.runner import UpscalerResolver, apply_hires, apply_pixel_steps
+from flows.brand.overlay_step import OverlayStep
 from flows.counts import RenderCounts
 from flows.product_check import check_product
 from flows.render_inputs import InputReader, control_model, controls_of, product_layer_of
 from flows.recording import AssetRecord, claim_variants, record_assets, record_failure, release_claims
 from storage.retrying import retry_call
-from storage.assets import AssetStore
+from storage.assets import AssetStore, clean_storage_key
 from storage.database import Database
 from storage.image_metadata import CONTENT_TYPES, encode_image, format_infotext, xmp_packet
 from storage.schema import ModelRecord
-from storage.variants import AdapterPin, ModelRef, VariantInputs, VariantSpec, load_variants, parse_adapters, parse_inputs
+from storage.variants import (AdapterPin, ModelRef, VariantInputs, VariantSpec, load_variants, parse_adapters, parse_inputs,
+                              parse_overlay)
 
 __all__ = ["RenderJob", "cover_resize", "encode_within_cap", "get_pipeline", "load_jobs", "parse_postprocess",
            "render_jobs", "render_variants"]
@@ -259,12 +261,17 @@ def _infotext(job: RenderJob, parameters: dict[str, str], quality: int | None) -
     if product is not None:
         params["Product"] = f"{product.file} [{product.image[:12]}]" + (f", mask [{product.mask[:12]}]" if product.mask else "")
         params["Placement"] = product.placement
+    if spec.overlay:
+        pin = parse_overlay(spec.overlay)
+        if pin is not None:
+            params["Brand"] = f"{pin.brand} [{pin.kit[:12]}]"
     params["Variant"] = job.identity[:16]
     return format_infotext(spec.prompt, spec.negative_prompt, params)
 
 
 def render_variants(variant_ids: Sequence[int], *, db: Database, store: AssetStore, run_id: int, device: str = "auto",
-                    dtype: str = "auto", batch_size: int = 8, on_event: EventFn | None = None) -> RenderCounts:
+                    dtype: str = "auto", batch_size: int = 8, on_event: EventFn | None = None,
+                    templates_dir: str | None = None) -> RenderCounts:
     """The one way variants are rendered (a campaign task, a device worker, the re-render queue, the benches):
     claim them for ``run_id``, load the jobs this run got, get the process's pipeline for their model, and
     :func:`render_jobs` them. The variants must share a model (a planned batch does). Out-of-memory halving
@@ -289,7 +296,8 @@ def render_variants(variant_ids: Sequence[int], *, db: Database, store: AssetSto
         pipeline = get_pipeline(jobs[0].model.path, jobs[0].model.sha256, device=device, dtype=dtype,
                                 max_batch_size=batch_size)
         halvings = pipeline.oom_halvings
-        counts = render_jobs(jobs, pipeline=pipeline, store=store, db=db, run_id=run_id, on_event=on_event)
+        counts = render_jobs(jobs, pipeline=pipeline, store=store, db=db, run_id=run_id, on_event=on_event,
+                             templates_dir=templates_dir)
         counts.oom_halvings += pipeline.oom_halvings - halvings
         counts.skipped += skipped
         return counts
@@ -301,11 +309,12 @@ def render_variants(variant_ids: Sequence[int], *, db: Database, store: AssetSto
 
 
 def render_jobs(jobs: Sequence[RenderJob], *, pipeline: Pipeline, store: AssetStore, db: Database, run_id: int,
-                on_event: EventFn | None = None) -> RenderCounts:
+                on_event: EventFn | None = None, templates_dir: str | None = None) -> RenderCounts:
     """Render, post-process, store and record ``jobs`` (all of one model and batch group), one engine batch
     (``pipeline.max_batch_size`` images) at a time, so progress and records follow each batch.
 
     Returns the counts (rendered / failed / skipped) and the seconds spent per stage, which the run adds up.
+    ``templates_dir``: where brand kits are found for variants with an overlay (None: the project's templates/).
 
     A failure of the engine fails that batch's variants; a failure while encoding or storing one image fails that
     variant only. Such failures are recorded and counted, not raised: one bad asset does not stop a run.
@@ -314,7 +323,7 @@ def render_jobs(jobs: Sequence[RenderJob], *, pipeline: Pipeline, store: AssetSt
     counts = RenderCounts(skipped=len(jobs) - len(todo))
     size = max(1, pipeline.max_batch_size)
     for i in range(0, len(todo), size):
-        _render_batch(todo[i : i + size], pipeline, store, db, run_id, counts, on_event)
+        _render_batch(todo[i : i + size], pipeline, store, db, run_id, counts, on_event, OverlayStep(templates_dir))
     return counts
 
 
@@ -376,7 +385,7 @@ def _attach_refiner(pipeline: Pipeline, jobs: Sequence[RenderJob]) -> None:
 
 
 def _render_batch(todo: Sequence[RenderJob], pipeline: Pipeline, store: AssetStore, db: Database, run_id: int,
-                  counts: RenderCounts, on_event: EventFn | None) -> None:
+                  counts: RenderCounts, on_event: EventFn | None, overlays: OverlayStep) -> None:
     timings = counts.seconds
     t0 = time.perf_counter()
     requests: list[GenerationRequest] = []
@@ -425,6 +434,9 @@ def _render_batch(todo: Sequence[RenderJob], pipeline: Pipeline, store: AssetSto
             layer = layers[k]
             if layer is not None:
                 image = finish(image, layer, Placement.parse(job.inputs.product.placement).shadow)  # type: ignore[union-attr]
+            clean, overlay = image, None
+            if spec.overlay:
+                image, overlay = overlays.apply(image, spec, None if layer is None else layer.box)
             meta = {"Model": job.model.name, "ModelSHA256": job.model.sha256, "VariantIdentity": job.identity}
             if spec.inputs:
                 meta["Inputs"] = spec.inputs  # every input image with its sha256, placement, control settings
@@ -432,13 +444,19 @@ def _render_batch(todo: Sequence[RenderJob], pipeline: Pipeline, store: AssetSto
                 meta["Postprocess"] = spec.postprocess
             if spec.adapters:
                 meta["Adapters"] = spec.adapters  # every LoRA / embedding with its sha256 and strengths
-            xmp = xmp_packet(meta)
             qualities: list[int | None] = []
 
             def infotext_for(q: int | None, p: dict = result.parameters, j: RenderJob = job) -> str:
                 qualities.append(q)
                 return _infotext(j, p, q)
 
+            clean_key = None
+            if overlay is not None:  # the picture without the overlay, stored first, beside the delivered file
+                clean_data, _ = encode_within_cap(clean, spec.out_format, infotext_for, xmp_packet(meta), spec.out_max_kb)
+                clean_key = clean_storage_key(job.storage_key)
+                retry_call(store.put, clean_key, clean_data, CONTENT_TYPES[spec.out_format])
+                meta["Overlay"] = spec.overlay  # the brand kit's sha256 and the copy drawn
+            xmp = xmp_packet(meta)
             data, infotext = encode_within_cap(image, spec.out_format, infotext_for, xmp, spec.out_max_kb)
             error = changed = None
             if layer is not None:
@@ -452,7 +470,8 @@ def _render_batch(todo: Sequence[RenderJob], pipeline: Pipeline, store: AssetSto
             timings["store"] += time.perf_counter() - t2
             records.append(AssetRecord(job.variant_id, stored, spec.out_format, spec.out_width, spec.out_height, infotext,
                                        per_image, product_error=error, product_changed=changed,
-                                       product_outline=None if layer is None else outline(layer)))
+                                       product_outline=None if layer is None else outline(layer),
+                                       clean_key=clean_key, overlay=overlay))
         except Exception as exc:
             log.exception("variant %s failed after rendering", job.variant_id)
             _fail(db, [job], run_id, f"{type(exc).__name__}: {exc}", counts, on_event)

@@ -106,7 +106,7 @@ def rerender_queue(overrides: dict | None = None, config: str | None = None, lim
         try:
             target = _variant_for(db, request_id, request_settings, run_id)
             result = render_variants([target.variant_id], db=db, store=store, run_id=run_id, device=settings.device,
-                                     dtype=settings.dtype, batch_size=1)
+                                     dtype=settings.dtype, batch_size=1, templates_dir=settings.templates_dir)
             if result.skipped:
                 counts["reused"] += 1
                 _finish_request(db, request_id, "done", target.variant_id, None)

@@ -48,7 +48,8 @@ class RowInputs:
         self.folders = controlnet_folders(settings)
         self.resolve_model = resolve_model
         self._files: dict[str, InputImage | InputError] = {}
-        self._products: dict[tuple[str, str | None], str | None] = {}
+        self._products: dict[tuple[str, str | None], tuple[int, int] | str] = {}  # trimmed size, or the problem
+        self._product_sizes: dict[tuple[str, int], tuple[int, int]] = {}
         self._controlnets: dict[tuple[str, str], ModelInfo | str] = {}
         self._described: dict[Path, ModelInfo | str] = {}
         self._used: dict[tuple[str, int], list[InputImage]] = {}
@@ -79,14 +80,24 @@ class RowInputs:
         key = (image.sha256, None if mask is None else mask.sha256)
         if key not in self._products:
             try:
-                packshot_rgba(image.open(), None if mask is None else mask.open())
-                self._products[key] = None
+                self._products[key] = packshot_rgba(image.open(), None if mask is None else mask.open()).size
             except PlacementError as exc:
                 self._products[key] = f"{quoted(row.product_mask or row.product_image)}: {exc}"
-        if (problem := self._products[key]) is not None:
+        if isinstance(problem := self._products[key], str):
             raise InputProblem(problem, "product_mask" if mask is not None else "product_image")
+        self._product_sizes[(row.row_id, row.line)] = problem
         return {"image": image.sha256, "suffix": image.suffix, "file": image.name,
                 "mask": None if mask is None else mask.sha256, "mask_suffix": None if mask is None else mask.suffix}
+
+    def product_box(self, row: BriefRow, channel: ChannelFormat) -> tuple[int, int, int, int] | None:
+        """Where the row's product lands on ``channel``'s delivered canvas (after :meth:`product`), or None."""
+        from engine.packshot import Placement
+
+        size = self._product_sizes.get((row.row_id, row.line))
+        if size is None:
+            return None
+        placement = Placement.parse(row.placement) if row.placement else channel.product
+        return placement.box((channel.width, channel.height), size)
 
     # ------------------------------------------------------------------------------------------ ControlNet
 

@@ -62,6 +62,8 @@ def api_variant(request: Request, variant_id: Id, user: Viewer) -> dict[str, Any
         raise HTTPException(404, f"no reviewable variant {variant_id}")
     detail["urls"] = {"full": f"/assets/{detail['asset_id']}", "thumb": f"/thumbs/{detail['asset_id']}?w=640",
                       "page": f"/variants/{variant_id}"}
+    if (detail.get("overlay") or {}).get("clean_key"):  # a branded asset: its picture without the overlay
+        detail["urls"]["clean"] = f"/assets/{detail['asset_id']}/clean"
     return detail
 
 

@@ -17,6 +17,7 @@ from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from review.actions import GROUPS, ReviewChange, apply_review, queue_rerender, set_review_settings
 from review.audit_export import audit_export, to_csv, to_json
 from review.export import ExportError, export_campaign
+from review.files import asset_response, safe_key
 from review.ids import Id, parse_id
 from review.middleware import LimitedRoute, human_size
 from review.queries import Filters, campaign_summaries, gallery, review_config, rows_overview, variant_detail
@@ -26,7 +27,7 @@ from review.security import (CurrentUser, client_address, csrf_token, current_us
 from review.signin import sign_in
 from review.thumbs import THUMB_WIDTHS
 from storage.review_schema import REVIEW_STATUSES
-from storage.schema import Campaign
+from storage.schema import Asset, Campaign
 
 __all__ = ["router"]
 
@@ -175,6 +176,26 @@ def variant_page(request: Request, variant_id: Id, user: Viewer) -> Response:
     if detail is None:
         raise HTTPException(404, f"no reviewable variant {variant_id}")
     return render(request, "variant.html", {"v": detail, "samplers": request.app.state.samplers.display})
+
+
+@router.get("/assets/{asset_id}/clean")
+def clean_file(request: Request, asset_id: Id, user: Viewer) -> Response:
+    """A branded asset's picture without its overlay (beside the delivered one on the variant page). The same rules
+    as ``/assets/{id}``: any signed-in user, only the key recorded for that asset, and only if the stores accept it
+    (a tampered row cannot point outside the store); 404 for an asset without an overlay."""
+    state = request.app.state
+    with state.db.session() as s:
+        asset = s.get(Asset, asset_id)
+    if asset is None:
+        raise HTTPException(404, "no such asset")
+    key = safe_key(asset.clean_key) if asset.clean_key else None
+    if key is None:
+        raise HTTPException(404, "this asset has no clean picture (it carries no brand overlay)")
+    try:
+        return asset_response(state.store, key, asset.format, s3_delivery=state.s3_delivery,
+                              presign_seconds=state.presign_seconds)
+    except (KeyError, ValueError):
+        raise HTTPException(404, "the asset's clean picture is missing from the store") from None
 
 
 @router.post("/variants/{variant_id}/review")

@@ -8,6 +8,7 @@ variants, whatever filter the page uses, so a filtered grid never shows a wrong 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from storage.review_schema import ABResult, RerenderRequest, ReviewSettings, ReviewState
 from storage.schema import Asset, Brief, BriefRowRecord, Campaign, ModelRecord, PromptRecord, Run, Variant
-from storage.variants import describe_adapters, parse_inputs, with_joins
+from storage.variants import describe_adapters, parse_inputs, parse_overlay, with_joins
 
 __all__ = [
     "Card",
@@ -300,6 +301,90 @@ def _inputs(text: str, asset: Asset) -> dict[str, Any]:
     return out
 
 
+# The overlay's elements in the order a reader meets them on the picture, with their names for people.
+OVERLAY_ELEMENTS = {"logo": "Logo", "headline": "Headline", "body": "Body", "cta": "Call to action"}
+
+
+def _number(value: Any) -> float | int | None:
+    # bool is an int to Python, but a record saying "size": true is not a size.
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _box(value: Any) -> list[float | int] | None:
+    """A recorded [left, top, width, height]; None for anything else, so that a hand-edited or older record is shown
+    without the boxes it cannot place rather than breaking the page."""
+    if not isinstance(value, list) or len(value) != 4:
+        return None
+    numbers = [_number(n) for n in value]
+    if any(n is None for n in numbers) or numbers[2] < 0 or numbers[3] < 0:  # type: ignore[operator]
+        return None
+    return numbers  # type: ignore[return-value]
+
+
+def _overlay_element(name: str, drawn: dict[str, Any], moved: list[Any], floor: float | None) -> dict[str, Any]:
+    """One drawn element for people: every key present (the templates are strict), None where the record has none."""
+    contrast = _number(drawn.get("contrast"))
+    return {
+        "name": name, "label": OVERLAY_ELEMENTS[name], "text": _text(drawn.get("text")), "size": _number(drawn.get("size")),
+        "variant": _text(drawn.get("variant")), "colour": _text(drawn.get("colour")), "choice": _text(drawn.get("choice")),
+        "background": _text(drawn.get("background")), "scrim": _text(drawn.get("scrim")),
+        "scrim_opacity": _number(drawn.get("scrim_opacity")), "contrast": contrast,
+        "below_floor": contrast is not None and floor is not None and contrast < floor,
+        "moved": name in moved, "box": _box(drawn.get("box")), "button": _box(drawn.get("button")),
+        "panel": _box(drawn.get("panel")),
+    }
+
+
+def _overlay_boxes(safe: list[float | int] | None, elements: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rectangles the "safe zones" view draws: the safe zone, each element's box, and the CTA's button."""
+    boxes = [{"kind": "safe", "element": "safe", "box": safe}] if safe else []
+    for e in elements:
+        if e["box"]:
+            boxes.append({"kind": "box", "element": e["name"], "box": e["box"]})
+        if e["button"]:
+            boxes.append({"kind": "button", "element": e["name"], "box": e["button"]})
+    return boxes
+
+
+def _overlay(asset: Asset, pin_text: str) -> dict[str, Any] | None:
+    """A branded asset's overlay for people: brand and kit, what each element drew with its measured contrast, the
+    boxes for the safe-zone view, and whether the clean picture is stored. None for an asset without an overlay."""
+    if asset.overlay is None and asset.clean_key is None:
+        return None
+    try:
+        pin = parse_overlay(pin_text)
+    except ValueError:
+        pin = None  # the asset's own record below still says what was drawn
+    unreadable = None
+    try:
+        record = json.loads(asset.overlay) if asset.overlay else {}
+    except ValueError:
+        record, unreadable = {}, asset.overlay[:80]  # type: ignore[index]
+    if not isinstance(record, dict):
+        record, unreadable = {}, str(asset.overlay)[:80]
+    # The boxes are in the delivered picture's pixels: its recorded size, else the file's (the same, by design).
+    size = _box([0, 0, *record["size"]]) if isinstance(record.get("size"), list) else None
+    width, height = (size[2], size[3]) if size and size[2] and size[3] else (asset.width, asset.height)
+    moved = record.get("moved_for_product") if isinstance(record.get("moved_for_product"), list) else []
+    floor = _number(record.get("min_contrast"))
+    elements = [_overlay_element(name, record[name], moved, floor) for name in OVERLAY_ELEMENTS
+                if isinstance(record.get(name), dict)]
+    safe = _box(record.get("safe"))
+    return {
+        "brand": _text(record.get("brand")) or (pin.brand if pin else None),
+        "kit": _text(record.get("kit")) or (pin.kit if pin else None),
+        "layout": _text(record.get("layout")) or (pin.layout if pin else None),
+        "layout_engine": _text(record.get("layout_engine")),
+        "min_contrast": floor, "width": width, "height": height, "safe": safe, "elements": elements,
+        "boxes": _overlay_boxes(safe, elements), "moved_for_product": [str(m) for m in moved],
+        "clean_key": asset.clean_key, "recorded": bool(record), "unreadable": unreadable,
+    }
+
+
 def variant_detail(s: Session, variant_id: int) -> dict[str, Any] | None:
     """Everything the detail panel shows (and the audit export reuses): settings, model, row, run, review state."""
     found = s.execute(
@@ -340,6 +425,7 @@ def variant_detail(s: Session, variant_id: int) -> dict[str, Any] | None:
         "postprocess": variant.postprocess,
         "adapters": describe_adapters(s, variant.adapters),
         "inputs": _inputs(variant.inputs, asset),
+        "overlay": _overlay(asset, variant.overlay),
         "model": {"id": model.id, "name": model.name, "path": model.path, "sha256": model.sha256, "hash": model.short_hash,
                   "family": model.family, "license": model.license, "commercial_use": model.commercial_use},
         "asset": {"key": asset.storage_key, "url": asset.store_url, "sha256": asset.sha256, "bytes": asset.size_bytes,

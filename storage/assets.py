@@ -402,3 +402,12 @@ def asset_key(campaign: str, row_id: str, channel: str, variant: int, seed: int,
     suffix = f"-{tag}" if tag else ""
     key = "/".join((*parts, f"v{variant:02d}-s{seed}{suffix}.{extension}"))
     return validate_key(key)
+
+
+CLEAN_PREFIX = "clean/"
+
+
+def clean_storage_key(key: str) -> str:
+    """Where the picture without its brand overlay is stored, beside (not among) the delivered files:
+    ``clean/<the delivered file's key>``."""
+    return validate_key(CLEAN_PREFIX + key)

@@ -198,6 +198,9 @@ class Variant(Base):
     # The images the brief hands the engine (product packshot and mask with its placement, ControlNet layout with
     # its model), each pinned by sha256, as canonical JSON (storage.variants.inputs_text); "" = none.
     inputs: Mapped[str] = mapped_column(Text, default="", server_default=text("''"))
+    # The brand kit (name and content sha256) and the copy its delivered file carries, as canonical JSON
+    # (storage.variants.OverlayPin); "" = no overlay.
+    overlay: Mapped[str] = mapped_column(Text, default="", server_default=text("''"))
     storage_key: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default="planned", index=True)  # planned | done | failed
     error: Mapped[str | None] = mapped_column(Text)
@@ -247,6 +250,10 @@ class Asset(Base):
     product_changed: Mapped[bool | None] = mapped_column(Boolean)
     # The product's outline as SVG path data in the file's pixels (engine.packshot.outline), for the gallery.
     product_outline: Mapped[str | None] = mapped_column(Text)
+    # For a variant with a brand overlay: where the picture without it is stored (same store, format and size),
+    # and what the overlay drew where (JSON: boxes, fitted sizes, colours, measured contrast, scrims).
+    clean_key: Mapped[str | None] = mapped_column(Text)
+    overlay: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     variant: Mapped[Variant] = relationship(back_populates="asset")

@@ -29,7 +29,7 @@ from storage.image_metadata import EXTENSIONS
 from storage.review_schema import ReviewState
 from storage.schema import Asset, Brief, BriefRowRecord, Campaign, ModelRecord, PromptRecord, Variant
 
-__all__ = ["ControlPin", "ProductPin", "VariantInputs", "inputs_text", "parse_inputs", "AdapterPin", "ModelRef", "adapters_text", "describe_adapters", "parse_adapters", "StoredVariant", "VariantSpec", "load_variants", "spec_from_rows", "with_joins"]
+__all__ = ["OverlayPin", "overlay_text", "parse_overlay", "ControlPin", "ProductPin", "VariantInputs", "inputs_text", "parse_inputs", "AdapterPin", "ModelRef", "adapters_text", "describe_adapters", "parse_adapters", "StoredVariant", "VariantSpec", "load_variants", "spec_from_rows", "with_joins"]
 
 _SAME = object()  # metadata default: "same as the field's name"
 
@@ -73,6 +73,9 @@ class VariantSpec:
     adapters: str = _setting("adapters", default="", since_default=True)
     # The images the brief hands the engine, pinned by sha256 (canonical JSON, see :func:`inputs_text`); "" = none.
     inputs: str = _setting("inputs", default="", since_default=True)
+    # The brand overlay (kit name and content sha256, headline, body, CTA; canonical JSON, see :class:`OverlayPin`);
+    # "" = none.
+    overlay: str = _setting("overlay", default="", since_default=True)
 
     # ------------------------------------------------------------------ identity
 
@@ -257,6 +260,37 @@ def parse_inputs(text: str) -> VariantInputs:
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"unreadable inputs record {text[:80]!r}: {exc}") from None
     return VariantInputs(product, control)
+
+
+@dataclass(frozen=True)
+class OverlayPin:
+    """A variant's brand overlay: the kit by name and by the sha256 of its content (the YAML and every file it names,
+    so a changed logo or font is a different overlay), the channel layout it uses, and the copy it carries."""
+
+    brand: str
+    kit: str  # sha256 of the kit's content
+    layout: str  # the kit's layout name used for the channel ("default" when the kit has none of its own for it)
+    headline: str = ""
+    body: str = ""
+    cta: str = ""
+
+
+def overlay_text(pin: OverlayPin | None) -> str:
+    """The canonical text of a variant's overlay (its ``overlay`` setting): "" for none, else compact JSON."""
+    if pin is None:
+        return ""
+    return json.dumps(asdict(pin), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def parse_overlay(text: str) -> OverlayPin | None:
+    """The pin of an ``overlay`` text (ValueError if it is not one :func:`overlay_text` wrote)."""
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+        return OverlayPin(**{k: str(v) for k, v in data.items()})
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"unreadable overlay record {text[:80]!r}: {exc}") from None
 
 
 _PAIRED = frozenset(f.metadata["identity"] for f in fields(VariantSpec)

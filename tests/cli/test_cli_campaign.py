@@ -54,7 +54,9 @@ def test_run_then_list_runs_and_assets_with_default_locations(in_tmp: Path, camp
     assert result.exit_code == 0, result.output
     assert "completed: planned 24, rendered 24, already there 0, failed 0" in out
     assert str(in_tmp / "adforge-data" / "assets") in out
-    assert len(list((in_tmp / "adforge-data" / "assets").rglob("*.jpg"))) == 24
+    assert len(list((in_tmp / "adforge-data" / "assets" / "spring-launch-2025").rglob("*.jpg"))) == 24
+    # the example brand's overlay: each picture without it beside, under clean/
+    assert len(list((in_tmp / "adforge-data" / "assets" / "clean").rglob("*.jpg"))) == 24
 
     again, out = _invoke("run", EXAMPLE, "--model", campaign_model, "--steps", "1")
     assert again.exit_code == 0 and "rendered 0, already there 24" in out

@@ -21,7 +21,7 @@ def _names(group: typer.Typer) -> list[str]:
 
 def test_the_joined_app_lists_the_documented_commands_in_order() -> None:
     assert _names(app) == ["generate", "run", "rerender", "plan", "runs", "assets", "gallery", "export",
-                           "models", "users", "results", "audit", "train"]
+                           "models", "users", "results", "audit", "train", "brand"]
     assert _names(models.app) == ["init-random", "init-random-upscaler", "inspect", "add", "list"]
     assert _names(users.app) == ["add", "list", "passwd", "role", "disable", "enable", "remove"]
     assert _names(review.app) == ["gallery", "export"]

@@ -55,7 +55,8 @@ def _check_assets(db_url: str, store_url: str, expected: int) -> None:
         assets = s.execute(select(Asset, Variant).join(Variant, Asset.variant_id == Variant.id)).all()
     assert len(assets) == expected
     assert len({a.storage_key for a, _ in assets}) == expected
-    assert sorted(store.list()) == sorted(a.storage_key for a, _ in assets)
+    # each delivered file, and the picture without its brand overlay (the example brief names a brand kit)
+    assert sorted(store.list()) == sorted([a.storage_key for a, _ in assets] + [a.clean_key for a, _ in assets if a.clean_key])
     for asset, variant in assets:
         data = store.get(asset.storage_key)
         assert len(data) == asset.size_bytes and len(data) <= variant.out_max_kb * 1024

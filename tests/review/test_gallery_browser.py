@@ -694,3 +694,54 @@ def test_a_packshot_outline_shows_on_hover_and_a_changed_product_is_flagged(tab:
     tab.shot("01-outline-on-hover")
     expect(card(tab, changed).locator('[data-field="product-changed"]')).to_have_text("product changed")
     expect(card(tab, kept).locator('[data-field="product-changed"]')).to_have_count(0)
+
+
+# ------------------------------------------------------------------------------------------------ brand overlays
+
+
+def test_a_branded_asset_shows_its_clean_picture_and_safe_zones(tab: Tab, serve: Callable[..., Live]) -> None:
+    import json
+
+    from playwright.sync_api import expect
+
+    from storage.assets import clean_storage_key
+    from storage.schema import Asset, Variant
+    from storage.variants import overlay_text
+    from tests.review.test_overlay_panel import CLEAN, PIN, RECORD, ZONES
+
+    live = serve()
+    w = live.world
+    vid = w.variants[("hero-01", "instagram_square")][0]  # 400x400, as RECORD's boxes assume
+    with w.db.session() as s:
+        s.get(Variant, vid).overlay = overlay_text(PIN)
+        asset = s.scalar(select(Asset).where(Asset.variant_id == vid))
+        asset.clean_key = w.store.put(clean_storage_key(asset.storage_key), CLEAN, "image/png").key
+        asset.overlay = json.dumps(RECORD)
+    tab.sign_in("vic", f"/variants/{vid}")
+    page = tab.page
+    expect(page.locator("#brand-overlay")).to_be_visible()
+    expect(page.locator("#view-overlaid figcaption")).to_have_text("With overlay")
+    expect(page.locator("#view-clean figcaption")).to_have_text("Clean")
+    expect(page.locator("#brand-cta")).to_contain_text("contrast 6.25:1")
+    for img in ("#img-overlaid", "#img-clean"):
+        tab.until(f"document.querySelector('{img}').complete && document.querySelector('{img}').naturalWidth > 0")
+        assert page.evaluate(f"document.querySelector('{img}').naturalWidth") == 400
+
+    visibility = "getComputedStyle(document.querySelector('#safe-zones')).visibility"
+    assert page.evaluate(visibility) == "hidden"
+    page.check("#safe-zones-toggle")
+    tab.until(f"{visibility} === 'visible'")
+    # The SVG covers the picture exactly, and its boxes scale with it (the image is shown smaller than its 400 px).
+    img, svg, safe = (page.locator(sel).bounding_box() for sel in ("#img-overlaid", "#safe-zones", "#safe-zones .zone-safe"))
+    assert all(abs(img[k] - svg[k]) <= 1 for k in ("x", "y", "width", "height")), (img, svg)
+    scale = img["width"] / 400
+    # (a rect's bounding box includes half its 2px stroke on each side)
+    assert abs(safe["x"] - (img["x"] + 20 * scale)) <= 2 and abs(safe["width"] - 360 * scale) <= 3, (img, safe)
+    assert page.locator("#safe-zones rect").count() == len(ZONES)
+    tab.shot("01-safe-zones")
+    if os.environ.get("ADFORGE_SCREENSHOT_DIR"):
+        folder = Path(os.environ["ADFORGE_SCREENSHOT_DIR"])
+        folder.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(folder / "variant-brand-overlay-safe-zones.png"), full_page=True)
+    page.uncheck("#safe-zones-toggle")
+    tab.until(f"{visibility} === 'hidden'")
