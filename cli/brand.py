@@ -377,17 +377,19 @@ def _guides(canvas: Image.Image, record: dict, product: ProductLayer | None) -> 
 
 
 def _summary(record: dict, min_contrast: float) -> list[str]:
-    """One line per element: its size, how it was made readable, and its contrast (flagged below the kit's floor:
-    the logo is not held to it by compose, so the preview is where a designer sees it)."""
+    """One line per element: its size, how it was made readable, and its contrast (flagged below its floor: the
+    kit's for texts, the logo's own for the logo, which a kit without a logo plate cannot raise)."""
 
-    def ratio(value: object) -> str:
-        low = isinstance(value, (int, float)) and value < min_contrast
-        return f"contrast {value}:1" + (f" (below the kit's {min_contrast:g}:1)" if low else "")
+    def ratio(value: object, floor: float = min_contrast) -> str:
+        low = isinstance(value, (int, float)) and value < floor
+        return f"contrast {value}:1" + (f" (below {floor:g}:1)" if low else "")
 
     lines = []
     if "logo" in record:
         logo = record["logo"]
-        lines.append(f"  logo      {logo.get('variant')} variant at {logo.get('box')}, {ratio(logo.get('contrast'))}")
+        plate = (f" on a {logo['plate']} plate at {logo.get('plate_opacity', 0) * 100:.0f} %" if logo.get("plate") else "")
+        lines.append(f"  logo      {logo.get('variant')} variant at {logo.get('box')}{plate}, "
+                     f"{ratio(logo.get('contrast'), float(logo.get('min_contrast', 3.0)))}")
     for element in ("headline", "body", "cta"):
         if element not in record:
             continue

@@ -328,11 +328,13 @@ def _box(value: Any) -> list[float | int] | None:
 def _overlay_element(name: str, drawn: dict[str, Any], moved: list[Any], floor: float | None) -> dict[str, Any]:
     """One drawn element for people: every key present (the templates are strict), None where the record has none."""
     contrast = _number(drawn.get("contrast"))
+    floor = _number(drawn.get("min_contrast")) or floor  # a logo has its own floor (WCAG's 3:1 for graphics)
     return {
         "name": name, "label": OVERLAY_ELEMENTS[name], "text": _text(drawn.get("text")), "size": _number(drawn.get("size")),
         "variant": _text(drawn.get("variant")), "colour": _text(drawn.get("colour")), "choice": _text(drawn.get("choice")),
         "background": _text(drawn.get("background")), "scrim": _text(drawn.get("scrim")),
         "scrim_opacity": _number(drawn.get("scrim_opacity")), "contrast": contrast,
+        "plate": _text(drawn.get("plate")), "plate_opacity": _number(drawn.get("plate_opacity")),
         "below_floor": contrast is not None and floor is not None and contrast < floor,
         "moved": name in moved, "box": _box(drawn.get("box")), "button": _box(drawn.get("button")),
         "panel": _box(drawn.get("panel")),

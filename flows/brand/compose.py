@@ -107,7 +107,7 @@ def fit_overlay(kit: BrandKit, channel: str, size: tuple[int, int], copy: Copy,
         placed = place(layout, size, product)
         if layout.logo is not None:
             for variant in kit.logos:
-                check_logo(placed, layout.logo.corner, kit.logo_size(variant), product)
+                check_logo(placed, layout.logo.corner, kit.logo_size(variant), product, _plate_inset(kit, placed))
     except LayoutError as exc:
         raise OverlayProblem(exc.element, str(exc)) from None
     fitted: dict[str, tuple[FittedText, int]] = {}
@@ -158,25 +158,53 @@ def _around(mask: np.ndarray, size: int) -> np.ndarray:
     return (mask > 127) | ring(mask > 0, max(2, size // 8) + 2)
 
 
+def _plate_inset(kit: BrandKit, placed: Placed) -> int:
+    """Room kept around the logo for its plate (none without one): an eighth of the logo area's height."""
+    if kit.logo_plate is None or placed.logo_area is None:
+        return 0
+    return max(2, placed.logo_area[3] // 8)
+
+
+def _logo_ratio(logo: Image.Image, under: np.ndarray) -> float:
+    alpha = np.asarray(logo.getchannel("A")) > 127
+    ink = np.asarray(logo.convert("RGB"))[alpha]
+    logo_lum = float(np.median(luminance_map(ink))) if ink.size else 0.0
+    return ratio_against(logo_lum, luminance_map(under.reshape(-1, 3)))
+
+
 def _paste_logo(canvas: Image.Image, kit: BrandKit, corner: str, placed: Placed, product: Box | None) -> dict:
     base = np.asarray(canvas)
-    best: tuple[float, str, Box, Image.Image] | None = None
+    options: list[tuple[float, str, Box, Image.Image]] = []
+    inset = _plate_inset(kit, placed)
     for variant in sorted(kit.logos):
-        box = check_logo(placed, corner, kit.logo_size(variant), product)
+        box = check_logo(placed, corner, kit.logo_size(variant), product, inset)
         assert box is not None
         logo = kit.logo(variant, box[2], box[3])
         box = (box[0], box[1], logo.width, logo.height)
-        alpha = np.asarray(logo.getchannel("A")) > 127
-        ink = np.asarray(logo.convert("RGB"))[alpha]
-        under = base[box[1]:box[1] + box[3], box[0]:box[0] + box[2]]
-        logo_lum = float(np.median(luminance_map(ink))) if ink.size else 0.0
-        ratio = ratio_against(logo_lum, luminance_map(under.reshape(-1, 3)))
-        if best is None or ratio > best[0]:
-            best = (ratio, variant, box, logo)
-    assert best is not None
-    ratio, variant, box, logo = best
+        options.append((_logo_ratio(logo, base[box[1]:box[1] + box[3], box[0]:box[0] + box[2]]), variant, box, logo))
+    ratio, variant, box, logo = max(options, key=lambda o: o[0])
+    record: dict = {"variant": variant, "box": list(box), "contrast": round(ratio, 2), "min_contrast": kit.logo_contrast}
+    if ratio < kit.logo_contrast * MARGIN and kit.logo_plate is not None:
+        # A plate behind the logo that contrasts most with the plate's colour, at the lowest opacity that reads.
+        plate = (box[0] - inset, box[1] - inset, box[2] + 2 * inset, box[3] + 2 * inset)
+        l, t, w, h = plate
+        region = base[t:t + h, l:l + w]
+        flat = np.full((1, 1, 3), kit.logo_plate, np.uint8)
+        ratio, variant, box, logo = max(options, key=lambda o: _logo_ratio(o[3], flat))
+        inner = (box[1] - t, box[0] - l)
+        step = 20
+        for step in range(7, 21):  # 35 % .. 100 %, in twentieths
+            mixed = _mix(region, kit.logo_plate, step)
+            ratio = _logo_ratio(logo, mixed[inner[0]:inner[0] + box[3], inner[1]:inner[1] + box[2]])
+            if ratio >= kit.logo_contrast * MARGIN:
+                break
+        shape = Image.new("L", (w, h), 0)
+        ImageDraw.Draw(shape).rounded_rectangle((0, 0, w - 1, h - 1), radius=min(w, h) * 0.2, fill=255)
+        canvas.paste(Image.fromarray(_mix(region, kit.logo_plate, step)), (l, t), shape)
+        record.update(variant=variant, box=list(box), contrast=round(ratio, 2), plate=_hex(kit.logo_plate),
+                      plate_opacity=step / 20, panel=list(plate))
     canvas.paste(logo, box[:2], logo)
-    return {"variant": variant, "box": list(box), "contrast": round(ratio, 2)}
+    return record
 
 
 def _draw_text(canvas: Image.Image, kit: BrandKit, element: str, style: TextStyle, fitted: FittedText, pad: int,

@@ -1,4 +1,5 @@
-"""A brand kit: ``templates/brands/<brand>.yaml``, with the files it names beside it.
+"""A brand kit: ``templates/brands/<brand>.yaml`` with the files it names beside it, or a folder
+``templates/brands/<brand>/brand.yaml`` holding them.
 
 ::
 
@@ -8,6 +9,7 @@
     logo:                                  # SVG or PNG with transparency; at least one of the two
       light: acme/logo-light.svg           # the light logo, for dark pictures
       dark: acme/logo-dark.svg             # the dark logo, for light pictures
+      plate: white                         # behind a logo that stands out less than min_contrast (default 3)
     fonts: {bold: acme/DejaVuSans-Bold.ttf, regular: acme/DejaVuSans.ttf}   # TTF / OTF files
     styles:
       headline: {font: bold, size: [28, 110], colour: white, alternate: ink, scrim: ink}
@@ -114,6 +116,11 @@ class BrandKit:
     layouts: dict[str, Layout]
     files: tuple[Path, ...] = ()  # every file the kit names, and their (size, mtime) when it was read
     stamps: tuple = ()
+    # A logo is a graphic: WCAG 2.1 (1.4.11) asks 3:1 of it against its surroundings. Below that, a plate in this
+    # colour goes behind it, at the lowest opacity that reaches it; None: the logo is drawn as it is (and the
+    # record says its contrast).
+    logo_plate: RGB | None = None
+    logo_contrast: float = 3.0
 
     def layout_for(self, channel: str) -> Layout:
         return self.layouts.get(channel) or self.layouts["default"]
@@ -137,7 +144,9 @@ def brands_dir(templates_dir: str | os.PathLike[str] | None) -> Path:
 
 def kit_names(templates_dir: str | os.PathLike[str] | None = None) -> list[str]:
     folder = brands_dir(templates_dir)
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    return sorted({p.stem for p in folder.glob("*.yaml")} | {p.parent.name for p in folder.glob("*/brand.yaml")})
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -154,6 +163,8 @@ def load_kit(name: str, templates_dir: str | os.PathLike[str] | None = None) -> 
     if not _NAME.fullmatch(key):
         raise KitError(os.fspath(folder), None, None, f"brand {name!r}: a brand name is lower-case letters, digits, '-' and '_'")
     path = folder / f"{key}.yaml"
+    if not path.exists() and (folder / key / "brand.yaml").exists():  # a kit as a folder: brands/<brand>/brand.yaml
+        path = folder / key / "brand.yaml"
     try:
         stat = path.stat()
     except OSError:
@@ -197,7 +208,11 @@ def _read_kit(key: str, path: Path) -> BrandKit:
     hasher = hashlib.sha256(b"adforge-brand-kit-1\0" + data)
     palette = _palette(top.get("palette"))
     fonts = _files(top["fonts"], path.parent, hasher, kind="font")
-    logos = _files(top["logo"], path.parent, hasher, kind="logo", keys=("light", "dark"))
+    logo_node = _mapping(top["logo"], optional={"light", "dark", "plate", "min_contrast"})
+    plate = _colour(logo_node["plate"], palette) if "plate" in logo_node else None
+    logo_contrast = _number(logo_node["min_contrast"], 1.0, 21.0) if "min_contrast" in logo_node else 3.0
+    logo_files = Located({k: v for k, v in logo_node.items() if k in ("light", "dark")}, *_where(top["logo"]))
+    logos = _files(logo_files, path.parent, hasher, kind="logo", keys=("light", "dark"))
     min_contrast = _number(top["min_contrast"], 1.0, 21.0) if "min_contrast" in top else 4.5
     styles = {name: _style(entry, fonts, palette, min_contrast) for name, entry in _entries(top["styles"], TEXT_ELEMENTS).items()}
     if "headline" not in styles:
@@ -217,10 +232,15 @@ def _read_kit(key: str, path: Path) -> BrandKit:
         raise top["name"].problem("expected the brand's name as text")
     files = tuple(dict.fromkeys([*fonts.values(), *logos.values()]))
     return BrandKit(key=key, name=name.strip(), path=path, sha256=hasher.hexdigest(), min_contrast=min_contrast,
-                    logos=logos, styles=styles, copy=copy, layouts=layouts, files=files, stamps=_stamps(files))
+                    logos=logos, styles=styles, copy=copy, layouts=layouts, files=files, stamps=_stamps(files),
+                    logo_plate=plate, logo_contrast=logo_contrast)
 
 
 # ------------------------------------------------------------------------------------------------ parts
+
+
+def _where(node: Located) -> tuple[str, int, int, str]:
+    return node.file, node.line, node.column, node.path
 
 
 def _mapping(node: Located, *, required: set[str] = frozenset(), optional: set[str] = frozenset()) -> dict[str, Located]:  # type: ignore[assignment]

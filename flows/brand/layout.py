@@ -88,12 +88,15 @@ def logo_box(area: Box, corner: str, logo_size: tuple[int, int]) -> Box:
     return left, top, w, h
 
 
-def check_logo(placed: Placed, corner: str, logo_size: tuple[int, int], product: Box | None) -> Box | None:
-    """The logo's box, refused (LayoutError) where it would cover the product."""
+def check_logo(placed: Placed, corner: str, logo_size: tuple[int, int], product: Box | None, inset: int = 0) -> Box | None:
+    """The logo's box, ``inset`` px inside its area (room for a plate around it), refused (LayoutError) where the
+    logo or that room would cover the product."""
     if placed.logo_area is None:
         return None
-    box = logo_box(placed.logo_area, corner, logo_size)
-    if product is not None and _intersects(box, product):
+    ax, ay, aw, ah = placed.logo_area
+    box = logo_box((ax + inset, ay + inset, max(1, aw - 2 * inset), max(1, ah - 2 * inset)), corner, logo_size)
+    room = (box[0] - inset, box[1] - inset, box[2] + 2 * inset, box[3] + 2 * inset)
+    if product is not None and _intersects(room, product):
         raise LayoutError("logo", f"the logo at {box} would cover the product at {product}; move the product "
                                   "(the row's placement) or the layout's logo corner")
     return box

@@ -83,14 +83,17 @@ def test_the_example_campaign_carries_the_brand_on_every_asset(tmp_path):
         # Only the JPEG blocks the overlay's elements touch differ from the clean picture.
         touched = np.zeros((ch.height, ch.width), bool)
         for element in ("logo", "headline", "body", "cta"):
-            if element in record:
-                x, y, w, h = _blocks_of(record[element].get("box"), delivered.size)
+            if element in record:  # the element's box, or the logo's plate around its box
+                x, y, w, h = _blocks_of(record[element].get("panel") if element == "logo" and "panel" in record[element]
+                                        else record[element]["box"], delivered.size)
                 touched[y:y + h, x:x + w] = True
         differs = np.any(np.asarray(delivered) != np.asarray(clean), axis=2)
         assert differs.any() and not (differs & ~touched).any(), variant.channel
         # The logo's pixels: the logo file drawn over the clean picture at its box (within JPEG's error).
         x, y, w, h = record["logo"]["box"]
-        assert [x, y] == ([sx, sy] if kit.layout_for(variant.channel).logo.corner == "top_left" else [x, y])
+        spot = kit.layout_for(variant.channel).logo
+        inset = max(2, round(spot.max_height * sh) // 8)  # the room the kit's logo plate keeps around the logo
+        assert spot.corner == "top_left" and (x, y) == (sx + inset, sy + inset), variant.channel
         logo = kit.logo(record["logo"]["variant"], w, h)
         inside = cv2.erode((np.asarray(logo.getchannel("A")) == 255).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
         colours = np.asarray(logo.convert("RGB"), dtype=np.int16)[inside]

@@ -55,7 +55,12 @@ def test_every_channel_on_every_kind_of_picture(channel, kind):
     # The logo: its pixels are the logo file's, drawn over the picture at the recorded box.
     x, y, w, h = record["logo"]["box"]
     logo = kit.logo(record["logo"]["variant"], w, h)
-    expected = base.crop((x, y, x + w, y + h)).convert("RGBA")
+    under = np.asarray(base.crop((x, y, x + w, y + h)), dtype=np.uint16)
+    if "plate" in record["logo"]:  # a plate first, at its recorded opacity, then the logo over it
+        step = round(record["logo"]["plate_opacity"] * 20)
+        under = (under * (20 - step) + np.array(kit.logo_plate, dtype=np.uint16) * step + 10) // 20
+        assert record["logo"]["contrast"] >= kit.logo_contrast * 1.1
+    expected = Image.fromarray(under.astype(np.uint8)).convert("RGBA")
     expected.alpha_composite(logo)
     got = np.asarray(out.crop((x, y, x + w, y + h)), dtype=np.int16)
     assert np.abs(got - np.asarray(expected.convert("RGB"), dtype=np.int16)).max() <= 1
@@ -73,6 +78,8 @@ def test_every_channel_on_every_kind_of_picture(channel, kind):
         assert record["headline"]["choice"] == "alternate" and record["logo"]["variant"] == "dark"
     elif kind == "dark":
         assert record["headline"]["choice"] == "colour" and record["logo"]["variant"] == "light"
+    if kind != "busy":  # a plain picture: one of the logos stands out by itself
+        assert "plate" not in record["logo"] and record["logo"]["contrast"] >= 3
 
 
 def test_a_busy_picture_gets_the_lightest_scrim_that_reads():
@@ -130,3 +137,23 @@ def test_a_headline_too_long_for_its_box_names_the_element():
     with pytest.raises(OverlayProblem) as info:
         fit_overlay(kit, "leaderboard", (728, 90), Copy(headline="word " * 60))
     assert info.value.element == "headline" and "smallest size 10 px" in str(info.value)
+
+
+def test_a_logo_lost_in_a_busy_picture_gets_a_plate_that_reads():
+    kit = load_kit("acme")
+    base = picture("busy", (1200, 628))
+    out, record = compose(base, kit, "banner", COPY)
+    logo = record["logo"]
+    assert logo["plate"] == "#FFFFFF" and logo["variant"] == "dark" and 0.35 <= logo["plate_opacity"] <= 1
+    # measured on the output: the logo's own colour against the worst pixel around it on the plate
+    x, y, w, h = logo["box"]
+    alpha = np.asarray(kit.logo("dark", w, h).getchannel("A"))
+    pixels = np.asarray(out.crop((x, y, x + w, y + h)))
+    ink = cv2.erode((alpha == 255).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    around = (cv2.dilate((alpha > 0).astype(np.uint8), np.ones((9, 9), np.uint8)) > 0) & ~(
+        cv2.dilate((alpha > 0).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0)
+    ink_l = float(np.median(luminance_map(pixels[ink])))
+    assert contrast_ratio(ink_l, float(luminance_map(pixels[around]).max())) >= 3
+    # without a plate colour in the kit the logo is drawn as it is, and its contrast recorded
+    bare = load_kit("acme").__class__(**{**load_kit("acme").__dict__, "logo_plate": None})
+    assert "plate" not in compose(base, bare, "banner", COPY)[1]["logo"]

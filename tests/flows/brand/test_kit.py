@@ -89,3 +89,18 @@ def test_the_kit_hash_covers_the_files_it_names(tmp_path):
     after = load_kit("acme", templates)
     assert after.sha256 != before
     assert load_kit("acme", templates) is after  # unchanged files: the process's cached kit
+
+
+def test_a_kit_as_a_folder(tmp_path):
+    templates = kit_folder(tmp_path)
+    brands = templates / "brands"
+    (brands / "acme").joinpath("brand.yaml").write_text(acme_text().replace("acme/", ""))
+    (brands / "acme.yaml").unlink()
+    kit = load_kit("acme", templates)
+    assert kit.path == brands / "acme" / "brand.yaml" and kit.logos["dark"] == (brands / "acme" / "logo-dark.svg").resolve()
+    assert "acme" in kit_names(templates)
+
+
+def test_the_logo_plate_colour_is_checked(tmp_path):
+    text = acme_text().replace("  plate: white", "  plate: chalk")
+    assert "unknown colour 'chalk'" in _error(tmp_path, text)
