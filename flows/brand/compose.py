@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from flows.brand.contrast import RGB, contrast_ratio, luminance, luminance_map, ratio_against, ring
 from flows.brand.kit import TEXT_ELEMENTS, BrandKit, TextStyle
 from flows.brand.layout import Box, LayoutError, Placed, check_logo, place
-from flows.brand.text import FitError, FittedText, draw_text, fit_text, layout_engine, text_mask
+from flows.brand.text import FitError, FittedText, draw_text, fit_text, layout_engine, side_of, text_mask
 
 __all__ = ["Copy", "OverlayProblem", "compose", "fit_overlay", "MARGIN"]
 
@@ -215,9 +215,7 @@ def _draw_text(canvas: Image.Image, kit: BrandKit, element: str, style: TextStyl
     if style.background is not None:  # the call to action: a button
         bw, bh = block[0] + 2 * pad, block[1] + 2 * pad
         x, y, w, h = box
-        side = {"start": "left", "end": "right", "centre": "centre"}[align]
-        if fitted.direction == "rtl" and side != "centre":
-            side = "right" if side == "left" else "left"
+        side = side_of(align, fitted.direction)
         bx = x if side == "left" else x + w - bw if side == "right" else x + (w - bw) // 2
         safe_mid = placed.safe[1] + placed.safe[3] / 2
         by = y if y + h / 2 <= safe_mid else y + h - bh
@@ -279,9 +277,7 @@ def _mix(pixels: np.ndarray, colour: RGB, step: int) -> np.ndarray:
 
 
 def _line_boxes(fitted: FittedText, origin: tuple[int, int], box_width: int, align: str, height: int) -> list[Box]:
-    side = {"start": "left", "end": "right", "centre": "centre"}[align]
-    if fitted.direction == "rtl" and side != "centre":
-        side = "right" if side == "left" else "left"
+    side = side_of(align, fitted.direction)
     out = []
     for i, w in enumerate(fitted.widths):
         x = origin[0] if side == "left" else origin[0] + box_width - w if side == "right" else origin[0] + (box_width - w) // 2

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont, features
 
-__all__ = ["FitError", "FittedText", "direction_of", "draw_text", "fit_text", "layout_engine", "check_copy"]
+__all__ = ["FitError", "FittedText", "check_copy", "direction_of", "draw_text", "fit_text", "layout_engine", "side_of",
+           "text_mask"]
 
 _SPACE = re.compile(r"[ \t\u00a0\u3000]+")
 # Bidirectional controls, other controls: a headline must not reorder itself or carry invisible instructions.
@@ -189,15 +190,21 @@ def fit_text(text: str, font_path: str, box: tuple[int, int], sizes: tuple[int, 
     return best
 
 
+def side_of(align: str, direction: str) -> str:
+    """``left`` / ``right`` / ``centre`` for an ``align`` of start / end / centre: start is the right for Hebrew."""
+    side = {"start": "left", "end": "right", "centre": "centre"}[align]
+    if direction == "rtl" and side != "centre":
+        side = "right" if side == "left" else "left"
+    return side
+
+
 def draw_text(draw: ImageDraw.ImageDraw, fitted: FittedText, font: ImageFont.FreeTypeFont, origin: tuple[int, int],
               box_width: int, align: str, fill) -> list[tuple[int, int, int, int]]:
     """Draw ``fitted`` with its top-left at ``origin`` in a box ``box_width`` wide; returns each line's
     (left, top, width, height). ``align`` start / centre / end follows the text's direction."""
     boxes = []
     ascent, descent = font.getmetrics()
-    side = {"start": "left", "end": "right", "centre": "centre"}[align]
-    if fitted.direction == "rtl" and side != "centre":
-        side = "right" if side == "left" else "left"
+    side = side_of(align, fitted.direction)
     x0, y0 = origin
     kwargs = {"direction": fitted.direction} if layout_engine() == "raqm" else {}
     for i, (line, w) in enumerate(zip(fitted.lines, fitted.widths)):
