@@ -450,14 +450,19 @@ def _render_batch(todo: Sequence[RenderJob], pipeline: Pipeline, store: AssetSto
                 qualities.append(q)
                 return _infotext(j, p, q)
 
-            clean_key = None
-            if overlay is not None:  # the picture without the overlay, stored first, beside the delivered file
-                clean_data, _ = encode_within_cap(clean, spec.out_format, infotext_for, xmp_packet(meta), spec.out_max_kb)
-                clean_key = clean_storage_key(job.storage_key)
-                retry_call(store.put, clean_key, clean_data, CONTENT_TYPES[spec.out_format])
+            clean_meta = xmp_packet(meta)
+            if overlay is not None:
                 meta["Overlay"] = spec.overlay  # the brand kit's sha256 and the copy drawn
             xmp = xmp_packet(meta)
             data, infotext = encode_within_cap(image, spec.out_format, infotext_for, xmp, spec.out_max_kb)
+            clean_key = None
+            if overlay is not None:
+                # The picture without the overlay, stored before the delivered file: in the delivered file's format
+                # and quality (so the two compare pixel for pixel), a PNG at a fast zlib level (it is not delivered).
+                clean_data = encode_image(clean, spec.out_format, infotext, clean_meta, quality=qualities[-1] or 92,
+                                          png_level=1)
+                clean_key = clean_storage_key(job.storage_key)
+                retry_call(store.put, clean_key, clean_data, CONTENT_TYPES[spec.out_format])
             error = changed = None
             if layer is not None:
                 error, changed = check_product(data, spec.out_format, qualities[-1], layer)

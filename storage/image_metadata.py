@@ -100,12 +100,12 @@ def xmp_packet(extra: Mapping[str, str] | None = None) -> str:
     )
 
 
-def encode_png(image: Image.Image, infotext: str, xmp: str | None = None) -> bytes:
+def encode_png(image: Image.Image, infotext: str, xmp: str | None = None, *, compress_level: int = 6) -> bytes:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", infotext)  # tEXt if Latin-1 fits, else iTXt (PIL decides)
     info.add_itxt(XMP_PNG_KEY, xmp or xmp_packet())
     buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
+    image.save(buf, format="PNG", pnginfo=info, compress_level=compress_level)
     return buf.getvalue()
 
 
@@ -148,13 +148,15 @@ def _exif_with_comment(infotext: str) -> Image.Exif:
     return exif
 
 
-def encode_image(image: Image.Image, fmt: str, infotext: str, xmp: str | None = None, *, quality: int = 92) -> bytes:
+def encode_image(image: Image.Image, fmt: str, infotext: str, xmp: str | None = None, *, quality: int = 92,
+                 png_level: int = 6) -> bytes:
     """``image`` as ``png`` / ``jpeg`` / ``webp`` bytes carrying the infotext and the XMP packet.
 
-    PNG: ``parameters`` text chunk + iTXt XMP. JPEG and WebP: EXIF UserComment (UTF-16, as A1111 writes it)
-    + the XMP packet (APP1 / XMP chunk)."""
+    PNG: ``parameters`` text chunk + iTXt XMP, zlib level ``png_level`` (the same pixels at any level; 1 is several
+    times faster and somewhat larger). JPEG and WebP: EXIF UserComment (UTF-16, as A1111 writes it) + the XMP packet
+    (APP1 / XMP chunk)."""
     if fmt == "png":
-        return encode_png(image, infotext, xmp)
+        return encode_png(image, infotext, xmp, compress_level=png_level)
     if fmt not in FORMATS:
         raise ValueError(f"unknown image format {fmt!r} (known: {', '.join(FORMATS)})")
     buf = io.BytesIO()

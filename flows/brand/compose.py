@@ -4,7 +4,7 @@ action in their boxes, each text in the colour that reads against what is behind
 For each text the style's colour is tried first, then its alternate; the first whose WCAG contrast against the
 pixels under and around its glyphs, the worst of them (:func:`flows.brand.contrast.ratio_against`), reaches the kit's floor, with a 10 % margin so
 the encoded file still measures above it, is used. When neither does, a panel in the style's scrim colour goes
-behind the text, at the lowest opacity (in steps of 5 %) that reaches it. The call to action sits on a button in its
+behind the text, at the lowest opacity (in steps of 5 %) that reaches it (:func:`_lightest`). The call to action sits on a button in its
 style's background colour, whose contrast the kit checked when it was read. The logo variant (light or dark) is the
 one that contrasts more with the picture under it.
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from flows.brand.contrast import RGB, contrast_ratio, luminance, luminance_map, ratio_against, ring
+from flows.brand.contrast import RGB, contrast_ratio, luminance, luminance_map, mix, mixed_luminance, ratio_against, ring
 from flows.brand.kit import TEXT_ELEMENTS, BrandKit, TextStyle
 from flows.brand.layout import Box, LayoutError, Placed, check_logo, place
 from flows.brand.text import FitError, FittedText, draw_text, fit_text, layout_engine, side_of, text_mask
@@ -165,11 +165,25 @@ def _plate_inset(kit: BrandKit, placed: Placed) -> int:
     return max(2, placed.logo_area[3] // 8)
 
 
-def _logo_ratio(logo: Image.Image, under: np.ndarray) -> float:
+_LOGO_LUMINANCE: dict[int, tuple[Image.Image, float]] = {}
+
+
+def _logo_luminance(logo: Image.Image) -> float:
+    """The logo's typical luminance: the median of its opaque pixels (once per rendered logo: they are cached)."""
+    found = _LOGO_LUMINANCE.get(id(logo))
+    if found is not None and found[0] is logo:
+        return found[1]
     alpha = np.asarray(logo.getchannel("A")) > 127
     ink = np.asarray(logo.convert("RGB"))[alpha]
-    logo_lum = float(np.median(luminance_map(ink))) if ink.size else 0.0
-    return ratio_against(logo_lum, luminance_map(under.reshape(-1, 3)))
+    value = float(np.median(luminance_map(ink))) if ink.size else 0.0
+    if len(_LOGO_LUMINANCE) > 256:
+        _LOGO_LUMINANCE.clear()
+    _LOGO_LUMINANCE[id(logo)] = (logo, value)  # the image is kept, so its id cannot name another meanwhile
+    return value
+
+
+def _logo_ratio(logo: Image.Image, under: np.ndarray) -> float:
+    return ratio_against(_logo_luminance(logo), luminance_map(under.reshape(-1, 3)))
 
 
 def _paste_logo(canvas: Image.Image, kit: BrandKit, corner: str, placed: Placed, product: Box | None) -> dict:
@@ -192,15 +206,13 @@ def _paste_logo(canvas: Image.Image, kit: BrandKit, corner: str, placed: Placed,
         flat = np.full((1, 1, 3), kit.logo_plate, np.uint8)
         ratio, variant, box, logo = max(options, key=lambda o: _logo_ratio(o[3], flat))
         inner = (box[1] - t, box[0] - l)
-        step = 20
-        for step in range(7, 21):  # 35 % .. 100 %, in twentieths
-            mixed = _mix(region, kit.logo_plate, step)
-            ratio = _logo_ratio(logo, mixed[inner[0]:inner[0] + box[3], inner[1]:inner[1] + box[2]])
-            if ratio >= kit.logo_contrast * MARGIN:
-                break
+        under_logo = region[inner[0]:inner[0] + box[3], inner[1]:inner[1] + box[2]]
+        ink_l = _logo_luminance(logo)
+        step, ratio = _lightest(lambda k: ratio_against(ink_l, mixed_luminance(under_logo.reshape(-1, 3), kit.logo_plate, k)),  # type: ignore[arg-type]
+                                kit.logo_contrast * MARGIN)
         shape = Image.new("L", (w, h), 0)
         ImageDraw.Draw(shape).rounded_rectangle((0, 0, w - 1, h - 1), radius=min(w, h) * 0.2, fill=255)
-        canvas.paste(Image.fromarray(_mix(region, kit.logo_plate, step)), (l, t), shape)
+        canvas.paste(Image.fromarray(mix(region, kit.logo_plate, step)), (l, t), shape)
         record.update(variant=variant, box=list(box), contrast=round(ratio, 2), plate=_hex(kit.logo_plate),
                       plate_opacity=step / 20, panel=list(plate))
     canvas.paste(logo, box[:2], logo)
@@ -257,23 +269,38 @@ def _draw_text(canvas: Image.Image, kit: BrandKit, element: str, style: TextStyl
     under = pixels[t - box[1]:t - box[1] + h, l - box[0]:l - box[0] + w]
     seen = under[around[t - box[1]:t - box[1] + h, l - box[0]:l - box[0] + w]]
     colour = style.colour
-    ratio, step = 0.0, 20
-    for step in range(7, 21):  # 35 % .. 100 %, in twentieths
-        ratio = ratio_against(luminance(colour), luminance_map(_mix(seen, style.scrim, step)))
-        if ratio >= target:
-            break
+    text_luminance = luminance(colour)
+    step, ratio = _lightest(lambda k: ratio_against(text_luminance, mixed_luminance(seen, style.scrim, k)),  # type: ignore[arg-type]
+                            target)
     opacity = step / 20
-    canvas.paste(Image.fromarray(_mix(under, style.scrim, step)), (l, t))
+    canvas.paste(Image.fromarray(mix(under, style.scrim, step)), (l, t))
     draw_text(ImageDraw.Draw(canvas), fitted, font, origin, inner[2], align, colour)
     return {**record, "colour": _hex(colour), "choice": "scrim", "scrim": _hex(style.scrim),
             "scrim_opacity": opacity, "panel": list(panel), "contrast": round(ratio, 2)}
 
 
-def _mix(pixels: np.ndarray, colour: RGB, step: int) -> np.ndarray:
-    """``pixels`` (uint8) covered by ``colour`` at ``step`` twentieths, rounded: integer arithmetic, so the pixels
-    judged and the pixels drawn are the same on every machine."""
-    mixed = pixels.astype(np.uint16) * (20 - step) + np.asarray(colour, dtype=np.uint16) * step + 10
-    return (mixed // 20).astype(np.uint8)
+LIGHTEST, DARKEST = 7, 20  # scrim and plate opacities, in twentieths: 35 % .. 100 %
+
+
+def _lightest(ratio_at, target: float) -> tuple[int, float]:
+    """(step, ratio): a scrim or plate opacity step that reaches ``target`` while the next lighter one does not,
+    found by bisection, so a handful of measurements instead of one per step. Covering the picture more never lowers
+    a text's contrast against a black or white panel (every channel moves one way), so there it is the lightest
+    that reads; with a coloured panel it is one that reads. The darkest step when none does."""
+    ratio = ratio_at(LIGHTEST)
+    if ratio >= target:
+        return LIGHTEST, ratio
+    lo, hi, hi_ratio = LIGHTEST, DARKEST, ratio_at(DARKEST)
+    if hi_ratio < target:
+        return DARKEST, hi_ratio
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        ratio = ratio_at(mid)
+        if ratio >= target:
+            hi, hi_ratio = mid, ratio
+        else:
+            lo = mid
+    return hi, hi_ratio
 
 
 def _line_boxes(fitted: FittedText, origin: tuple[int, int], box_width: int, align: str, height: int) -> list[Box]:
