@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from flows.brand.contrast import RGB, contrast_ratio, luminance, luminance_map, mix, mixed_luminance, ratio_against, ring
 from flows.brand.kit import TEXT_ELEMENTS, BrandKit, TextStyle
-from flows.brand.layout import Box, LayoutError, Placed, check_logo, place
+from flows.brand.layout import Box, LayoutError, Placed, logo_corner, logo_in, place
 from flows.brand.text import FitError, FittedText, draw_text, fit_text, layout_engine, side_of, text_mask
 
 __all__ = ["Copy", "OverlayProblem", "compose", "fit_overlay", "MARGIN"]
@@ -106,8 +106,7 @@ def fit_overlay(kit: BrandKit, channel: str, size: tuple[int, int], copy: Copy,
     try:
         placed = place(layout, size, product)
         if layout.logo is not None:
-            for variant in kit.logos:
-                check_logo(placed, layout.logo.corner, kit.logo_size(variant), product, _plate_inset(kit, placed))
+            logo_corner(placed, [kit.logo_size(v) for v in kit.logos], product, _plate_inset(kit, placed))
     except LayoutError as exc:
         raise OverlayProblem(exc.element, str(exc)) from None
     fitted: dict[str, tuple[FittedText, int]] = {}
@@ -186,18 +185,21 @@ def _logo_ratio(logo: Image.Image, under: np.ndarray) -> float:
     return ratio_against(_logo_luminance(logo), luminance_map(under.reshape(-1, 3)))
 
 
-def _paste_logo(canvas: Image.Image, kit: BrandKit, corner: str, placed: Placed, product: Box | None) -> dict:
+def _paste_logo(canvas: Image.Image, kit: BrandKit, placed: Placed, product: Box | None) -> dict:
     base = np.asarray(canvas)
     options: list[tuple[float, str, Box, Image.Image]] = []
     inset = _plate_inset(kit, placed)
+    chosen = logo_corner(placed, [kit.logo_size(v) for v in kit.logos], product, inset)
+    assert chosen is not None
+    corner, area = chosen
     for variant in sorted(kit.logos):
-        box = check_logo(placed, corner, kit.logo_size(variant), product, inset)
-        assert box is not None
+        box = logo_in(area, corner, kit.logo_size(variant), inset)
         logo = kit.logo(variant, box[2], box[3])
         box = (box[0], box[1], logo.width, logo.height)
         options.append((_logo_ratio(logo, base[box[1]:box[1] + box[3], box[0]:box[0] + box[2]]), variant, box, logo))
     ratio, variant, box, logo = max(options, key=lambda o: o[0])
-    record: dict = {"variant": variant, "box": list(box), "contrast": round(ratio, 2), "min_contrast": kit.logo_contrast}
+    record: dict = {"variant": variant, "corner": corner, "box": list(box), "contrast": round(ratio, 2),
+                    "min_contrast": kit.logo_contrast}
     if ratio < kit.logo_contrast * MARGIN and kit.logo_plate is not None:
         # A plate behind the logo that contrasts most with the plate's colour, at the lowest opacity that reads.
         plate = (box[0] - inset, box[1] - inset, box[2] + 2 * inset, box[3] + 2 * inset)
@@ -322,7 +324,7 @@ def compose(image: Image.Image, kit: BrandKit, channel: str, copy: Copy, product
     if placed.moved:
         record["moved_for_product"] = list(placed.moved)
     if layout.logo is not None:
-        record["logo"] = _paste_logo(canvas, kit, layout.logo.corner, placed, product)
+        record["logo"] = _paste_logo(canvas, kit, placed, product)
     for element in TEXT_ELEMENTS:
         if element not in fitted:
             continue

@@ -21,7 +21,7 @@
     layouts:                               # "default", and one per channel name that needs its own
       default:
         safe: 0.05                         # margin: a share of the short side, or [left, top, right, bottom] px
-        logo: {corner: top_left, width: 0.25}
+        logo: {corner: top_left, width: 0.25}   # or [top_left, top_right]: the next where a product is
         headline: {box: [0, 0.12, 1, 0.2]} # x, y, width, height as shares of the safe zone
         cta: {box: [0, 0.88, 0.45, 0.12], size: [16, 30]}
 
@@ -83,7 +83,7 @@ class ElementBox:
 
 @dataclass(frozen=True)
 class LogoSpot:
-    corner: str
+    corners: tuple[str, ...]  # in order of preference: the next is used where the row's product takes the one before
     width: float  # share of the safe zone's width
     max_height: float = 0.2  # share of the safe zone's height
 
@@ -408,9 +408,11 @@ def _layout(name: str, node: Located, styles: dict[str, TextStyle], has_logo: bo
         if not has_logo:
             raise e["logo"].problem("the kit names no logo file")
         le = _mapping(e["logo"], required={"corner", "width"}, optional={"max_height"})
-        if le["corner"].value not in CORNERS:
-            raise le["corner"].problem(f"expected one of {', '.join(CORNERS)}")
-        logo = LogoSpot(le["corner"].value, _number(le["width"], 0.01, 1.0),
+        corner_node = le["corner"]
+        corners = [c.value for c in corner_node.value] if isinstance(corner_node.value, list) else [corner_node.value]
+        if not corners or any(c not in CORNERS for c in corners) or len(set(corners)) != len(corners):
+            raise corner_node.problem(f"expected one of {', '.join(CORNERS)}, or a list of them in order of preference")
+        logo = LogoSpot(tuple(corners), _number(le["width"], 0.01, 1.0),
                         _number(le["max_height"], 0.01, 1.0) if "max_height" in le else 0.2)
     texts: dict[str, ElementBox] = {}
     for element in TEXT_ELEMENTS:
@@ -429,6 +431,14 @@ def _layout(name: str, node: Located, styles: dict[str, TextStyle], has_logo: bo
         if align is not None and align not in ALIGNS:
             raise te["align"].problem(f"expected one of {', '.join(ALIGNS)}")
         texts[element] = ElementBox((x, y, w, h), _int_range(te["size"]) if "size" in te else None, align)
+    if logo is not None:  # the logo's area in every corner it may take keeps clear of the texts' boxes
+        for corner in logo.corners:
+            lx = 0.0 if corner.endswith("left") else 1 - logo.width if corner.endswith("right") else (1 - logo.width) / 2
+            ly = 0.0 if corner.startswith("top") else 1 - logo.max_height
+            for element, spec in texts.items():
+                x, y, w, h = spec.box
+                if lx < x + w and x < lx + logo.width and ly < y + h and y < ly + logo.max_height:
+                    raise e["logo"].problem(f"the logo's {corner} area overlaps the {element} box")
     return Layout(name, margins, logo, texts)  # type: ignore[arg-type]
 
 

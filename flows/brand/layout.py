@@ -3,7 +3,8 @@ off a placed product.
 
 A text box that overlaps the product (with a gap of 2 % of the short side) is cut to the largest part of it that
 does not: left of, right of, above or below the product. A logo over the product is refused, since its place is
-the brand's rule; so is a text box with nothing usable left.
+the brand's rule (a layout may list corners in order of preference: the first the product leaves free is used); so
+is a text box with nothing usable left.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 from flows.brand.kit import Layout
 
-__all__ = ["Box", "LayoutError", "Placed", "logo_box", "place"]
+__all__ = ["Box", "LayoutError", "Placed", "logo_box", "logo_corner", "logo_in", "place"]
 
 Box = tuple[int, int, int, int]  # left, top, width, height
 PRODUCT_GAP = 0.02
@@ -28,9 +29,13 @@ class LayoutError(ValueError):
 @dataclass(frozen=True)
 class Placed:
     safe: Box
-    logo_area: Box | None  # where the logo may go (its corner of the safe zone); the logo fits inside
+    logo_areas: tuple[tuple[str, Box], ...]  # (corner, where the logo may go there), in the layout's order
     texts: dict[str, Box]
     moved: tuple[str, ...] = ()  # texts whose box was cut to keep off the product
+
+    @property
+    def logo_area(self) -> Box | None:
+        return self.logo_areas[0][1] if self.logo_areas else None
 
 
 def _intersects(a: Box, b: Box) -> bool:
@@ -52,13 +57,13 @@ def _avoid(box: Box, obstacle: Box) -> Box | None:
 
 def place(layout: Layout, size: tuple[int, int], product: Box | None = None) -> Placed:
     sl, st, sw, sh = layout.safe_box(size)
-    logo_area = None
+    logo_areas: list[tuple[str, Box]] = []
     if layout.logo is not None:
         aw, ah = max(1, round(layout.logo.width * sw)), max(1, round(layout.logo.max_height * sh))
-        corner = layout.logo.corner
-        left = sl if corner.endswith("left") else sl + sw - aw if corner.endswith("right") else sl + (sw - aw) // 2
-        top = st if corner.startswith("top") else st + sh - ah
-        logo_area = (left, top, aw, ah)
+        for corner in layout.logo.corners:
+            left = sl if corner.endswith("left") else sl + sw - aw if corner.endswith("right") else sl + (sw - aw) // 2
+            top = st if corner.startswith("top") else st + sh - ah
+            logo_areas.append((corner, (left, top, aw, ah)))
     gap = round(PRODUCT_GAP * min(size))
     obstacle = None if product is None else (product[0] - gap, product[1] - gap, product[2] + 2 * gap, product[3] + 2 * gap)
     texts: dict[str, Box] = {}
@@ -74,7 +79,7 @@ def place(layout: Layout, size: tuple[int, int], product: Box | None = None) -> 
             box = cut
             moved.append(element)
         texts[element] = box
-    return Placed((sl, st, sw, sh), logo_area, texts, tuple(moved))
+    return Placed((sl, st, sw, sh), tuple(logo_areas), texts, tuple(moved))
 
 
 def logo_box(area: Box, corner: str, logo_size: tuple[int, int]) -> Box:
@@ -88,15 +93,22 @@ def logo_box(area: Box, corner: str, logo_size: tuple[int, int]) -> Box:
     return left, top, w, h
 
 
-def check_logo(placed: Placed, corner: str, logo_size: tuple[int, int], product: Box | None, inset: int = 0) -> Box | None:
-    """The logo's box, ``inset`` px inside its area (room for a plate around it), refused (LayoutError) where the
-    logo or that room would cover the product."""
-    if placed.logo_area is None:
+def logo_in(area: Box, corner: str, logo_size: tuple[int, int], inset: int = 0) -> Box:
+    """The logo's box in ``area``, ``inset`` px inside it (room for a plate around it)."""
+    ax, ay, aw, ah = area
+    return logo_box((ax + inset, ay + inset, max(1, aw - 2 * inset), max(1, ah - 2 * inset)), corner, logo_size)
+
+
+def logo_corner(placed: Placed, logo_sizes: list[tuple[int, int]], product: Box | None, inset: int = 0) -> tuple[str, Box] | None:
+    """(corner, area) of the first corner of the layout's where the logo, every variant of it and the room kept
+    around it, stays off the product; LayoutError where none does. None for a layout without a logo."""
+    if not placed.logo_areas:
         return None
-    ax, ay, aw, ah = placed.logo_area
-    box = logo_box((ax + inset, ay + inset, max(1, aw - 2 * inset), max(1, ah - 2 * inset)), corner, logo_size)
-    room = (box[0] - inset, box[1] - inset, box[2] + 2 * inset, box[3] + 2 * inset)
-    if product is not None and _intersects(room, product):
-        raise LayoutError("logo", f"the logo at {box} would cover the product at {product}; move the product "
-                                  "(the row's placement) or the layout's logo corner")
-    return box
+    for corner, area in placed.logo_areas:
+        boxes = [logo_in(area, corner, size, inset) for size in logo_sizes]
+        rooms = [(b[0] - inset, b[1] - inset, b[2] + 2 * inset, b[3] + 2 * inset) for b in boxes]
+        if product is None or not any(_intersects(room, product) for room in rooms):
+            return corner, area
+    tried = ", ".join(c for c, _ in placed.logo_areas)
+    raise LayoutError("logo", f"the logo would cover the product at {product} in every corner the layout allows "
+                              f"({tried}); move the product (the row's placement) or give the layout's logo another corner")

@@ -93,7 +93,7 @@ def test_the_example_campaign_carries_the_brand_on_every_asset(tmp_path):
         x, y, w, h = record["logo"]["box"]
         spot = kit.layout_for(variant.channel).logo
         inset = max(2, round(spot.max_height * sh) // 8)  # the room the kit's logo plate keeps around the logo
-        assert spot.corner == "top_left" and (x, y) == (sx + inset, sy + inset), variant.channel
+        assert spot.corners[0] == record["logo"]["corner"] == "top_left" and (x, y) == (sx + inset, sy + inset), variant.channel
         logo = kit.logo(record["logo"]["variant"], w, h)
         inside = cv2.erode((np.asarray(logo.getchannel("A")) == 255).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
         colours = np.asarray(logo.convert("RGB"), dtype=np.int16)[inside]

@@ -157,3 +157,16 @@ def test_a_logo_lost_in_a_busy_picture_gets_a_plate_that_reads():
     # without a plate colour in the kit the logo is drawn as it is, and its contrast recorded
     bare = load_kit("acme").__class__(**{**load_kit("acme").__dict__, "logo_plate": None})
     assert "plate" not in compose(base, bare, "banner", COPY)[1]["logo"]
+
+
+def test_the_logo_takes_the_next_corner_where_the_product_takes_the_first():
+    kit = load_kit("acme")  # the banner's logo: top left, else top right
+    product = (120, 60, 191, 330)  # a short bottle in the left third
+    base = picture("dark", (1200, 628))
+    out, record = compose(base, kit, "banner", COPY, product)
+    x, y, w, h = record["logo"]["box"]
+    assert record["logo"]["corner"] == "top_right" and x + w > 1200 - 72 - 20 and x > product[0] + product[2]
+    px, py, pw, ph = product
+    assert not _changed(base, out)[py:py + ph, px:px + pw].any()
+    with pytest.raises(OverlayProblem, match="in every corner the layout allows \\(top_left\\)"):
+        fit_overlay(kit, "instagram_square", (1080, 1080), COPY, (40, 40, 300, 300))

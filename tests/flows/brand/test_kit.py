@@ -41,6 +41,10 @@ def _error(tmp_path, text: str) -> str:
      "lie inside the safe zone"),
     ("    logo: {corner: top_left, width: 0.36, max_height: 0.08}", "    logo: {corner: middle, width: 0.36}",
      "expected one of top_left"),
+    ("    logo: {corner: top_left, width: 0.36, max_height: 0.08}", "    logo: {corner: top_left, width: 0.36, max_height: 0.2}",
+     "the logo's top_left area overlaps the headline box"),
+    ("    logo: {corner: top_left, width: 0.3, max_height: 0.1}", "    logo: {corner: [top_left, top_right], width: 0.3, max_height: 0.1}",
+     "the logo's top_right area overlaps the headline box"),
     ("min_contrast: 4.5", "min_contrast: 4.5\nfonts_extra: 1", "unknown key"),
 ])
 def test_mistakes_are_named_by_file_line_and_column(tmp_path, old, new, message):
