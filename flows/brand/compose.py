@@ -120,7 +120,9 @@ def fit_overlay(kit: BrandKit, channel: str, size: tuple[int, int], copy: Copy,
         try:
             fitted[element] = _fit(kit, layout.name, element, text, box)
         except FitError as exc:
-            raise OverlayProblem(element, f"{element} {text[:40]!r} in the '{layout.name}' layout: {exc}") from None
+            why = " (its box was cut to keep clear of the product: move the product, or give the text room)" \
+                if element in placed.moved else ""
+            raise OverlayProblem(element, f"{element} {text[:40]!r} in the '{layout.name}' layout: {exc}{why}") from None
     return placed, fitted
 
 
