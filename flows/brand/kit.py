@@ -32,7 +32,6 @@ naming the file, line and column.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import re
@@ -42,6 +41,7 @@ from pathlib import Path
 
 from PIL import Image, ImageFont
 
+from flows.brand import drawables
 from flows.brand.contrast import RGB, contrast_ratio
 from flows.brand.yaml_marks import Located, YamlProblem, load_located
 
@@ -126,14 +126,14 @@ class BrandKit:
         return self.layouts.get(channel) or self.layouts["default"]
 
     def font(self, element: str, size: int) -> ImageFont.FreeTypeFont:
-        return _font(str(self.styles[element].font), size, self.sha256)
+        return drawables.font(str(self.styles[element].font), size, self.sha256)
 
     def logo(self, variant: str, width: int, height: int) -> Image.Image:
         """The ``variant`` logo rendered or resized to fit ``width`` x ``height`` (aspect kept), RGBA."""
-        return _logo(str(self.logos[variant]), width, height, self.sha256)
+        return drawables.logo(str(self.logos[variant]), width, height, self.sha256)
 
     def logo_size(self, variant: str) -> tuple[int, int]:
-        return _logo_size(str(self.logos[variant]), self.sha256)
+        return drawables.logo_size(str(self.logos[variant]), self.sha256)
 
 
 def brands_dir(templates_dir: str | os.PathLike[str] | None) -> Path:
@@ -344,7 +344,7 @@ def _check_font(node: Located, path: Path) -> None:
 def _check_logo(node: Located, path: Path, content: bytes) -> None:
     try:
         if path.suffix.lower() == ".svg":
-            image = _render_svg(str(path), 64, None)
+            image = drawables.render_svg(str(path), 64, None)
         else:
             with Image.open(path) as probe:
                 if probe.width * probe.height > MAX_LOGO_PIXELS:
@@ -449,60 +449,3 @@ def _check_template(node: Located) -> None:
         jinja2.Environment().parse(node.value)
     except jinja2.TemplateSyntaxError as exc:
         raise node.problem(f"template error: {exc.message}") from None
-
-
-# ------------------------------------------------------------------------------------------------ fonts and logos
-
-# Keyed by the kit's sha256 as well as the path: a file replaced under the same name is another kit's file.
-_FONTS: dict[tuple[str, int, str], ImageFont.FreeTypeFont] = {}
-_LOGOS: dict[tuple[str, int, int, str], Image.Image] = {}
-
-
-def _font(path: str, size: int, stamp: str = "") -> ImageFont.FreeTypeFont:
-    key = (path, size, stamp)
-    font = _FONTS.get(key)
-    if font is None:
-        font = ImageFont.truetype(path, size)
-        if len(_FONTS) > 512:
-            _FONTS.clear()
-        _FONTS[key] = font
-    return font
-
-
-def _render_svg(path: str, width: int | None, height: int | None) -> Image.Image:
-    import io
-
-    import resvg_py
-
-    # System fonts are skipped: a logo's text must come from its own outlines, the same on every machine.
-    png = resvg_py.svg_to_bytes(svg_path=path, width=width, height=height, skip_system_fonts=True)
-    return Image.open(io.BytesIO(bytes(png))).convert("RGBA")
-
-
-@functools.lru_cache(maxsize=64)
-def _logo_size(path: str, stamp: str = "") -> tuple[int, int]:
-    if path.lower().endswith(".svg"):
-        image = _render_svg(path, None, None)
-        return image.size
-    with Image.open(path) as probe:
-        return probe.size
-
-
-def _logo(path: str, width: int, height: int, stamp: str = "") -> Image.Image:
-    key = (path, width, height, stamp)
-    logo = _LOGOS.get(key)
-    if logo is None:
-        nw, nh = _logo_size(path, stamp)
-        scale = min(width / nw, height / nh)
-        tw, th = max(1, round(nw * scale)), max(1, round(nh * scale))
-        if path.lower().endswith(".svg"):
-            logo = _render_svg(path, tw, None)  # drawn at its size: crisp edges at any scale
-            if logo.size != (tw, th):
-                logo = logo.resize((tw, th), Image.Resampling.LANCZOS)
-        else:
-            with Image.open(path) as probe:
-                logo = probe.convert("RGBA").resize((tw, th), Image.Resampling.LANCZOS)
-        if len(_LOGOS) > 64:
-            _LOGOS.clear()
-        _LOGOS[key] = logo
-    return logo
