@@ -5,6 +5,7 @@ another kit's file)."""
 from __future__ import annotations
 
 import functools
+import re
 
 from PIL import Image, ImageFont
 
@@ -36,11 +37,40 @@ def render_svg(path: str, width: int | None, height: int | None) -> Image.Image:
     return Image.open(io.BytesIO(bytes(png))).convert("RGBA")
 
 
+SVG_SIDE = 1000  # the size an SVG logo is taken to have: only its aspect counts, it is drawn at the size it is used
+MAX_ASPECT = 50.0
+_NUMBER = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
+
+
+def svg_aspect(path: str) -> float:
+    """An SVG's width / height from its root element's ``viewBox`` (else ``width`` and ``height``), read without
+    drawing it: a file that says it is 100,000 px wide is never rendered at that size. ValueError when it states
+    neither, or an aspect beyond 1:50."""
+    from xml.etree.ElementTree import iterparse
+
+    for _, element in iterparse(path, events=("start",)):
+        attrs = element.attrib
+        break
+    else:
+        raise ValueError("no root element")
+    numbers = [float(m.group(1)) for m in (_NUMBER.match(v) for v in re.split(r"[\s,]+", attrs.get("viewBox", "").strip())) if m]
+    if len(numbers) == 4 and numbers[2] > 0 and numbers[3] > 0:
+        aspect = numbers[2] / numbers[3]
+    else:
+        w, h = (_NUMBER.match(attrs.get(k, "")) for k in ("width", "height"))
+        if not (w and h and float(w.group(1)) > 0 and float(h.group(1)) > 0):
+            raise ValueError("the SVG states no viewBox and no width and height")
+        aspect = float(w.group(1)) / float(h.group(1))
+    if not 1 / MAX_ASPECT <= aspect <= MAX_ASPECT:
+        raise ValueError(f"its aspect {aspect:.3g} is beyond 1:{MAX_ASPECT:g}")
+    return aspect
+
+
 @functools.lru_cache(maxsize=64)
 def logo_size(path: str, stamp: str = "") -> tuple[int, int]:
     if path.lower().endswith(".svg"):
-        image = render_svg(path, None, None)
-        return image.size
+        aspect = svg_aspect(path)
+        return (SVG_SIDE, max(1, round(SVG_SIDE / aspect))) if aspect >= 1 else (max(1, round(SVG_SIDE * aspect)), SVG_SIDE)
     with Image.open(path) as probe:
         return probe.size
 
@@ -53,7 +83,7 @@ def logo(path: str, width: int, height: int, stamp: str = "") -> Image.Image:
         scale = min(width / nw, height / nh)
         tw, th = max(1, round(nw * scale)), max(1, round(nh * scale))
         if path.lower().endswith(".svg"):
-            logo = render_svg(path, tw, None)  # drawn at its size: crisp edges at any scale
+            logo = render_svg(path, tw, th)  # drawn at its size: crisp edges at any scale
             if logo.size != (tw, th):
                 logo = logo.resize((tw, th), Image.Resampling.LANCZOS)
         else:

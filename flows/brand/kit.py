@@ -344,7 +344,8 @@ def _check_font(node: Located, path: Path) -> None:
 def _check_logo(node: Located, path: Path, content: bytes) -> None:
     try:
         if path.suffix.lower() == ".svg":
-            image = drawables.render_svg(str(path), 64, None)
+            aspect = drawables.svg_aspect(str(path))  # refuses a size beyond reason before anything is drawn
+            image = drawables.render_svg(str(path), 64, max(1, round(64 / aspect)))
         else:
             with Image.open(path) as probe:
                 if probe.width * probe.height > MAX_LOGO_PIXELS:

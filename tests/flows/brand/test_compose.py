@@ -170,3 +170,11 @@ def test_the_logo_takes_the_next_corner_where_the_product_takes_the_first():
     assert not _changed(base, out)[py:py + ph, px:px + pw].any()
     with pytest.raises(OverlayProblem, match="in every corner the layout allows \\(top_left\\)"):
         fit_overlay(kit, "instagram_square", (1080, 1080), COPY, (40, 40, 300, 300))
+
+
+def test_contrast_matches_published_wcag_figures():
+    # Independent reference values (WCAG 2.x definition, as WebAIM's checker gives them).
+    assert contrast_ratio((255, 255, 255), (0, 0, 0)) == pytest.approx(21.0)
+    assert round(contrast_ratio((0x76, 0x76, 0x76), (255, 255, 255)), 2) == 4.54  # the lightest grey passing AA
+    assert round(contrast_ratio((0x77, 0x77, 0x77), (255, 255, 255)), 2) == 4.48  # one step lighter fails
+    assert round(contrast_ratio((0, 0, 255), (255, 255, 255)), 2) == 8.59

@@ -108,3 +108,15 @@ def test_a_kit_as_a_folder(tmp_path):
 def test_the_logo_plate_colour_is_checked(tmp_path):
     text = acme_text().replace("  plate: white", "  plate: chalk")
     assert "unknown colour 'chalk'" in _error(tmp_path, text)
+
+
+def test_an_svg_logo_is_never_drawn_at_the_size_it_claims(tmp_path):
+    templates = kit_folder(tmp_path)
+    logo = templates / "brands" / "acme" / "logo-dark.svg"
+    # 4,200,000 x 1,200,000 px as stated: a sane aspect, so it loads, and it is drawn only at the size it is used
+    logo.write_text(logo.read_text().replace('width="420" height="120"', 'width="4200000" height="1200000"'))
+    kit = load_kit("acme", templates)
+    assert kit.logo("dark", 300, 100).size == (300, 86) and kit.logo_size("dark") == (1000, 286)
+    logo.write_text('<svg xmlns="http://www.w3.org/2000/svg" width="100000" height="1"><rect width="9" height="1"/></svg>')
+    with pytest.raises(KitError, match=r"acme\.yaml:\d+:\d+: logo\.dark: logo 'acme/logo-dark.svg' cannot be read: its aspect 1e\+05 is beyond 1:50"):
+        load_kit("acme", templates)
