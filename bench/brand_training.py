@@ -19,8 +19,8 @@ other ordinary scenes). Outputs go to ``bench/_work/`` (git-ignored), the report
 ``bench/_work/brand-training.json``. The load average is printed with every timing: the CPU is shared.
 
     .venv/bin/python bench/brand_training.py [--adapter lora|embedding] [--class-word square] [--steps 800]
-        [--rank 8] [--lr 2e-3] [--text-lr 1e-3 | --no-text-encoder] [--conv | --no-conv] [--prior 16]
-        [--weight 0.7] [--vectors 4] [--renders 20]
+        [--rank 8] [--lr 5e-4] [--text-encoder --text-lr 1e-3] [--conv | --no-conv] [--prior 16]
+        [--weight 0.7] [--pivotal 4 --pivotal-lr 5e-2] [--vectors 4] [--renders 20]
         [--eval tune|final] [--scale full|tiny] [--work bench/_work] [--report bench/_work/brand-training.json]
 
 DreamBooth setup: trigger "acme", class word ``--class-word square`` (the shape the bundled model knows that is
@@ -29,11 +29,13 @@ on the left, on a blue background"; regularisation images (``--prior``) are base
 without the trigger plus ordinary prompts. (b) is measured on held-out class prompts ("square, a small square in
 the center, orange background") and (b') on ordinary prompts.
 
-Defaults = the best tuned settings (demo/NOTES.md has the tuning table and the held-out numbers): LoCon rank 8,
-800 steps, lr 2e-3, text encoder 1e-3, 16 regularisation images, LoRA weight 0.7 at render time. Held out they give
-(a) 0.70, (b) 0.70, (b') 0.00, (c) 0.50: ordinary prompts are disturbed far less than with "mug", but the LoCon
-layers (which see no prompt) still draw the bands for the class word alone. Textual inversion
-(``--adapter embedding --lr 5e-3 --steps 500``) leaves other prompts as they were but never draws the bands.
+Defaults = the best tuned settings (demo/NOTES.md has the tuning tables and the held-out numbers): **pivotal
+tuning** -- the trigger trained as a 4-vector embedding (lr 5e-2) with a U-Net-only LoCon rank 8 (lr 5e-4), 800
+steps, 16 regularisation images, LoRA weight 0.7. Held out they give (a) 0.85, (b) 0.00, (b') 0.00, (c) 0.85: the
+vectors give the U-Net a signal only the trigger sends, so the bands follow "acme" and not "square". Without pivotal
+tuning (``--pivotal 0 --lr 2e-3 --text-lr 1e-3``) the LoCon layers draw the bands for the class word alone
+((b) 0.70). The embedding half is ``bench/brand_embedding.py`` (a brand colour; an embedding alone never draws
+the bands).
 """
 
 from __future__ import annotations
@@ -79,10 +81,12 @@ class BenchSettings:
     class_word: str = "square"
     steps: int = 800
     rank: int = 8
-    lr: float = 2e-3  # embedding: A1111's 5e-3 is the usual start
+    lr: float = 5e-4  # U-Net LoRA; embedding: A1111's 5e-3 is the usual start
     vectors: int = 4  # embedding only
     text_lr: float = 1e-3
-    train_text_encoder: bool = True
+    # Off: with pivotal tuning the trigger's vectors carry the prompt side, and a text-encoder LoRA would move
+    # every prompt's encoding (the ordinary prompts of (c)) for nothing.
+    train_text_encoder: bool = False
     conv: bool = True  # LoCon: the 3x3 convs too; a texture (the bands) is drawn there more than in attention
     weight: float = 0.7  # LoRA strength at render time (te and unet alike)
     seed: int = 0  # training seed (also the concept folder's)
@@ -95,6 +99,10 @@ class BenchSettings:
     # prompts as captions, so training also pulls those words towards what the base model drew. 0: off.
     prior: int = 16
     eval: str = "final"
+    # Pivotal tuning: > 0 trains the trigger as an embedding of this many vectors with the LoRA (prompts then say
+    # EMBEDDING_NAME and load both files); 0: the trigger is the tokenizer's own word.
+    pivotal: int = 4
+    pivotal_lr: float = 5e-2
     # One thread: on a shared 2-core machine two OpenMP threads wait on each other whenever another process holds
     # a core, and a 128x128 model gives them little to share (measured: 400 LoRA steps in ~19 s with 1 thread or
     # 2 threads on an idle machine, ~0.5 s a step with 2 threads at load average 4).
@@ -146,19 +154,26 @@ def train_adapter(models, folder: Path, settings: BenchSettings, out_dir: Path) 
     # alpha == rank (scale 1): with scale 0.5 the same change needs twice the lr, no other difference.
     config = LoraTrainingConfig(rank=settings.rank, alpha=float(settings.rank), steps=settings.steps, lr=settings.lr,
                                 text_lr=settings.text_lr, train_text_encoder=settings.train_text_encoder,
-                                conv=settings.conv,
+                                conv=settings.conv, pivotal_vectors=settings.pivotal, pivotal_lr=settings.pivotal_lr,
                                 resolution=NATIVE_SIZE, seed=settings.seed, save_every=max(settings.steps, 1))
     before = load()
     # A fresh state folder each run: a resumed run would report the wall time of nothing.
     with tempfile.TemporaryDirectory(prefix="brand-lora-state-") as state:
-        result = train_lora(models, image_set, config, state_dir=state)
+        result = train_lora(models, image_set, config, state_dir=state,
+                            token=EMBEDDING_NAME if settings.pivotal else None)
     after = load()
     path = export_lora(out_dir / f"{ADAPTER_NAME}.safetensors", result, models, image_set, config,
                        output_name=ADAPTER_NAME)
+    extra: dict = {"buckets": {f"{w}x{h}": n for (w, h), n in result.buckets.items()}}
+    if settings.pivotal:
+        from engine.training.lora_export import export_pivotal_embedding
+
+        emb = export_pivotal_embedding(out_dir / f"{EMBEDDING_NAME}.safetensors", result, models, image_set, config,
+                                       lora_name=path.name)
+        extra["embedding"] = {"path": str(emb), "sha256": _sha256(emb)}
     tail = result.losses[-20:]
     return TrainedAdapter(ADAPTER_NAME, path, _sha256(path), result.seconds, result.steps,
-                          float(np.mean(tail)) if tail else float("nan"), before, after,
-                          {"buckets": {f"{w}x{h}": n for (w, h), n in result.buckets.items()}})
+                          float(np.mean(tail)) if tail else float("nan"), before, after, extra)
 
 
 def class_prompts(n: int, seed: int, class_word: str = CLASS_WORD) -> list[str]:
@@ -229,7 +244,7 @@ def trigger_prompt(prompt: str, class_word: str) -> str:
 def say_trigger(prompt: str, settings: BenchSettings) -> str:
     """A trigger prompt as the adapter's user writes it: an embedding is called by its file name, so "acme" becomes
     :data:`EMBEDDING_NAME` (as the trainer rewrote the captions); a LoRA's trigger is the caption word itself."""
-    if settings.adapter != "embedding":
+    if settings.adapter != "embedding" and not settings.pivotal:
         return prompt
     return re.sub(rf"(?<!\w){re.escape(TRIGGER)}(?!\w)", EMBEDDING_NAME, prompt)
 
@@ -247,6 +262,9 @@ def _requests(prompts: Sequence[str], seeds: Sequence[int], settings: BenchSetti
     elif adapter is not None:
         w = settings.weight
         loras = (LoraUse(AdapterFile(adapter.name, str(adapter.path), adapter.sha256), w, w),)
+        if "embedding" in adapter.extra:  # pivotal tuning: the trigger's embedding goes with the LoRA
+            emb = adapter.extra["embedding"]
+            embeddings = (AdapterFile(EMBEDDING_NAME, emb["path"], emb["sha256"]),)
         prefix = f"<lora:{adapter.name}:{w:g}> "  # the tag must match the LoraUse (engine/adapters/infotext.py)
     return [GenerationRequest(prefix + p, seed=s, width=NATIVE_SIZE, height=NATIVE_SIZE, steps=settings.render_steps,
                               cfg_scale=settings.cfg, loras=loras, embeddings=embeddings)
@@ -374,10 +392,14 @@ def _parse(argv: Sequence[str] | None = None) -> tuple[BenchSettings, str, Path]
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--vectors", type=int, default=d.vectors)
     p.add_argument("--text-lr", type=float, default=d.text_lr)
-    p.add_argument("--no-text-encoder", action="store_true")
+    p.add_argument("--text-encoder", action=argparse.BooleanOptionalAction, default=d.train_text_encoder,
+                   help="also train the text encoder's LoRA")
     p.add_argument("--conv", action=argparse.BooleanOptionalAction, default=d.conv,
                    help="LoCon: train the 3x3 convolutions too")
     p.add_argument("--weight", type=float, default=d.weight)
+    p.add_argument("--pivotal", type=int, default=d.pivotal,
+                   help="pivotal tuning: train the trigger as an embedding of N vectors with the LoRA (0: off)")
+    p.add_argument("--pivotal-lr", type=float, default=d.pivotal_lr)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--renders", type=int, default=d.renders)
     p.add_argument("--prior", type=int, default=d.prior, help="prior-preservation images (0: off)")
@@ -390,8 +412,9 @@ def _parse(argv: Sequence[str] | None = None) -> tuple[BenchSettings, str, Path]
     a = p.parse_args(argv)
     s = BenchSettings(adapter=a.adapter, class_word=a.class_word, steps=a.steps, rank=a.rank, lr=a.lr,
                       text_lr=a.text_lr,
-                      train_text_encoder=not a.no_text_encoder, weight=a.weight, seed=a.seed, renders=a.renders,
-                      eval=a.eval, threads=a.threads, prior=a.prior, vectors=a.vectors, conv=a.conv)
+                      train_text_encoder=a.text_encoder, weight=a.weight, seed=a.seed, renders=a.renders,
+                      eval=a.eval, threads=a.threads, prior=a.prior, vectors=a.vectors, conv=a.conv,
+                      pivotal=a.pivotal, pivotal_lr=a.pivotal_lr)
     if a.scale == "tiny":
         s = BenchSettings(**{**asdict(s), "steps": 2, "renders": 2, "render_steps": 4, "images": 4})
     # A smoke run must not overwrite the measured adapter and report.

@@ -254,9 +254,12 @@ def training_summary(record_json: str) -> str:
     base = r.get("base_model") or {}
     settings = r.get("settings") or {}
     shape = f", rank {settings['rank']}" if "rank" in settings else ""
+    pivotal = r.get("pivotal") or {}
+    # A pivotal-tuned LoRA and its embedding share the record: say which word prompts use and that both are needed.
+    pair = f", pivotal: prompts say '{pivotal['token']}' with both files" if pivotal.get("token") else ""
     return (f"{r.get('trainer', '?')} on {r.get('images', '?')} images (set {str(r.get('image_set_sha256'))[:12]}), "
             f"trigger '{r.get('trigger')}' / class '{r.get('class_word')}', base {base.get('name')} "
-            f"({str(base.get('sha256'))[:10]}), {r.get('steps')} steps{shape}, {r.get('seconds', 0):.0f} s, "
+            f"({str(base.get('sha256'))[:10]}), {r.get('steps')} steps{shape}{pair}, {r.get('seconds', 0):.0f} s, "
             f"finished {r.get('finished_at', '?')}")
 
 

@@ -9,6 +9,7 @@ only turns its options into one ``TrainingJob``; :func:`_train` does the rest.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -157,15 +158,29 @@ def train_lora_command(
     license_id: Annotated[str | None, typer.Option("--license", help="Licence of the LoRA (default: the base model's); may not "
                                                                    "allow commercial use that the base does not.")] = None,
     register: Annotated[bool, typer.Option("--register/--no-register", help="Register the LoRA in the models table.")] = True,
+    conv: Annotated[bool, typer.Option("--conv/--no-conv", help="LoCon: also train the 3x3 convolutions (textures, patterns).")] = False,
+    pivotal: Annotated[int, typer.Option(min=0, max=75, help=(
+        "Pivotal tuning: train the trigger as an embedding of N new vectors with the LoRA (0: off). Writes "
+        "models/embeddings/TOKEN.safetensors beside a models/loras/ OUT (else beside OUT); prompts then say TOKEN "
+        "and load both."))] = 0,
+    pivotal_lr: Annotated[float, typer.Option(min=0.0, help="Learning rate of the pivotal vectors.")] = 5e-3,
+    token: Annotated[str | None, typer.Option(help="With --pivotal: the embedding's name prompts say (default: the trigger "
+                                                    "joined by '-', plus '-CLASS' for a one-word trigger).")] = None,
+    reg_images: Annotated[Path | None, typer.Option(help=(
+        "Folder of regularisation images: the class without the product (NAME.txt captions must not say the trigger; "
+        "default caption: the class word), mixed into training so the class word keeps its meaning."))] = None,
     db: DbOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train a LoRA of a product from a folder of photos; killed and run again with the same options, it resumes."""
     settings = {"rank": rank, "alpha": alpha, "steps": steps, "lr": lr, "text_lr": text_lr, "batch_size": batch_size,
                 "resolution": resolution, "train_text_encoder": text_encoder, "seed": seed, "save_every": save_every,
-                "mixed_precision": mixed_precision, "gradient_checkpointing": gradient_checkpointing}
+                "mixed_precision": mixed_precision, "gradient_checkpointing": gradient_checkpointing, "conv": conv,
+                "pivotal_vectors": pivotal, "pivotal_lr": pivotal_lr}
     job = _job("lora", images, trigger, class_word, out, model, settings, state_dir, sample_every, sample_prompt,
-               sample_steps, device, dtype, license_id, register, db, config)
+               sample_steps, device, dtype, license_id, register, db, config, token=token)
+    if reg_images is not None:
+        job = replace(job, reg_images=str(reg_images))
     _train(job, f"LoRA {out.stem}")
 
 

@@ -36,10 +36,10 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from engine.training.image_set import ImageSet, load_image_set
+from engine.training.image_set import ImageSet, load_image_set, load_regularisation_set, with_regularisation
 from flows.licence_policy import KNOWN_LICENSES, LicenseError, commercial_use_of, normalize_license
 from flows.model_registry import ModelInfo, describe_model, register_trained
-from flows.training_kinds import TRAINERS, Trainer, embedding_token
+from flows.training_kinds import TRAINERS, Trainer, embedding_token, pivotal_embedding_path, pivotal_token
 
 __all__ = ["TRAINERS", "TrainingJob", "TrainingOutcome", "run_training", "train_adapter"]
 
@@ -68,7 +68,10 @@ class TrainingJob:
     register: bool = True
     db_url: str | None = None  # None: settings (ADFORGE_DB_URL, adforge.toml, default)
     config_file: str | None = None
-    token: str | None = None  # embedding: the name prompts say (None: OUT's stem); other kinds ignore it
+    # embedding: the name prompts say (None: OUT's stem); a pivotal-tuned LoRA: its trigger embedding's name (None:
+    # flows.training_kinds.pivotal_token); DreamBooth ignores it
+    token: str | None = None
+    reg_images: str | None = None  # lora: a folder of regularisation images (kohya's reg_data_dir); None: none
 
     @property
     def state_path(self) -> Path:
@@ -79,6 +82,8 @@ class TrainingJob:
         # With and without the trigger: the pair shows whether the product appears only when asked for. An
         # embedding is called by its name, not by the trigger (its captions had the trigger replaced by the name).
         word = embedding_token(self) if self.kind == "embedding" else self.trigger
+        if self.kind == "lora" and self.settings.get("pivotal_vectors"):
+            word = pivotal_token(self)
         return list(self.sample_prompts) or [f"{word} {self.class_word}", self.class_word]
 
 
@@ -214,6 +219,13 @@ def training_record(job: TrainingJob, trainer: Trainer, config, image_set: Image
     if trainer.name == "embedding":
         record["token"] = embedding_token(job)
         record["vectors"] = int(result.vectors.shape[0])
+    if image_set.regularisation:
+        record["regularisation_images"] = image_set.regularisation
+        record["regularisation_folder"] = str(image_set.regularisation_folder)
+        record["images"] = len(image_set.items) - image_set.regularisation
+    if getattr(result, "token", None) is not None and trainer.name == "lora":
+        record["pivotal"] = {"token": result.token, "vectors": int(result.vectors.shape[0]),
+                             "embedding": str(pivotal_embedding_path(job))}
     return record
 
 
@@ -272,6 +284,12 @@ def run_training(job: TrainingJob, *, on_step: StepFn | None = None, log: LogFn 
     # The folder is checked before the database is opened (created): a refused folder leaves nothing behind.
     resolution = config.resolution or describe_model(base_path).native_size  # hashes the file; loads no weights
     image_set = load_image_set(job.images, trigger=job.trigger, class_word=job.class_word, min_side=resolution)
+    if job.reg_images:
+        if job.kind != "lora":
+            raise ValueError(f"regularisation images are for LoRA training; {job.kind} training does not take them "
+                             "(DreamBooth renders its own class images)")
+        image_set = with_regularisation(image_set, load_regularisation_set(
+            job.reg_images, trigger=job.trigger, class_word=job.class_word, min_side=resolution))
     db = _open_db(job) if job.register else None
     try:
         base = describe_model(base_path, db)  # the registered licence, if the base has a row
@@ -338,8 +356,15 @@ def _register(db, out: Path, trainer: Trainer, base: ModelInfo, licence: Licence
     info = register_trained(db, out, kind=trainer.kind, family=base.family, license_id=licence.id,
                             commercial=licence.commercial_use, license_source=licence.source, training=record)
     commercial = {True: "allowed", False: "not allowed", None: "unknown"}[info.commercial_use]
-    return (f"registered {info.noun} {info.name} ({info.short_hash}, "
+    line = (f"registered {info.noun} {info.name} ({info.short_hash}, "
             f"{info.family}): licence {info.license or 'unknown'} from {base.name}, commercial use {commercial}")
+    pivotal = record.get("pivotal")
+    if pivotal and Path(pivotal["embedding"]).is_file():
+        # A pivotal-tuned LoRA's embedding is half of the product: it carries the same licence and training record.
+        emb = register_trained(db, pivotal["embedding"], kind="embedding", family=base.family, license_id=licence.id,
+                               commercial=licence.commercial_use, license_source=licence.source, training=record)
+        line += f"; with its embedding {emb.name} ({emb.short_hash}): prompts say {pivotal['token']!r}"
+    return line
 
 
 def _already_trained(job: TrainingJob, trainer: Trainer, base: ModelInfo, licence: Licence, db, out: Path, wall: float,
@@ -432,13 +457,15 @@ def train_adapter(
     register_output: bool = True,
     db_url: str | None = None,
     token: str | None = None,
+    reg_images: str | None = None,
 ) -> dict[str, Any]:
     """Train a ``kind`` (``lora``, ``embedding``, ``dreambooth``) of ``model`` on the photos in ``images`` and register
     it. Paths are the worker's (relative to the project folder); ``settings`` are the trainer's (rank, steps, lr,
-    resolution, vectors, num_class_images, ...); ``token`` names an embedding (default: OUT's stem)."""
+    resolution, vectors, num_class_images, pivotal_vectors, ...); ``token`` names an embedding (default: OUT's stem) or
+    a pivotal-tuned LoRA's trigger embedding; ``reg_images`` is a LoRA's regularisation folder."""
     job = TrainingJob(kind=kind, images=images, trigger=trigger, class_word=class_word, out=out, model=model,
                       settings=dict(settings or {}), state_dir=state_dir, sample_every=sample_every,
                       sample_prompts=tuple(sample_prompts or ()), sample_steps=sample_steps, device=device, dtype=dtype,
-                      license=license, register=register_output, db_url=db_url, token=token)
+                      license=license, register=register_output, db_url=db_url, token=token, reg_images=reg_images)
     return _train_task(job)
 

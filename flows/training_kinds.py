@@ -19,7 +19,7 @@ from engine.training.image_set import ImageSet
 if TYPE_CHECKING:
     from flows.training import TrainingJob
 
-__all__ = ["TRAINERS", "Trainer", "embedding_token"]
+__all__ = ["TRAINERS", "Trainer", "embedding_token", "pivotal_embedding_path", "pivotal_token"]
 
 EMBEDDING_SUFFIXES = (".pt", ".safetensors")
 
@@ -43,19 +43,59 @@ class Trainer:
 
 
 def _lora_trainer() -> Trainer:
-    from engine.training.lora_export import export_lora
+    from engine.tokenizer import load_clip_tokenizer
+    from engine.training.embedding_trainer import check_token
+    from engine.training.lora_export import export_lora, export_pivotal_embedding
     from engine.training.lora_trainer import LoraTrainingConfig, fingerprint, train_lora
 
+    def token(job: TrainingJob, config) -> str | None:
+        return pivotal_token(job) if config.pivotal_vectors else None
+
+    def check(job: TrainingJob, config) -> None:
+        if not config.pivotal_vectors:
+            return
+        name = pivotal_token(job)
+        check_token(name, load_clip_tokenizer(), class_word=job.class_word)
+        companion = pivotal_embedding_path(job)
+        if companion.exists() and not Path(job.out).exists():
+            raise ValueError(f"{companion} exists and is not this training's embedding; remove it or choose --token")
+
     def train(models, image_set, config, job, on_step, on_sample):
-        return train_lora(models, image_set, config, state_dir=job.state_path, on_step=on_step, on_sample=on_sample)
+        return train_lora(models, image_set, config, state_dir=job.state_path, on_step=on_step, on_sample=on_sample,
+                          token=token(job, config))
 
     def export(path, result, models, image_set, config, job, licence, identity) -> Path:
+        if result.token is not None:
+            # The embedding first: the LoRA file is what marks the training as done, so a kill between the two
+            # leaves a re-run that writes both again.
+            companion = pivotal_embedding_path(job)
+            companion.parent.mkdir(parents=True, exist_ok=True)
+            export_pivotal_embedding(companion, result, models, image_set, config, lora_name=Path(path).name,
+                                     licence=licence)
         return export_lora(path, result, models, image_set, config, licence=licence, output_name=Path(path).stem)
 
     def identity(config, image_set: ImageSet, base_sha256: str, resolution: int, job) -> str:
-        return fingerprint(config, image_set, base_sha256, resolution)
+        return fingerprint(config, image_set, base_sha256, resolution, token(job, config))
 
-    return Trainer("lora", "lora", LoraTrainingConfig, train, export, identity)
+    return Trainer("lora", "lora", LoraTrainingConfig, train, export, identity, check)
+
+
+def pivotal_token(job: TrainingJob) -> str:
+    """A pivotal-tuned LoRA's embedding name: ``--token``, else the trigger's words joined by "-" ("acme bottle" ->
+    "acme-bottle"), with "-<class word>" added when the trigger is one word (a lone word would be a CLIP word that
+    every prompt saying it would turn into the product)."""
+    if job.token:
+        return job.token
+    words = job.trigger.split()
+    return "-".join(words) if len(words) > 1 else f"{words[0]}-{'-'.join(job.class_word.split())}"
+
+
+def pivotal_embedding_path(job: TrainingJob) -> Path:
+    """Where a pivotal-tuned LoRA's embedding goes: ``models/embeddings/<token>.safetensors`` when OUT is in a
+    ``loras`` folder (the layout campaigns load adapters from), else beside OUT."""
+    out = Path(job.out)
+    folder = out.parent.parent / "embeddings" if out.parent.name == "loras" else out.parent
+    return folder / f"{pivotal_token(job)}.safetensors"
 
 
 def embedding_token(job: TrainingJob) -> str:

@@ -138,14 +138,17 @@ class CaptionContexts:
     each caption once (its output cannot change), except for a batch of mixed chunk counts, which is encoded whole
     so the padder pads it with the empty prompt as the pipeline does."""
 
-    def __init__(self, models, *, clip_skip: int, trains: bool) -> None:
-        self.models, self.clip_skip, self.trains = models, clip_skip, trains
+    def __init__(self, models, *, clip_skip: int, trains: bool,
+                 embeddings: Mapping[str, Embedding] | None = None) -> None:
+        # Training embeddings (pivotal tuning) change the output like a training encoder does: never cached.
+        self.models, self.clip_skip, self.trains = models, clip_skip, trains or bool(embeddings)
+        self.embeddings = dict(embeddings) if embeddings else None
         self.encoding = family_encoding(models)
         self.frozen: dict[str, torch.Tensor] = {}  # caption -> context, when the text encoder does not train
 
     def encode(self, captions: list[str]) -> torch.Tensor:
         return encode_captions(self.models.text_encoder, self.models.tokenizer, self.encoding, captions,
-                               clip_skip=self.clip_skip, device=self.models.device)
+                               clip_skip=self.clip_skip, device=self.models.device, embeddings=self.embeddings)
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
         if self.trains:

@@ -74,10 +74,11 @@ def embedding_metadata(result: EmbeddingTrainingResult, models, image_set: Image
 
 def export_embedding(
     path: str | os.PathLike[str], result: EmbeddingTrainingResult, models, image_set: ImageSet,
-    config: EmbeddingTrainingConfig, *, licence: str | None = None,
+    config: EmbeddingTrainingConfig, *, licence: str | None = None, metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write the embedding to ``path``; the suffix picks the format (``.pt``: A1111, ``.safetensors``: emb_params +
-    metadata). Written beside it, then renamed: a crash never leaves half a file."""
+    metadata, with ``metadata`` added over ours). Written beside it, then renamed: a crash never leaves half a
+    file."""
     out = Path(path)
     if out.stem != result.token:
         raise ValueError(f"{out.name}: prompts call an embedding by its file name, so this one must be named "
@@ -88,7 +89,7 @@ def export_embedding(
         torch.save(a1111_dict(result, models), tmp)
     elif suffix == ".safetensors":
         save_file({"emb_params": result.vectors.detach().to("cpu", torch.float32).contiguous()}, str(tmp),
-                  metadata=embedding_metadata(result, models, image_set, config, licence=licence))
+                  metadata={**embedding_metadata(result, models, image_set, config, licence=licence), **(metadata or {})})
     else:
         raise ValueError(f"{out.name}: unknown embedding format {out.suffix!r}; use .pt (A1111) or .safetensors")
     os.replace(tmp, out)

@@ -56,6 +56,10 @@ class ImageSet:
     items: list[ImageItem]
     # sha256 over the sorted relative names, each image's bytes and each caption: the identity of what was trained on.
     sha256: str
+    # How many of ``items`` (the last ones) are regularisation images (kohya's reg_data_dir): pictures of the class
+    # without the product, captioned without the trigger, so the class word keeps its meaning.
+    regularisation: int = 0
+    regularisation_folder: Path | None = None
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
         """kohya's ``ss_tag_frequency``: {dataset folder name: {tag: count}}, tags = comma-separated caption parts."""
@@ -98,7 +102,7 @@ def _check_image(path: Path, min_side: int) -> tuple[tuple[int, int] | None, str
     return (w, h), None
 
 
-def _read_caption(path: Path, trigger: str) -> tuple[str | None, str | None]:
+def _read_caption(path: Path, trigger: str, *, must_mention: bool = True) -> tuple[str | None, str | None]:
     if path.stat().st_size > MAX_CAPTION_BYTES:
         return None, f"{path.name}: caption file is over {MAX_CAPTION_BYTES // 1024} KB"
     try:
@@ -106,22 +110,49 @@ def _read_caption(path: Path, trigger: str) -> tuple[str | None, str | None]:
     except UnicodeDecodeError as exc:
         return None, f"{path.name}: caption is not UTF-8 text (byte {exc.start})"
     caption = " ".join(text.split())  # newlines in a caption file are line wrapping, not meaning
-    if not mentions(caption, trigger):
+    if must_mention and not mentions(caption, trigger):
         return None, f"{path.name}: caption does not mention the trigger word {trigger!r}: {caption[:80]!r}"
+    if not must_mention and mentions(caption, trigger):
+        return None, (f"{path.name}: a regularisation caption must not say the trigger word {trigger!r} (the picture "
+                      f"has no product in it): {caption[:80]!r}")
+    if not caption:
+        return None, f"{path.name}: caption file is empty"
     return caption, None
 
 
 def load_image_set(folder: str | os.PathLike[str], *, trigger: str, class_word: str, min_side: int) -> ImageSet:
     """Read and check a training folder (not recursive); raises :class:`ImageSetError` listing every problem."""
+    return _load(folder, trigger, class_word, min_side, regularisation=False)
+
+
+def load_regularisation_set(folder: str | os.PathLike[str], *, trigger: str, class_word: str,
+                            min_side: int) -> ImageSet:
+    """Read and check a folder of regularisation images (kohya's ``--reg_data_dir``): the caption is the sidecar
+    ``.txt``, else the class word alone, and a caption that says the trigger is refused (it would teach the product
+    on a picture without it). Raises :class:`ImageSetError` listing every problem."""
+    return _load(folder, trigger, class_word, min_side, regularisation=True)
+
+
+def with_regularisation(image_set: ImageSet, reg: ImageSet) -> ImageSet:
+    """``image_set`` with ``reg``'s images appended (each step draws from both, as kohya mixes reg images in); the
+    identity covers both sets."""
+    digest = hashlib.sha256(f"{image_set.sha256}+reg:{reg.sha256}".encode()).hexdigest()
+    return ImageSet(image_set.folder, image_set.trigger, image_set.class_word, [*image_set.items, *reg.items], digest,
+                    regularisation=len(reg.items), regularisation_folder=reg.folder)
+
+
+def _load(folder: str | os.PathLike[str], trigger: str, class_word: str, min_side: int, *,
+          regularisation: bool) -> ImageSet:
     root = Path(folder)
     if not trigger.strip() or not class_word.strip():
         raise ValueError("the trigger word and the class word must not be empty")
+    what = "regularisation images" if regularisation else "images"
     if not root.is_dir():
         raise ImageSetError(root, [f"{root}: not a folder"])
     images = sorted(p for p in root.iterdir()
                     if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not images:
-        raise ImageSetError(root, [f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder"])
+        raise ImageSetError(root, [f"{root}: no {what} ({', '.join(IMAGE_SUFFIXES)}) in the folder"])
     problems: list[str] = []
     items: list[ImageItem] = []
     digest = hashlib.sha256()
@@ -130,9 +161,9 @@ def load_image_set(folder: str | os.PathLike[str], *, trigger: str, class_word: 
         if problem:
             problems.append(problem)
         side = path.with_suffix(CAPTION_SUFFIX)
-        caption: str | None = f"{trigger} {class_word}"
+        caption: str | None = class_word if regularisation else f"{trigger} {class_word}"
         if side.is_file():
-            caption, problem = _read_caption(side, trigger)
+            caption, problem = _read_caption(side, trigger, must_mention=not regularisation)
             if problem:
                 problems.append(problem)
         if size is None or caption is None:

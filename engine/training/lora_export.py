@@ -57,8 +57,8 @@ def lora_metadata(
         "ss_learning_rate": str(config.lr),
         "ss_unet_lr": str(config.lr),
         "ss_text_encoder_lr": str(config.text_lr if result.text_encoder else 0.0),
-        "ss_num_train_images": str(len(image_set.items)),
-        "ss_num_reg_images": "0",
+        "ss_num_train_images": str(len(image_set.items) - image_set.regularisation),
+        "ss_num_reg_images": str(image_set.regularisation),
         "ss_num_batches_per_epoch": str(batches_per_epoch),
         "ss_num_epochs": str(-(-config.steps // batches_per_epoch)),
         "ss_batch_size_per_device": str(config.batch_size),
@@ -91,8 +91,10 @@ def lora_metadata(
         "ss_enable_bucket": "True",
         "ss_bucket_no_upscale": "False",
         "ss_bucket_info": json.dumps({"buckets": buckets, "mean_img_ar_error": result.extra.get("mean_ar_error", 0.0)}),
-        "ss_dataset_dirs": json.dumps({image_set.folder.name: {"n_repeats": 1, "img_count": len(image_set.items)}}),
-        "ss_reg_dataset_dirs": "{}",
+        "ss_dataset_dirs": json.dumps({image_set.folder.name: {
+            "n_repeats": 1, "img_count": len(image_set.items) - image_set.regularisation}}),
+        "ss_reg_dataset_dirs": json.dumps({image_set.regularisation_folder.name: {
+            "n_repeats": 1, "img_count": image_set.regularisation}} if image_set.regularisation_folder else {}),
         "ss_tag_frequency": json.dumps(image_set.tag_frequency()),
         "ss_sd_model_name": models.checkpoint.path.name,
         "ss_new_sd_model_hash": models.checkpoint.sha256,
@@ -109,6 +111,11 @@ def lora_metadata(
         "adforge.base_model_sha256": models.checkpoint.sha256,
         "adforge.training_fingerprint": result.fingerprint,
     }
+    if result.token is not None:
+        # Pivotal tuning: the LoRA was trained against this embedding in place of the trigger; it needs it loaded.
+        meta["adforge.pivotal_embedding"] = result.token
+        meta["adforge.pivotal_vectors"] = str(config.pivotal_vectors)
+        meta["adforge.pivotal_lr"] = str(config.pivotal_lr)
     if licence:
         meta["adforge.licence"] = licence
         meta["modelspec.license"] = licence
@@ -133,3 +140,28 @@ def export_lora(
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, out)
     return out
+
+
+def export_pivotal_embedding(
+    path: str | os.PathLike[str], result: LoraTrainingResult, models, image_set: ImageSet,
+    config: LoraTrainingConfig, *, lora_name: str, licence: str | None = None,
+) -> Path:
+    """Write a pivotal-tuned LoRA's trigger embedding to ``path`` as kohya's ``{"emb_params": [n, width]}``
+    safetensors (what A1111, ComfyUI, diffusers' ``load_textual_inversion`` and our loader read), with the embedding
+    exporter's metadata plus the LoRA it belongs with. Prompts call an embedding by its file's name, so the file must
+    be named after the token."""
+    from engine.training.embedding_export import export_embedding
+    from engine.training.embedding_trainer import EmbeddingTrainingResult
+
+    out = Path(path)
+    if result.token is None or result.vectors is None:
+        raise ValueError("this LoRA was trained without pivotal tuning: it has no embedding to write")
+    if out.suffix.lower() != ".safetensors":
+        raise ValueError(f"{out.name}: a pivotal embedding is written as {result.token}.safetensors")
+    as_embedding = EmbeddingTrainingResult(
+        vectors=result.vectors, token=result.token, init_text=image_set.class_word, losses=result.losses,
+        steps=result.steps, resumed_from=result.resumed_from, resolution=result.resolution, buckets=result.buckets,
+        started_at=result.started_at, finished_at=result.finished_at, seconds=result.seconds,
+        fingerprint=result.fingerprint)
+    return export_embedding(out, as_embedding, models, image_set, config, licence=licence,
+                            metadata={"adforge.kind": "pivotal-embedding", "adforge.lora": lora_name})

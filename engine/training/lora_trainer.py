@@ -84,6 +84,10 @@ class LoraTrainingConfig:
     clip_skip: int = 1
     mixed_precision: str = "no"  # "no" or "bf16"; CUDA only
     gradient_checkpointing: bool = False  # CUDA only
+    # Pivotal tuning: > 0 makes the trigger an embedding of this many new vectors, trained with the LoRA (see
+    # train_lora). 0: the trigger stays the tokenizer's own word.
+    pivotal_vectors: int = 0
+    pivotal_lr: float = 5e-3  # the vectors' lr (A1111's embedding default), no weight decay
 
     @property
     def network_alpha(self) -> float:
@@ -107,6 +111,8 @@ class LoraTrainingConfig:
             raise ValueError(f"lr_scheduler must be 'constant' or 'cosine', not {self.lr_scheduler!r}")
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"mixed_precision must be 'no' or 'bf16', not {self.mixed_precision!r}")
+        if not 0 <= self.pivotal_vectors <= 75:
+            raise ValueError(f"pivotal_vectors must be 0 to 75 (a prompt chunk holds 75 tokens), not {self.pivotal_vectors}")
 
 
 @dataclass
@@ -123,6 +129,9 @@ class LoraTrainingResult:
     fingerprint: str
     text_encoder: bool = True  # whether the text encoder(s) trained (config's None resolved for the family)
     extra: dict = field(default_factory=dict)
+    # Pivotal tuning only: the trigger's trained vectors (n, width) float32 on the CPU and the name prompts say.
+    token: str | None = None
+    vectors: torch.Tensor | None = None
 
 
 def is_sdxl(models) -> bool:
@@ -140,7 +149,11 @@ def refuse_unsupported(models) -> None:
         refuse_unsupported_family(models, "LoRA")
 
 
-def fingerprint(config: LoraTrainingConfig, image_set: ImageSet, base_sha256: str, resolution: int) -> str:
+def fingerprint(config: LoraTrainingConfig, image_set: ImageSet, base_sha256: str, resolution: int,
+                token: str | None = None) -> str:
+    if config.pivotal_vectors:
+        return config_fingerprint(config, resolution=resolution, image_set=image_set.sha256, base=base_sha256,
+                                  token=token)
     return config_fingerprint(config, resolution=resolution, image_set=image_set.sha256, base=base_sha256)
 
 
@@ -195,11 +208,21 @@ def train_lora(
     state_dir: str | os.PathLike[str],
     on_step: Callable[[int, int, float], None] | None = None,
     on_sample: Callable[[int], None] | None = None,
+    token: str | None = None,
 ) -> LoraTrainingResult:
     """Train a LoRA on ``models`` (an :class:`engine.loading.LoadedModels`) from ``image_set``.
 
-    ``on_step(step, total, loss)`` after every step (step counts from 1); ``on_sample(step)`` every
-    ``sample_every`` steps with the LoRA attached to the models, so the caller can render with the current weights
+    Pivotal tuning (``config.pivotal_vectors`` > 0, SD 1.x / 2.x): the trigger word in every caption is replaced by
+    the embedding name ``token``, whose vectors (started from the class word's, as textual inversion starts) train
+    with the LoRA. A made-up trigger is a few near-untrained sub-word tokens that shift "acme bottle" only a little
+    from "bottle", so a U-Net LoRA learns the product for the class word as much as for the trigger; trained vectors
+    give the U-Net a signal only the trigger sends, and regularisation images captioned with the class word alone
+    then keep the class word as it was. Prompts say ``token`` and load the LoRA and the embedding together
+    (:func:`engine.training.lora_export.export_pivotal_embedding` writes the embedding file).
+
+    ``on_step(step, total, loss)`` after every step (step counts from 1); ``on_sample(step)`` (pivotal tuning:
+    ``on_sample(step, embedding)`` with the current vectors) every ``sample_every`` steps with the LoRA attached to the
+    models, so the caller can render with the current weights
     (a Pipeline on the same models must ``prompts.clear_cache()`` first: the text encoder changed). An exception
     from a callback stops the run like a kill: the last saved state stays and the next call resumes from it."""
     config.check()
@@ -208,7 +231,10 @@ def train_lora(
     config = replace(config, train_text_encoder=config.trains_text_encoder(models))
     device = models.device
     resolution, align = training_resolution(models, config.resolution)
-    identity = fingerprint(config, image_set, models.checkpoint.sha256, resolution)
+    captions_of = [item.caption for item in image_set.items]
+    if config.pivotal_vectors:
+        captions_of = pivotal_captions(models, image_set, token)
+    identity = fingerprint(config, image_set, models.checkpoint.sha256, resolution, token)
     claim_state_dir(Path(state_dir), FINGERPRINT_FILE, identity,
                     {"config": asdict(config), "image_set": image_set.sha256},
                     "training (other settings, images or base model)")
@@ -225,30 +251,53 @@ def train_lora(
     groups = [{"params": list(network.parameters_of(UNET)), "lr": config.lr}]
     if trains_text:
         groups.append({"params": list(network.parameters_of("text_encoder")), "lr": config.text_lr})
+    embeddings, vectors = {}, None
+    if config.pivotal_vectors:
+        from engine.training.embedding_trainer import as_embedding, initial_vectors
+
+        vectors = torch.nn.Parameter(initial_vectors(models.text_encoder, models.tokenizer, image_set.class_word,
+                                                     config.pivotal_vectors).to(device))
+        embeddings = {token: as_embedding(token, vectors)}
+        groups.append({"params": [vectors], "lr": config.pivotal_lr, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config))
     gen = torch.Generator().manual_seed(config.seed)
-    run = RunState(Path(state_dir) / STATE_FILE, identity, opt, sched, gen,
-                   lambda: {"lora": network.state_dict()})
+
+    def snapshot() -> dict:
+        out = {"lora": network.state_dict()}
+        if vectors is not None:
+            out["vectors"] = vectors.detach().cpu().clone()
+        return out
+
+    run = RunState(Path(state_dir) / STATE_FILE, identity, opt, sched, gen, snapshot)
     state = run.resume()
     if state is not None:
         network.load_state_dict(state["lora"])
+        if vectors is not None:
+            with torch.no_grad():
+                vectors.copy_(state["vectors"])
         del state
 
     autocast, wrapped = cuda_speedups(models, config.mixed_precision, config.gradient_checkpointing)
     diffusion = DiffusionStep(models, gen, noise_offset=config.noise_offset, autocast=autocast)
     sdxl = is_sdxl(models)
-    context_for = CaptionContexts(models, clip_skip=config.clip_skip, trains=trains_text)
+    context_for = CaptionContexts(models, clip_skip=config.clip_skip, trains=trains_text, embeddings=embeddings)
     sdxl_cond = SDXLConditioning(models, clip_skip=config.clip_skip, trains=trains_text) if sdxl else None
     sizes = size_conditioning(image_set, assignment) if sdxl else {}
     params = [p for g in groups for p in g["params"]]
+
+    def sample_with_vectors(done: int) -> None:
+        # As the embedding trainer does: the sampler gets the current vectors, to render prompts saying ``token``.
+        on_sample(done, as_embedding(token, vectors.detach().float().cpu().clone()))  # type: ignore[call-arg,misc,union-attr]
+
+    sample = sample_with_vectors if on_sample is not None and vectors is not None else on_sample
     run.start_clock()
 
     network.attach()
     try:
         for i, members in planned_batches(assignment, config.batch_size, config.seed, run.first, config.steps):
             x0 = torch.stack([latents[m] for m in members])
-            captions = [image_set.items[m].caption for m in members]
+            captions = [captions_of[m] for m in members]
             # Drawn before the noise (the shared draw order of engine.training.diffusion_step).
             drop = (torch.rand(len(captions), generator=gen) < config.caption_dropout).tolist()
             captions = ["" if d else c for c, d in zip(captions, drop)]
@@ -260,7 +309,7 @@ def train_lora(
             loss = F.mse_loss(pred, target)
             optimizer_step(loss, opt, sched, params, 1.0)
             run.end_step(i + 1, config.steps, loss.item(), save_every=config.save_every,
-                         sample_every=config.sample_every, on_step=on_step, on_sample=on_sample)
+                         sample_every=config.sample_every, on_step=on_step, on_sample=sample)
     finally:
         network.detach()
         uncheckpoint_blocks(wrapped)
@@ -269,7 +318,27 @@ def train_lora(
         buckets={b: len(m) for b, m in assignment.items()}, started_at=run.started_at, finished_at=time.time(),
         seconds=run.seconds(), fingerprint=identity, text_encoder=trains_text,
         extra={"mean_ar_error": _mean_ar_error(image_set, assignment)},
+        token=token if vectors is not None else None,
+        vectors=vectors.detach().float().cpu().clone() if vectors is not None else None,
     )
+
+
+def pivotal_captions(models, image_set: ImageSet, token: str | None) -> list[str]:
+    """The captions with the trigger replaced by ``token``; ValueError for a name prompts could not say, an SDXL
+    model (its embeddings need clip_l and clip_g vectors) or a set where no caption says the trigger."""
+    from engine.training.embedding_trainer import check_token, token_captions
+
+    if is_sdxl(models):
+        raise ValueError("pivotal tuning on SDXL is not supported yet (its embeddings need clip_l and clip_g "
+                         "vectors trained together); train the LoRA without it")
+    if not token:
+        raise ValueError("pivotal tuning needs the embedding's name (the word prompts will say for the trigger)")
+    check_token(token, models.tokenizer, class_word=image_set.class_word)
+    captions = token_captions(image_set, token)
+    if not any(token in c for c in captions):
+        raise ValueError(f"no caption says the trigger {image_set.trigger!r}: the embedding {token!r} would never "
+                         "be trained")
+    return captions
 
 
 def _mean_ar_error(image_set: ImageSet, assignment: dict[Bucket, list[int]]) -> float:

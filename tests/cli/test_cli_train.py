@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from sqlalchemy import select
 from typer.testing import CliRunner
 
@@ -128,6 +129,51 @@ def test_a_second_run_with_the_same_arguments_does_nothing_more(trained: dict, b
     res = _train(trained["images"], out, base, trained["db"], "--seed", "9")
     assert res.exit_code == 2 and "not the result of this training" in res.output
     assert (file_sha256(out), out.stat().st_mtime_ns) == before
+
+
+def test_a_pivotal_lora_writes_and_registers_its_embedding(base: Path, tmp_path: Path) -> None:
+    db = sqlite_url(tmp_path / "adforge.db")
+    images = _photos(tmp_path / "acme")
+    reg = _photos(tmp_path / "bottles", n=2)
+    (reg / "shot0.txt").write_text("bottle on a table")
+    out = tmp_path / "models" / "loras" / "zwx.safetensors"
+    (reg / "shot1.txt").write_text("zwx bottle on a table")  # a regularisation picture has no product in it
+    res = _train(images, out, base, db, "--pivotal", "2", "--reg-images", str(reg))
+    assert res.exit_code == 2 and "shot1.txt: a regularisation caption must not say the trigger word" in res.output
+    assert not out.exists()
+    (reg / "shot1.txt").unlink()  # default caption: the class word
+    res = _train(images, out, base, db, "--pivotal", "2", "--conv", "--sample-every", "4", "--sample-steps", "2",
+                 "--reg-images", str(reg))
+    assert res.exit_code == 0, res.output
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_num_train_images"], meta["ss_num_reg_images"]) == ("3", "2")
+    assert json.loads(meta["ss_reg_dataset_dirs"]) == {"bottles": {"n_repeats": 1, "img_count": 2}}
+    emb = tmp_path / "models" / "embeddings" / "zwx-bottle.safetensors"  # "zwx" is one word: "-bottle" added
+    assert emb.is_file() and "with its embedding zwx-bottle" in res.output and "prompts say 'zwx-bottle'" in res.output
+    lora_row, emb_row = _row(db, file_sha256(out)), _row(db, file_sha256(emb))
+    assert (lora_row.kind, emb_row.kind) == ("lora", "embedding")
+    assert emb_row.license == lora_row.license == "creativeml-openrail-m" and emb_row.license_source == "inherited"
+    record = json.loads(lora_row.training)
+    assert record["pivotal"] == {"token": "zwx-bottle", "vectors": 2, "embedding": str(emb)}
+    assert record["settings"]["conv"] is True and json.loads(emb_row.training) == record
+    assert (record["images"], record["regularisation_images"], record["regularisation_folder"]) == (3, 2, str(reg))
+    res = runner.invoke(app, ["models", "list", "--db", db], catch_exceptions=False)
+    assert res.output.count("pivotal: prompts say 'zwx-bottle' with both files") == 2, res.output
+    # The samples say the embedding's name, rendered with the vectors as trained so far.
+    sample = out.parent / ".train-zwx" / "samples" / "step-000004-0.png"
+    assert parse_infotext(read_png_metadata(sample)[0])[0] == "zwx-bottle bottle"
+    # A re-run finds both done; a name that is a CLIP word is refused before anything is loaded.
+    before = (file_sha256(out), file_sha256(emb))
+    res = _train(images, out, base, db, "--pivotal", "2", "--conv", "--sample-every", "4", "--sample-steps", "2",
+                 "--reg-images", str(reg))
+    assert res.exit_code == 0 and "nothing to train" in res.output and (file_sha256(out), file_sha256(emb)) == before
+    res = _train(images, tmp_path / "other.safetensors", base, db, "--pivotal", "2", "--token", "bottle")
+    assert res.exit_code == 2 and "ordinary word" in res.output
+    # Another training's embedding in the way is refused, not overwritten.
+    res = _train(images, tmp_path / "models" / "loras" / "zwx2.safetensors", base, db, "--pivotal", "2",
+                 "--token", "zwx-bottle")
+    assert res.exit_code == 2 and "is not this training's embedding" in res.output and file_sha256(emb) == before[1]
 
 
 def test_a_killed_run_resumes(base: Path, tmp_path: Path) -> None:

@@ -78,3 +78,18 @@ def test_the_command_line_writes_the_report(tmp_path: Path, monkeypatch: pytest.
     main(["--scale", "tiny", "--eval", "tune", "--report", str(out)])
     report = json.loads(out.read_text())
     assert report["settings"]["steps"] == 2 and report["settings"]["renders"] == 2
+
+
+def test_smoke_run_of_a_pivotal_lora(tmp_path: Path) -> None:
+    """Pivotal tuning: the LoRA and the trigger's embedding are both written, and every trigger render names the
+    embedding (the bench's best setting; demo/NOTES.md)."""
+    report = run_bench(BenchSettings(**{**SMOKE.__dict__, "pivotal": 2, "train_text_encoder": False}), tmp_path)
+    emb = report["training"]["embedding"]
+    assert Path(emb["path"]).name == "acme-brand.safetensors" and Path(emb["path"]).is_file()
+    assert report["scores"]["examples"]["trigger"][0].startswith("acme-brand square")
+    assert report["scores"]["examples"]["no_trigger"][0].startswith("square, ")
+    from safetensors import safe_open
+
+    with safe_open(report["training"]["file"], "pt") as f:
+        assert f.metadata()["adforge.pivotal_embedding"] == "acme-brand"
+        assert not any(k.startswith("lora_te_") for k in f.keys())  # --no-text-encoder: U-Net only

@@ -11,7 +11,7 @@ from engine.training import image_set as image_set_module
 from engine.training.buckets import (
     assign_buckets, bucket_step, crop_loss, fit_to_bucket, make_buckets, nearest_bucket,
 )
-from engine.training.image_set import ImageSetError, load_image_set
+from engine.training.image_set import ImageSetError, load_image_set, load_regularisation_set, with_regularisation
 
 
 def _img(path: Path, w: int, h: int, colour=(200, 30, 30)) -> Path:
@@ -34,6 +34,27 @@ def test_reads_images_and_captions(tmp_path: Path) -> None:
     before = s.sha256
     (tmp_path / "a.txt").write_text("zwx bottle on grass")
     assert _load(tmp_path).sha256 != before  # captions are part of the identity
+
+
+def test_regularisation_images_are_captioned_with_the_class_word_and_never_the_trigger(tmp_path: Path) -> None:
+    product, reg = tmp_path / "product", tmp_path / "reg"
+    product.mkdir(), reg.mkdir()
+    _img(product / "a.png", 128, 128)
+    _img(reg / "r1.png", 160, 128)
+    _img(reg / "r2.png", 128, 128)
+    (reg / "r2.txt").write_text("a bottle on a shelf")
+    images = load_image_set(product, trigger="zwx", class_word="bottle", min_side=128)
+    regs = load_regularisation_set(reg, trigger="zwx", class_word="bottle", min_side=128)
+    assert [i.caption for i in regs.items] == ["bottle", "a bottle on a shelf"]
+    merged = with_regularisation(images, regs)
+    assert [i.caption for i in merged.items] == ["zwx bottle", "bottle", "a bottle on a shelf"]
+    assert (merged.regularisation, merged.regularisation_folder) == (2, reg) and merged.sha256 != images.sha256
+    (reg / "r2.txt").write_text("a ZWX bottle")
+    _img(reg / "small.png", 64, 64)
+    with pytest.raises(ImageSetError) as err:
+        load_regularisation_set(reg, trigger="zwx", class_word="bottle", min_side=128)
+    assert any("r2.txt: a regularisation caption must not say the trigger" in p for p in err.value.problems)
+    assert any("small.png" in p and "too small" in p for p in err.value.problems)
 
 
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
