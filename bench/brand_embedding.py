@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vectors", type=int, default=DEFAULTS.vectors)
     p.add_argument("--init", default=DEFAULTS.class_word, help="the word the vectors start from")
     p.add_argument("--renders", type=int, default=DEFAULTS.renders)
+    p.add_argument("--images", type=int, default=DEFAULTS.images, help="training photos to draw")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)
     p.add_argument("--eval", choices=tuple(EVAL_SETS), default="final")
     p.add_argument("--scale", choices=("full", "tiny"), default="full",
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report", default=None)
     a = p.parse_args(argv)
     s = replace(DEFAULTS, steps=a.steps, lr=a.lr, vectors=a.vectors, renders=a.renders, seed=a.seed, eval=a.eval,
-                class_word=a.init)
+                class_word=a.init, images=a.images)
     if a.scale == "tiny":
         s = replace(s, steps=2, renders=2, render_steps=4, images=4)
     work = Path(a.work) if a.work else WORK / ("tiny-embedding" if a.scale == "tiny" else "embedding")
