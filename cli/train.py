@@ -122,6 +122,9 @@ def _train(job, what: str) -> None:
                + (" (already trained: nothing done)" if outcome.skipped else f", {outcome.wall_seconds:.1f} s this run"))
     typer.echo(f"licence: {outcome.licence or 'unknown'}, commercial use "
                + {True: "allowed", False: "not allowed", None: "unknown"}[outcome.commercial_use])
+    pivotal = outcome.record.get("pivotal")
+    if pivotal:
+        typer.echo(f"embedding: {pivotal['embedding']} (prompts say {pivotal['token']!r}; load it with the LoRA)")
     if outcome.samples:
         typer.echo(f"samples: {len(outcome.samples)} in {Path(outcome.samples[0]).parent}")
     typer.echo(outcome.registered or "not registered (--no-register)")

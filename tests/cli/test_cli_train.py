@@ -150,6 +150,7 @@ def test_a_pivotal_lora_writes_and_registers_its_embedding(base: Path, tmp_path:
     assert (meta["ss_num_train_images"], meta["ss_num_reg_images"]) == ("3", "2")
     assert json.loads(meta["ss_reg_dataset_dirs"]) == {"bottles": {"n_repeats": 1, "img_count": 2}}
     emb = tmp_path / "models" / "embeddings" / "zwx-bottle.safetensors"  # "zwx" is one word: "-bottle" added
+    assert f"embedding: {emb} (prompts say 'zwx-bottle'" in res.output
     assert emb.is_file() and "with its embedding zwx-bottle" in res.output and "prompts say 'zwx-bottle'" in res.output
     lora_row, emb_row = _row(db, file_sha256(out)), _row(db, file_sha256(emb))
     assert (lora_row.kind, emb_row.kind) == ("lora", "embedding")
