@@ -196,26 +196,27 @@ def prior_prompts(n: int, seed: int, class_word: str = CLASS_WORD) -> list[str]:
 
 
 def with_prior(image_set, models, settings: BenchSettings, folder: Path):
-    """``image_set`` plus ``settings.prior`` base-model renders (written to ``folder`` once, reused after)."""
+    """``image_set`` plus ``settings.prior`` base-model renders as regularisation images: written with their prompts
+    as ``.txt`` captions to a subfolder of ``folder`` named by what made them (reused after), and read back as a
+    user's ``--reg-images`` folder is."""
     from engine.pipeline import Pipeline
-    from engine.training.image_set import ImageItem, ImageSet
+    from engine.training.image_set import load_regularisation_set, with_regularisation
 
     prompts = prior_prompts(settings.prior, settings.seed, settings.class_word)
+    folder = folder / f"{settings.class_word}-n{settings.prior}-seed{settings.seed}-steps{settings.render_steps}"
     folder.mkdir(parents=True, exist_ok=True)
-    # Named by prompt too: a cached render of another class word's prompt must not be reused.
-    paths = [folder / f"prior_{settings.seed}_{settings.render_steps}_{i:03d}_"
-                      f"{hashlib.sha256(p.encode()).hexdigest()[:8]}.png" for i, p in enumerate(prompts)]
+    # Named by prompt too: a cached render of another prompt must not be reused.
+    paths = [folder / f"prior_{i:03d}_{hashlib.sha256(p.encode()).hexdigest()[:8]}.png" for i, p in enumerate(prompts)]
     todo = [i for i, path in enumerate(paths) if not path.is_file()]
     if todo:  # the base model, before any training: what the class word and the ordinary words meant to it
         requests = _requests([prompts[i] for i in todo], [90_000 + settings.seed * 1000 + i for i in todo],
                              settings, None)
         for i, r in zip(todo, Pipeline(models).generate(requests)):
+            paths[i].with_suffix(".txt").write_text(prompts[i], encoding="utf-8")
             r.image.save(paths[i])
-    items = list(image_set.items) + [ImageItem(p, c, NATIVE_SIZE, NATIVE_SIZE) for p, c in zip(paths, prompts)]
-    digest = hashlib.sha256(image_set.sha256.encode())
-    for p, c in zip(paths, prompts):
-        digest.update(p.read_bytes() + c.encode())
-    return ImageSet(image_set.folder, image_set.trigger, image_set.class_word, items, digest.hexdigest())
+    reg = load_regularisation_set(folder, trigger=image_set.trigger, class_word=image_set.class_word,
+                                  min_side=NATIVE_SIZE)
+    return with_regularisation(image_set, reg)
 
 
 def _train_embedding(models, image_set, settings: BenchSettings, out_dir: Path) -> TrainedAdapter:

@@ -83,9 +83,10 @@ class RowInputs:
                 self._products[key] = packshot_rgba(image.open(), None if mask is None else mask.open()).size
             except PlacementError as exc:
                 self._products[key] = f"{quoted(row.product_mask or row.product_image)}: {exc}"
-        if isinstance(problem := self._products[key], str):
-            raise InputProblem(problem, "product_mask" if mask is not None else "product_image")
-        self._product_sizes[(row.row_id, row.line)] = problem
+        found = self._products[key]
+        if isinstance(found, str):
+            raise InputProblem(found, "product_mask" if mask is not None else "product_image")
+        self._product_sizes[(row.row_id, row.line)] = found
         return {"image": image.sha256, "suffix": image.suffix, "file": image.name,
                 "mask": None if mask is None else mask.sha256, "mask_suffix": None if mask is None else mask.suffix}
 

@@ -21,20 +21,12 @@ from PIL import Image, ImageDraw
 
 from flows.brand.contrast import RGB, contrast_ratio, luminance, luminance_map, mix, mixed_luminance, ratio_against, ring
 from flows.brand.kit import TEXT_ELEMENTS, BrandKit, TextStyle
-from flows.brand.layout import Box, LayoutError, Placed, logo_corner, logo_in, place
+from flows.brand.layout import Box, OverlayProblem, Placed, logo_corner, logo_in, place
 from flows.brand.text import FitError, FittedText, draw_text, fit_text, layout_engine, side_of, text_mask
 
 __all__ = ["Copy", "OverlayProblem", "compose", "fit_overlay", "MARGIN"]
 
 MARGIN = 1.1  # contrast chosen at the floor times this, so JPEG / WebP encoding leaves it above the floor
-
-
-class OverlayProblem(ValueError):
-    """An overlay that cannot be drawn; ``element`` is headline / body / cta / logo."""
-
-    def __init__(self, element: str, message: str):
-        self.element = element
-        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -103,12 +95,9 @@ def fit_overlay(kit: BrandKit, channel: str, size: tuple[int, int], copy: Copy,
                 product: Box | None = None) -> tuple[Placed, dict[str, tuple[FittedText, int]]]:
     """Where everything goes on a ``size`` canvas and each text fitted (OverlayProblem naming the element if not)."""
     layout = kit.layout_for(channel)
-    try:
-        placed = place(layout, size, product)
-        if layout.logo is not None:
-            logo_corner(placed, [kit.logo_size(v) for v in kit.logos], product, _plate_inset(kit, placed))
-    except LayoutError as exc:
-        raise OverlayProblem(exc.element, str(exc)) from None
+    placed = place(layout, size, product)
+    if layout.logo is not None:
+        logo_corner(placed, [kit.logo_size(v) for v in kit.logos], product, _plate_inset(kit, placed))
     fitted: dict[str, tuple[FittedText, int]] = {}
     for element in TEXT_ELEMENTS:
         text = copy.get(element).strip()

@@ -13,14 +13,16 @@ from dataclasses import dataclass
 
 from flows.brand.kit import Layout
 
-__all__ = ["Box", "LayoutError", "Placed", "logo_box", "logo_corner", "logo_in", "place"]
+__all__ = ["Box", "OverlayProblem", "Placed", "logo_box", "logo_corner", "logo_in", "place"]
 
 Box = tuple[int, int, int, int]  # left, top, width, height
 PRODUCT_GAP = 0.02
 MIN_SIDE = 8  # px: a cut text box narrower or lower than this is no box
 
 
-class LayoutError(ValueError):
+class OverlayProblem(ValueError):
+    """An overlay that cannot be laid out or drawn; ``element`` is headline / body / cta / logo."""
+
     def __init__(self, element: str, message: str):
         self.element = element
         super().__init__(message)
@@ -74,7 +76,7 @@ def place(layout: Layout, size: tuple[int, int], product: Box | None = None) -> 
         if obstacle is not None and _intersects(box, obstacle):
             cut = _avoid(box, obstacle)
             if cut is None:
-                raise LayoutError(element, f"the {layout.name} layout's {element} box {box} has no room beside the "
+                raise OverlayProblem(element, f"the {layout.name} layout's {element} box {box} has no room beside the "
                                            f"product at {product}")
             box = cut
             moved.append(element)
@@ -101,7 +103,7 @@ def logo_in(area: Box, corner: str, logo_size: tuple[int, int], inset: int = 0) 
 
 def logo_corner(placed: Placed, logo_sizes: list[tuple[int, int]], product: Box | None, inset: int = 0) -> tuple[str, Box] | None:
     """(corner, area) of the first corner of the layout's where the logo, every variant of it and the room kept
-    around it, stays off the product; LayoutError where none does. None for a layout without a logo."""
+    around it, stays off the product; OverlayProblem where none does. None for a layout without a logo."""
     if not placed.logo_areas:
         return None
     for corner, area in placed.logo_areas:
@@ -110,5 +112,5 @@ def logo_corner(placed: Placed, logo_sizes: list[tuple[int, int]], product: Box 
         if product is None or not any(_intersects(room, product) for room in rooms):
             return corner, area
     tried = ", ".join(c for c, _ in placed.logo_areas)
-    raise LayoutError("logo", f"the logo would cover the product at {product} in every corner the layout allows "
+    raise OverlayProblem("logo", f"the logo would cover the product at {product} in every corner the layout allows "
                               f"({tried}); move the product (the row's placement) or give the layout's logo another corner")

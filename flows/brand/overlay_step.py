@@ -30,7 +30,8 @@ class OverlayStep:
     def apply(self, image: Image.Image, spec: VariantSpec, product_box: tuple[int, int, int, int] | None) -> tuple[Image.Image, str]:
         """The picture with its overlay, and the record of what was drawn where (JSON text)."""
         pin = parse_overlay(spec.overlay)
-        assert pin is not None
+        if pin is None:
+            raise ValueError("the variant has no brand overlay to draw")
         kit = self.kit(pin.brand, pin.kit)
         drawn, record = compose(image, kit, spec.channel, Copy(pin.headline, pin.body, pin.cta), product_box)
         return drawn, json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))

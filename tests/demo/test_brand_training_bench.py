@@ -49,7 +49,13 @@ def test_smoke_run_reports_shares_from_renders(tmp_path: Path) -> None:
     assert s["ordinary_scene_agreement"] * 8 == round(s["ordinary_scene_agreement"] * 8)
     assert set(report["met"]) == set(report["targets"])
     # The regularisation renders were made (once, named by their prompt) and trained on.
-    assert len(list((tmp_path / "brand-lora" / "prior").glob("prior_*.png"))) == 2
+    renders = list((tmp_path / "brand-lora" / "prior").rglob("prior_*.png"))
+    captions = sorted(r.with_suffix(".txt").read_text(encoding="utf-8") for r in renders)
+    assert captions == sorted(prior_prompts(2, SMOKE.seed, "square"))
+    from safetensors import safe_open
+
+    with safe_open(t["file"], "pt") as f:  # read back as a regularisation folder, as --reg-images is
+        assert f.metadata()["ss_num_reg_images"] == "2"
     assert sorted(p.name for p in (tmp_path / "brand-lora" / "renders").iterdir()) == [
         "no_trigger-0.png", "no_trigger-1.png", "trigger-0.png", "trigger-1.png"]
 
