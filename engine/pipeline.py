@@ -462,6 +462,8 @@ class Pipeline:
             p["Prediction"] = m.prediction  # SD 2.x files do not say which they are: the choice made is recorded
         p.update(adapter_parameters(r.loras + r.refiner_loras, r.embeddings, m.checkpoint.short_hash))
         p.update(self.controlnets.parameters(r.controls))
+        if r.fast.enabled:
+            p["Fast"] = str(r.fast)
         return p
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from engine.adapters.infotext import check_lora_tags
 from engine.adapters.refs import AdapterFile, LoraUse
+from engine.fast_modes import FAST_OFF, FastMode
 from engine.request_limits import DeviceBudget, check_seeds, check_size
 from engine.sampler_names import SamplerSpec, get_sampler
 from engine.tiling import AUTO_TILE_PIXELS
@@ -88,6 +89,13 @@ class GenerationRequest:
     refiner_loras: tuple[LoraUse, ...] = ()
     # ControlNets steering the base model's steps (their residuals summed); none on the refiner's part.
     controls: tuple[ControlUse, ...] = ()
+    # Less work per image for slightly different pixels (engine.fast_modes): feature reuse across steps, token
+    # merging. Off by default; recorded in the infotext as "Fast".
+    fast: FastMode = FAST_OFF
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fast, FastMode):  # records carry the text form ("cache:3,tome:0.5")
+            object.__setattr__(self, "fast", FastMode.parse(self.fast))
 
     @property
     def mode(self) -> str:
@@ -149,7 +157,7 @@ class GenerationRequest:
         strength = self.strength if self.has_init else None
         return (self.width, self.height, self.steps, sampler, self.mode, strength, self.init_latent is not None, self.tile,
                 self.lora_key, self.refiner_switch, tuple(use.key for use in self.refiner_loras),
-                tuple(use.key for use in self.controls))
+                tuple(use.key for use in self.controls), self.fast)
 
 
 @dataclass
