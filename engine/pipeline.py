@@ -25,14 +25,15 @@ from typing import ClassVar
 import torch
 
 from engine.adapters.embeddings import ModelEmbedding, encoder_widths, read_model_embedding
-from engine.adapters.infotext import adapter_parameters
 from engine.adapters.lora_merge import LoraMerger
 from engine.adapters.refs import LoraUse
 from engine.conditioning import PromptEncoder, SDXLPromptEncoder
 from engine.control_steps import ControlNetCache, ControlSteps, Residuals
 from engine.devices import free_device_memory, resolve_device, resolve_dtype
+from engine.fast_steps import FastSteps
 from engine.image_ops import fit_image, latent_mask, mask_to_tensor, pil_to_tensor01, tensor01_to_pil
 from engine.loading import LoadedModels, load_checkpoint
+from engine.render_parameters import render_parameters
 from engine.request_limits import DeviceBudget
 from engine.requests import GenerationRequest, GenerationResult, with_seeds
 from engine.samplers import SamplerSpec, sample, sampler_sigmas
@@ -49,10 +50,6 @@ ProgressFn = Callable[[int, int], None]  # (steps done, steps total) across the 
 # Tiles of a tiled request overlap by a quarter of the tile for the denoiser (its attention sees the whole tile, so
 # neighbours need room to agree) and by this many pixels for the VAE.
 VAE_TILE_OVERLAP = 64
-
-
-def _fmt(value: float) -> str:
-    return f"{value:g}"
 
 
 class Pipeline:
@@ -250,7 +247,7 @@ class Pipeline:
 
         x = noise * sigmas[0] if init_latent is None else init_latent + noise * sigmas[0]
         denoiser = self._denoiser(cond, cfg, concat, init_latent if not self.models.is_inpainting else None, repaint, y,
-                                  self.controlnets.steps(first, sigmas))
+                                  self.controlnets.steps(first, sigmas), self._fast_steps(first))
         if tile is not None:
             denoiser = self._tiled_denoiser(denoiser, tile)
         noise_fn = (lambda i: self._initial_noise(gens, shape)) if sampler.ancestral else None
@@ -268,7 +265,7 @@ class Pipeline:
             images = init_pixels * (1 - pixel_mask) + images * pixel_mask
         kept = latents.detach().float().cpu()
         return [
-            GenerationResult(request=r, image=tensor01_to_pil(img), parameters=self._parameters(r, sampler), latents=kept[i])
+            GenerationResult(request=r, image=tensor01_to_pil(img), parameters=render_parameters(self.models, r, sampler, self.refiner, self.controlnets), latents=kept[i])
             for i, (r, img) in enumerate(zip(reqs, images))
         ]
 
@@ -288,8 +285,21 @@ class Pipeline:
         self.use_loras(reqs[0].refiner_loras)
         cond, y = self._conditioning(reqs)
         cfg = torch.tensor([r.cfg_scale for r in reqs], dtype=torch.float32, device=self.device)
-        denoiser = self._denoiser(cond, cfg, None, None, None, y)
+        denoiser = self._denoiser(cond, cfg, None, None, None, y, fast=self._fast_steps(reqs[0]))
         return sample(sampler, denoiser, latents.to(self.device), sigmas, noise_fn=noise_fn, callback=on_step)
+
+    def _fast_steps(self, r: GenerationRequest) -> FastSteps | None:
+        """A fresh fast-mode state for one sampling run of this model, or None when ``r`` asks for none."""
+        return FastSteps(r.fast, len(self.models.unet.input_blocks)) if r.fast.enabled else None
+
+    def compile_unet(self, mode: str | None = None) -> None:
+        """``torch.compile`` the U-Net's forward in place (the first call of each new shape pays the compile). The
+        module and its parameters stay the same objects, so LoRA merges keep working on the compiled model."""
+        unet = self.models.unet
+        if getattr(unet, "compiled", False):
+            return
+        unet.forward = torch.compile(unet.forward, mode=mode, dynamic=False)  # type: ignore[method-assign]
+        unet.compiled = True  # type: ignore[assignment]
 
     def _tiled_denoiser(self, denoise: Callable[..., torch.Tensor], tile: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The denoiser run over overlapping latent tiles at every step, blended with feathered seams."""
@@ -328,6 +338,7 @@ class Pipeline:
         repaint: torch.Tensor | None,
         y: torch.Tensor | None = None,
         control: ControlSteps | None = None,
+        fast: FastSteps | None = None,
     ) -> Callable[..., torch.Tensor]:
         """D(x, sigma[, region]); ``region`` (latent top, bottom, left, right) says which part of the image ``x``
         is when the denoiser runs on a tile, so the inpainting inputs are cut to match."""
@@ -350,7 +361,10 @@ class Pipeline:
             x_in = (x * c_in).repeat(reps, 1, 1, 1)
             if concat_in is not None:
                 x_in = torch.cat([x_in.to(self.dtype), cut(concat_in, region)], dim=1)
-            out = self._unet_rows(x_in, t.repeat(reps), context, reps, y_in, None if control is None else control.at(sigma))
+            if fast is not None:
+                fast.step(sigma)
+            out = self._unet_rows(x_in, t.repeat(reps), context, reps, y_in, None if control is None else control.at(sigma),
+                                  fast, region)
             if use_uncond:  # guidance on the model's output, eps or v alike (it is linear in both)
                 out_c, out_u = out.chunk(2)
                 out = out_u + cfg[:, None, None, None] * (out_c - out_u)
@@ -370,19 +384,27 @@ class Pipeline:
         return denoise
 
     def _unet_rows(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, reps: int,
-                   y: torch.Tensor | None = None, control: Residuals | None = None) -> torch.Tensor:
+                   y: torch.Tensor | None = None, control: Residuals | None = None, fast: FastSteps | None = None,
+                   region: Region | None = None) -> torch.Tensor:
         """The U-Net on ``reps`` stacked copies of a batch of images (cond rows, then uncond rows); with
-        :attr:`batch_invariant`, one image's rows per call. ``control`` gives the ControlNet residuals of those rows."""
+        :attr:`batch_invariant`, one image's rows per call. ``control`` gives the ControlNet residuals of those rows;
+        ``fast`` the fast mode's state, whose kept features belong to the rows and ``region`` of each call."""
         unet = self.models.unet
 
-        def run(x: torch.Tensor, tt: torch.Tensor, c: torch.Tensor, yy: torch.Tensor | None) -> torch.Tensor:
-            return unet(x, tt, c, yy, None if control is None else control(x, tt, c, yy)).float()
+        def run(x: torch.Tensor, tt: torch.Tensor, c: torch.Tensor, yy: torch.Tensor | None, image: int | None) -> torch.Tensor:
+            residuals = None if control is None else control(x, tt, c, yy)
+            if fast is None:
+                return unet(x, tt, c, yy, residuals).float()
+            call = fast.call((image, region))
+            out = unet(x, tt, c, yy, residuals, call).float()
+            fast.done((image, region), call)
+            return out
 
         b = x_in.shape[0] // reps
         if not self.batch_invariant or b == 1:
-            return run(x_in, t, context, y)
-        per_image = [run(x_in[rows], t[rows], context[rows], None if y is None else y[rows])
-                     for rows in ([i + k * b for k in range(reps)] for i in range(b))]
+            return run(x_in, t, context, y, None)
+        per_image = [run(x_in[rows], t[rows], context[rows], None if y is None else y[rows], i)
+                     for i, rows in enumerate([i + k * b for k in range(reps)] for i in range(b))]
         return torch.cat([part[k : k + 1] for k in range(reps) for part in per_image])
 
     def _per_image(self, run: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
@@ -431,41 +453,6 @@ class Pipeline:
             self.models.vae = vae.float()
             images = self._per_image(lambda z: self.models.vae.decode_latents(z.float()).float(), latents)
         return images
-
-    def _parameters(self, r: GenerationRequest, sampler: SamplerSpec) -> dict[str, str]:
-        m = self.models
-        p = {
-            "Steps": str(r.steps),
-            "Sampler": sampler.name,
-            "CFG scale": _fmt(r.cfg_scale),
-            "Seed": str(r.seed),
-            "Size": f"{r.width}x{r.height}",
-            "Model hash": m.checkpoint.short_hash,
-            "Model": m.checkpoint.name,
-        }
-        if m.vae_file is not None:
-            p["VAE hash"] = m.vae_file.short_hash
-            p["VAE"] = m.vae_file.name
-        if r.has_init:
-            p["Denoising strength"] = _fmt(r.strength)
-        if r.mask is not None:
-            p["Mask blur"] = str(r.mask_blur)
-        if r.clip_skip != 1:
-            p["Clip skip"] = str(r.clip_skip)
-        if r.refiner_switch is not None and self.refiner is not None:
-            p["Refiner"] = f"{self.refiner.models.checkpoint.name} [{self.refiner.models.checkpoint.short_hash}]"
-            p["Refiner switch at"] = _fmt(r.refiner_switch)
-            if r.refiner_loras:  # no prompt tag carries them, so the infotext names them with their strengths
-                p["Refiner loras"] = ", ".join(f"{u.file.name}: {_fmt(u.te)}" + ("" if u.te == u.unet else f":{_fmt(u.unet)}")
-                                               for u in r.refiner_loras)
-        if m.prediction != "eps" or m.family.name.startswith("sd2"):
-            p["Prediction"] = m.prediction  # SD 2.x files do not say which they are: the choice made is recorded
-        p.update(adapter_parameters(r.loras + r.refiner_loras, r.embeddings, m.checkpoint.short_hash))
-        p.update(self.controlnets.parameters(r.controls))
-        if r.fast.enabled:
-            p["Fast"] = str(r.fast)
-        return p
-
 
 # diffusers' and A1111's defaults for the refiner's aesthetic-score conditioning.
 REFINER_AESTHETIC, REFINER_NEGATIVE_AESTHETIC = 6.0, 2.5

@@ -24,6 +24,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from engine.fast_steps import FastCall
+from engine.token_merge import TokenMerge
 from engine.unet_blocks import Downsample, ResBlock, SpatialTransformer, TimestepEmbedSequential, Upsample, group_norm
 
 # Head count is not recoverable from weight shapes; SD 1.x always uses 8 heads. Files of ours may override
@@ -241,34 +243,60 @@ class UNetModel(nn.Module):
 
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
-        control: Sequence[torch.Tensor] | None = None,
+        control: Sequence[torch.Tensor] | None = None, fast: FastCall | None = None,
     ) -> torch.Tensor:
         """Predict the noise in ``x`` at (possibly fractional) ``timesteps`` given text ``context`` and, for an
         SDXL-style U-Net (``adm_in_channels`` set), the vector conditioning ``y`` [B, adm_in_channels].
 
         ``control``: ControlNet residuals, one per input block (in order) and one for the middle block: each is added
         to that block's skip connection, the last to the middle block's output (LDM's ControlledUnetModel, diffusers'
-        down/mid additional residuals)."""
+        down/mid additional residuals).
+
+        ``fast`` (engine.fast_steps): with a cache branch B, a full call stores the features entering output block
+        ``n - 1 - B`` in ``fast.stored``; a shallow call (``fast.kept``) runs input blocks 0..B and output blocks
+        n-1-B..n-1 over the kept features instead of the deep blocks. ``fast.tome`` merges tokens in the
+        self-attention of the highest-resolution level that has attention."""
         dtype = self.dtype
         emb = embed(self, self.config, timesteps, y, x.shape[0], dtype)
         h = x.to(dtype)
         context = context.to(dtype)
+        n = len(self.input_blocks)
+        branch = None if fast is None else fast.branch
+        shallow = fast is not None and fast.shallow
+        tome = None if fast is None else fast.tome
+        merge_size = None
+        if tome is not None and self.config.attention_levels:
+            f = 2 ** min(self.config.attention_levels)
+            merge_size = (-(-x.shape[-2] // f), -(-x.shape[-1] // f))  # ceil: Downsample pads odd sizes up
+
+        def tome_at(t: torch.Tensor) -> TokenMerge | None:
+            return tome if merge_size is not None and tuple(t.shape[-2:]) == merge_size else None
+
         skips: list[torch.Tensor] = []
-        for block in self.input_blocks:
-            h = block(h, emb, context)
+        for block in self.input_blocks[: branch + 1] if shallow else self.input_blocks:  # type: ignore[operator]
+            h = block(h, emb, context, None, tome_at(h))
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        if control is not None and len(control) != n + 1:
+            raise ValueError(f"control has {len(control)} residuals; this U-Net takes {n + 1} "
+                             f"({n} skips and the middle)")
+        if shallow:
+            h = fast.kept  # type: ignore[union-attr]
+        else:
+            h = self.middle_block(h, emb, context, None, tome_at(h))
+            if control is not None:
+                h = h + control[-1].to(dtype)
         if control is not None:
-            if len(control) != len(skips) + 1:
-                raise ValueError(f"control has {len(control)} residuals; this U-Net takes {len(skips) + 1} "
-                                 f"({len(skips)} skips and the middle)")
-            h = h + control[-1].to(dtype)
             skips = [s + c.to(dtype) for s, c in zip(skips, control)]
-        for block in self.output_blocks:
+        first = n - len(skips)  # the output block that takes the last skip computed
+        for j, block in enumerate(self.output_blocks):
+            if j < first:
+                continue
+            if branch is not None and not shallow and j == n - 1 - branch:
+                fast.stored = h  # type: ignore[union-attr]
             skip = skips.pop()
             h = torch.cat([h, skip], dim=1)
             upsample_size = tuple(skips[-1].shape[-2:]) if skips else None
-            h = block(h, emb, context, upsample_size)
+            h = block(h, emb, context, upsample_size, tome_at(h))
         return self.out(h)
 
 

@@ -6,9 +6,14 @@ Each attribute name (``in_layers``, ``emb_layers``, ``skip_connection``, ``trans
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from engine.token_merge import TokenMerge
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -100,8 +105,14 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
+    def forward(self, x: torch.Tensor, context: torch.Tensor, tome: TokenMerge | None = None,
+                hw: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        normed = self.norm1(x)
+        if tome is None:
+            x = self.attn1(normed) + x
+        else:  # self-attention over merged tokens (engine.token_merge), copied back to every token after it
+            merge, unmerge = tome.plan(normed, hw)
+            x = unmerge(self.attn1(merge(normed))) + x
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -117,7 +128,7 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out: nn.Module = nn.Linear(channels, channels) if use_linear else nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, tome: TokenMerge | None = None) -> torch.Tensor:
         b, c, hgt, wid = x.shape
         x_in = x
         x = self.norm(x)
@@ -127,7 +138,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = block(x, context, tome, (hgt, wid))
         if self.use_linear:
             x = self.proj_out(x)
         # contiguous(): the transposed view is channels-last in memory; left so, every following 3x3 conv would
@@ -170,12 +181,13 @@ class TimestepEmbedSequential(nn.ModuleList):
         emb: torch.Tensor,
         context: torch.Tensor,
         upsample_size: tuple[int, int] | None = None,
+        tome: TokenMerge | None = None,
     ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, tome)
             elif isinstance(layer, Upsample):
                 x = layer(x, upsample_size)
             else:
