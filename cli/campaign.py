@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from cli.errors import console, fail, print_problems, rejected
-from cli.options import ConfigOpt, DbOpt, ModelOpt, RefinerOpt, RefinerSwitchOpt, StoreOpt, load_settings
+from cli.options import ConfigOpt, DbOpt, FastOpt, ModelOpt, RefinerOpt, RefinerSwitchOpt, StoreOpt, load_settings
 from flows.safe_text import visible
 
 __all__ = ["app", "assets", "plan", "rerender", "run", "runs"]
@@ -94,6 +94,7 @@ def run(
     steps: Annotated[int | None, typer.Option(min=1, max=500, help="Sampling steps (default 25).")] = None,
     sampler: Annotated[str | None, typer.Option(help="Sampler (default DPM++ 2M Karras).")] = None,
     cfg: Annotated[float | None, typer.Option("--cfg", min=0.0, help="CFG scale (default 7).")] = None,
+    fast: FastOpt = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Images per engine batch (default 4).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
     devices: Annotated[str | None, typer.Option(
@@ -105,7 +106,7 @@ def run(
     """Render every variant a brief plans (skipping those that exist), store them, record everything."""
     _quiet_prefect()
     overrides = {"db_url": db, "store_url": store, "model": model, "refiner": refiner, "refiner_switch": refiner_switch,
-                 "steps": steps, "sampler": sampler, "cfg_scale": cfg, "batch_size": batch_size, "device": device, "devices": devices, "fan_out": fan_out}
+                 "steps": steps, "sampler": sampler, "cfg_scale": cfg, "fast": fast, "batch_size": batch_size, "device": device, "devices": devices, "fan_out": fan_out}
     load_settings(config, **overrides)  # bad settings fail here, before Prefect starts a server
     from flows.brief import BriefError
     from flows.campaign import campaign_run, set_progress_listener
@@ -229,10 +230,11 @@ def plan(
     refiner_switch: RefinerSwitchOpt = None,
     db: DbOpt = None,
     details: Annotated[bool, typer.Option("--details", help="List every variant (prompt, seed, size, key).")] = False,
+    fast: FastOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Show what a run would make (rows x channels x prompt variations x seeds) without rendering anything."""
-    settings = load_settings(config, model=model, db_url=db, refiner=refiner, refiner_switch=refiner_switch)
+    settings = load_settings(config, model=model, db_url=db, refiner=refiner, refiner_switch=refiner_switch, fast=fast)
     from flows.brief import BriefError, BriefLimits, read_brief
     from flows.campaign import make_plan
     from flows.channels import load_channels
@@ -256,7 +258,8 @@ def plan(
             f"{_shown(campaign)} / {_shown(row_id)} / {_shown(channel)}: {len(vs)} image(s), template {_shown(v0.prompt.template_name)}, "
             f"{len({v.prompt.prompt for v in vs})} prompt variation(s), {seed_text}, generate {v0.spec.gen_width}x{v0.spec.gen_height} "
             f"-> deliver {v0.channel.width}x{v0.channel.height} {v0.channel.format}, model {_shown(v0.model.name)} "
-            f"({v0.model.short_hash}, licence {v0.model.license or 'unknown'})" + _adapters_text(vs) + _inputs_text(v0),
+            f"({v0.model.short_hash}, licence {v0.model.license or 'unknown'})" + _adapters_text(vs) + _inputs_text(v0)
+            + (f", fast {v0.spec.fast}" if v0.spec.fast else ""),
             soft_wrap=True,
         )
     if details:
@@ -264,7 +267,8 @@ def plan(
             out.print(f"{_shown(v.storage_key)}\tseed {v.spec.seed}\t{_shown(v.prompt.prompt)}", soft_wrap=True)
     rows = len({(v.row.campaign, v.row.row_id) for v in the_plan.variants})
     out.print(f"{len(the_plan.variants)} images from {rows} row(s) x {len(groups)} row-channel(s); "
-              f"{settings.steps} steps of {settings.sampler}, CFG {settings.cfg_scale:g}")
+              f"{settings.steps} steps of {settings.sampler}, CFG {settings.cfg_scale:g}"
+              + (f", fast {settings.fast} where no channel or row says otherwise" if settings.fast else ""))
     print_problems(the_plan.problems, "rows that would be skipped")
     print_problems(parsed.warnings, "warnings")
 

@@ -79,6 +79,9 @@ def generate(
     ] = None,
     vae: Annotated[Path | None, typer.Option(help="Separate VAE file to use instead of the checkpoint's.")] = None,
     clip_skip: Annotated[int, typer.Option(min=1, help="2 = penultimate CLIP layer, as many anime models want.")] = 1,
+    fast: Annotated[str, typer.Option(help="Fast mode, trading exactness for speed: cache:N (reuse deep U-Net features "
+                                           "for N-1 of every N steps), tome:R (merge a share R of the tokens), both "
+                                           "comma-separated, or off. Written into the infotext (Fast: ...).")] = "",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16.")] = "auto",
     allow_pickle: Annotated[bool, typer.Option(help="Allow .ckpt pickles (weights-only unpickling); trust the source.")] = False,
@@ -133,6 +136,12 @@ def generate(
                 "ADFORGE_MODEL, or rebuild it with `adforge train demo`",
                 param_hint="--model",
             )
+    from engine.fast_modes import FastMode, FastModeError
+
+    try:
+        fast_mode = FastMode.parse(fast)
+    except FastModeError as exc:
+        raise fail(f"--fast: {exc}", 2) from None
     if prediction is not None and prediction not in ("eps", "v"):
         raise typer.BadParameter("eps or v", param_hint="--prediction")
     if mask is not None and init_image is None:
@@ -224,6 +233,7 @@ def generate(
         cfg_scale=cfg,
         sampler=sampler,
         clip_skip=clip_skip,
+        fast=fast_mode,
         init_image=init,
         strength=strength,
         mask=mask_img,

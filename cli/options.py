@@ -14,7 +14,7 @@ import typer
 
 from cli.errors import fail
 
-__all__ = ["CampaignOpt", "ConfigOpt", "DbOpt", "ModelOpt", "RefinerOpt", "RefinerSwitchOpt", "ReviewDbOpt", "StoreOpt", "actor", "load_settings", "open_db"]
+__all__ = ["CampaignOpt", "ConfigOpt", "DbOpt", "FastOpt", "ModelOpt", "RefinerOpt", "RefinerSwitchOpt", "ReviewDbOpt", "StoreOpt", "actor", "load_settings", "open_db"]
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="adforge.toml to read (default: ./adforge.toml if present).")]
 DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (env ADFORGE_DB_URL). Default: sqlite under ./adforge-data/.")]
@@ -26,6 +26,9 @@ RefinerOpt = Annotated[str | None, typer.Option(
     "--refiner", help="SDXL refiner checkpoint that finishes every SDXL base render (env ADFORGE_REFINER).")]
 RefinerSwitchOpt = Annotated[float | None, typer.Option(
     "--refiner-switch", min=0.01, max=1.0, help="Share of the schedule the base runs before the refiner (default 0.8).")]
+FastOpt = Annotated[str | None, typer.Option(
+    "--fast", help="Fast mode for images whose channel and brief row set none: cache:N, tome:R, both comma-separated, "
+                   "or off. Trades exactness for speed; recorded in each image's identity and infotext.")]
 CampaignOpt = Annotated[str, typer.Option("--campaign", "-c", help="Campaign name (or id).")]
 
 

@@ -36,6 +36,8 @@ optional
     ``control_strength`` the ControlNet's weight (default 1), ``control_start`` / ``control_end`` the share of the
                          sampling steps it acts on (default 0 and 1).
     ``brand``, ``headline``, ``body``, ``cta``  a brand kit and the copy its overlay draws (:mod:`flows.brand.cells`).
+    ``fast``             a fast mode (``cache:3``, ``tome:0.5``, both, or ``off``) overriding the channel's and the
+                         run's (:mod:`flows.fast_setting`); default: theirs.
 
 Image files are read and checked when the brief is planned (:mod:`flows.input_images`), not here.
 
@@ -80,25 +82,13 @@ from flows.brand.cells import BRAND_COLUMNS, COPY_COLUMNS, BrandCells, check_bra
 from flows.brief_inputs import CONTROL_COLUMNS, CONTROL_TYPES, PRODUCT_COLUMNS, ControlCell, check_control, check_product
 from flows.brief_limits import COLUMN_LENGTHS, BriefLimits, RecordGuard, setting, too_big
 from flows.brief_problems import BriefError, BriefProblem
+from flows.fast_setting import FAST_COLUMNS, check_fast
 from flows.safe_text import quoted
 from flows.xlsx_reader import XlsxSheet
 
 __all__ = [
-    "Brief",
-    "BriefError",
-    "BriefLimits",
-    "BriefProblem",
-    "BriefRow",
-    "CONTROL_TYPES",
-    "ControlCell",
-    "DEFAULT_LICENSE",
-    "DEFAULT_VARIANTS",
-    "LICENSES",
-    "OPTIONAL_COLUMNS",
-    "REQUIRED_COLUMNS",
-    "SEED_LIMIT",
-    "derive_seed",
-    "normalize_name",
+    "Brief", "BriefError", "BriefLimits", "BriefProblem", "BriefRow", "CONTROL_TYPES", "ControlCell", "DEFAULT_LICENSE",
+    "DEFAULT_VARIANTS", "LICENSES", "OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "SEED_LIMIT", "derive_seed", "normalize_name",
     "read_brief",
 ]
 
@@ -115,6 +105,7 @@ OPTIONAL_COLUMNS: tuple[str, ...] = (
     *PRODUCT_COLUMNS,
     *CONTROL_COLUMNS,
     *BRAND_COLUMNS,
+    *FAST_COLUMNS,
 )
 LICENSES: tuple[str, ...] = ("commercial", "any")
 DEFAULT_LICENSE = "commercial"
@@ -160,6 +151,7 @@ class BriefRow:
     placement: str = ""  # canonical ANCHOR:SCALE:MARGIN:SHADOW, or "" for the channel's default
     control: ControlCell | None = None
     brand: BrandCells = BrandCells()  # a brand kit (templates/brands/) and the copy its overlay draws
+    fast: str | None = None  # canonical fast mode ("" = off); None = the channel's or the run's
 
 
 @dataclass
@@ -484,6 +476,7 @@ def _check_row(values: dict[str, str], line: int, bad, known: set[str] | None, l
         placement=placement,
         control=control,
         brand=check_brand(values, bad),
+        fast=check_fast(values, bad),
     )
 
 

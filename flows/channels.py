@@ -9,6 +9,7 @@ from pathlib import Path
 
 from engine.packshot import Placement, PlacementError
 from engine.upscale.chain import Chain, ChainError, parse_chain
+from flows.fast_setting import FastModeError, canonical_fast
 from flows.template_config import (
     TEMPLATES_DIR,
     TemplatingConfigError,
@@ -39,6 +40,9 @@ class ChannelFormat:
     source: str = ""  # the channels file this entry came from, for messages about it
     # Where a row's product packshot goes on this channel unless the row says (``product:`` key; engine.packshot).
     product: Placement = Placement()
+    # The fast mode its images render with unless a row says (``fast:`` key; flows.fast_setting): canonical text,
+    # "" = off (exact, even if the run asks for a fast mode); None = the run's.
+    fast: str | None = None
 
     @property
     def upscale_key(self) -> str:
@@ -70,7 +74,7 @@ def load_channels(path: str | os.PathLike[str] | None = None) -> dict[str, Chann
         name = check_name(file, "channels", name)
         where = f"channels.{name}"
         entry = check_keys(
-            file, where, entry, {"width", "height", "format", "max_kb"}, {"description", "template", "upscale", "product"}
+            file, where, entry, {"width", "height", "format", "max_kb"}, {"description", "template", "upscale", "product", "fast"}
         )
         fmt = entry["format"]
         if fmt not in CHANNEL_FORMATS:
@@ -91,6 +95,7 @@ def load_channels(path: str | os.PathLike[str] | None = None) -> dict[str, Chann
             upscale=_upscale_chain(file, f"{where}.upscale", entry.get("upscale"), width, height),
             source=file,
             product=_placement(file, f"{where}.product", entry.get("product")),
+            fast=_fast(file, f"{where}.fast", entry.get("fast")),
         )
     return out
 
@@ -103,6 +108,20 @@ def _placement(file: str, where: str, value: object) -> Placement:
     try:
         return Placement.parse(value)
     except PlacementError as exc:
+        raise TemplatingConfigError(f"{file}: key '{where}': {exc}") from None
+
+
+def _fast(file: str, where: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if value is False:  # YAML reads a bare `off` (or `no`, `false`) as false
+        return ""
+    if not isinstance(value, str):
+        raise TemplatingConfigError(f"{file}: key '{where}': expected a fast mode as text, e.g. 'cache:3', "
+                                    f"'tome:0.5' or 'off', got {value!r}")
+    try:
+        return canonical_fast(value)
+    except FastModeError as exc:
         raise TemplatingConfigError(f"{file}: key '{where}': {exc}") from None
 
 

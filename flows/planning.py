@@ -17,8 +17,9 @@ For every valid row and each of its channels:
 
 A variant's settings are one record, :class:`storage.variants.VariantSpec`; its *identity* is a sha256 over
 everything that determines the delivered file (campaign, row, channel, template, prompt, negative prompt, seed, model
-sha256, sampler, steps, CFG, clip skip, sizes, format, post-processing, and the LoRA / embedding files with their
-strengths, pinned by sha256: :mod:`flows.adapters`). Re-running a brief plans the same identities, so finished variants are skipped; editing a
+sha256, sampler, steps, CFG, clip skip, sizes, format, post-processing, the LoRA / embedding files with their
+strengths, pinned by sha256: :mod:`flows.adapters`, and the fast mode: row cell > channel key > run setting,
+:mod:`flows.fast_setting`). Re-running a brief plans the same identities, so finished variants are skipped; editing a
 row's prompt makes new identities (new assets), and never overwrites an old file.
 
 A row's ``model`` must be a file in one of the model folders (:func:`model_folders`: the ``model_dirs`` setting, and
@@ -46,6 +47,7 @@ from flows.brief import SEED_LIMIT, Brief, BriefError, BriefProblem, BriefRow
 from flows.adapters import AdapterProblem, PlannedAdapter, PromptAdapters, pins_text
 from flows.brief_limits import COLUMN_LENGTHS, MODEL_NAME_LENGTH, TEMPLATE_LENGTH
 from flows.channels import ChannelFormat, native_size_for
+from flows.fast_setting import fast_for
 from flows.licence_policy import check_license
 from flows.model_registry import ModelInfo
 from flows.safe_text import quoted
@@ -92,7 +94,7 @@ class PlannedVariant:
         """Variants that can share a model load and a U-Net batch."""
         spec = self.spec
         return (spec.model_sha256, spec.gen_width, spec.gen_height, spec.steps, spec.sampler, spec.clip_skip,
-                _lora_set(spec.adapters))
+                _lora_set(spec.adapters), spec.fast)
 
 
 @dataclass
@@ -251,6 +253,7 @@ def plan_brief(
                         gen_width=gen_w, gen_height=gen_h, out_width=channel.width, out_height=channel.height,
                         out_format=channel.format, out_max_kb=channel.max_kb, postprocess=post,
                         adapters=pins_text(used), inputs=variant_inputs, overlay=overlay,
+                        fast=fast_for(row.fast, channel.fast, settings.fast),
                     )
                     row_variants.append(PlannedVariant(row=row, channel=channel, prompt=prompt, model=model, spec=spec,
                                                        upscalers=upscalers, adapters=used, controlnet=controlnet))

@@ -12,6 +12,7 @@ Defaults need no setup: a SQLite file and an asset folder under ``./adforge-data
     sampler = "DPM++ 2M Karras"
     steps = 25
     cfg_scale = 7.0
+    fast = "cache:3"         # a fast mode for every image (channels.yaml and brief rows may say otherwise); default off
     batch_size = 4
     device = "auto"
     devices = "all"          # render workers: all | cpu | cuda:0,cuda:1 (one worker process per entry)
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.brief_limits import BriefLimits
+from flows.fast_setting import FastModeError, canonical_fast
 from storage.database import sqlite_url
 
 __all__ = ["ENV_VARS", "Settings", "SettingsError", "devices_problem", "load_settings"]
@@ -73,6 +75,8 @@ class Settings:
     steps: int = 25
     cfg_scale: float = 7.0
     clip_skip: int = 1
+    # The fast mode (flows.fast_setting) of images whose channel and row say none: canonical text, "" = exact.
+    fast: str = ""
     batch_size: int = 4
     device: str = "auto"
     # Render worker processes, one per entry (flows/device_pool.py): "auto" (every visible GPU, or ``device`` when
@@ -211,6 +215,10 @@ def load_settings(overrides: dict[str, Any] | None = None, *, config: str | os.P
     if not 0.0 < settings.refiner_switch <= 1.0:
         raise SettingsError(f"{sources.get('refiner_switch', 'default')}: 'refiner_switch' must be in (0, 1] (the share of "
                             f"the schedule the base model runs), got {settings.refiner_switch!r}")
+    try:
+        settings = replace(settings, fast=canonical_fast(settings.fast))
+    except FastModeError as exc:
+        raise SettingsError(f"{sources.get('fast', 'default')}: 'fast': {exc}") from None
     problem = devices_problem(settings.devices)
     if problem:
         raise SettingsError(f"{sources.get('devices', 'default')}: 'devices' {problem}")

@@ -4,7 +4,7 @@ JSON (exact values, nested)::
 
     {"campaign": {...}, "generated_at": ..., "campaign_decisions": [...],
      "assets": [{"asset_id": 7, "reproduce": {prompt, negative_prompt, seed, sampler, steps, cfg_scale, clip_skip,
-                 gen/out size, format, postprocess, model {name, path, sha256, hash, licence}}, "brief": ..., "row": ...,
+                 fast, gen/out size, format, postprocess, model {name, path, sha256, hash, licence}}, "brief": ..., "row": ...,
                  "file": {store url, key, sha256, infotext}, "runs": {...}, "review": {...}, "results": ..., "exports": [...],
                  "decisions": [{"id", "at", "actor", "action", "before", "after", "run_id"}, ...]}, ...]}
 
@@ -39,7 +39,7 @@ __all__ = ["AuditExport", "AuditExportError", "CSV_COLUMNS", "audit_export", "to
 CSV_COLUMNS = [
     "asset_id", "variant_id", "identity", "campaign", "brief_file", "brief_sha256", "row", "row_line", "channel",
     "template", "variation_index", "prompt", "negative_prompt", "seed", "sampler", "steps", "cfg_scale", "clip_skip",
-    "gen_width", "gen_height", "out_width", "out_height", "out_format", "out_max_kb", "postprocess", "adapters",
+    "fast", "gen_width", "gen_height", "out_width", "out_height", "out_format", "out_max_kb", "postprocess", "adapters",
     "model_name", "model_path", "model_sha256", "model_hash", "model_family", "model_licence", "model_commercial_use",
     "store_url", "storage_key", "sha256", "size_bytes", "infotext", "run_id", "flow_run_id", "run_settings",
     "review_status", "starred", "ab_group", "reviewed_by", "reviewed_at", "impressions", "clicks", "conversions",
@@ -153,6 +153,7 @@ def audit_export(db: Database, campaign_ref: str | int) -> AuditExport:
                     "template": prompt.template, "variation_index": prompt.variation_index, "prompt": prompt.prompt,
                     "negative_prompt": prompt.negative_prompt, "seed": variant.seed, "sampler": variant.sampler,
                     "steps": variant.steps, "cfg_scale": variant.cfg_scale, "clip_skip": variant.clip_skip,
+                    "fast": variant.fast,
                     "gen_width": variant.gen_width, "gen_height": variant.gen_height, "out_width": variant.out_width,
                     "out_height": variant.out_height, "out_format": variant.out_format, "out_max_kb": variant.out_max_kb,
                     "postprocess": variant.postprocess,
@@ -195,7 +196,8 @@ def _csv_row(a: dict[str, Any]) -> dict[str, Any]:
         "brief_file": a["brief"]["file_name"], "brief_sha256": a["brief"]["sha256"], "row": a["row"]["key"],
         "row_line": a["row"]["line"], "channel": a["channel"], "template": r["template"], "variation_index": r["variation_index"],
         "prompt": r["prompt"], "negative_prompt": r["negative_prompt"], "seed": r["seed"], "sampler": r["sampler"],
-        "steps": r["steps"], "cfg_scale": r["cfg_scale"], "clip_skip": r["clip_skip"], "gen_width": r["gen_width"],
+        "steps": r["steps"], "cfg_scale": r["cfg_scale"], "clip_skip": r["clip_skip"], "fast": r["fast"],
+        "gen_width": r["gen_width"],
         "gen_height": r["gen_height"], "out_width": r["out_width"], "out_height": r["out_height"], "out_format": r["out_format"],
         "out_max_kb": r["out_max_kb"], "postprocess": r["postprocess"], "adapters": compact(r["adapters"]) if r["adapters"] else "",
         "model_name": m["name"], "model_path": m["path"],

@@ -235,8 +235,8 @@ def compare_page(request: Request, user: Viewer, ids: str = "") -> Response:
         details = [variant_detail(s, vid) for vid in wanted]
     if any(d is None for d in details):
         raise HTTPException(404, "one of the variants does not exist")
-    fields = ["channel", "template", "seed", "sampler", "steps", "cfg_scale", "clip_skip", "gen_size", "size", "format",
-              "postprocess"]
+    fields = ["channel", "template", "seed", "sampler", "steps", "cfg_scale", "clip_skip", "fast", "gen_size", "size",
+              "format", "postprocess"]
     differs = {f for f in fields if len({str(d[f]) for d in details}) > 1}  # type: ignore[index]
     return render(request, "compare.html", {"items": details, "fields": fields, "differs": differs})
 

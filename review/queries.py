@@ -421,6 +421,7 @@ def variant_detail(s: Session, variant_id: int) -> dict[str, Any] | None:
         "steps": variant.steps,
         "cfg_scale": variant.cfg_scale,
         "clip_skip": variant.clip_skip,
+        "fast": variant.fast,
         "gen_size": f"{variant.gen_width}x{variant.gen_height}",
         "size": f"{variant.out_width}x{variant.out_height}",
         "format": variant.out_format,

@@ -201,6 +201,8 @@ class Variant(Base):
     # The brand kit (name and content sha256) and the copy its delivered file carries, as canonical JSON
     # (storage.variants.OverlayPin); "" = no overlay.
     overlay: Mapped[str] = mapped_column(Text, default="", server_default=text("''"))
+    # The fast mode it renders with, as canonical text ("cache:3", "cache:3,tome:0.5"; engine.fast_modes); "" = exact.
+    fast: Mapped[str] = mapped_column(Text, default="", server_default=text("''"))
     storage_key: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default="planned", index=True)  # planned | done | failed
     error: Mapped[str | None] = mapped_column(Text)

@@ -76,6 +76,9 @@ class VariantSpec:
     # The brand overlay (kit name and content sha256, headline, body, CTA; canonical JSON, see :class:`OverlayPin`);
     # "" = none.
     overlay: str = _setting("overlay", default="", since_default=True)
+    # The opt-in fast mode (feature caching, token merging: engine.fast_modes) as its canonical text, e.g. "cache:3";
+    # "" = exact, which keeps the identity of every variant planned before fast modes existed. It changes the pixels.
+    fast: str = _setting("fast", engine="fast", default="", since_default=True)
 
     # ------------------------------------------------------------------ identity
 

@@ -360,6 +360,7 @@ def test_plain_form_review_and_filters(gallery: Gallery) -> None:
     assert compare.status_code == 200 and 'id="compare-table"' in compare.text
     assert re.search(r'<tr class="differs" data-field="seed">', compare.text)  # seeds differ: highlighted
     assert re.search(r'<tr class="" data-field="sampler">', compare.text)  # same sampler: not highlighted
+    assert re.search(r'<tr class="" data-field="fast">', compare.text)
     assert rita.get(f"/compare?ids={a}").status_code == 400
 
 
@@ -369,11 +370,13 @@ def test_detail_has_every_setting(sqlite_gallery: Gallery) -> None:
     d = sqlite_gallery.browser("vic").get(f"/api/variants/{vid}").json()
     assert d["prompt"] == "a red bicycle, studio light" and d["negative_prompt"] == "blurry, <b>bold</b>"
     assert (d["seed"], d["sampler"], d["steps"], d["cfg_scale"], d["size"]) == (1012, "DPM++ 2M Karras", 2, 7.0, "728x90")
+    assert d["fast"] == ""  # exact
     assert d["model"]["name"] == "brand-v3" and d["model"]["hash"] == "2222222222" and d["model"]["license"] == "acme-internal"
     assert d["row"]["key"] == "hero-02" and d["row"]["brief"]["file_name"] == "spring-launch.csv"
     assert d["run"]["status"] == "completed" and d["urls"]["full"] == f"/assets/{w.asset_of(vid)}"
     page = sqlite_gallery.browser("vic").get(f"/variants/{vid}").text
-    for text in ("DPM++ 2M Karras", "728x90", "brand-v3", "2222222222", "acme-internal", "hero-02", "spring-launch.csv:3"):
+    for text in ("DPM++ 2M Karras", "728x90", "brand-v3", "2222222222", "acme-internal", "hero-02", "spring-launch.csv:3",
+                 '<dd id="field-fast">off (exact)</dd>'):
         assert text in page
 
 
@@ -612,7 +615,7 @@ def test_audit_export_has_reproduction_facts_and_every_decision(gallery: Gallery
     rep = a["reproduce"]
     assert (rep["prompt"], rep["negative_prompt"], rep["seed"], rep["sampler"], rep["steps"], rep["cfg_scale"]) == \
         ("a red bicycle, studio light", "blurry, <b>bold</b>", 1000, "DPM++ 2M Karras", 2, 7.0)
-    assert (rep["gen_width"], rep["out_width"], rep["postprocess"]) == (64, 400, "cover-lanczos(400x400)")
+    assert (rep["gen_width"], rep["out_width"], rep["postprocess"], rep["fast"]) == (64, 400, "cover-lanczos(400x400)", "")
     assert rep["model"]["sha256"] == "1" * 64 and rep["model"]["licence"] == "creativeml-openrail-m"
     assert a["file"]["sha256"] == hashlib.sha256(w.store.get(w.keys[aid])).hexdigest()
     assert a["row"]["key"] == "hero-01" and a["brief"]["file_name"] == "spring-launch.csv"
@@ -634,6 +637,7 @@ def test_audit_export_has_reproduction_facts_and_every_decision(gallery: Gallery
     row = rows[aid]
     assert row["prompt"] == "a red bicycle, studio light" and row["seed"] == "1000" and row["model_hash"] == "1111111111"
     assert row["review_status"] == "approved" and row["ab_group"] == "A" and row["decision_count"] == "8"
+    assert row["fast"] == ""
     assert [d["action"] for d in json.loads(row["decisions"])] == actions
 
 

@@ -97,3 +97,20 @@ def test_recorded_variants_load_back_as_the_spec_they_were_planned_from(tmp_path
             assert sorted(r[0] for r in rows) == sorted(ids)
     finally:
         db.dispose()
+
+
+def test_the_fast_mode_is_a_setting_added_later() -> None:
+    """Exact (fast "") keeps every identity planned before fast modes existed; a fast mode is another asset. It
+    becomes the request's fast mode and the ``variants.fast`` column, and survives a re-render copy."""
+    assert SPEC.fast == ""  # built without it: its identity is the hand-written one above
+    assert dataclasses.replace(SPEC, fast="").identity == SPEC.identity
+    fast = dataclasses.replace(SPEC, fast="cache:3")
+    assert fast.identity != SPEC.identity
+    assert dataclasses.replace(SPEC, fast="cache:3,tome:0.5").identity not in (fast.identity, SPEC.identity)
+    assert fast.storage_key != SPEC.storage_key
+    request = GenerationRequest(**fast.engine_arguments())
+    assert str(request.fast) == "cache:3" and not GenerationRequest(**SPEC.engine_arguments()).fast.enabled
+    assert fast.variant_columns()["fast"] == "cache:3"
+    assert VariantSpec.from_dict({**fast.as_dict(), "changed": []}) == fast
+    older = {k: v for k, v in fast.as_dict().items() if k != "fast"}  # a re-render copy queued before the field
+    assert VariantSpec.from_dict(older).fast == ""
