@@ -106,6 +106,10 @@ from bench._sdxl_unet import SDXL_PRESETS, run_diffusers_sdxl, run_ours_sdxl, wr
 from bench._worker_common import maxrss_mb, profile_table, rss_mb, setup_threads, shared_inputs  # noqa: E402
 
 SAMPLER = "DPM++ 2M Karras"
+# Our speed variants, DTYPE[+FAST]: "auto" is the engine's default dtype (bfloat16 on a CPU with native bfloat16).
+DEFAULT_VARIANTS = "auto,auto+cache:3,auto+tome:0.5,auto+cache:3+tome:0.5"
+# The stated tolerance of the default against float32: decoded image PSNR on the same seed (engine/devices.py).
+DEFAULT_TOLERANCE_DB = 30.0
 
 # ---- worker: our engine ------------------------------------------------------------------------------------
 
@@ -113,12 +117,14 @@ def _run_ours(preset: dict, path: Path, args) -> dict:
     import torch
 
     setup_threads(args.threads)
+    from engine.devices import resolve_dtype
     from engine.loading import load_checkpoint
     from engine.pipeline import GenerationRequest, Pipeline
 
     rss_import = maxrss_mb()
     t0 = time.perf_counter()
-    models = load_checkpoint(path, device="cpu", dtype=torch.float32)
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    models = load_checkpoint(path, device="cpu", dtype=dtype)
     pipe = Pipeline(models)
     load_s = time.perf_counter() - t0
     rss_load, rss_load_now = maxrss_mb(), rss_mb()
@@ -148,7 +154,7 @@ def _run_ours(preset: dict, path: Path, args) -> dict:
 
     req = GenerationRequest(
         prompt="benchmark", negative_prompt="", seed=args.seed, width=size, height=size,
-        steps=args.steps + 1, cfg_scale=args.cfg, sampler=SAMPLER,
+        steps=args.steps + 1, cfg_scale=args.cfg, sampler=SAMPLER, fast=args.fast,
     )
     marks = [time.perf_counter()]
     cpu_marks = [time.process_time()]
@@ -167,6 +173,7 @@ def _run_ours(preset: dict, path: Path, args) -> dict:
     assert torch.equal(gen_noise, noise), "pipeline noise differs from the bench's"
 
     out = {
+        "dtype": str(dtype).removeprefix("torch."),
         "load_s": load_s,
         "step_s": [b - a for a, b in zip(marks, marks[1:])],
         "step_cpu_s": [b - a for a, b in zip(cpu_marks, cpu_marks[1:])],
@@ -205,7 +212,7 @@ def _child(args, role: str, extra: list[str]) -> dict:
         "--threads", str(args.threads), "--steps", str(args.steps), "--cfg", str(args.cfg), "--seed", str(args.seed),
         "--family", args.family,
         *(["--small"] if args.small else []), *(["--profile"] if args.profile else []),
-        *(["--diffusers-int-t"] if args.diffusers_int_t else []), *extra,
+        *(["--diffusers-int-t"] if args.diffusers_int_t else []), "--dtype", args.dtype, "--fast", args.fast, *extra,
     ]
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=str(ROOT))
@@ -232,7 +239,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--profile", action="store_true", help="print the top ops of one CFG U-Net call, each side")
     p.add_argument("--diffusers-int-t", action="store_true", help="feed diffusers' U-Net its rounded timesteps")
+    p.add_argument("--variants", default=None,
+                   help="our speed variants to time against diffusers, comma-separated DTYPE[+FAST...] (default for sd15: "
+                        f"{DEFAULT_VARIANTS}; 'none' skips them)")
     p.add_argument("--worker", choices=["ours", "diffusers", "checkpoint"], help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--fast", default="", help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out-tensors", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -342,6 +354,50 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         for role in ("ours", "diffusers"):
             print(f"\n== top ops, one CFG U-Net call, {role} ==\n{outs[role]['profile']}")
+    variants = args.variants if args.variants is not None else ("none" if sdxl else DEFAULT_VARIANTS)
+    if variants != "none":
+        speed_variants(args, variants, o, d, ta)
+
+
+def _image_seconds(res: dict, steps: int) -> float:
+    """Seconds for one whole image: every sampling step at the timed mean (the warm-up step too), plus the decode."""
+    return res["mean_step_s"] * (steps + 1) + res.get("decode_s", 0.0)
+
+
+def speed_variants(args, variants: str, ours32: dict, diff: dict, ref: dict) -> None:
+    """Our default (the dtype "auto" picks) and the fast modes against diffusers' default (float32), in images/s,
+    with each variant's distance from our float32 render of the same seed (PSNR, SSIM of the decoded image)."""
+    from bench._image_quality import psnr, ssim
+
+    rows = [("ours float32 (exact)", ours32, ref)]
+    saved = args.dtype, args.fast
+    for spec in variants.split(","):
+        dtype, _, fast = spec.strip().partition("+")
+        args.dtype, args.fast = dtype, fast.replace("+", ",")
+        tag = spec.strip().replace("+", "_").replace(":", "")
+        print(f"running ours {spec.strip()} ...", flush=True)
+        res = _child(args, "ours", ["--out-tensors", str(WORK / f"{args.tag}-{tag}.pt")])
+        res["mean_step_s"] = sum(res["step_s"][1:]) / args.steps
+        import torch
+
+        rows.append((f"ours {res['dtype']}" + (f" + {args.fast}" if args.fast else ""), res,
+                     torch.load(WORK / f"{args.tag}-{tag}.pt")))
+    args.dtype, args.fast = saved
+    base = 1.0 / _image_seconds(diff, args.steps)
+    print(f"\nimages/s at {args.steps + 1} steps + decode, against diffusers float32 ({base:.4f} images/s); "
+          f"quality against ours float32 on the same seed; load average now {os.getloadavg()[0]:.2f}")
+    print(f"{'variant':34s} {'s/step':>8s} {'images/s':>9s} {'vs diff':>8s} {'PSNR dB':>8s} {'SSIM':>7s}")
+    for name, res, tensors in rows:
+        ips = 1.0 / _image_seconds(res, args.steps)
+        q = psnr(tensors["images"], ref["images"])
+        print(f"{name:34s} {res['mean_step_s']:8.3f} {ips:9.4f} {ips / base:7.2f}x {q:8.1f} {ssim(tensors['images'], ref['images']):7.4f}")
+    default = rows[1] if len(rows) > 1 and "+" not in variants.split(",")[0] else None
+    if default is not None:
+        speed = (1.0 / _image_seconds(default[1], args.steps)) / base
+        q = psnr(default[2]["images"], ref["images"])
+        ok = speed >= 1.5 and q >= DEFAULT_TOLERANCE_DB
+        print(f"default ({default[0]}): {speed:.2f}x diffusers' images/s (target >= 1.5x), PSNR {q:.1f} dB against "
+              f"float32 (tolerance >= {DEFAULT_TOLERANCE_DB:g} dB) -> {'MET' if ok else 'NOT MET'}")
 
 
 if __name__ == "__main__":

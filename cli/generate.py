@@ -83,7 +83,7 @@ def generate(
                                            "for N-1 of every N steps), tome:R (merge a share R of the tokens), both "
                                            "comma-separated, or off. Written into the infotext (Fast: ...).")] = "",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (float16 on CUDA; on the CPU bfloat16 where it has native bfloat16, else float32), float32, float16, bfloat16.")] = "auto",
     allow_pickle: Annotated[bool, typer.Option(help="Allow .ckpt pickles (weights-only unpickling); trust the source.")] = False,
     prediction: Annotated[
         str | None, typer.Option(help="eps or v: what the model predicts, for SD 2.x files that do not say (default: "
@@ -246,6 +246,7 @@ def generate(
     )
     try:
         base.validate(DeviceBudget.for_models(pipe.models))
+        pipe.fast_steps(base)  # a cache branch deeper than the model's U-Net
         # LoRA and embedding files are read and checked against the model before the first step is rendered.
         pipe.use_loras(base.loras)
         if pipe.refiner is not None:

@@ -102,6 +102,8 @@ class Pipeline:
     def generate(self, requests: Sequence[GenerationRequest], progress: ProgressFn | None = None) -> list[GenerationResult]:
         budget = DeviceBudget.for_models(self.models)
         samplers = [r.validate(budget) for r in requests]
+        for r in requests:
+            self.fast_steps(r)  # a cache branch deeper than this U-Net is refused before anything renders
         groups: dict[tuple, list[int]] = {}
         for i, (r, sampler) in enumerate(zip(requests, samplers)):
             groups.setdefault(r.batch_key(sampler), []).append(i)
@@ -247,7 +249,7 @@ class Pipeline:
 
         x = noise * sigmas[0] if init_latent is None else init_latent + noise * sigmas[0]
         denoiser = self._denoiser(cond, cfg, concat, init_latent if not self.models.is_inpainting else None, repaint, y,
-                                  self.controlnets.steps(first, sigmas), self._fast_steps(first))
+                                  self.controlnets.steps(first, sigmas), self.fast_steps(first))
         if tile is not None:
             denoiser = self._tiled_denoiser(denoiser, tile)
         noise_fn = (lambda i: self._initial_noise(gens, shape)) if sampler.ancestral else None
@@ -285,10 +287,10 @@ class Pipeline:
         self.use_loras(reqs[0].refiner_loras)
         cond, y = self._conditioning(reqs)
         cfg = torch.tensor([r.cfg_scale for r in reqs], dtype=torch.float32, device=self.device)
-        denoiser = self._denoiser(cond, cfg, None, None, None, y, fast=self._fast_steps(reqs[0]))
+        denoiser = self._denoiser(cond, cfg, None, None, None, y, fast=self.fast_steps(reqs[0]))
         return sample(sampler, denoiser, latents.to(self.device), sigmas, noise_fn=noise_fn, callback=on_step)
 
-    def _fast_steps(self, r: GenerationRequest) -> FastSteps | None:
+    def fast_steps(self, r: GenerationRequest) -> FastSteps | None:
         """A fresh fast-mode state for one sampling run of this model, or None when ``r`` asks for none."""
         return FastSteps(r.fast, len(self.models.unet.input_blocks)) if r.fast.enabled else None
 

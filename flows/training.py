@@ -310,7 +310,7 @@ def run_training(job: TrainingJob, *, on_step: StepFn | None = None, log: LogFn 
 
         device = resolve_device(job.device)
         dtype = trainer.load_dtype if job.dtype == "auto" else job.dtype
-        models = load_checkpoint(base_path, device=device, dtype=resolve_dtype(dtype, device))
+        models = load_checkpoint(base_path, device=device, dtype=resolve_dtype(dtype, device, training=True))
         samples: list[str] = []
         on_sample = _sampler(job, models, config, resolution, log, samples) if job.sample_every else None
         announced = False
