@@ -87,3 +87,43 @@ def free_device_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+# Set in the environment, these mean the user chose the thread count: the engine leaves it alone.
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ADFORGE_THREADS")
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def free_cpu_threads(load: float | None = None, cores: int | None = None) -> int:
+    """Threads for CPU rendering: the usable cores less the ones other work keeps busy (the 1-minute load average,
+    rounded), at least one. On a shared machine more threads than free cores is not just no faster but much slower:
+    OpenMP threads spin-wait on each other while the OS runs someone else."""
+    cores = usable_cores() if cores is None else cores
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            load = 0.0
+    return max(1, min(cores, cores - int(load + 0.5)))
+
+
+def set_cpu_threads(threads: int | None = None) -> int:
+    """Give torch ``threads`` intra-op threads, or when None the free cores (:func:`free_cpu_threads`) unless the
+    environment already says (``ADFORGE_THREADS``, ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``). Returns the count."""
+    if threads is None:
+        chosen = os.environ.get("ADFORGE_THREADS", "").strip()
+        if chosen.isdigit() and int(chosen) > 0:
+            threads = int(chosen)
+        elif any(os.environ.get(name) for name in THREAD_ENV):
+            return torch.get_num_threads()
+        else:
+            threads = free_cpu_threads()
+    torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()

@@ -29,7 +29,7 @@ from engine.adapters.lora_merge import LoraMerger
 from engine.adapters.refs import LoraUse
 from engine.conditioning import PromptEncoder, SDXLPromptEncoder
 from engine.control_steps import ControlNetCache, ControlSteps, Residuals
-from engine.devices import free_device_memory, resolve_device, resolve_dtype
+from engine.devices import free_device_memory, resolve_device, resolve_dtype, set_cpu_threads
 from engine.fast_steps import FastSteps
 from engine.image_ops import fit_image, latent_mask, mask_to_tensor, pil_to_tensor01, tensor01_to_pil
 from engine.loading import LoadedModels, load_checkpoint
@@ -91,8 +91,11 @@ class Pipeline:
         max_batch_size: int = 8,
         prediction: str | None = None,
     ) -> "Pipeline":
-        """``prediction`` ("eps" / "v") overrides what the file says or the family's rule decides (SD 2.x)."""
+        """``prediction`` ("eps" / "v") overrides what the file says or the family's rule decides (SD 2.x). On the CPU,
+        torch gets the free cores' worth of threads unless the environment says otherwise (engine.devices)."""
         dev = resolve_device(device)
+        if dev.type == "cpu":
+            set_cpu_threads()
         models = load_checkpoint(checkpoint, vae_path=vae, device=dev, dtype=resolve_dtype(dtype, dev), allow_pickle=allow_pickle,
                                  prediction=prediction)
         return cls(models, max_batch_size=max_batch_size)
