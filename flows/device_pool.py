@@ -30,6 +30,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 import traceback
 from collections import deque
@@ -161,8 +162,9 @@ def _worker_main(conn: Connection, spec: WorkerSpec, config: PoolConfig, env: di
     except BaseException:
         conn.send(("fatal", None, f"render worker {spec.name} could not start:\n{traceback.format_exc()}"))
         raise
-    _forward_logs(conn)
-    conn.send(("ready", None, os.getpid()))
+    out = _Sender(conn)
+    _forward_logs(out)
+    out.send(("ready", None, os.getpid()))
     while True:
         try:
             msg = conn.recv()
@@ -172,28 +174,41 @@ def _worker_main(conn: Connection, spec: WorkerSpec, config: PoolConfig, env: di
             db.dispose()
             return
         _, index, run_id, ids = msg
-        conn.send(("started", index, None))
+        out.send(("started", index, None))
         try:
             counts = render_variants(ids, db=db, store=store, run_id=run_id, device=spec.device, dtype=config.dtype,
                                      batch_size=config.batch_size, templates_dir=config.templates_dir,
-                                     on_event=lambda event, n, i=index: conn.send(("event", i, (event, n))))
-            conn.send(("done", index, counts))
+                                     on_event=lambda event, n, i=index: out.send(("event", i, (event, n))))
+            out.send(("done", index, counts))
         except Exception as exc:
             from sqlalchemy.exc import SQLAlchemyError
 
             if isinstance(exc, SQLAlchemyError):  # past the recording's own retries: the run cannot go on
                 from storage.database import database_failure
 
-                conn.send(("database", index, str(database_failure(config.db_url, exc))))
+                out.send(("database", index, str(database_failure(config.db_url, exc))))
             else:
-                conn.send(("error", index, traceback.format_exc()))
+                out.send(("error", index, traceback.format_exc()))
+
+
+class _Sender:
+    """A worker's pipe to the coordinator, shared by its threads (rendering delivers a batch on a thread of its own
+    while the next one renders: its events and log records meet the render thread's): one message at a time."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, msg: tuple) -> None:
+        with self._lock:
+            self.conn.send(msg)
 
 
 class _PipeLogHandler(logging.Handler):
     """Sends a worker's warnings and errors to the coordinator, which logs them as its own (so they reach the
     run's log, the CLI or Prefect, instead of a worker's inherited stderr)."""
 
-    def __init__(self, conn: Connection):
+    def __init__(self, conn: _Sender):
         super().__init__(logging.WARNING)
         self.conn = conn
 
@@ -204,7 +219,7 @@ class _PipeLogHandler(logging.Handler):
             pass
 
 
-def _forward_logs(conn: Connection) -> None:
+def _forward_logs(conn: _Sender) -> None:
     root = logging.getLogger()
     root.addHandler(_PipeLogHandler(conn))
     if root.level > logging.WARNING or root.level == logging.NOTSET:

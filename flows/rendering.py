@@ -13,6 +13,10 @@ Post-processing follows the variant's ``postprocess``: ``cover-lanczos(WxH)`` (t
 time); its pixel steps (``model``, ``lanczos``, ``fit``) run per image (post-process time), with each model file
 found by the sha256 the chain pins, in ``models``. A failed hires fix fails the variants it was re-rendering, a
 failed pixel step fails its one variant; the rest of the batch goes on.
+
+A batch's engine part runs on the calling thread; its delivery (post-process, encode, store, record:
+:mod:`flows.delivery`) runs on one background thread while the next batch renders (``overlap``), with the same
+files, records and counts as one after the other.
 """
 
 from __future__ import annotations
@@ -24,36 +28,35 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
-from PIL import Image
 from sqlalchemy import select
 
 from engine.adapters.refs import AdapterError, AdapterFile, LoraUse
-from engine.image_ops import cover_fit
-from engine.packshot import MASK_BLUR, Placement, ProductLayer, engine_inputs, finish, outline
+from engine.packshot import MASK_BLUR, ProductLayer, engine_inputs
 from engine.pipeline import GenerationRequest, GenerationResult, Pipeline
 from engine.requests import ControlUse
 from engine.upscale.chain import Chain, ChainError, Fit, parse_chain
-from engine.upscale.networks import ModelUpscaler, UpscalerError, load_upscaler
-from engine.upscale.runner import UpscalerResolver, apply_hires, apply_pixel_steps
+from engine.upscale.runner import apply_hires
 from flows.brand.overlay_step import OverlayStep
 from flows.counts import RenderCounts
-from flows.product_check import check_product
+from flows.delivery import (DeliveryLine, FileSizeError, RenderedBatch, cover_resize, deliver_batch, encode_within_cap,
+                            upscaler_resolver)
 from flows.render_inputs import InputReader, control_model, controls_of, product_layer_of
-from flows.recording import AssetRecord, claim_variants, record_assets, record_failure, release_claims
-from storage.retrying import retry_call
-from storage.assets import AssetStore, clean_storage_key
+from flows.recording import claim_variants, release_claims
+from storage.assets import AssetStore
 from storage.database import Database
-from storage.image_metadata import CONTENT_TYPES, encode_image, format_infotext, xmp_packet
+from storage.image_metadata import format_infotext
 from storage.schema import ModelRecord
 from storage.variants import (AdapterPin, ModelRef, VariantInputs, VariantSpec, load_variants, parse_adapters, parse_inputs,
                               parse_overlay)
 
-__all__ = ["RenderJob", "cover_resize", "encode_within_cap", "get_pipeline", "load_jobs", "parse_postprocess",
-           "render_jobs", "render_variants"]
+__all__ = ["OVERLAP", "FileSizeError", "RenderJob", "cover_resize", "encode_within_cap", "get_pipeline", "load_jobs",
+           "parse_postprocess", "render_jobs", "render_variants"]
 
 log = logging.getLogger(__name__)
 EventFn = Callable[[str, int], None]  # ("rendered" | "failed" | "upscaled", count)
+# Deliver batch k on a background thread while batch k+1 renders; render_jobs(overlap=False) (or this set to False,
+# for a whole process) delivers each batch before the next one renders, for comparisons.
+OVERLAP = True
 _COVER = re.compile(r"cover-lanczos\((\d+)x(\d+)\)")
 
 
@@ -156,6 +159,10 @@ class RenderJob:
         pins = [p for p in _adapter_pins(self.spec.adapters) if p.kind == "refiner"]
         return next((a for a in self.adapters if pins and a.sha256 == pins[0].sha256), None)
 
+    def infotext(self, parameters: dict[str, str], quality: int | None) -> str:
+        """The asset's infotext: the engine's ``parameters`` with the model, chain, licences and inputs added."""
+        return _infotext(self, parameters, quality)
+
 
 def load_jobs(db: Database, variant_ids: Sequence[int]) -> list[RenderJob]:
     """The jobs of ``variant_ids``, in that order."""
@@ -191,49 +198,6 @@ def _pins(postprocess: str) -> list[str]:
     except ChainError:
         return []
     return [sha for i, _ in chain.model_files() if (sha := getattr(chain.steps[i], "sha256", None))]
-
-
-def cover_resize(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Scale (Lanczos) to cover ``width`` x ``height``, then crop the centre: exact size, no distortion, no bars
-    (the chain step ``fit(WxH)``)."""
-    return cover_fit(image, width, height)
-
-
-def _resolver(job: RenderJob, device: torch.device) -> UpscalerResolver:
-    """Finds a chain's model file by its pinned sha256 among the job's upscalers (``models`` rows)."""
-    by_sha = {u.sha256: u for u in job.upscalers}
-
-    def resolve(file: str, sha256: str | None) -> ModelUpscaler:
-        ref = by_sha.get(sha256 or "")
-        if ref is None:
-            raise UpscalerError(file, f"no model row has the sha256 the chain pins ({sha256}); register the file: "
-                                      f"adforge models add {file} --license <id>")
-        return load_upscaler(ref.path, sha256=ref.sha256, device=device)
-
-    return resolve
-
-
-class FileSizeError(ValueError):
-    pass
-
-
-def encode_within_cap(image: Image.Image, fmt: str, infotext_for: Callable[[int | None], str], xmp: str,
-                      max_kb: int | None) -> tuple[bytes, str]:
-    """Encoded bytes under the channel's size cap, and the infotext they carry. JPEG / WebP step the quality
-    down from 92 to 50 (the infotext names the quality used); PNG is lossless and either fits or fails."""
-    limit = max_kb * 1024 if max_kb else None
-    if fmt == "png":
-        infotext = infotext_for(None)
-        data = encode_image(image, fmt, infotext, xmp)
-        if limit and len(data) > limit:
-            raise FileSizeError(f"PNG of {len(data) // 1024} KiB exceeds the channel's cap of {max_kb} KiB")
-        return data, infotext
-    for quality in (92, 85, 78, 70, 60, 50):
-        infotext = infotext_for(quality)
-        data = encode_image(image, fmt, infotext, xmp, quality=quality)
-        if not limit or len(data) <= limit:
-            return data, infotext
-    raise FileSizeError(f"{fmt.upper()} still {len(data) // 1024} KiB at quality 50; the channel's cap is {max_kb} KiB")
 
 
 def _infotext(job: RenderJob, parameters: dict[str, str], quality: int | None) -> str:
@@ -309,43 +273,43 @@ def render_variants(variant_ids: Sequence[int], *, db: Database, store: AssetSto
 
 
 def render_jobs(jobs: Sequence[RenderJob], *, pipeline: Pipeline, store: AssetStore, db: Database, run_id: int,
-                on_event: EventFn | None = None, templates_dir: str | None = None) -> RenderCounts:
+                on_event: EventFn | None = None, templates_dir: str | None = None, overlap: bool | None = None) -> RenderCounts:
     """Render, post-process, store and record ``jobs`` (all of one model and batch group), one engine batch
     (``pipeline.max_batch_size`` images) at a time, so progress and records follow each batch.
 
-    Returns the counts (rendered / failed / skipped) and the seconds spent per stage, which the run adds up.
-    ``templates_dir``: where brand kits are found for variants with an overlay (None: the project's templates/).
+    Returns the counts (rendered / failed / skipped) and the seconds spent per stage, which the run adds up, with
+    ``wait``: this thread's time spent on deliveries instead of rendering. ``templates_dir``: where brand kits are
+    found for variants with an overlay (None: the project's templates/). ``overlap`` (default :data:`OVERLAP`):
+    deliver each batch on a background thread while the next one renders.
 
     A failure of the engine fails that batch's variants; a failure while encoding or storing one image fails that
-    variant only. Such failures are recorded and counted, not raised: one bad asset does not stop a run.
+    variant only. Such failures are recorded and counted, not raised: one bad asset does not stop a run. A database
+    that fails for good raises, once the delivery in flight has ended.
     """
     todo = [j for j in jobs if j.status != "done"]
     counts = RenderCounts(skipped=len(jobs) - len(todo))
     size = max(1, pipeline.max_batch_size)
-    for i in range(0, len(todo), size):
-        _render_batch(todo[i : i + size], pipeline, store, db, run_id, counts, on_event, OverlayStep(templates_dir))
+    background = (OVERLAP if overlap is None else overlap) and len(todo) > size  # one batch has nothing to overlap
+    with DeliveryLine(counts, background=background) as line:
+        for i in range(0, len(todo), size):
+            batch = _render_batch(todo[i : i + size], pipeline, store)
+            line.submit(deliver_batch, batch, store=store, db=db, run_id=run_id, counts=counts, on_event=on_event,
+                        overlays=OverlayStep(templates_dir))
     return counts
 
 
-def _fail(db: Database, jobs: Sequence[RenderJob], run_id: int, error: str, counts: RenderCounts,
-          on_event: EventFn | None) -> None:
-    record_failure(db, [j.variant_id for j in jobs], run_id, error)
-    counts.failed += len(jobs)
-    if on_event:
-        on_event("failed", len(jobs))
-
-
-def _hires_pass(todo: Sequence[RenderJob], results: list[GenerationResult], pipeline: Pipeline, db: Database, run_id: int,
-                counts: RenderCounts, on_event: EventFn | None) -> dict[int, GenerationResult]:
+def _hires_pass(todo: Sequence[RenderJob], results: list[GenerationResult], pipeline: Pipeline,
+                failed: list[tuple[list[RenderJob], str]]) -> dict[int, GenerationResult]:
     """Results ready for the pixel steps, by position in ``todo``: the first pass's, or the hires fix's for jobs
-    whose chain starts with one (one engine call per distinct chain). Jobs that failed here are left out."""
+    whose chain starts with one (one engine call per distinct chain). Jobs that failed here are left out (and
+    added to ``failed``)."""
     ready: dict[int, GenerationResult] = {}
     groups: dict[str, list[int]] = {}
     for k, job in enumerate(todo):
         try:
             chain = job.chain
         except ChainError as exc:
-            _fail(db, [job], run_id, f"postprocess: {exc}", counts, on_event)
+            failed.append(([job], f"postprocess: {exc}"))
             continue
         if chain.hires is None:
             ready[k] = results[k]
@@ -354,10 +318,10 @@ def _hires_pass(todo: Sequence[RenderJob], results: list[GenerationResult], pipe
     for members in groups.values():
         jobs = [todo[k] for k in members]
         try:
-            out = apply_hires(pipeline, [results[k] for k in members], jobs[0].chain.hires, _resolver(jobs[0], pipeline.device))  # type: ignore[arg-type]
+            out = apply_hires(pipeline, [results[k] for k in members], jobs[0].chain.hires, upscaler_resolver(jobs[0], pipeline.device))  # type: ignore[arg-type]
         except Exception as exc:  # recorded against the variants being re-rendered; the others go on
             log.exception("hires fix of %d variants failed", len(members))
-            _fail(db, jobs, run_id, f"hires fix failed: {type(exc).__name__}: {exc}", counts, on_event)
+            failed.append((jobs, f"hires fix failed: {type(exc).__name__}: {exc}"))
             continue
         ready.update(zip(members, out))
     return ready
@@ -384,107 +348,30 @@ def _attach_refiner(pipeline: Pipeline, jobs: Sequence[RenderJob]) -> None:
     pipeline.refiner = refiner
 
 
-def _render_batch(todo: Sequence[RenderJob], pipeline: Pipeline, store: AssetStore, db: Database, run_id: int,
-                  counts: RenderCounts, on_event: EventFn | None, overlays: OverlayStep) -> None:
-    timings = counts.seconds
+def _render_batch(todo: Sequence[RenderJob], pipeline: Pipeline, store: AssetStore) -> RenderedBatch:
+    """The engine part of a batch: its requests, the engine call and a chain's hires fix. Failures are not recorded
+    here but handed on with the batch, for its delivery to record in order."""
     t0 = time.perf_counter()
+    batch = RenderedBatch(pipeline.device)
     requests: list[GenerationRequest] = []
-    ready_jobs: list[RenderJob] = []
-    layers: list[ProductLayer | None] = []
     for job in todo:
         try:
             layer = job.product_layer(store.get)
             requests.append(job.request(layer, job.controls(store.get)))
-            ready_jobs.append(job)
-            layers.append(layer)
+            batch.jobs.append(job)
+            batch.layers.append(layer)
         except (AdapterError, ValueError) as exc:  # an unreadable record or a file gone from ``models``: this one only
-            _fail(db, [job], run_id, f"render failed: {exc}", counts, on_event)
-    todo = ready_jobs
-    if not todo:
-        return
+            batch.failed.append(([job], f"render failed: {exc}"))
+    if not batch.jobs:
+        return batch
     try:
-        _attach_refiner(pipeline, todo)
+        _attach_refiner(pipeline, batch.jobs)
         results = pipeline.generate(requests)
     except Exception as exc:  # engine errors: record them against the batch and carry on with the run
-        log.exception("render of %d variants failed", len(todo))
-        _fail(db, todo, run_id, f"render failed: {type(exc).__name__}: {exc}", counts, on_event)
-        return
-    ready = _hires_pass(todo, results, pipeline, db, run_id, counts, on_event)
-    engine_seconds = time.perf_counter() - t0
-    timings["engine"] += engine_seconds
-    per_image = engine_seconds / len(todo)
-    # Store each file first, then record the whole batch in one transaction (one commit instead of one per
-    # image). A crash in between leaves stored, unrecorded files: the next run rewrites them under the same key.
-    records: list[AssetRecord] = []
-    for k, job in enumerate(todo):
-        result = ready.get(k)
-        if result is None:
-            continue
-        spec = job.spec
-        try:
-            t1 = time.perf_counter()
-            if job.upscales:
-                image = apply_pixel_steps(result.image, job.chain.pixel_steps, _resolver(job, pipeline.device))
-                if on_event:
-                    on_event("upscaled", 1)
-            else:
-                image = cover_resize(result.image, spec.out_width, spec.out_height)
-            if image.size != (spec.out_width, spec.out_height):
-                raise ValueError(f"post-processing made {image.width}x{image.height}, the channel needs {spec.out_width}x{spec.out_height}")
-            layer = layers[k]
-            if layer is not None:
-                image = finish(image, layer, Placement.parse(job.inputs.product.placement).shadow)  # type: ignore[union-attr]
-            clean, overlay = image, None
-            if spec.overlay:
-                image, overlay = overlays.apply(image, spec, None if layer is None else layer.box)
-            meta = {"Model": job.model.name, "ModelSHA256": job.model.sha256, "VariantIdentity": job.identity}
-            if spec.inputs:
-                meta["Inputs"] = spec.inputs  # every input image with its sha256, placement, control settings
-            if job.upscales:
-                meta["Postprocess"] = spec.postprocess
-            if spec.adapters:
-                meta["Adapters"] = spec.adapters  # every LoRA / embedding with its sha256 and strengths
-            qualities: list[int | None] = []
-
-            def infotext_for(q: int | None, p: dict = result.parameters, j: RenderJob = job) -> str:
-                qualities.append(q)
-                return _infotext(j, p, q)
-
-            clean_meta = xmp_packet(meta)
-            if overlay is not None:
-                meta["Overlay"] = spec.overlay  # the brand kit's sha256 and the copy drawn
-            xmp = xmp_packet(meta)
-            data, infotext = encode_within_cap(image, spec.out_format, infotext_for, xmp, spec.out_max_kb)
-            clean_key = None
-            if overlay is not None:
-                # The picture without the overlay, stored before the delivered file: in the delivered file's format
-                # and quality (so the two compare pixel for pixel), a PNG at a fast zlib level (it is not delivered).
-                clean_data = encode_image(clean, spec.out_format, infotext, clean_meta, quality=qualities[-1] or 92,
-                                          png_level=1)
-                clean_key = clean_storage_key(job.storage_key)
-                retry_call(store.put, clean_key, clean_data, CONTENT_TYPES[spec.out_format])
-            error = changed = None
-            if layer is not None:
-                error, changed = check_product(data, spec.out_format, qualities[-1], layer)
-                if changed:
-                    log.warning("variant %s: the delivered file's product region differs from the packshot (mean %.2f)",
-                                job.variant_id, error)
-            t2 = time.perf_counter()
-            stored = retry_call(store.put, job.storage_key, data, CONTENT_TYPES[spec.out_format])
-            timings["postprocess"] += t2 - t1
-            timings["store"] += time.perf_counter() - t2
-            records.append(AssetRecord(job.variant_id, stored, spec.out_format, spec.out_width, spec.out_height, infotext,
-                                       per_image, product_error=error, product_changed=changed,
-                                       product_outline=None if layer is None else outline(layer),
-                                       clean_key=clean_key, overlay=overlay))
-        except Exception as exc:
-            log.exception("variant %s failed after rendering", job.variant_id)
-            _fail(db, [job], run_id, f"{type(exc).__name__}: {exc}", counts, on_event)
-    t3 = time.perf_counter()
-    # If the database stays unreachable past record_assets' own retries, this raises: the render task is retried
-    # by Prefect (storing again is a no-op for identical bytes), and the run fails rather than lose the record.
-    record_assets(db, run_id, records)
-    timings["record"] += time.perf_counter() - t3
-    counts.rendered += len(records)
-    if on_event:
-        on_event("rendered", len(records))
+        log.exception("render of %d variants failed", len(batch.jobs))
+        batch.failed.append((batch.jobs, f"render failed: {type(exc).__name__}: {exc}"))
+        batch.jobs, batch.layers = [], []
+        return batch
+    batch.results = _hires_pass(batch.jobs, results, pipeline, batch.failed)
+    batch.engine_seconds = time.perf_counter() - t0
+    return batch
