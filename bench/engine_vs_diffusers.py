@@ -151,6 +151,8 @@ def _run_ours(preset: dict, path: Path, args) -> dict:
 
     pipe._conditioning = conditioning  # type: ignore[method-assign]
     pipe._decode = decode  # type: ignore[method-assign]
+    if args.compile:  # its cost lands in the warm-up step, which is reported, not timed
+        pipe.compile_unet()
 
     req = GenerationRequest(
         prompt="benchmark", negative_prompt="", seed=args.seed, width=size, height=size,
@@ -212,7 +214,8 @@ def _child(args, role: str, extra: list[str]) -> dict:
         "--threads", str(args.threads), "--steps", str(args.steps), "--cfg", str(args.cfg), "--seed", str(args.seed),
         "--family", args.family,
         *(["--small"] if args.small else []), *(["--profile"] if args.profile else []),
-        *(["--diffusers-int-t"] if args.diffusers_int_t else []), "--dtype", args.dtype, "--fast", args.fast, *extra,
+        *(["--diffusers-int-t"] if args.diffusers_int_t else []), "--dtype", args.dtype, "--fast", args.fast,
+        *(["--compile"] if args.compile else []), *extra,
     ]
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=str(ROOT))
@@ -245,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--worker", choices=["ours", "diffusers", "checkpoint"], help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--fast", default="", help=argparse.SUPPRESS)
+    p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out-tensors", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -370,27 +374,38 @@ def speed_variants(args, variants: str, ours32: dict, diff: dict, ref: dict) -> 
     from bench._image_quality import psnr, ssim
 
     rows = [("ours float32 (exact)", ours32, ref)]
-    saved = args.dtype, args.fast
+    saved = args.dtype, args.fast, args.compile
     for spec in variants.split(","):
-        dtype, _, fast = spec.strip().partition("+")
-        args.dtype, args.fast = dtype, fast.replace("+", ",")
+        dtype, *parts = spec.strip().split("+")
+        args.dtype, args.compile = dtype, "compile" in parts
+        args.fast = ",".join(part for part in parts if part != "compile")
         tag = spec.strip().replace("+", "_").replace(":", "")
         print(f"running ours {spec.strip()} ...", flush=True)
         res = _child(args, "ours", ["--out-tensors", str(WORK / f"{args.tag}-{tag}.pt")])
         res["mean_step_s"] = sum(res["step_s"][1:]) / args.steps
         import torch
 
-        rows.append((f"ours {res['dtype']}" + (f" + {args.fast}" if args.fast else ""), res,
-                     torch.load(WORK / f"{args.tag}-{tag}.pt")))
-    args.dtype, args.fast = saved
+        rows.append((f"ours {res['dtype']}" + (f" + {args.fast}" if args.fast else "")
+                     + (" compiled" if args.compile else ""), res, torch.load(WORK / f"{args.tag}-{tag}.pt")))
+    args.dtype, args.fast, args.compile = saved
     base = 1.0 / _image_seconds(diff, args.steps)
     print(f"\nimages/s at {args.steps + 1} steps + decode, against diffusers float32 ({base:.4f} images/s); "
           f"quality against ours float32 on the same seed; load average now {os.getloadavg()[0]:.2f}")
-    print(f"{'variant':34s} {'s/step':>8s} {'images/s':>9s} {'vs diff':>8s} {'PSNR dB':>8s} {'SSIM':>7s}")
+    print(f"{'variant':42s} {'s/step':>8s} {'images/s':>9s} {'vs diff':>8s} {'PSNR dB':>8s} {'SSIM':>7s} {'1st step s':>10s}")
     for name, res, tensors in rows:
         ips = 1.0 / _image_seconds(res, args.steps)
         q = psnr(tensors["images"], ref["images"])
-        print(f"{name:34s} {res['mean_step_s']:8.3f} {ips:9.4f} {ips / base:7.2f}x {q:8.1f} {ssim(tensors['images'], ref['images']):7.4f}")
+        print(f"{name:42s} {res['mean_step_s']:8.3f} {ips:9.4f} {ips / base:7.2f}x {q:8.1f} "
+              f"{ssim(tensors['images'], ref['images']):7.4f} {res['step_s'][0]:10.2f}")
+    by_name = {name: res for name, res, _ in rows}
+    for name, res, _ in rows:
+        eager = by_name.get(name.removesuffix(" compiled"))
+        if name.endswith(" compiled") and eager is not None:
+            saved_s = _image_seconds(eager, args.steps) - _image_seconds(res, args.steps)
+            cost = res["step_s"][0] - eager["step_s"][0]
+            pays = f"pays after {cost / saved_s:.0f} images per process" if saved_s > 0 else "never pays here"
+            print(f"torch.compile, {name.removesuffix(' compiled')}: {cost:.0f} s to compile, {saved_s:.2f} s saved per "
+                  f"image -> {pays}")
     default = rows[1] if len(rows) > 1 and "+" not in variants.split(",")[0] else None
     if default is not None:
         speed = (1.0 / _image_seconds(default[1], args.steps)) / base

@@ -82,6 +82,9 @@ def generate(
     fast: Annotated[str, typer.Option(help="Fast mode, trading exactness for speed: cache:N (reuse deep U-Net features "
                                            "for N-1 of every N steps), tome:R (merge a share R of the tokens), both "
                                            "comma-separated, or off. Written into the infotext (Fast: ...).")] = "",
+    compile_unet: Annotated[bool, typer.Option("--compile", help="torch.compile the U-Net: minutes once per process and "
+                                                                  "image size, then faster steps; pays for many images "
+                                                                  "(see README \"Speed\"). Same pixels within rounding.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (float16 on CUDA; on the CPU bfloat16 where it has native bfloat16, else float32), float32, float16, bfloat16.")] = "auto",
     allow_pickle: Annotated[bool, typer.Option(help="Allow .ckpt pickles (weights-only unpickling); trust the source.")] = False,
@@ -178,6 +181,8 @@ def generate(
         with console.status(f"loading {model.name}"):
             pipe = Pipeline.load(model, vae=vae, device=device, dtype=dtype, allow_pickle=allow_pickle, max_batch_size=batch_size,
                                  prediction=prediction)
+        if compile_unet:
+            pipe.compile_unet()
         if refiner is not None:
             with console.status(f"loading {refiner.name}"):
                 pipe.refiner = Pipeline.load(refiner, device=device, dtype=dtype, allow_pickle=allow_pickle,
