@@ -15,7 +15,8 @@ in this process. Prints ms/variant per stage and the overhead as a share of
 (:func:`flows.rendering.render_variants` per task batch: claims, engine, post-process, encode, store, record in
 SQLite), with the delivery overlapped (``OVERLAP``) and not, against the engine alone (``Pipeline.generate`` on the
 same requests in the same batches, same process, same pipeline, same torch threads), as ratios; ``--pool`` adds
-one device worker process (:mod:`flows.device_pool`; its units are single engine batches). The tiny random model
+one device worker process (:mod:`flows.device_pool`; its units are single engine batches) with overlap across units
+(unit k delivered while unit k+1 renders: ``PoolConfig.overlap``) and without. The tiny random model
 at 64 px with ``--steps`` 8 and the 1080x1080 JPEG channel make the delivery about a quarter of the engine time on
 a CPU core, a larger share than beside a real model on a GPU. Best of ``--repeats``, the modes interleaved; the
 load average is printed before and after (on a shared machine the delivery thread and the engine compete for the
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--images", type=int, default=32, help="--throughput: images per timed run")
     ap.add_argument("--steps", type=int, default=8, help="--throughput: sampling steps")
     ap.add_argument("--threads", type=int, default=1, help="--throughput: torch threads (engine and pool worker)")
-    ap.add_argument("--pool", action="store_true", help="--throughput: add one device worker process")
+    ap.add_argument("--pool", action="store_true", help="--throughput: add one device worker process, overlap on and off")
     ap.add_argument("--smoke", action="store_true", help="--throughput: a seconds-long run of the same code")
     ap.add_argument("--repeats", type=int, default=None, help="default: 20 (--overlay), 3 (--throughput)")
     args = ap.parse_args(argv)
@@ -196,8 +197,9 @@ def throughput(config: Throughput) -> dict:
             "adforge.native_size": "64", "modelspec.license": "Apache-2.0", "modelspec.title": "throughput-tiny"})
         settings = load_settings({"db_url": sqlite_url(work / "adforge.db"), "store_url": str(work / "assets"),
                                   "model": str(model), "steps": config.steps, "batch_size": config.batch_size}, env={})
-        modes = ["off", "on"] + (["pool"] if config.pool else [])
-        tags = ["warm", "engine"] + [f"{m}{r}" for r in range(config.repeats) for m in modes] + (["poolwarm"] if config.pool else [])
+        pool_modes = {"pool-off": False, "pool": True} if config.pool else {}  # mode -> PoolConfig.overlap
+        modes = ["off", "on", *pool_modes]
+        tags = ["warm", "engine"] + [f"{m}{r}" for r in range(config.repeats) for m in modes] + [f"{m}warm" for m in pool_modes]
         runs = {}
         for tag in tags:  # every run planned first, in one database (planning is not timed)
             brief = work / f"{tag}.csv"
@@ -239,17 +241,19 @@ def throughput(config: Throughput) -> dict:
         best: dict[str, float] = {}
         seen: dict[str, list[float]] = {}
         stages: dict[str, RenderCounts] = {}
-        pool = _start_pool(settings, config, runs["poolwarm"]) if config.pool else None
+        pools: dict = {}
         try:
+            for mode, overlap in pool_modes.items():
+                pools[mode] = _start_pool(settings, config, runs[f"{mode}warm"], overlap)
             for r in range(config.repeats):
                 for mode in ["engine", *modes]:
                     if mode == "engine":
                         ips = engine_alone()
-                    elif mode == "pool":
+                    elif mode in pools:
                         t = time.perf_counter()
-                        run_id, batches = runs[f"pool{r}"]
+                        run_id, batches = runs[f"{mode}{r}"]
                         units = [ids[i : i + config.batch_size] for ids in batches for i in range(0, len(ids), config.batch_size)]
-                        counts = pool.run(run_id, units).counts  # type: ignore[union-attr]
+                        counts = pools[mode].run(run_id, units).counts
                         ips = counts.rendered / (time.perf_counter() - t)
                     else:
                         ips, counts = campaign(f"{mode}{r}", mode == "on")
@@ -259,7 +263,7 @@ def throughput(config: Throughput) -> dict:
                         if mode != "engine":
                             stages[mode] = counts
         finally:
-            if pool is not None:
+            for pool in pools.values():
                 pool.close()
             db.dispose()
     finally:
@@ -271,11 +275,11 @@ def throughput(config: Throughput) -> dict:
     return _report(config, best, seen, stages, load_before, load_after, cores, TASK_BATCHES)
 
 
-def _start_pool(settings, config: Throughput, warm: tuple[int, list[list[int]]]):
+def _start_pool(settings, config: Throughput, warm: tuple[int, list[list[int]]], overlap: bool):
     from flows.device_pool import DevicePool, PoolConfig, plan_workers, wait_until_ready
 
     pool = DevicePool(plan_workers("cpu", threads=config.threads),
-                      PoolConfig(settings.db_url, settings.store_url, settings.dtype, config.batch_size))
+                      PoolConfig(settings.db_url, settings.store_url, settings.dtype, config.batch_size, overlap=overlap))
     pool.start()
     wait_until_ready(pool)
     pool.run(warm[0], warm[1])  # the worker's model loaded and warm, not timed
@@ -285,8 +289,8 @@ def _start_pool(settings, config: Throughput, warm: tuple[int, list[list[int]]])
 def _report(config: Throughput, best: dict[str, float], seen: dict[str, list[float]], stages: dict, load_before,
             load_after, cores: int, task_batches: int) -> dict:
     names = {"engine": "engine alone (generate)", "off": "campaign, overlap off", "on": "campaign, overlap on",
-             "pool": "device pool, 1 worker"}
-    short = {"off": "overlap off", "on": "overlap on", "pool": "device pool"}
+             "pool-off": "1 device worker, overlap off", "pool": "1 device worker, overlap on"}
+    short = {"off": "overlap off", "on": "overlap on", "pool-off": "worker overlap off", "pool": "worker overlap on"}
     print(f"{config.images} images of 64x64 -> {config.channel}, {config.steps} steps, batches of {config.batch_size}, "
           f"up to {task_batches} batches per render task, {config.threads} torch thread(s); best of {config.repeats}")
     print(f"load average before: {' / '.join(f'{x:.2f}' for x in load_before)} on {cores} core(s)")
@@ -295,7 +299,7 @@ def _report(config: Throughput, best: dict[str, float], seen: dict[str, list[flo
               "the engine compete with it, and the figures below are noisy")
     engine = best["engine"]
     keys = ("engine", "postprocess", "store", "record", "wait")
-    print(f"\n{'':<26} {'images/s':>9} {'vs engine':>10}  {'ms/image:':>9} {'engine':>7} {'post':>6} {'store':>6} "
+    print(f"\n{'':<29} {'images/s':>9} {'vs engine':>10}  {'ms/image:':>9} {'engine':>7} {'post':>6} {'store':>6} "
           f"{'record':>7} {'wait':>6}   all runs (images/s)")
     ratios = {}
     for mode, ips in best.items():
@@ -303,7 +307,7 @@ def _report(config: Throughput, best: dict[str, float], seen: dict[str, list[flo
         c = stages.get(mode)
         per = "".join(f" {1000 * c.seconds.get(k, 0.0) / max(1, c.rendered):{w}.1f}"
                       for k, w in zip(keys, (7, 6, 6, 7, 6))) if c else " " * 38
-        print(f"{names[mode]:<26} {ips:9.2f} {ratios[mode]:10.1%}  {'':>9}{per}   {', '.join(f'{x:.2f}' for x in seen[mode])}")
+        print(f"{names[mode]:<29} {ips:9.2f} {ratios[mode]:10.1%}  {'':>9}{per}   {', '.join(f'{x:.2f}' for x in seen[mode])}")
     # Less sensitive to other load than images/s: the render thread's own time on deliveries per image of engine
     # time (all of the delivery without overlap; with it, the waits for the last batch of a task and any slower one).
     waits = {m: c.seconds.get("wait", 0.0) / max(1e-9, c.seconds.get("engine", 0.0)) for m, c in stages.items()}
@@ -313,9 +317,14 @@ def _report(config: Throughput, best: dict[str, float], seen: dict[str, list[flo
     met = ratios["on"] >= 0.95
     print(f"\noverlap on / off: {speedup:.2f}x; end-to-end with overlap {ratios['on']:.1%} of the engine alone "
           f"(target >= 95 %: {'met' if met else 'NOT met'})")
+    report = {"images_per_s": best, "runs": seen, "vs_engine": ratios, "overlap_speedup": speedup, "met": met,
+              "wait": waits, "load_before": load_before, "load_after": load_after}
+    if "pool" in best:
+        report["pool_overlap_speedup"] = best["pool"] / best["pool-off"]
+        print(f"device worker: end-to-end {ratios['pool']:.1%} of the engine alone with overlap across units, "
+              f"{ratios['pool-off']:.1%} without (on / off: {report['pool_overlap_speedup']:.2f}x)")
     print(f"load average after: {' / '.join(f'{x:.2f}' for x in load_after)}")
-    return {"images_per_s": best, "runs": seen, "vs_engine": ratios, "overlap_speedup": speedup, "met": met, "wait": waits,
-            "load_before": load_before, "load_after": load_after}
+    return report
 
 
 def overlay_costs(repeats: int) -> None:

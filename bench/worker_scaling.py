@@ -4,11 +4,13 @@ How to run (from the repository root)::
 
     .venv/bin/python bench/worker_scaling.py                       # 1, 2, 4 workers, 24 images, ~1 min
     .venv/bin/python bench/worker_scaling.py --workers 1,2,3,4,6,8 --images 96
+    .venv/bin/python bench/worker_scaling.py --no-overlap          # each worker one unit at a time
 
 A small config on purpose: the tiny random model in the SD 1.x layout (engine/random_checkpoint.py, 64x64,
 ``--steps`` 8, batches of 2), so that what is measured is the pool (hand-out, worker processes, each loading the
 model once) plus the real per-image path (engine, post-process, encode, store, record in SQLite), not one large
-matrix product. Each worker gets ``--threads`` torch threads (default 1), so N workers want N cores.
+matrix product. Each worker gets ``--threads`` torch threads (default 1), so N workers want N cores. Workers render
+unit k+1 while unit k is delivered (``PoolConfig.overlap``) unless ``--no-overlap``.
 
 For each N: a fresh database and folder store, the brief planned, a pool of N CPU workers started and warmed (one
 batch each, not timed: process start and model load are a per-run cost, reported separately), then every batch
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (and for the reference)")
+    p.add_argument("--no-overlap", action="store_true", help="workers deliver each unit before rendering the next")
     args = p.parse_args(argv)
 
     import torch
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     counts = [int(n) for n in args.workers.split(",")]
     load = os.getloadavg()
     print(f"CPU: {os.cpu_count()} core(s), load average {load[0]:.2f} before the run; {args.images} images of 64x64, "
-          f"{args.steps} steps, batches of {args.batch_size}, {args.threads} torch thread(s) per worker")
+          f"{args.steps} steps, batches of {args.batch_size}, {args.threads} torch thread(s) per worker, "
+          f"overlap across units {'off' if args.no_overlap else 'on'}")
     if load[0] > 0.5:
         print("note: other work is running on this machine; the timings share its cores")
 
@@ -113,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
             settings, [(warm_id, warm_units), (run_id, units)] = _plan(
                 folder / f"n{n}", model, [(f"warm{n}", n * args.batch_size), (f"timed{n}", args.images)], args.steps,
                 args.batch_size)
-            config = PoolConfig(settings.db_url, settings.store_url, "float32", args.batch_size)
+            config = PoolConfig(settings.db_url, settings.store_url, "float32", args.batch_size,
+                                overlap=not args.no_overlap)
             specs = plan_workers(",".join(["cpu"] * n), threads=n * args.threads)
             t0 = time.perf_counter()
             with DevicePool(specs, config) as pool:

@@ -213,13 +213,18 @@ class DeliveryLine:
     (``background``), or in the caller (without overlap). :meth:`submit` first waits for the delivery in flight and
     raises what it raised; leaving the ``with`` block waits for the last one, so no thread outlives the line.
     The caller's time spent on deliveries (all of it inline, only the waits in the background) adds up in
-    ``counts.seconds["wait"]``; the caller touches ``counts`` only while no delivery is in flight."""
+    ``counts.seconds["wait"]``; the caller touches ``counts`` only while no delivery is in flight. A line kept across
+    render units (a device worker's) charges each unit's waits to that unit's counts (:meth:`charge`)."""
 
-    def __init__(self, counts: RenderCounts, *, background: bool = True):
-        self.counts = counts
-        counts.seconds.setdefault(WAIT, 0.0)
+    def __init__(self, counts: RenderCounts | None = None, *, background: bool = True):
+        self.charge(RenderCounts() if counts is None else counts)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="adforge-delivery") if background else None
         self._pending: Future | None = None
+
+    def charge(self, counts: RenderCounts) -> None:
+        """Add the caller's waits to ``counts`` from now on (a unit's own, which no delivery in flight touches)."""
+        counts.seconds.setdefault(WAIT, 0.0)
+        self.counts = counts
 
     def submit(self, deliver: Callable[..., None], /, *args, **kwargs) -> None:
         self.settle()

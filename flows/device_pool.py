@@ -5,23 +5,32 @@ engine batches one at a time from a queue.
   or an explicit list (``cuda:0,cuda:1``; ``cpu,cpu`` runs two CPU workers). A GPU worker is pinned with
   ``CUDA_VISIBLE_DEVICES`` (it sees one GPU, ``cuda:0``); CPU workers see none and split the cores.
 * :class:`DevicePool` starts the workers and hands out *units* (one engine batch of variant ids) to whichever
-  worker is idle, so a slow unit (a larger size, a slower GPU) never holds up the others. A worker renders a
+  worker is free, so a slow unit (a larger size, a slower GPU) never holds up the others. A worker renders a
   unit exactly as the single-process path does (:func:`flows.rendering.render_variants`: engine, post-process,
-  store, record in one transaction), so the files are the same bytes. Out-of-memory halves the batch (inside
-  the engine).
-* A worker that dies (killed, segfault, driver reset) while holding a unit: the unit goes back to the front of
-  the queue for the others, and a fresh worker takes the dead one's device (``restarts`` times per device).
-  Nothing is duplicated: a unit is recorded in one transaction, a re-rendered unit skips variants that are
-  already done, and the database keeps one asset per variant. A unit that took down ``unit_attempts`` workers
-  is recorded as failed instead of killing the rest.
+  store, record in one transaction), so the files are the same bytes. Out-of-memory halving happens inside the
+  engine.
+* Overlap (:attr:`PoolConfig.overlap`, the default): a worker renders unit k+1 while unit k is delivered
+  (post-processed, encoded, stored, recorded) on a thread of its own (:mod:`flows.device_worker`), so the device does
+  not wait for the CPU. It says ``rendered`` when unit k's engine half is done; the coordinator then sends the next
+  unit; ``done`` follows when unit k is recorded. A worker holds two units at most (one rendering, one delivering;
+  idle workers are served first); without overlap, one.
+* A worker that dies (killed, segfault, driver reset): every unit it held goes back to the front of the queue for
+  the others, and a fresh worker takes the dead one's device (``restarts`` times per device). Nothing is
+  duplicated: a unit is recorded in one transaction, a re-rendered unit skips variants that are already done, and
+  the database keeps one asset per variant. A unit that took down ``unit_attempts`` workers is recorded as failed
+  instead of killing the rest. Two units lost together cannot tell which one took the worker down: both count
+  the loss, a unit once lost is rendered alone from then on, and a unit is given up only after a loss it met alone
+  (an innocent neighbour is never failed for the other's crash).
 
 CPU workers are started through a fork server that has imported the engine once (``forkserver`` start method):
 the first pool in a process pays that import, later pools and replacement workers start in well under a
-second. GPU workers are spawned (fresh interpreters) and pin their GPU before they import torch.
+second. GPU workers are spawned (fresh interpreters) and pin their GPU before they import torch. CPU workers share
+the cores: each gets its share of the threads (``ADFORGE_THREADS`` in its environment, which ``Pipeline.load`` keeps).
 
 Messages, coordinator -> worker: ``("unit", index, run_id, ids)`` or ``None`` (stop); worker -> coordinator:
-``(kind, index, payload)`` with kind ``ready`` / ``started`` / ``event`` / ``log`` / ``done`` / ``error`` / ``fatal``.
-One pipe per worker (not a shared queue): a worker killed mid-write can only break its own pipe.
+``(kind, index, payload)`` with kind ``ready`` / ``started`` / ``rendered`` / ``event`` / ``log`` / ``done`` /
+``error`` / ``database`` / ``fatal``. One pipe per worker (not a shared queue): a worker killed mid-write can only
+break its own pipe.
 """
 
 from __future__ import annotations
@@ -29,23 +38,22 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import signal
-import threading
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
 from flows.counts import RenderCounts
+from flows.device_worker import worker_main as _worker_main
 
 __all__ = ["DeviceError", "DevicePool", "PoolConfig", "PoolError", "PoolResult", "WorkerSpec", "plan_workers"]
 
 log = logging.getLogger(__name__)
 
 EventFn = Callable[[str, int], None]
-# (event, worker name, worker pid, unit index): dispatched | started | finished | requeued | died | respawned
+# (event, worker name, worker pid, unit index): dispatched | started | rendered | finished | requeued | died |
+# respawned ("died": once per unit the worker held, or once with None)
 Observer = Callable[[str, str, "int | None", "int | None"], None]
 
 
@@ -77,8 +85,9 @@ def plan_workers(devices: str = "auto", device: str = "auto", *, cuda_count: int
                  visible: str | None = None, threads: int | None = None) -> list[WorkerSpec]:
     """Worker specs for a ``devices`` setting (see :class:`flows.settings.Settings`). ``auto`` is every visible GPU
     (or the CPU without one) unless the single-device setting ``device`` names one. ``cuda_count`` and
-    ``visible`` (this process's ``CUDA_VISIBLE_DEVICES``) default to this machine's; ``threads``, the torch
-    threads this process would use (``torch.get_num_threads()``), is shared out among the workers."""
+    ``visible`` (this process's ``CUDA_VISIBLE_DEVICES``) default to this machine's; ``threads``, the CPU threads to
+    share out among the workers, defaults to what the environment says (``ADFORGE_THREADS``, or torch's count under
+    ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``), else the free cores (:func:`engine.devices.free_cpu_threads`)."""
     value = devices.strip()
     if value == "auto":
         if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
@@ -89,7 +98,7 @@ def plan_workers(devices: str = "auto", device: str = "auto", *, cuda_count: int
     if cuda_count is None:
         cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if threads is None:
-        threads = torch.get_num_threads()
+        threads = _cpu_threads()
     if visible is None:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if value == "all":
@@ -121,7 +130,7 @@ def plan_workers(devices: str = "auto", device: str = "auto", *, cuda_count: int
     return specs
 
 
-# ------------------------------------------------------------------------------------------------ the worker
+# ------------------------------------------------------------------------------------------------ the workers
 
 
 @dataclass(frozen=True)
@@ -134,96 +143,22 @@ class PoolConfig:
     # Called once in each worker before it renders (a picklable top-level function or partial): where a caller
     # sets up what a worker process needs beyond the engine, e.g. a test that gives the device less memory.
     worker_init: Callable[[], None] | None = None
+    # Render unit k+1 while unit k is delivered (two units per worker at most); False: one unit at a time.
+    overlap: bool = True
 
 
-def _worker_main(conn: Connection, spec: WorkerSpec, config: PoolConfig, env: dict[str, str]) -> None:
-    """One render worker: set up its device, then render units until told to stop."""
-    # The coordinator's environment as of this worker's start (a fork-server child would otherwise see the fork
-    # server's), then the device pin, before anything can initialise CUDA.
-    os.environ.clear()
-    os.environ.update(env)
-    if spec.cuda_visible is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible
-    # Ctrl-C reaches the whole process group; the coordinator stops its workers itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        import torch
+def _cpu_threads() -> int:
+    """The threads this process would give torch on the CPU (as :func:`engine.devices.set_cpu_threads` chooses)."""
+    import torch
 
-        if spec.threads:
-            torch.set_num_threads(spec.threads)
-        from flows.rendering import render_variants
-        from storage.assets import open_store
-        from storage.database import open_database
+    from engine.devices import THREAD_ENV, free_cpu_threads
 
-        if config.worker_init is not None:
-            config.worker_init()
-        db = open_database(config.db_url, upgrade=False)  # the coordinator's process has brought it to head
-        store = open_store(config.store_url)
-    except BaseException:
-        conn.send(("fatal", None, f"render worker {spec.name} could not start:\n{traceback.format_exc()}"))
-        raise
-    out = _Sender(conn)
-    _forward_logs(out)
-    out.send(("ready", None, os.getpid()))
-    while True:
-        try:
-            msg = conn.recv()
-        except EOFError:  # the coordinator is gone
-            return
-        if msg is None:
-            db.dispose()
-            return
-        _, index, run_id, ids = msg
-        out.send(("started", index, None))
-        try:
-            counts = render_variants(ids, db=db, store=store, run_id=run_id, device=spec.device, dtype=config.dtype,
-                                     batch_size=config.batch_size, templates_dir=config.templates_dir,
-                                     on_event=lambda event, n, i=index: out.send(("event", i, (event, n))))
-            out.send(("done", index, counts))
-        except Exception as exc:
-            from sqlalchemy.exc import SQLAlchemyError
-
-            if isinstance(exc, SQLAlchemyError):  # past the recording's own retries: the run cannot go on
-                from storage.database import database_failure
-
-                out.send(("database", index, str(database_failure(config.db_url, exc))))
-            else:
-                out.send(("error", index, traceback.format_exc()))
-
-
-class _Sender:
-    """A worker's pipe to the coordinator, shared by its threads (rendering delivers a batch on a thread of its own
-    while the next one renders: its events and log records meet the render thread's): one message at a time."""
-
-    def __init__(self, conn: Connection):
-        self.conn = conn
-        self._lock = threading.Lock()
-
-    def send(self, msg: tuple) -> None:
-        with self._lock:
-            self.conn.send(msg)
-
-
-class _PipeLogHandler(logging.Handler):
-    """Sends a worker's warnings and errors to the coordinator, which logs them as its own (so they reach the
-    run's log, the CLI or Prefect, instead of a worker's inherited stderr)."""
-
-    def __init__(self, conn: _Sender):
-        super().__init__(logging.WARNING)
-        self.conn = conn
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.conn.send(("log", None, (record.levelno, record.name, self.format(record))))
-        except Exception:  # the coordinator is gone; nothing to tell
-            pass
-
-
-def _forward_logs(conn: _Sender) -> None:
-    root = logging.getLogger()
-    root.addHandler(_PipeLogHandler(conn))
-    if root.level > logging.WARNING or root.level == logging.NOTSET:
-        root.setLevel(logging.WARNING)
+    chosen = os.environ.get("ADFORGE_THREADS", "").strip()
+    if chosen.isdigit() and int(chosen) > 0:
+        return int(chosen)
+    if any(os.environ.get(name) for name in THREAD_ENV):
+        return torch.get_num_threads()
+    return free_cpu_threads()
 
 
 # ------------------------------------------------------------------------------------------------ the pool
@@ -234,6 +169,7 @@ class _Unit:
     index: int
     ids: list[int]
     attempts: int = 0  # workers lost or errors raised while holding it
+    alone: bool = False  # lost with a worker: from then on rendered without another unit beside it
 
 
 @dataclass
@@ -241,9 +177,10 @@ class _Slot:
     spec: WorkerSpec
     proc: mp.process.BaseProcess | None = None
     conn: Connection | None = None
-    state: str = "down"  # starting | idle | busy | dead
+    state: str = "down"  # starting | up | dead
     pid: int | None = None
-    unit: _Unit | None = None
+    held: list[_Unit] = field(default_factory=list)  # in dispatch order: [delivering, rendering] at most
+    rendering: bool = False  # held[-1] is still in its engine half (no "rendered" yet)
     restarts: int = 0
     units_done: int = 0
 
@@ -267,7 +204,8 @@ def _context(specs: Sequence[WorkerSpec]) -> mp.context.BaseContext:
     ctx = mp.get_context("forkserver")
     # Imported once in the fork server, so every worker starts with the engine already loaded (ignored once the
     # fork server is running).
-    ctx.set_forkserver_preload(["flows.rendering", "flows.device_pool", "storage.database", "storage.assets"])
+    ctx.set_forkserver_preload(["flows.rendering", "flows.device_pool", "flows.device_worker", "storage.database",
+                                "storage.assets"])
     return ctx
 
 
@@ -308,7 +246,8 @@ class DevicePool:
                                  name=f"adforge-render-{slot.spec.name}", daemon=True)
         proc.start()
         child.close()
-        slot.proc, slot.conn, slot.state, slot.pid, slot.unit = proc, parent, "starting", proc.pid, None
+        slot.proc, slot.conn, slot.state, slot.pid = proc, parent, "starting", proc.pid
+        slot.held, slot.rendering = [], False
         log.info("render worker %s starting (pid %s)", slot.spec.name, proc.pid)
 
     def close(self, terminate: bool = False) -> None:
@@ -365,18 +304,23 @@ class DevicePool:
         return totals
 
     def _dispatch(self, pending: deque[_Unit], run_id: int) -> None:
-        for slot in self._slots:
+        """Hand out units: to idle workers first, then (with overlap) to workers whose one unit is delivering."""
+        capacity = 2 if self.config.overlap else 1
+        for slot in sorted(self._slots, key=lambda s: len(s.held)):
             if not pending:
                 return
-            if slot.state != "idle":
+            if slot.state != "up" or slot.rendering or len(slot.held) >= capacity:
                 continue
+            if slot.held and (slot.held[0].alone or pending[0].alone):
+                continue  # a unit lost beside another renders alone
             unit = pending.popleft()
             try:
                 slot.conn.send(("unit", unit.index, run_id, unit.ids))  # type: ignore[union-attr]
-            except OSError:  # died since it said it was idle: the sentinel will tell; keep the unit
+            except OSError:  # died since it said it was free: the sentinel will tell; keep the unit
                 pending.appendleft(unit)
                 continue
-            slot.state, slot.unit = "busy", unit
+            slot.held.append(unit)
+            slot.rendering = True
             self._observe("dispatched", slot, unit.index)
 
     def _service(self, slot: _Slot, pending: deque[_Unit], run_id: int, totals: PoolResult, on_event: EventFn | None,
@@ -395,27 +339,28 @@ class DevicePool:
     def _handle(self, slot: _Slot, msg: tuple, pending: deque[_Unit], totals: PoolResult, on_event: EventFn | None) -> int:
         kind, index, payload = msg
         if kind == "ready":
-            slot.state, slot.pid = "idle", payload
+            slot.state, slot.pid = "up", payload
             log.info("render worker %s ready (pid %s)", slot.spec.name, payload)
         elif kind == "log":
             level, name, text = payload
             logging.getLogger(name).log(level, "[render worker %s] %s", slot.spec.name, text)
         elif kind == "started":
             self._observe("started", slot, index)
+        elif kind == "rendered":  # its engine half is done, its delivery runs: the worker can take the next unit
+            slot.rendering = False
+            self._observe("rendered", slot, index)
         elif kind == "event":
             if on_event is not None:
                 on_event(*payload)
         elif kind == "done":
+            self._take(slot, index)
             totals.counts += payload
-            slot.state, slot.unit = "idle", None
             slot.units_done += 1
             totals.units_per_worker[slot.spec.name] = totals.units_per_worker.get(slot.spec.name, 0) + 1
             self._observe("finished", slot, index)
             return 1
         elif kind == "error":
-            unit = slot.unit
-            slot.state, slot.unit = "idle", None
-            assert unit is not None and unit.index == index, (unit, index)
+            unit = self._take(slot, index)
             unit.attempts += 1
             log.error("render worker %s failed on a batch of %d (attempt %d of %d):\n%s", slot.spec.name, len(unit.ids),
                       unit.attempts, self.unit_attempts, payload)
@@ -432,31 +377,41 @@ class DevicePool:
             raise DatabaseError(payload)
         return 0
 
+    def _take(self, slot: _Slot, index: int) -> _Unit:
+        """The unit ``index`` that ``slot`` held, no longer held (finished, or failed with an error)."""
+        [unit] = [u for u in slot.held if u.index == index]
+        if slot.rendering and slot.held[-1] is unit:
+            slot.rendering = False
+        slot.held.remove(unit)
+        return unit
+
     def _lost(self, slot: _Slot, pending: deque[_Unit], run_id: int, totals: PoolResult, on_event: EventFn | None) -> int:
-        """``slot``'s worker is gone: re-queue its unit (or give the unit up), start a replacement."""
+        """``slot``'s worker is gone: re-queue the units it held (or give them up), start a replacement."""
         slot.proc.join(timeout=5)  # type: ignore[union-attr]
         code = slot.proc.exitcode  # type: ignore[union-attr]
-        unit, slot.unit, slot.state = slot.unit, None, "dead"
+        held, slot.held, slot.rendering, slot.state = slot.held, [], False, "dead"
         slot.conn.close()  # type: ignore[union-attr]
-        self._observe("died", slot, unit.index if unit else None)
+        for unit in held or [None]:
+            self._observe("died", slot, unit.index if unit else None)
+        if not held:
+            log.warning("render worker %s (pid %s) died (exit code %s)", slot.spec.name, slot.pid, code)
         finished = 0
-        if unit is not None:
+        for unit in reversed(held):  # back to the front of the queue, in their order
             unit.attempts += 1
-            if unit.attempts >= self.unit_attempts:
+            if unit.attempts >= self.unit_attempts and len(held) == 1:
                 failed = self._give_up(unit, run_id, f"render worker died {unit.attempts} times on this batch "
                                                      f"(last: {slot.spec.name}, exit code {code})")
                 totals.counts.failed += failed
                 if on_event is not None and failed:
                     on_event("failed", failed)
-                finished = 1
+                finished += 1
             else:
                 log.warning("render worker %s (pid %s) died (exit code %s) holding a batch of %d; re-queued",
                             slot.spec.name, slot.pid, code, len(unit.ids))
+                unit.alone = True
                 pending.appendleft(unit)
                 totals.requeued += 1
                 self._observe("requeued", slot, unit.index)
-        else:
-            log.warning("render worker %s (pid %s) died (exit code %s)", slot.spec.name, slot.pid, code)
         if slot.restarts < self.restarts:
             slot.restarts += 1
             self._spawn(slot)

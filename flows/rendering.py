@@ -16,7 +16,8 @@ failed pixel step fails its one variant; the rest of the batch goes on.
 
 A batch's engine part runs on the calling thread; its delivery (post-process, encode, store, record:
 :mod:`flows.delivery`) runs on one background thread while the next batch renders (``overlap``), with the same
-files, records and counts as one after the other.
+files, records and counts as one after the other. :func:`render_held` stops before the last batch's delivery, claims
+held, so that a device worker delivers it while its next unit renders.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ from storage.schema import ModelRecord
 from storage.variants import (AdapterPin, ModelRef, VariantInputs, VariantSpec, load_variants, parse_adapters, parse_inputs,
                               parse_overlay)
 
-__all__ = ["OVERLAP", "FileSizeError", "RenderJob", "cover_resize", "encode_within_cap", "get_pipeline", "load_jobs",
-           "parse_postprocess", "render_jobs", "render_variants"]
+__all__ = ["OVERLAP", "FileSizeError", "HeldRender", "RenderJob", "cover_resize", "encode_within_cap", "get_pipeline",
+           "load_jobs", "parse_postprocess", "render_held", "render_jobs", "render_variants"]
 
 log = logging.getLogger(__name__)
 EventFn = Callable[[str, int], None]  # ("rendered" | "failed" | "upscaled", count)
@@ -237,12 +238,63 @@ def render_variants(variant_ids: Sequence[int], *, db: Database, store: AssetSto
                     dtype: str = "auto", batch_size: int = 8, on_event: EventFn | None = None,
                     templates_dir: str | None = None) -> RenderCounts:
     """The one way variants are rendered (a campaign task, a device worker, the re-render queue, the benches):
-    claim them for ``run_id``, load the jobs this run got, get the process's pipeline for their model, and
-    :func:`render_jobs` them. The variants must share a model (a planned batch does). Out-of-memory halving
-    happens inside the engine.
+    claim them for ``run_id``, load the jobs this run got, get the process's pipeline for their model, and render,
+    post-process, store and record them one engine batch at a time (:func:`render_held`, then its delivery). The
+    variants must share a model (a planned batch does). Out-of-memory halving happens inside the engine.
 
     Variants done already, or held by another running run (two runs of one brief at once), count as skipped:
     each variant is rendered by one run only. Claims are given back when the batch ends, rendered or failed."""
+    with DeliveryLine(background=OVERLAP) as line:
+        held = render_held(variant_ids, db=db, store=store, run_id=run_id, line=line, device=device, dtype=dtype,
+                           batch_size=batch_size, on_event=on_event, templates_dir=templates_dir)
+        line.submit(held.deliver)
+    return held.counts
+
+
+@dataclass
+class HeldRender:
+    """Variants claimed for a run whose engine part has run (:func:`render_held`): the last batch waits for
+    :meth:`deliver`, which records it and gives the claims back. A device worker delivers it on its delivery line's
+    thread while its next unit renders."""
+
+    db: Database
+    store: AssetStore
+    run_id: int
+    claimed: list[int]
+    counts: RenderCounts
+    on_event: EventFn | None = None
+    templates_dir: str | None = None
+    batch: RenderedBatch | None = None  # the last batch, rendered and not yet delivered
+    oom_halvings: int = 0
+
+    def deliver(self) -> RenderCounts:
+        """Deliver the last batch (once the line's delivery before it has ended), release the claims; the counts."""
+        try:
+            if self.batch is not None:
+                deliver_batch(self.batch, store=self.store, db=self.db, run_id=self.run_id, counts=self.counts,
+                              on_event=self.on_event, overlays=OverlayStep(self.templates_dir))
+            self.counts.oom_halvings += self.oom_halvings
+            return self.counts
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        if not self.claimed:
+            return
+        try:
+            release_claims(self.db, self.run_id, self.claimed)
+        except Exception:  # the database failed; the run's claims are void once it is no longer running anyway
+            log.warning("run %s: could not release its claims on %d variant(s)", self.run_id, len(self.claimed),
+                        exc_info=True)
+
+
+def render_held(variant_ids: Sequence[int], *, db: Database, store: AssetStore, run_id: int, line: DeliveryLine,
+                device: str = "auto", dtype: str = "auto", batch_size: int = 8, on_event: EventFn | None = None,
+                templates_dir: str | None = None) -> HeldRender:
+    """The engine half of :func:`render_variants`: claim, load, and render every engine batch, handing each one but
+    the last to ``line`` for delivery; the last is held, claims and all, for :meth:`HeldRender.deliver`. The line's
+    waits are charged to the returned counts. Raises what the claims, the loading or the pipeline raise, once the
+    deliveries in flight have ended and the claims are given back."""
     claims = claim_variants(db, run_id, list(variant_ids))
     if claims.elsewhere:
         by_run: dict[int, int] = {}
@@ -250,26 +302,29 @@ def render_variants(variant_ids: Sequence[int], *, db: Database, store: AssetSto
             by_run[other] = by_run.get(other, 0) + 1
         log.warning("run %s: skipping %s, being rendered by another run now", run_id,
                     ", ".join(f"{n} variant(s) of run {other}" for other, n in sorted(by_run.items())))
-    skipped = len(claims.done) + len(claims.elsewhere)
+    held = HeldRender(db, store, run_id, claims.mine, RenderCounts(skipped=len(claims.done) + len(claims.elsewhere)),
+                      on_event, templates_dir)
+    line.charge(held.counts)
     if not claims.mine:
-        return RenderCounts(skipped=skipped)
+        return held
     try:
         jobs = load_jobs(db, claims.mine)
-        if not jobs:
-            return RenderCounts(skipped=skipped)
-        pipeline = get_pipeline(jobs[0].model.path, jobs[0].model.sha256, device=device, dtype=dtype,
-                                max_batch_size=batch_size)
-        halvings = pipeline.oom_halvings
-        counts = render_jobs(jobs, pipeline=pipeline, store=store, db=db, run_id=run_id, on_event=on_event,
-                             templates_dir=templates_dir)
-        counts.oom_halvings += pipeline.oom_halvings - halvings
-        counts.skipped += skipped
-        return counts
-    finally:
-        try:
-            release_claims(db, run_id, claims.mine)
-        except Exception:  # the database failed; the run's claims are void once it is no longer running anyway
-            log.warning("run %s: could not release its claims on %d variant(s)", run_id, len(claims.mine), exc_info=True)
+        if jobs:
+            pipeline = get_pipeline(jobs[0].model.path, jobs[0].model.sha256, device=device, dtype=dtype,
+                                    max_batch_size=batch_size)
+            halvings = pipeline.oom_halvings
+            todo = [j for j in jobs if j.status != "done"]
+            held.counts.skipped += len(jobs) - len(todo)
+            held.batch = _engine_part(todo, pipeline, store, db, run_id, held.counts, on_event, templates_dir, line)
+            held.oom_halvings = pipeline.oom_halvings - halvings
+    except BaseException:
+        try:  # its batches in flight are recorded before the claims go back
+            line.settle()
+        except Exception:
+            log.exception("a delivery failed while the rendering beside it failed too")
+        held.release()
+        raise
+    return held
 
 
 def render_jobs(jobs: Sequence[RenderJob], *, pipeline: Pipeline, store: AssetStore, db: Database, run_id: int,
@@ -291,11 +346,26 @@ def render_jobs(jobs: Sequence[RenderJob], *, pipeline: Pipeline, store: AssetSt
     size = max(1, pipeline.max_batch_size)
     background = (OVERLAP if overlap is None else overlap) and len(todo) > size  # one batch has nothing to overlap
     with DeliveryLine(counts, background=background) as line:
-        for i in range(0, len(todo), size):
-            batch = _render_batch(todo[i : i + size], pipeline, store)
-            line.submit(deliver_batch, batch, store=store, db=db, run_id=run_id, counts=counts, on_event=on_event,
+        last = _engine_part(todo, pipeline, store, db, run_id, counts, on_event, templates_dir, line)
+        if last is not None:
+            line.submit(deliver_batch, last, store=store, db=db, run_id=run_id, counts=counts, on_event=on_event,
                         overlays=OverlayStep(templates_dir))
     return counts
+
+
+def _engine_part(todo: Sequence[RenderJob], pipeline: Pipeline, store: AssetStore, db: Database, run_id: int,
+                 counts: RenderCounts, on_event: EventFn | None, templates_dir: str | None,
+                 line: DeliveryLine) -> RenderedBatch | None:
+    """Render ``todo`` one engine batch at a time, each batch's delivery handed to ``line`` before the next one
+    renders; returns the last batch, rendered and not delivered (None when there is nothing to render)."""
+    size = max(1, pipeline.max_batch_size)
+    for i in range(0, len(todo), size):
+        batch = _render_batch(todo[i : i + size], pipeline, store)
+        if i + size >= len(todo):
+            return batch
+        line.submit(deliver_batch, batch, store=store, db=db, run_id=run_id, counts=counts, on_event=on_event,
+                    overlays=OverlayStep(templates_dir))
+    return None
 
 
 def _hires_pass(todo: Sequence[RenderJob], results: list[GenerationResult], pipeline: Pipeline,
