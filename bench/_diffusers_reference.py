@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench._worker_common import maxrss_mb, profile_table, rss_mb, setup_threads, shared_inputs
 
-__all__ = ["load_diffusers_models", "load_diffusers_sdxl_models", "run_diffusers"]
+__all__ = ["dpmpp_2m_karras", "load_diffusers_models", "load_diffusers_sdxl_models", "run_diffusers", "sd15_pipeline"]
 
 VAE_SCALE = 0.18215
 
@@ -96,12 +96,37 @@ def load_diffusers_sdxl_models(path, unet_cfg: dict, vae_cfg: dict, size: int, s
     return unet, vae
 
 
+def dpmpp_2m_karras():
+    """diffusers' DPM++ 2M Karras over SD 1.x's scaled-linear betas (the sampler every SD 1.5 bench runs)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True,
+    )
+
+
+def sd15_pipeline(path, preset: dict, device, dtype):
+    """diffusers' StableDiffusionPipeline over the file's U-Net and VAE (no text encoder: the benches hand it fixed
+    embeddings), on ``device`` in ``dtype``, DPM++ 2M Karras, quiet; returns (pipeline, unet, vae)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+    unet, vae = load_diffusers_models(path, preset)
+    unet.to(device, dtype).eval().requires_grad_(False)
+    vae.to(device, dtype).eval().requires_grad_(False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=dpmpp_2m_karras(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, unet, vae
+
+
 def run_diffusers(preset: dict, path: Path, args) -> dict:
     import numpy as np
     import torch
 
     setup_threads(args.threads)
-    from diffusers import DPMSolverMultistepScheduler
     from diffusers.utils import logging as dlogging
 
     dlogging.set_verbosity_error()
@@ -113,10 +138,7 @@ def run_diffusers(preset: dict, path: Path, args) -> dict:
         left = [n for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_meta]
         if left:
             raise RuntimeError(f"{type(m).__name__}: tensors left on the meta device: {left[:5]}")
-    sched = DPMSolverMultistepScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True,
-    )
+    sched = dpmpp_2m_karras()
     load_s = time.perf_counter() - t0
     rss_load, rss_load_now = maxrss_mb(), rss_mb()
 

@@ -109,22 +109,11 @@ class DiffusersSD:
 
     def __init__(self, preset: dict, path, cfg: SuiteConfig, device, dtype, cond):
         import numpy as np
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-        from diffusers.utils import logging as dlogging
 
-        from bench._diffusers_reference import load_diffusers_models
+        from bench._diffusers_reference import sd15_pipeline
 
-        dlogging.set_verbosity_error()
         self.cfg, self.device, self.dtype, self.cond = cfg, device, dtype, cond
-        unet, vae = load_diffusers_models(path, preset)
-        unet.to(device, dtype).eval().requires_grad_(False)
-        vae.to(device, dtype).eval().requires_grad_(False)
-        sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                            beta_schedule="scaled_linear", algorithm_type="dpmsolver++", solver_order=2,
-                                            use_karras_sigmas=True)
-        self.pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=sched,
-                                            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe, unet, vae = sd15_pipeline(path, preset, device, dtype)
         self.unet = unet
         self.inner = unet.forward  # the U-Net's own forward (compiled by compile())
         self.t_frac = None

@@ -64,7 +64,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # The model presets, the checkpoint writer and the diffusers loading, shared with bench/engine_vs_diffusers.py.
-from bench._diffusers_reference import load_diffusers_models, load_diffusers_sdxl_models  # noqa: E402
+from bench._diffusers_reference import load_diffusers_sdxl_models, sd15_pipeline  # noqa: E402
 from bench._sd15_random import PRESETS, make_checkpoint  # noqa: E402
 from bench._sdxl_unet import SIZE_FEATURES, unet_dict  # noqa: E402
 
@@ -171,19 +171,7 @@ class Ours:
 
 class Diffusers:
     def __init__(self, preset: dict, path: Path, device, dtype, cond):
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-        from diffusers.utils import logging as dlogging
-
-        dlogging.set_verbosity_error()
-        unet, vae = load_diffusers_models(path, preset)
-        unet.to(device, dtype).eval().requires_grad_(False)
-        vae.to(device, dtype).eval().requires_grad_(False)
-        sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                            beta_schedule="scaled_linear", algorithm_type="dpmsolver++", solver_order=2,
-                                            use_karras_sigmas=True)
-        self.pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=sched,
-                                            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe, _, _ = sd15_pipeline(path, preset, device, dtype)
         self.device, self.dtype, self.cond = device, dtype, cond
 
     def run(self, batch: int, size: int, steps: int) -> list:

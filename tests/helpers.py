@@ -27,6 +27,23 @@ PREFECT = Path(sys.executable).parent / "prefect"  # this environment's Prefect 
 POSTGRES_URL = os.environ.get("ADFORGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
+# ------------------------------------------------------------------------------------------------ storage
+
+
+def alembic_step(db: Any, action: Callable[..., None], revision: str) -> None:
+    """Run an Alembic command (``alembic.command.upgrade`` / ``downgrade``) to ``revision`` on ``db`` the way
+    :meth:`storage.database.Database.upgrade` does (its connection handed to env.py)."""
+    from alembic.config import Config
+
+    from storage.database import MIGRATIONS
+
+    cfg = Config()
+    cfg.set_main_option("script_location", os.fspath(MIGRATIONS))
+    with db.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        action(cfg, revision)
+
+
 # ------------------------------------------------------------------------------------------------ engine
 
 

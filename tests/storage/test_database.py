@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import os
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,6 +31,7 @@ from storage.database import (
 )
 from storage.retrying import is_transient, retry_call
 from storage.schema import AuditEntry, Base, Brief, BriefRowRecord, Campaign
+from tests.helpers import alembic_step
 
 TABLES = {"models", "campaigns", "briefs", "brief_rows", "prompts", "variants", "variant_upscalers", "assets", "runs", "audit_log"}
 
@@ -39,13 +39,6 @@ TABLES = {"models", "campaigns", "briefs", "brief_rows", "prompts", "variants", 
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _alembic(db: Database, action: Callable[[Config, str], None], revision: str) -> None:
-    """Run an Alembic command on ``db`` the way :meth:`Database.upgrade` does (connection handed to env.py)."""
-    cfg = Config()
-    cfg.set_main_option("script_location", os.fspath(MIGRATIONS))
-    with db.engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        action(cfg, revision)
 
 
 def _schema_differences(db: Database) -> list:
@@ -124,7 +117,7 @@ def test_models_and_migration_agree(db: Database) -> None:
 def test_downgrade_to_base_and_upgrade_again(db: Database) -> None:
     """The migration is reversible: base removes tables and guards, head brings both back and still agrees."""
     _add_audit_entry(db)
-    _alembic(db, command.downgrade, "base")
+    alembic_step(db, command.downgrade, "base")
     assert db.revision() is None
     assert not (TABLES & _tables(db))
     assert _audit_guard_count(db) == 0
@@ -135,7 +128,7 @@ def test_downgrade_to_base_and_upgrade_again(db: Database) -> None:
                 "WHERE p.proname = 'audit_log_append_only' AND n.nspname = current_schema()"
             )) == 0
 
-    _alembic(db, command.upgrade, "head")
+    alembic_step(db, command.upgrade, "head")
     assert db.revision() == head_revision()
     assert TABLES <= _tables(db)
     assert _schema_differences(db) == []

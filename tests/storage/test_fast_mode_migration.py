@@ -4,21 +4,13 @@ PostgreSQL with a message where it is unreachable)."""
 
 from __future__ import annotations
 
-import os
-
 from alembic import command
-from alembic.config import Config
 from sqlalchemy import inspect, text
 
-from storage.database import MIGRATIONS, open_database
+from storage.database import open_database
+from tests.helpers import alembic_step
 
 
-def _alembic(db, action, revision: str) -> None:
-    cfg = Config()
-    cfg.set_main_option("script_location", os.fspath(MIGRATIONS))
-    with db.engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        action(cfg, revision)
 
 
 def _columns(db) -> set[str]:
@@ -45,18 +37,18 @@ def test_upgrade_from_0008_adds_the_fast_column_exact_for_every_variant(db_url: 
 
     db = open_database(db_url, upgrade=False)
     try:
-        _alembic(db, command.upgrade, "0008")
+        alembic_step(db, command.upgrade, "0008")
         assert "fast" not in _columns(db)
         with db.engine.begin() as conn:
             for statement in _ROWS:
                 conn.execute(text(statement), {"sha": "a" * 64, "identity": "b" * 64})
-        _alembic(db, command.upgrade, "0009")
+        alembic_step(db, command.upgrade, "0009")
         assert db.revision() == "0009" and "fast" in _columns(db)
         with db.engine.connect() as conn:
             assert conn.execute(text("SELECT id, fast FROM variants")).all() == [(1, "")]
         with db.session() as s:
             assert load_variants(s, [1])[1].spec.fast == ""
-        _alembic(db, command.downgrade, "0008")
+        alembic_step(db, command.downgrade, "0008")
         assert "fast" not in _columns(db)
         with db.engine.connect() as conn:
             assert conn.execute(text("SELECT identity FROM variants")).scalars().all() == ["b" * 64]
