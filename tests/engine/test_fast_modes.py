@@ -278,3 +278,42 @@ def test_compiled_unet_draws_the_same_picture(tiny_checkpoint: Path) -> None:
     r = req(seed=4, steps=3)
     a, b = compiled.generate([r])[0], eager.generate([r])[0]
     assert np.abs(arr(a.image) - arr(b.image)).max() <= 2
+
+
+@pytest.mark.parametrize("family", ["sd2-v", "sdxl"])
+def test_fast_modes_on_other_families(tmp_path_factory: pytest.TempPathFactory, family: str) -> None:
+    """SD 2.x (linear projections, v-prediction) and SDXL (no attention at full resolution: tokens merge at the first
+    level that has attention; fewer input blocks) take every mode, each a little off the exact picture."""
+    from engine.random_checkpoint import write_random
+
+    path = write_random(tmp_path_factory.mktemp("fast") / f"{family}.safetensors", family, seed=4)
+    pipe = Pipeline.load(path, device="cpu", dtype="float32")
+    exact = pipe.generate([req(seed=2, width=64, height=64)])[0]
+    for mode in ("cache:3", "cache:2:0", "tome:0.5", "cache:3,tome:0.5"):
+        out = pipe.generate([req(seed=2, width=64, height=64, fast=mode)])[0]
+        diff = np.abs(arr(out.image) - arr(exact.image))
+        assert 0 < diff.mean() < 40, (family, mode)
+        assert out.parameters["Fast"] == mode
+
+
+def test_cache_with_a_controlnet(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Shallow calls take the ControlNet's residuals for the blocks they run: a controlled fast render stays near the
+    controlled exact one and away from the uncontrolled fast one."""
+    from PIL import Image, ImageDraw
+
+    from engine.adapters.refs import AdapterFile
+    from engine.random_checkpoint import write_random
+    from engine.random_controlnet import write_random_controlnet
+    from engine.requests import ControlUse
+
+    tmp = tmp_path_factory.mktemp("fast-cn")
+    pipe = Pipeline.load(write_random(tmp / "sd1.safetensors", "sd1", seed=3), device="cpu", dtype="float32")
+    net = write_random_controlnet(tmp / "cn.safetensors", "sd1", seed=13)
+    layout = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(layout).rectangle((12, 16, 50, 44), fill="white")
+    control = (ControlUse(AdapterFile("cn", str(net)), layout, "canny", 2.0),)
+    exact = pipe.generate([req(seed=6, width=64, height=64, controls=control)])[0]
+    fast = pipe.generate([req(seed=6, width=64, height=64, controls=control, fast="cache:2")])[0]
+    free = pipe.generate([req(seed=6, width=64, height=64, fast="cache:2")])[0]
+    near = np.abs(arr(fast.image) - arr(exact.image)).mean()
+    assert 0 < near < np.abs(arr(fast.image) - arr(free.image)).mean()
