@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from cli.errors import console, fail, print_problems, rejected
-from cli.options import ConfigOpt, DbOpt, FastOpt, ModelOpt, RefinerOpt, RefinerSwitchOpt, StoreOpt, load_settings
+from cli.options import BlocklistOpt, ConfigOpt, DbOpt, FastOpt, ModelOpt, RefinerOpt, RefinerSwitchOpt, StoreOpt, load_settings
 from flows.safe_text import visible
 
 __all__ = ["app", "assets", "plan", "rerender", "run", "runs"]
@@ -95,6 +95,7 @@ def run(
     sampler: Annotated[str | None, typer.Option(help="Sampler (default DPM++ 2M Karras).")] = None,
     cfg: Annotated[float | None, typer.Option("--cfg", min=0.0, help="CFG scale (default 7).")] = None,
     fast: FastOpt = None,
+    blocklist: BlocklistOpt = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Images per engine batch (default 4).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
     devices: Annotated[str | None, typer.Option(
@@ -106,8 +107,9 @@ def run(
     """Render every variant a brief plans (skipping those that exist), store them, record everything."""
     _quiet_prefect()
     overrides = {"db_url": db, "store_url": store, "model": model, "refiner": refiner, "refiner_switch": refiner_switch,
-                 "steps": steps, "sampler": sampler, "cfg_scale": cfg, "fast": fast, "batch_size": batch_size, "device": device, "devices": devices, "fan_out": fan_out}
-    load_settings(config, **overrides)  # bad settings fail here, before Prefect starts a server
+                 "steps": steps, "sampler": sampler, "cfg_scale": cfg, "fast": fast, "batch_size": batch_size, "device": device, "devices": devices, "fan_out": fan_out,
+                 "blocklist": blocklist}
+    settings = load_settings(config, **overrides)  # bad settings fail here, before Prefect starts a server
     from flows.brief import BriefError
     from flows.campaign import campaign_run, set_progress_listener
     from flows.device_pool import DeviceError, PoolError
@@ -169,6 +171,8 @@ def run(
         workers = sorted({r["worker"] for r in runs if r["worker"]})
         console.print(f"shards:   {len(summary['shards'])} on {len(workers)} worker(s) ({escape(', '.join(workers))}), "
                       f"{len(runs) - len(summary['shards'])} re-submitted", soft_wrap=True)
+    if settings.blocklist == "":
+        console.print("content filter: off (blocklist setting); only the brief's own blocked_terms were checked")
     console.print(f"assets:   {escape(summary['store_url'])}", soft_wrap=True)
     console.print(f"database: {escape(summary['db_url'])}", soft_wrap=True)
     console.print(f"list them: adforge assets --run {summary['run_id']}")
@@ -231,17 +235,19 @@ def plan(
     db: DbOpt = None,
     details: Annotated[bool, typer.Option("--details", help="List every variant (prompt, seed, size, key).")] = False,
     fast: FastOpt = None,
+    blocklist: BlocklistOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Show what a run would make (rows x channels x prompt variations x seeds) without rendering anything."""
-    settings = load_settings(config, model=model, db_url=db, refiner=refiner, refiner_switch=refiner_switch, fast=fast)
+    settings = load_settings(config, model=model, db_url=db, refiner=refiner, refiner_switch=refiner_switch, fast=fast,
+                             blocklist=blocklist)
     from flows.brief import BriefError, BriefLimits, read_brief
     from flows.campaign import make_plan
     from flows.channels import load_channels
     try:
         tdir = Path(settings.templates_dir) if settings.templates_dir else None
         parsed = read_brief(brief, known_channels=set(load_channels(tdir / "channels.yaml" if tdir else None)), strict=strict,
-                            limits=BriefLimits.from_settings(settings))
+                            limits=BriefLimits.from_settings(settings), blocklist=settings.blocklist)
         the_plan = make_plan(parsed, settings, _existing_database(settings.db_url), strict)
     except BriefError as exc:
         raise rejected("brief", exc.problems) from None
@@ -269,6 +275,8 @@ def plan(
     out.print(f"{len(the_plan.variants)} images from {rows} row(s) x {len(groups)} row-channel(s); "
               f"{settings.steps} steps of {settings.sampler}, CFG {settings.cfg_scale:g}"
               + (f", fast {settings.fast} where no channel or row says otherwise" if settings.fast else ""))
+    if settings.blocklist == "":
+        out.print("content filter: off (blocklist setting); only the brief's own blocked_terms are checked")
     print_problems(the_plan.problems, "rows that would be skipped")
     print_problems(parsed.warnings, "warnings")
 

@@ -14,7 +14,7 @@ import typer
 
 from cli.errors import fail
 
-__all__ = ["CampaignOpt", "ConfigOpt", "DbOpt", "FastOpt", "ModelOpt", "RefinerOpt", "RefinerSwitchOpt", "ReviewDbOpt", "StoreOpt", "actor", "load_settings", "open_db"]
+__all__ = ["CampaignOpt", "BlocklistOpt", "ConfigOpt", "DbOpt", "FastOpt", "ModelOpt", "RefinerOpt", "RefinerSwitchOpt", "ReviewDbOpt", "StoreOpt", "actor", "load_settings", "open_db"]
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="adforge.toml to read (default: ./adforge.toml if present).")]
 DbOpt = Annotated[str | None, typer.Option("--db", help="Database URL (env ADFORGE_DB_URL). Default: sqlite under ./adforge-data/.")]
@@ -29,6 +29,9 @@ RefinerSwitchOpt = Annotated[float | None, typer.Option(
 FastOpt = Annotated[str | None, typer.Option(
     "--fast", help="Fast mode for images whose channel and brief row set none: cache:N, tome:R, both comma-separated, "
                    "or off. Trades exactness for speed; recorded in each image's identity and infotext.")]
+BlocklistOpt = Annotated[str | None, typer.Option(
+    "--blocklist", help="Prompt blocklist file (default templates/blocklist.txt; env ADFORGE_BLOCKLIST); "
+                        "'off' turns it off (a brief's own blocked_terms still apply).")]
 CampaignOpt = Annotated[str, typer.Option("--campaign", "-c", help="Campaign name (or id).")]
 
 

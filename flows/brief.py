@@ -38,6 +38,9 @@ optional
     ``brand``, ``headline``, ``body``, ``cta``  a brand kit and the copy its overlay draws (:mod:`flows.brand.cells`).
     ``fast``             a fast mode (``cache:3``, ``tome:0.5``, both, or ``off``) overriding the channel's and the
                          run's (:mod:`flows.fast_setting`); default: theirs.
+    ``blocked_terms``    terms (``;`` / ``,`` separated) no prompt of any row of the row's campaign may hold, on top of
+                         the ``blocklist`` setting's; every text cell that can reach a prompt is checked against both
+                         (:mod:`flows.content_filter`), a hit is a problem naming the term.
 
 Image files are read and checked when the brief is planned (:mod:`flows.input_images`), not here.
 
@@ -75,13 +78,14 @@ import hashlib
 import os
 import re
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from flows.brand.cells import BRAND_COLUMNS, COPY_COLUMNS, BrandCells, check_brand, copy_without_brand
 from flows.brief_inputs import CONTROL_COLUMNS, CONTROL_TYPES, PRODUCT_COLUMNS, ControlCell, check_control, check_product
 from flows.brief_limits import COLUMN_LENGTHS, BriefLimits, RecordGuard, setting, too_big
 from flows.brief_problems import BriefError, BriefProblem
+from flows.content_filter import BLOCKLIST_COLUMNS, BriefFilter
 from flows.fast_setting import FAST_COLUMNS, check_fast
 from flows.safe_text import quoted
 from flows.xlsx_reader import XlsxSheet
@@ -94,18 +98,8 @@ __all__ = [
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("campaign", "row_id", "subject", "channels")
 OPTIONAL_COLUMNS: tuple[str, ...] = (
-    "message",
-    "audience",
-    "style",
-    "variants",
-    "negative_prompt",
-    "seed",
-    "model",
-    "license",
-    *PRODUCT_COLUMNS,
-    *CONTROL_COLUMNS,
-    *BRAND_COLUMNS,
-    *FAST_COLUMNS,
+    "message", "audience", "style", "variants", "negative_prompt", "seed", "model", "license",
+    *PRODUCT_COLUMNS, *CONTROL_COLUMNS, *BRAND_COLUMNS, *FAST_COLUMNS, *BLOCKLIST_COLUMNS,
 )
 LICENSES: tuple[str, ...] = ("commercial", "any")
 DEFAULT_LICENSE = "commercial"
@@ -152,6 +146,7 @@ class BriefRow:
     control: ControlCell | None = None
     brand: BrandCells = BrandCells()  # a brand kit (templates/brands/) and the copy its overlay draws
     fast: str | None = None  # canonical fast mode ("" = off); None = the channel's or the run's
+    blocked_terms: tuple[str, ...] = ()  # the campaign's own blocked terms (its rows' blocked_terms cells)
 
 
 @dataclass
@@ -314,9 +309,11 @@ def read_brief(
     known_channels: Collection[str] | None = None,
     strict: bool = False,
     limits: BriefLimits | None = None,
+    blocklist: str | None = None,
 ) -> Brief:
     """Read and validate a brief; see the module docstring for columns and rules. ``limits``: the caps
-    (default :class:`BriefLimits`'s; a run passes the settings' own)."""
+    (default :class:`BriefLimits`'s; a run passes the settings' own); ``blocklist``: the setting (None = the
+    shipped list, "" = off)."""
     path = Path(path)
     file = os.fspath(path)
     limits = limits or BriefLimits()
@@ -354,6 +351,7 @@ def read_brief(
     if file_problems:
         raise BriefError(file_problems)
 
+    text_filter = BriefFilter(blocklist, body, first_at, file)
     known = None if known_channels is None else {normalize_name(c) for c in known_channels}
     problems: list[BriefProblem] = []
     candidates: list[BriefRow] = []
@@ -370,6 +368,8 @@ def read_brief(
             bad(None, f"row has {len(cells)} cells but the header has {len(columns)} columns")
         values = {name: (cells[i] if i < len(cells) else "") for name, i in first_at.items()}
         row = _check_row(values, line, bad, known, limits, lenient=suffix == ".xlsx")
+        if (terms := text_filter.check(values, bad)) and row is not None:
+            row = replace(row, blocked_terms=terms)
 
         row_id = values["row_id"]
         if row_id:

@@ -117,9 +117,10 @@ class RunSummary:
 
 
 @task(name="validate-brief", cache_policy=NO_CACHE)
-def validate_brief(brief_path: str, strict: bool, templates_dir: str | None, limits: BriefLimits | None = None) -> Brief:
+def validate_brief(brief_path: str, strict: bool, templates_dir: str | None, limits: BriefLimits | None = None,
+                   blocklist: str | None = None) -> Brief:
     channels = load_channels(Path(templates_dir) / "channels.yaml" if templates_dir else None)
-    return read_brief(brief_path, known_channels=set(channels), strict=strict, limits=limits)
+    return read_brief(brief_path, known_channels=set(channels), strict=strict, limits=limits, blocklist=blocklist)
 
 
 def make_plan(brief: Brief, settings: Settings, db: Database | None, strict: bool, inputs_from: str | None = None) -> Plan:
@@ -271,7 +272,8 @@ def _campaign_run(brief_path: str, strict: bool, settings: Settings, config: str
     t0 = time.perf_counter()
     if settings.fan_out == 1:
         plan_workers(settings.devices, settings.device)  # devices this machine lacks: refused before anything is recorded
-    brief = validate_brief(brief_path, strict, settings.templates_dir, BriefLimits.from_settings(settings))
+    brief = validate_brief(brief_path, strict, settings.templates_dir, BriefLimits.from_settings(settings),
+                           settings.blocklist)
     planned = plan_run(brief, settings, strict, str(flow_run.id) if flow_run.id else None, source, inputs_from)
     _emit("planned", planned.planned)
     _emit("skipped", planned.already_done)

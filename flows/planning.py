@@ -3,7 +3,9 @@
 For every valid row and each of its channels:
 
 * the channel's prompt template is rendered (:func:`flows.templating.render_prompts`, combinatorial
-  ``{a|b}`` variations) into one or more prompt variations;
+  ``{a|b}`` variations) into one or more prompt variations, each checked against the prompt blocklist (the
+  ``blocklist`` setting's terms and the campaign's ``blocked_terms``, :mod:`flows.content_filter`): a template or a
+  style preset may add what no cell held, and such a row is refused naming the channel, template and term;
 * ``variants`` images are planned; image ``i`` uses prompt variation ``i mod len(variations)`` and seed
   ``row.seed + i`` (A1111's batch convention, so a seed seen in the gallery reproduces in any SD tool); a row
   whose last seed would pass ``2**63 - 1`` is refused (brief validation refuses it first), never wrapped;
@@ -47,6 +49,7 @@ from flows.brief import SEED_LIMIT, Brief, BriefError, BriefProblem, BriefRow
 from flows.adapters import AdapterProblem, PlannedAdapter, PromptAdapters, pins_text
 from flows.brief_limits import COLUMN_LENGTHS, MODEL_NAME_LENGTH, TEMPLATE_LENGTH
 from flows.channels import ChannelFormat, native_size_for
+from flows.content_filter import BlockedPrompt, check_prompts
 from flows.fast_setting import fast_for
 from flows.licence_policy import check_license
 from flows.model_registry import ModelInfo
@@ -230,6 +233,7 @@ def plan_brief(
                 if not prompts:
                     raise TemplateError(f"template '{channel.template}' rendered no prompt for channel '{channel_name}'")
                 _check_stored_names(channel, prompts)
+                check_prompts(settings.blocklist, row.blocked_terms, channel_name, prompts)  # what templates add
                 gen_w, gen_h = native_size_for(channel, model.native_size)
                 # The engine's own limits, so a channel or a model's native size it cannot render is a planning problem.
                 if problem := size_problem(gen_w, gen_h, tiled=False):
@@ -261,7 +265,7 @@ def plan_brief(
             problems.append(BriefProblem(file, row.line, "channels", str(exc)))
             skipped.append(row)
             continue
-        except (ChainProblem, AdapterProblem, InputProblem, OverlayRowProblem) as exc:
+        except (ChainProblem, AdapterProblem, InputProblem, OverlayRowProblem, BlockedPrompt) as exc:
             problems.append(BriefProblem(file, row.line, exc.column, str(exc)))
             skipped.append(row)
             continue

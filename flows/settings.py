@@ -12,6 +12,7 @@ Defaults need no setup: a SQLite file and an asset folder under ``./adforge-data
     sampler = "DPM++ 2M Karras"
     steps = 25
     cfg_scale = 7.0
+    blocklist = "policy/blocklist.txt"  # terms no prompt may hold (default templates/blocklist.txt; "off" turns it off)
     fast = "cache:3"         # a fast mode for every image (channels.yaml and brief rows may say otherwise); default off
     batch_size = 4
     device = "auto"
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.brief_limits import BriefLimits
+from flows.content_filter import OFF, BlocklistError, load_blocklist
 from flows.fast_setting import FastModeError, canonical_fast
 from storage.database import sqlite_url
 
@@ -50,6 +52,7 @@ ENV_VARS = {
     "devices": "ADFORGE_DEVICES",
     "fan_out": "ADFORGE_FAN_OUT",
     "model_dirs": "ADFORGE_MODEL_DIRS",
+    "blocklist": "ADFORGE_BLOCKLIST",
     "allow_any_model_path": "ADFORGE_ALLOW_ANY_MODEL_PATH",
     "lora_dir": "ADFORGE_LORA_DIR",
     "embeddings_dir": "ADFORGE_EMBEDDINGS_DIR",
@@ -77,6 +80,8 @@ class Settings:
     clip_skip: int = 1
     # The fast mode (flows.fast_setting) of images whose channel and row say none: canonical text, "" = exact.
     fast: str = ""
+    # The prompt blocklist (flows.content_filter): a file's path, None = the shipped templates/blocklist.txt, "" = off.
+    blocklist: str | None = None
     batch_size: int = 4
     device: str = "auto"
     # Render worker processes, one per entry (flows/device_pool.py): "auto" (every visible GPU, or ``device`` when
@@ -219,6 +224,13 @@ def load_settings(overrides: dict[str, Any] | None = None, *, config: str | os.P
         settings = replace(settings, fast=canonical_fast(settings.fast))
     except FastModeError as exc:
         raise SettingsError(f"{sources.get('fast', 'default')}: 'fast': {exc}") from None
+    if settings.blocklist is not None:  # relative to where adforge runs; "off" and "" are stored as ""
+        off = settings.blocklist.strip().lower() in OFF
+        settings = replace(settings, blocklist="" if off else (base / settings.blocklist).resolve().as_posix())
+    try:
+        load_blocklist(settings.blocklist)
+    except BlocklistError as exc:
+        raise SettingsError(f"{sources.get('blocklist', 'default')}: 'blocklist': {exc}") from None
     problem = devices_problem(settings.devices)
     if problem:
         raise SettingsError(f"{sources.get('devices', 'default')}: 'devices' {problem}")
