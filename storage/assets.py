@@ -14,6 +14,7 @@ filesystem- and URL-safe keys from a variant's identity.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import re
@@ -68,6 +69,17 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 def _is_temp_name(name: str) -> bool:
     # write_atomic's temporary files: ".{name}.XXXXXXXX.part" next to the target.
     return name.startswith(".") and name.endswith(".part")
+
+
+def _sweep_temporaries(path: Path) -> None:
+    """Remove what killed writers of ``path`` left: their ".{name}.XXXXXXXX.part" files beside it. Only the run that
+    holds a variant's claim writes its keys, so no live writer of the same key is racing this one; if one were, its
+    rename would fail and its put be retried, losing nothing."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.part"):
+        try:
+            stale.unlink(missing_ok=True)
+        except OSError:
+            pass  # a folder of the same name, or no permission: left for whoever can
 
 
 def validate_key(key: str) -> str:
@@ -136,10 +148,12 @@ class LocalAssetStore:
         digest = _sha256(data)
         try:
             if path.is_file() and path.stat().st_size == len(data) and _sha256(path.read_bytes()) == digest:
+                _sweep_temporaries(path)
                 return self._asset(key, path, len(data), digest)  # same bytes already there: no write
         except OSError:
             pass  # unreadable or vanished: just write it
         write_atomic(path, data)
+        _sweep_temporaries(path)
         return self._asset(key, path, len(data), digest)
 
     def get(self, key: str, max_bytes: int | None = None) -> bytes:

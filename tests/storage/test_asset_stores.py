@@ -125,6 +125,25 @@ def test_local_put_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("*.part"))
 
 
+def test_local_put_sweeps_what_a_killed_writer_left(tmp_path: Path) -> None:
+    """kill -9 during write_atomic leaves ".{name}.XXXXXXXX.part" beside the target; the next put of that key (the
+    re-run that renders the unrecorded variant again) removes it, with or without rewriting the file. Temporary
+    files of other keys are not its to touch."""
+    store = LocalAssetStore(tmp_path)
+    folder = tmp_path / "c" / "r"
+    folder.mkdir(parents=True)
+    left = [folder / ".v0.png.k1ll3d00.part", folder / ".v0.png.0ther0ne.part"]
+    other = folder / ".v1.png.k1ll3d00.part"
+    for path in (*left, other):
+        path.write_bytes(b"half a file")
+    store.put("c/r/v0.png", b"png bytes", PNG)
+    assert not any(p.exists() for p in left) and other.exists()
+    (folder / ".v0.png.again000.part").write_bytes(b"half")
+    store.put("c/r/v0.png", b"png bytes", PNG)  # same bytes: no write, still swept
+    assert not (folder / ".v0.png.again000.part").exists()
+    assert store.list() == ["c/r/v0.png"] and store.get("c/r/v0.png") == b"png bytes"
+
+
 def test_local_failing_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = LocalAssetStore(tmp_path)
     store.put("keep.png", b"old", PNG)
