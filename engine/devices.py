@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
+
+log = logging.getLogger(__name__)
 
 DTYPES = {
     "float32": torch.float32,
@@ -121,6 +124,9 @@ def set_cpu_threads(threads: int | None = None) -> int:
         chosen = os.environ.get("ADFORGE_THREADS", "").strip()
         if chosen.isdigit() and int(chosen) > 0:
             threads = int(chosen)
+        elif chosen:
+            log.warning("ADFORGE_THREADS=%r is not a positive whole number; using the free cores instead", chosen[:40])
+            threads = free_cpu_threads()
         elif any(os.environ.get(name) for name in THREAD_ENV):
             return torch.get_num_threads()
         else:

@@ -37,3 +37,10 @@ def test_without_a_say_the_free_cores(torch_threads, monkeypatch) -> None:
     monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))
     assert set_cpu_threads() == min(torch.get_num_threads(), free_cpu_threads(load=0.0)) == free_cpu_threads(load=0.0)
     assert set_cpu_threads(1) == 1
+
+
+def test_a_bad_thread_count_is_said_and_ignored(torch_threads, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("ADFORGE_THREADS", "lots")
+    monkeypatch.setattr("os.getloadavg", lambda: (50.0, 50.0, 50.0))
+    assert set_cpu_threads() == 1  # the free cores, not the unreadable setting
+    assert "ADFORGE_THREADS='lots' is not a positive whole number" in caplog.text
