@@ -2,7 +2,7 @@
 the same requests: the pipeline's share (target >= 95 %).
 
 The brief (``--variants`` images of the instagram_square channel, four per row) is planned into a fresh SQLite
-database and folder store with the suite's SD 1.5 checkpoint (bench/worker_scaling.py's ``_plan``: the campaign's
+database and folder store with the suite's SD 1.5 checkpoint (bench/worker_scaling.py's ``plan_runs``: the campaign's
 own validate and plan steps). One device worker (``flows.device_pool``: the GPU, or the CPU in the dry run) is
 started and warmed with one batch of a separate small run (process start and model load are a per-run cost,
 reported apart), then renders every batch of the timed run: engine, post-process (the fit to the channel's
@@ -45,7 +45,7 @@ def _fit_variants(cfg: SuiteConfig, budget: Budget, ips: float) -> tuple[int, fl
 def run_campaign_section(cfg: SuiteConfig, budget: Budget, shared: dict, log) -> dict:
     import torch
 
-    from bench.worker_scaling import _plan
+    from bench.worker_scaling import plan_runs
     from flows.device_pool import DevicePool, PoolConfig, plan_workers, wait_until_ready
     from flows.rendering import clear_pipelines, get_pipeline, load_jobs
     from storage.database import open_database
@@ -66,7 +66,7 @@ def run_campaign_section(cfg: SuiteConfig, budget: Budget, shared: dict, log) ->
     folder = Path(tempfile.mkdtemp(prefix="campaign-", dir=cfg.work))
     try:
         t = time.perf_counter()
-        settings, [(warm_id, warm_units), (run_id, units)] = _plan(
+        settings, [(warm_id, warm_units), (run_id, units)] = plan_runs(
             folder / "run", path, [("warm", batch), ("timed", n)], cfg.campaign_steps, batch)
         out["plan_s"] = time.perf_counter() - t
         threads = cfg.threads or torch.get_num_threads()

@@ -82,15 +82,15 @@ def _diffusers(unet_cfg: dict, path, device, dtype, inputs, cfg: SuiteConfig) ->
 
 
 def _measure(side: _Side, noise, steps: int, device) -> dict:
-    from bench._sdxl_unet import _sample  # the Euler loop both workers of engine_vs_diffusers.py run
+    from bench._sdxl_unet import euler_cfg_sample  # the Euler loop both workers of engine_vs_diffusers.py run
 
     sync(device)
     t = time.perf_counter()
-    _sample(side.eps, noise, WARMUP_STEPS, CFG)
+    euler_cfg_sample(side.eps, noise, WARMUP_STEPS, CFG)
     sync(device)
     warm = time.perf_counter() - t
     t = time.perf_counter()
-    run = _sample(side.eps, noise, steps, CFG)
+    run = euler_cfg_sample(side.eps, noise, steps, CFG)
     sync(device)
     seconds = time.perf_counter() - t
     return {"s_per_step": seconds / steps, "steps_per_s": steps / seconds, "warmup_s": warm,

@@ -166,7 +166,7 @@ def _schedule(steps: int):
     return [float(t) for t in ts], [float(s) for s in sigmas] + [0.0]
 
 
-def _sample(eps_pair, noise, steps: int, cfg: float) -> dict:
+def euler_cfg_sample(eps_pair, noise, steps: int, cfg: float) -> dict:
     """Euler over the schedule: one ``eps_pair(x_in [2, ...], t [2])`` call on the CFG pair per step, timed."""
     import torch
 
@@ -191,7 +191,7 @@ def _finish(eps_pair, preset: dict, args, load_s: float, rss_import: float) -> d
 
     rss_load, rss_load_now = maxrss_mb(), rss_mb()
     noise, *_ = shared_inputs(preset, args.seed)
-    run = _sample(eps_pair, noise, args.steps + 1, args.cfg)
+    run = euler_cfg_sample(eps_pair, noise, args.steps + 1, args.cfg)
     out = {"load_s": load_s, "step_s": run["step_s"], "step_cpu_s": run["step_cpu_s"], "rss_import_mb": rss_import,
            "rss_load_mb": rss_load, "rss_load_now_mb": rss_load_now, "rss_sampling_mb": maxrss_mb()}
     torch.save({"latents": run["latents"].clone()}, args.out_tensors)

@@ -44,7 +44,7 @@ def _brief(folder: Path, images: int, tag: str) -> Path:
     return path
 
 
-def _plan(folder: Path, model: Path, runs: list[tuple[str, int]], steps: int, batch_size: int):
+def plan_runs(folder: Path, model: Path, runs: list[tuple[str, int]], steps: int, batch_size: int):
     """One database and store in ``folder``; each (tag, images) brief planned there as a run. Returns the settings
     and, per run, its id and engine-batch units."""
     from flows.campaign import close_resources, plan_run, validate_brief
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     folder = Path(tempfile.mkdtemp(prefix="adforge-scaling-"))
     try:
         # Reference: this process, one pipeline, the same per-batch path the workers run.
-        settings, [(run_id, units)] = _plan(folder / "reference", model, [("reference", args.images)], args.steps,
+        settings, [(run_id, units)] = plan_runs(folder / "reference", model, [("reference", args.images)], args.steps,
                                             args.batch_size)
         db, store = open_database(settings.db_url), open_store(settings.store_url)
         jobs = load_jobs(db, units[0])
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         one = None
         for n in counts:
             # A warm-up run of one batch per worker (idle workers are served in turn), then the timed run.
-            settings, [(warm_id, warm_units), (run_id, units)] = _plan(
+            settings, [(warm_id, warm_units), (run_id, units)] = plan_runs(
                 folder / f"n{n}", model, [(f"warm{n}", n * args.batch_size), (f"timed{n}", args.images)], args.steps,
                 args.batch_size)
             config = PoolConfig(settings.db_url, settings.store_url, "float32", args.batch_size,
