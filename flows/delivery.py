@@ -34,6 +34,7 @@ from flows.brand.overlay_step import OverlayStep
 from flows.counts import RenderCounts
 from flows.product_check import check_product
 from flows.recording import AssetRecord, record_assets, record_failure
+from flows.trust import TrustSteps, trust_for_run
 from storage.assets import AssetStore, clean_storage_key
 from storage.database import Database
 from storage.image_metadata import CONTENT_TYPES, encode_image, xmp_packet
@@ -77,19 +78,21 @@ class FileSizeError(ValueError):
 
 
 def encode_within_cap(image: Image.Image, fmt: str, infotext_for: Callable[[int | None], str], xmp: str,
-                      max_kb: int | None) -> tuple[bytes, str]:
+                      max_kb: int | None, finish: Callable[[bytes], bytes] | None = None) -> tuple[bytes, str]:
     """Encoded bytes under the channel's size cap, and the infotext they carry. JPEG / WebP step the quality
-    down from 92 to 50 (the infotext names the quality used); PNG is lossless and either fits or fails."""
+    down from 92 to 50 (the infotext names the quality used); PNG is lossless and either fits or fails.
+    ``finish`` (a signer) turns each encoding into the file delivered before its size is checked."""
     limit = max_kb * 1024 if max_kb else None
+    finish = finish or (lambda data: data)
     if fmt == "png":
         infotext = infotext_for(None)
-        data = encode_image(image, fmt, infotext, xmp)
+        data = finish(encode_image(image, fmt, infotext, xmp))
         if limit and len(data) > limit:
             raise FileSizeError(f"PNG of {len(data) // 1024} KiB exceeds the channel's cap of {max_kb} KiB")
         return data, infotext
     for quality in (92, 85, 78, 70, 60, 50):
         infotext = infotext_for(quality)
-        data = encode_image(image, fmt, infotext, xmp, quality=quality)
+        data = finish(encode_image(image, fmt, infotext, xmp, quality=quality))
         if not limit or len(data) <= limit:
             return data, infotext
     raise FileSizeError(f"{fmt.upper()} still {len(data) // 1024} KiB at quality 50; the channel's cap is {max_kb} KiB")
@@ -128,6 +131,7 @@ def deliver_batch(batch: RenderedBatch, *, store: AssetStore, db: Database, run_
     timings = counts.seconds
     timings["engine"] += batch.engine_seconds
     per_image = batch.engine_seconds / len(batch.jobs)
+    trust = trust_for_run(db, run_id)
     # Store each file first, then record the whole batch in one transaction (one commit instead of one per
     # image). A crash in between leaves stored, unrecorded files: the next run rewrites them under the same key.
     records: list[AssetRecord] = []
@@ -137,7 +141,7 @@ def deliver_batch(batch: RenderedBatch, *, store: AssetStore, db: Database, run_
             continue
         try:
             records.append(_deliver_image(job, result, batch.layers[k], per_image, batch.device, store, timings,
-                                          on_event, overlays))
+                                          on_event, overlays, trust))
         except Exception as exc:
             log.exception("variant %s failed after rendering", job.variant_id)
             fail_variants(db, [job], run_id, f"{type(exc).__name__}: {exc}", counts, on_event)
@@ -151,7 +155,7 @@ def deliver_batch(batch: RenderedBatch, *, store: AssetStore, db: Database, run_
 
 def _deliver_image(job: RenderJob, result: GenerationResult, layer: ProductLayer | None, per_image: float,
                    device: torch.device, store: AssetStore, timings: dict[str, float], on_event: EventFn | None,
-                   overlays: OverlayStep) -> AssetRecord:
+                   overlays: OverlayStep, trust: TrustSteps) -> AssetRecord:
     """One image post-processed, encoded and stored (its clean copy first, when it has an overlay)."""
     spec = job.spec
     t1 = time.perf_counter()
@@ -168,6 +172,16 @@ def _deliver_image(job: RenderJob, result: GenerationResult, layer: ProductLayer
     clean, overlay = image, None
     if spec.overlay:
         image, overlay = overlays.apply(image, spec, None if layer is None else layer.box)
+    finding = trust.image_filter.check([image])[0] if trust.image_filter else None
+    mark = None
+    if trust.watermark:
+        image, mark = trust.watermark.mark(image, job, None if layer is None else layer.box)
+    signed: list[str] = []
+
+    def sign(data: bytes) -> bytes:
+        signed_data, label = trust.signer.sign(data, spec.out_format, job)  # type: ignore[union-attr]
+        signed.append(label)
+        return signed_data
     meta = {"Model": job.model.name, "ModelSHA256": job.model.sha256, "VariantIdentity": job.identity}
     if spec.inputs:
         meta["Inputs"] = spec.inputs  # every input image with its sha256, placement, control settings
@@ -185,7 +199,8 @@ def _deliver_image(job: RenderJob, result: GenerationResult, layer: ProductLayer
     if overlay is not None:
         meta["Overlay"] = spec.overlay  # the brand kit's sha256 and the copy drawn
     xmp = xmp_packet(meta)
-    data, infotext = encode_within_cap(image, spec.out_format, infotext_for, xmp, spec.out_max_kb)
+    data, infotext = encode_within_cap(image, spec.out_format, infotext_for, xmp, spec.out_max_kb,
+                                       sign if trust.signer else None)
     clean_key = None
     if overlay is not None:
         # The picture without the overlay, stored before the delivered file: in the delivered file's format and
@@ -205,7 +220,10 @@ def _deliver_image(job: RenderJob, result: GenerationResult, layer: ProductLayer
     timings["store"] += time.perf_counter() - t2
     return AssetRecord(job.variant_id, stored, spec.out_format, spec.out_width, spec.out_height, infotext, per_image,
                        product_error=error, product_changed=changed,
-                       product_outline=None if layer is None else outline(layer), clean_key=clean_key, overlay=overlay)
+                       product_outline=None if layer is None else outline(layer), clean_key=clean_key, overlay=overlay,
+                       flagged=None if finding is None else finding.flagged,
+                       flags=None if finding is None else finding.details, watermark=mark,
+                       credentials=signed[-1] if signed else None)
 
 
 class DeliveryLine:

@@ -272,6 +272,11 @@ class AssetRecord:
     product_outline: str | None = None
     clean_key: str | None = None  # see storage.schema.Asset.clean_key / overlay
     overlay: str | None = None
+    flagged: bool | None = None  # see storage.schema.Asset.flagged / flags / watermark / credentials / queue_seconds
+    flags: str | None = None
+    watermark: str | None = None
+    credentials: str | None = None
+    queue_seconds: float | None = None
 
 
 @retry_transient()
@@ -294,7 +299,9 @@ def record_assets(db: Database, run_id: int, records: list[AssetRecord]) -> int:
                           sha256=r.stored.sha256, size_bytes=r.stored.size, format=r.fmt, width=r.width, height=r.height,
                           infotext=r.infotext, render_seconds=r.render_seconds,
                           product_error=r.product_error, product_changed=r.product_changed,
-                          product_outline=r.product_outline, clean_key=r.clean_key, overlay=r.overlay)
+                          product_outline=r.product_outline, clean_key=r.clean_key, overlay=r.overlay,
+                          flagged=r.flagged, flags=r.flags, watermark=r.watermark, credentials=r.credentials,
+                          queue_seconds=r.queue_seconds)
             s.add(asset)
             variant.status, variant.error = "done", None
             s.flush()

@@ -53,6 +53,13 @@ ENV_VARS = {
     "fan_out": "ADFORGE_FAN_OUT",
     "model_dirs": "ADFORGE_MODEL_DIRS",
     "blocklist": "ADFORGE_BLOCKLIST",
+    "safety_checker": "ADFORGE_SAFETY_CHECKER",
+    "watermark": "ADFORGE_WATERMARK",
+    "c2pa_cert": "ADFORGE_C2PA_CERT",
+    "c2pa_key": "ADFORGE_C2PA_KEY",
+    "c2pa_trust": "ADFORGE_C2PA_TRUST",
+    "price_per_device_hour": "ADFORGE_PRICE_PER_DEVICE_HOUR",
+    "metrics_port": "ADFORGE_METRICS_PORT",
     "allow_any_model_path": "ADFORGE_ALLOW_ANY_MODEL_PATH",
     "lora_dir": "ADFORGE_LORA_DIR",
     "embeddings_dir": "ADFORGE_EMBEDDINGS_DIR",
@@ -82,6 +89,21 @@ class Settings:
     fast: str = ""
     # The prompt blocklist (flows.content_filter): a file's path, None = the shipped templates/blocklist.txt, "" = off.
     blocklist: str | None = None
+    # The image filter (flows.image_filter): the SD safety checker's weights (a diffusers ``safety_checker`` folder
+    # or its model.safetensors); None = models/safety_checker when it exists, else off; "" = off.
+    safety_checker: str | None = None
+    # The invisible watermark in every delivered file (flows.watermark_step): "on" (an adforge asset identifier),
+    # "off", or a payload of the user's own (see the README's "Watermark").
+    watermark: str = "on"
+    # C2PA content credentials (flows.credentials_step): the signing certificate chain (PEM) and its private key;
+    # both None = unsigned. ``c2pa_trust``: extra trust anchors (PEM) that ``adforge verify`` accepts.
+    c2pa_cert: str | None = None
+    c2pa_key: str | None = None
+    c2pa_trust: str | None = None
+    # Metrics (flows.run_metrics): the price of one device-hour, for the cost per image (0 = no cost shown), and
+    # the port a render worker serves Prometheus /metrics on (0 = none).
+    price_per_device_hour: float = 0.0
+    metrics_port: int = 0
     batch_size: int = 4
     device: str = "auto"
     # Render worker processes, one per entry (flows/device_pool.py): "auto" (every visible GPU, or ``device`` when

@@ -256,6 +256,17 @@ class Asset(Base):
     # and what the overlay drew where (JSON: boxes, fitted sizes, colours, measured contrast, scrims).
     clean_key: Mapped[str | None] = mapped_column(Text)
     overlay: Mapped[str | None] = mapped_column(Text)
+    # The image filter (flows.image_filter): True flagged, False passed, None not checked; its findings as JSON.
+    # A flagged asset is stored but never exported or served until an admin releases it (released_by / _at).
+    flagged: Mapped[bool | None] = mapped_column(Boolean, index=True)
+    flags: Mapped[str | None] = mapped_column(Text)
+    released_by: Mapped[str | None] = mapped_column(String(255))
+    released_at: Mapped[dt.datetime | None] = mapped_column()
+    # The invisible watermark's payload in the delivered file (hex), None for no mark; the C2PA manifest's label
+    # when the file carries a signed manifest, None for unsigned.
+    watermark: Mapped[str | None] = mapped_column(String(64), index=True)
+    credentials: Mapped[str | None] = mapped_column(Text)
+    queue_seconds: Mapped[float | None] = mapped_column(Float)  # the run's start to this image's render
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     variant: Mapped[Variant] = relationship(back_populates="asset")
