@@ -50,6 +50,21 @@ def _check_results_fit(n: int, width: int, height: int) -> None:
                                 f"{human_bytes(need)}, but {human_bytes(have)} is free; ask for fewer per call")
 
 
+def _check_blocklist(prompt: str, setting: str | None) -> None:
+    """The prompt against the blocklist, as a campaign's rendered prompts are (the negative prompt is not checked);
+    exit 2 naming the term, before the model loads."""
+    from flows.content_filter import BlocklistError, load_blocklist
+    from flows.safe_text import quoted
+
+    try:
+        terms = load_blocklist(setting)
+    except BlocklistError as exc:
+        raise fail(f"--blocklist: {exc}", 2) from None
+    if terms is not None and (term := terms.find(prompt)) is not None:
+        raise fail(f"the prompt holds the blocked term {quoted(term.text, 40)} ({term.source}); "
+                   "rephrase it, or pass --blocklist with a list of your own", 2)
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="Prompt, with A1111 weights: (word), [word], (word:1.3), BREAK.")],
@@ -85,6 +100,10 @@ def generate(
     compile_unet: Annotated[bool, typer.Option("--compile", help="torch.compile the U-Net: minutes once per process and "
                                                                   "image size, then faster steps; pays for many images "
                                                                   "(see README \"Speed\"). Same pixels within rounding.")] = False,
+    blocklist: Annotated[
+        str | None, typer.Option(envvar="ADFORGE_BLOCKLIST", help="Terms no prompt may hold: a file of terms, or off "
+                                                                  "(default: the shipped templates/blocklist.txt).")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (float16 on CUDA; on the CPU bfloat16 where it has native bfloat16, else float32), float32, float16, bfloat16.")] = "auto",
     allow_pickle: Annotated[bool, typer.Option(help="Allow .ckpt pickles (weights-only unpickling); trust the source.")] = False,
@@ -145,6 +164,7 @@ def generate(
         fast_mode = FastMode.parse(fast)
     except FastModeError as exc:
         raise fail(f"--fast: {exc}", 2) from None
+    _check_blocklist(prompt, blocklist)
     if prediction is not None and prediction not in ("eps", "v"):
         raise typer.BadParameter("eps or v", param_hint="--prediction")
     if mask is not None and init_image is None:

@@ -43,3 +43,23 @@ def test_plan_refuses_a_blocked_row_and_says_when_the_filter_is_off(in_tmp: Path
     result, out = _plan(brief, "--model", campaign_model, "--blocklist", "nowhere.txt")
     assert result.exit_code == 2 and "'blocklist':" in out and "nowhere.txt: cannot read blocklist" in out
     assert "Traceback" not in result.output
+
+
+def test_generate_refuses_a_blocked_prompt_before_loading_the_model(in_tmp: Path) -> None:
+    """``adforge generate``'s prompt meets the same list as a campaign's rendered prompts; the model named does not
+    even exist, so a refusal that names the term proves the check runs first."""
+    missing = in_tmp / "no-such-model.safetensors"
+    result = runner.invoke(app, ["generate", "a t.o.p.l.e.s.s model on a beach", "--model", str(missing)])
+    out = re.sub(r"\s+", " ", result.output)
+    assert result.exit_code == 2 and "the prompt holds the blocked term 'topless'" in out, out
+    assert not (in_tmp / "out").exists()
+    own = write_text(in_tmp / "terms.txt", "beach\n")
+    result = runner.invoke(app, ["generate", "a model on a beach", "--model", str(missing), "--blocklist", str(own)])
+    assert result.exit_code == 2 and "blocked term 'beach'" in re.sub(r"\s+", " ", result.output)
+    # The negative prompt is not checked, and with the list off the prompt reaches the model loader.
+    result = runner.invoke(app, ["generate", "a model on a beach", "--negative", "nsfw", "--model", str(missing),
+                                 "--blocklist", "off"])
+    out = re.sub(r"\s+", " ", result.output)
+    assert result.exit_code != 0 and "blocked term" not in out and "no-such-model" in out
+    result = runner.invoke(app, ["generate", "a cat", "--model", str(missing), "--blocklist", str(in_tmp / "gone.txt")])
+    assert result.exit_code == 2 and "--blocklist:" in result.output and "cannot read blocklist" in result.output
