@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import brand, campaign, generate, models, review, train, users
+from cli import brand, campaign, generate, models, review, tokens, train, users, verify
 
 __all__ = ["app"]
 
@@ -24,8 +24,10 @@ def main() -> None:
 app.add_typer(generate.app)  # generate
 app.add_typer(campaign.app)  # run, rerender, plan, runs, assets
 app.add_typer(review.app)  # gallery, export
+app.add_typer(verify.app)  # verify
 app.add_typer(models.app, name="models")
 app.add_typer(users.app, name="users")
+app.add_typer(tokens.app, name="tokens")
 app.add_typer(review.results_app, name="results")
 app.add_typer(review.audit_app, name="audit")
 app.add_typer(train.app, name="train")

@@ -103,6 +103,7 @@ def run(
     fan_out: Annotated[int | None, typer.Option(
         "--fan-out", min=1, help="Render as N shards on the Prefect work pool's workers (env ADFORGE_FAN_OUT).")] = None,
     config: ConfigOpt = None,
+    submission: Annotated[int | None, typer.Option(hidden=True, min=1, help="The gallery's submission this run is for.")] = None,
 ) -> None:
     """Render every variant a brief plans (skipping those that exist), store them, record everything."""
     _quiet_prefect()
@@ -151,7 +152,7 @@ def run(
         set_progress_listener(on_event)
         try:
             summary = campaign_run(os.fspath(brief), strict=strict, overrides={k: v for k, v in overrides.items() if v is not None},
-                                   config=os.fspath(config) if config else None)
+                                   config=os.fspath(config) if config else None, submission_id=submission)
         except BriefError as exc:
             bar.stop()
             raise rejected("brief", exc.problems, "nothing was rendered or recorded") from None
@@ -173,6 +174,15 @@ def run(
                       f"{len(runs) - len(summary['shards'])} re-submitted", soft_wrap=True)
     if settings.blocklist == "":
         console.print("content filter: off (blocklist setting); only the brief's own blocked_terms were checked")
+    if summary.get("credentials"):
+        console.print(f"content credentials: {escape(summary['credentials'])}", soft_wrap=True)
+    if c.get("flagged"):
+        console.print(f"flagged {c['flagged']} (kept from export until an admin releases them)")
+    console.print(f"image filter: {escape(summary['image_filter'])}" if summary.get("image_filter") else
+                  'image filter: off (no safety checker weights; see README "Image filter")', soft_wrap=True)
+    marks = {"on": "on (each file's asset id, invisible; adforge verify reads it)", "off": "off (watermark setting)"}
+    console.print(f"watermark: {escape(marks.get(settings.watermark, settings.watermark + ' in every file'))}",
+                  soft_wrap=True)
     console.print(f"assets:   {escape(summary['store_url'])}", soft_wrap=True)
     console.print(f"database: {escape(summary['db_url'])}", soft_wrap=True)
     console.print(f"list them: adforge assets --run {summary['run_id']}")
@@ -303,6 +313,8 @@ def runs(
     db: DbOpt = None,
     limit: Annotated[int, typer.Option(min=1)] = 20,
     config: ConfigOpt = None,
+    stats: Annotated[bool, typer.Option("--stats", help="A table of each run's figures (throughput, failures, latency, "
+                                        "queue wait, device-hours, cost per image) and each campaign's totals.")] = False,
 ) -> None:
     """List recent runs: status, counts, timings."""
     settings = load_settings(config, db_url=db)
@@ -313,6 +325,10 @@ def runs(
 
     database = open_database(settings.db_url)
     out = Console(highlight=False)
+    if stats:
+        from cli.run_stats import print_run_stats
+
+        return print_run_stats(out, database, limit=limit, price=settings.price_per_device_hour)
     with database.session() as s:
         for r in s.scalars(select(Run).order_by(Run.id.desc()).limit(limit)):
             c = r.counts or {}

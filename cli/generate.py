@@ -65,6 +65,18 @@ def _check_blocklist(prompt: str, setting: str | None) -> None:
                    "rephrase it, or pass --blocklist with a list of your own", 2)
 
 
+def _marked(image, infotext: str, setting: str):
+    """The picture with the invisible watermark the setting asks for: ``on`` marks it with an adforge identifier of
+    its infotext (the magic byte says adforge made it; no database holds it, unlike a campaign asset's)."""
+    from storage.watermark import can_carry, embed_checked
+    from storage.watermark_payload import adforge_payload, custom_payload
+
+    if setting == "off" or not can_carry(image.width, image.height):
+        return image
+    payload = custom_payload(setting[5:]) if setting.startswith("text:") else adforge_payload(infotext)
+    return embed_checked(image, payload)[0]
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="Prompt, with A1111 weights: (word), [word], (word:1.3), BREAK.")],
@@ -104,6 +116,11 @@ def generate(
         str | None, typer.Option(envvar="ADFORGE_BLOCKLIST", help="Terms no prompt may hold: a file of terms, or off "
                                                                   "(default: the shipped templates/blocklist.txt).")
     ] = None,
+    watermark: Annotated[
+        str, typer.Option(envvar="ADFORGE_WATERMARK", help="The invisible watermark in every file: on (an adforge "
+                                                            "identifier of the image), text:XXXX (8 ASCII characters "
+                                                            "of your own) or off.")
+    ] = "on",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (float16 on CUDA; on the CPU bfloat16 where it has native bfloat16, else float32), float32, float16, bfloat16.")] = "auto",
     allow_pickle: Annotated[bool, typer.Option(help="Allow .ckpt pickles (weights-only unpickling); trust the source.")] = False,
@@ -165,6 +182,12 @@ def generate(
     except FastModeError as exc:
         raise fail(f"--fast: {exc}", 2) from None
     _check_blocklist(prompt, blocklist)
+    from storage.watermark_payload import watermark_setting
+
+    try:
+        watermark = watermark_setting(watermark)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--watermark") from None
     if prediction is not None and prediction not in ("eps", "v"):
         raise typer.BadParameter("eps or v", param_hint="--prediction")
     if mask is not None and init_image is None:
@@ -311,7 +334,7 @@ def generate(
         infotext = format_infotext(r.prompt, r.negative_prompt, result.parameters)
         xmp = xmp_packet({"Model": pipe.models.checkpoint.name, "ModelSHA256": pipe.models.checkpoint.sha256})
         path = out / f"{index:05d}-{r.seed}.png"
-        write_atomic(path, encode_png(result.image, infotext, xmp))
+        write_atomic(path, encode_png(_marked(result.image, infotext, watermark), infotext, xmp))
         written.append(path)
         index += 1
     for path in written:

@@ -1,4 +1,4 @@
-"""``adforge gallery``, ``export``, ``results import``, ``audit export``: the review side of the command.
+"""``adforge gallery``, ``export``, ``release``, ``results import``, ``audit export``: the review side of the command.
 
 The work is done in ``review/`` (the gallery uses the same functions); these commands resolve settings (flag >
 environment > adforge.toml, as ``adforge run``), call them and report. Actions from the command line are attributed
@@ -21,8 +21,8 @@ from rich.markup import escape
 from cli.errors import console, fail, rejected
 from cli.options import CampaignOpt, ConfigOpt, ReviewDbOpt, StoreOpt, actor, load_settings, open_db
 
-__all__ = ["app", "audit_app", "audit_export_command", "export_command", "gallery", "known_samplers", "results_app",
-           "results_import"]
+__all__ = ["app", "audit_app", "audit_export_command", "export_command", "gallery", "known_samplers", "release_command",
+           "results_app", "results_import"]
 
 app = typer.Typer()
 results_app = typer.Typer(no_args_is_help=True, help="A/B results: import delivery numbers, see winners.")
@@ -56,6 +56,13 @@ def known_samplers() -> dict[str, str]:
     return known
 
 
+def _config_file(config: Path | None) -> Path | None:
+    """The adforge.toml in use (given, ADFORGE_CONFIG, or ./adforge.toml when it exists), absolute: the gallery's
+    run workers get it, whatever folder they start in."""
+    path = config or (Path(os.environ["ADFORGE_CONFIG"]) if os.environ.get("ADFORGE_CONFIG") else Path("adforge.toml"))
+    return path.resolve() if path.is_file() else None
+
+
 def _gallery_config(config: Path | None, access_log: Path | None):
     """The gallery's limits: the ``[gallery]`` table of the config file (beside ``[adforge]``), then the flags."""
     import tomllib
@@ -73,6 +80,11 @@ def _gallery_config(config: Path | None, access_log: Path | None):
             raise fail(f"{path}: 'gallery' must be a table ([gallery])", 2)
     if access_log is not None:
         table = {**table, "access_log": str(access_log)}
+    if os.environ.get("ADFORGE_METRICS_TOKEN"):
+        table = {**table, "metrics_token": os.environ["ADFORGE_METRICS_TOKEN"]}
+    for key, var in (("deployment", "ADFORGE_DEPLOYMENT"), ("webhook_secret", "ADFORGE_WEBHOOK_SECRET")):
+        if os.environ.get(var):  # runs from the web / API (review.submissions); the secret stays out of the file
+            table = {**table, key: os.environ[var]}
     log = table.get("access_log")
     if isinstance(log, str) and not Path(log).resolve().parent.is_dir():
         raise fail(f"access log {log}: its folder does not exist", 2)
@@ -120,7 +132,9 @@ def gallery(
     secret = os.environ.get("ADFORGE_GALLERY_SECRET") or None
     application = create_app(settings.db_url, settings.store_url, secret_key=secret, cache_dir=cache_dir,
                              approvals_needed=approvals_needed, confidence=confidence, s3_delivery=s3_delivery,  # type: ignore[arg-type]
-                             secure_cookies=secure_cookies, config=gallery_config, samplers=known_samplers())
+                             secure_cookies=secure_cookies, config=gallery_config, samplers=known_samplers(),
+                             price_per_device_hour=settings.price_per_device_hour,
+                             run_config=os.fspath(_config_file(config)) if _config_file(config) else None)
     to_console = logging.StreamHandler(sys.stderr)  # uvicorn's own access log is off (log_level warning): this is it
     to_console.setFormatter(logging.Formatter("%(message)s"))
     logging.getLogger("adforge.access").addHandler(to_console)
@@ -179,6 +193,42 @@ def export_command(
         database.dispose()
     console.print(f"export {result.export_id}: {len(result.files)} file(s) + manifest.csv -> {escape(str(target))} "
                   f"(sha256 {result.zip_sha256[:16]}…)", soft_wrap=True)
+    if result.withheld:
+        console.print(f"left out: {len(result.withheld)} flagged asset(s) awaiting an admin's release "
+                      f"({', '.join(map(str, result.withheld))}; adforge release ASSET_ID)", soft_wrap=True)
+
+
+@app.command("release")
+def release_command(
+    asset_id: Annotated[int, typer.Argument(min=1, help="The flagged asset's id (adforge assets, the gallery).")],
+    by: Annotated[str, typer.Option("--by", help="The gallery admin (adforge users list) releasing it; kept on the "
+                                    "asset and in the audit log.")],
+    db: ReviewDbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Release an asset the image filter flagged (audited): from then on it is served and exported."""
+    from review.auth import AuthError, find_user, has_role
+    from storage.releases import ReleaseError, release_asset
+
+    by = by.strip()
+    settings = load_settings(config, db_url=db)
+    database = open_db(settings.db_url)
+    try:
+        with database.session() as s:  # the same rule as the gallery's button: an enabled admin releases
+            try:
+                user = find_user(s, by)
+            except AuthError as exc:
+                raise fail(f"--by: {exc} (adforge users list)", 2) from None
+            if user.disabled or not has_role(user.role, "admin"):
+                raise fail(f"--by: {by!r} is {'disabled' if user.disabled else 'a ' + user.role}; an enabled admin "
+                           "releases assets", 2)
+        done = release_asset(database, asset_id, actor=f"{actor()} as {by}", released_by=by)
+    except ReleaseError as exc:
+        raise fail(exc, 2) from None
+    finally:
+        database.dispose()
+    console.print(f"asset {asset_id}: " + (f"released by {escape(done.released_by)} at {done.released_at}" if done.changed
+                                           else f"already released by {escape(done.released_by)} at {done.released_at}"))
 
 
 @results_app.command("import")

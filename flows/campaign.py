@@ -36,9 +36,12 @@ from flows.device_pool import DevicePool, PoolConfig, plan_workers
 from flows.model_registry import ModelInfo, describe_model, ensure_model
 from flows.counts import STAGES, RenderCounts
 from flows.planning import Plan, default_model_path, plan_brief
-from flows.recording import abandon_run, finish_run, mark_crashed_runs, start_run, sync_plan
+from flows.recording import abandon_run, finish_run, mark_crashed_runs, note_plan, start_run, sync_plan
 from flows.rendering import render_variants
 from flows.settings import Settings, load_settings
+from flows.credentials_step import summary_line as credentials_summary
+from flows.image_filter import count_flagged, image_filter_label
+from flows.worker_metrics import serve_render_metrics
 from flows.channels import load_channels
 from flows.styles import load_styles
 from flows.input_images import StoreSource, store_inputs
@@ -114,6 +117,8 @@ class RunSummary:
     timings: dict[str, float] = field(default_factory=dict)
     flow_run_id: str | None = None
     shards: list[dict] = field(default_factory=list)  # with fan-out: each shard's flow runs (worker, state)
+    credentials: str = ""  # C2PA content credentials: "off (...)" or "signed by <subject>" (flows.credentials_step)
+    image_filter: str = ""  # "sd-safety-checker <weights hash>", "" = off (flows.image_filter)
 
 
 @task(name="validate-brief", cache_policy=NO_CACHE)
@@ -140,7 +145,7 @@ def make_plan(brief: Brief, settings: Settings, db: Database | None, strict: boo
 
 @task(name="plan-run", cache_policy=NO_CACHE)
 def plan_run(brief: Brief, settings: Settings, strict: bool, flow_run_id: str | None, source: str | None = None,
-             inputs_from: str | None = None) -> PlannedRun:
+             inputs_from: str | None = None, submission_id: int | None = None) -> PlannedRun:
     db, store = open_resources(settings)
     # Planning writes nothing, so a rejected brief leaves no trace; once it passed, models seen for the first
     # time are entered (with the licence their file declares) and the variants get their model ids.
@@ -156,7 +161,7 @@ def plan_run(brief: Brief, settings: Settings, strict: bool, flow_run_id: str | 
     crashed = mark_crashed_runs(db)
     if crashed:
         log.warning("runs %s died without reporting back; marked crashed (their finished work is kept)", crashed)
-    run_id = start_run(db, source or os.fspath(brief.path), brief, settings, flow_run_id)
+    run_id = start_run(db, source or os.fspath(brief.path), brief, settings, flow_run_id, submission_id)
     states = sync_plan(db, plan, run_id)
     groups: dict[tuple, list[int]] = {}
     done = 0
@@ -170,6 +175,7 @@ def plan_run(brief: Brief, settings: Settings, strict: bool, flow_run_id: str | 
     # TASK_BATCHES engine batches, while progress and records still follow every engine batch.
     size = settings.batch_size * TASK_BATCHES
     batches = [ids[i : i + size] for ids in groups.values() for i in range(0, len(ids), size)]
+    note_plan(db, run_id, len(plan.variants), done)
     return PlannedRun(run_id=run_id, batches=batches, planned=len(plan.variants), already_done=done,
                       problems=[str(p) for p in plan.problems])
 
@@ -199,7 +205,7 @@ def render_on_devices(run_id: int, batches: list[list[int]], settings: Settings)
     size = settings.batch_size
     units = [batch[i : i + size] for batch in batches for i in range(0, len(batch), size)]
     config = PoolConfig(db_url=settings.db_url, store_url=settings.store_url, dtype=settings.dtype, batch_size=size,
-                        templates_dir=settings.templates_dir)
+                        templates_dir=settings.templates_dir, metrics_port=settings.metrics_port)
     with DevicePool(specs, config) as pool:
         result = pool.run(run_id, units, on_event=_emit)
     log.info("run %s on %s: %s units per worker, %d re-queued after a worker died, %d out-of-memory halvings", run_id,
@@ -216,6 +222,7 @@ def render_planned(run_id: int, batches: list[list[int]], settings: Settings) ->
     if len(specs) > 1:
         return render_on_devices(run_id, batches, settings)
     local = replace(settings, device=specs[0].here)  # in this process: no pinning, so cuda:1 stays cuda:1
+    serve_render_metrics(settings.metrics_port, specs[0].name, specs[0].here)
     return RenderCounts.total(render_batch(run_id, batch, local) for batch in batches)
 
 
@@ -241,6 +248,7 @@ def _fan_out(run_id: int, batches: list[list[int]], settings: Settings, flow_run
     if report.gave_up:
         raise ShardError("; ".join(report.gave_up))
     result = RenderCounts(rendered=outcome["rendered"], skipped=outcome["skipped"], failed=outcome["failed"] + outcome["left"],
+                          flagged=count_flagged(db, run_id),
                           seconds={**dict.fromkeys(STAGES, 0.0), "engine": outcome["engine_seconds"],
                                    "shards": time.perf_counter() - t0})
     return result, report.shards
@@ -251,22 +259,23 @@ def _fan_out(run_id: int, batches: list[list[int]], settings: Settings, flow_run
 
 @flow(name="campaign-run", log_prints=False, validate_parameters=True)
 def campaign_run(brief_path: str, strict: bool = False, overrides: dict | None = None, config: str | None = None,
-                 source: str | None = None, inputs_from: str | None = None) -> dict:
+                 source: str | None = None, inputs_from: str | None = None, submission_id: int | None = None) -> dict:
     """Render every planned variant of a brief; returns the run summary as a dict. ``source`` is where the brief
     really came from (an S3 URL the inbox downloaded it from), recorded instead of the local path; ``inputs_from``
-    the store URL its image paths are relative to (the S3 inbox), instead of the brief's folder.
+    the store URL its image paths are relative to (the S3 inbox), instead of the brief's folder; ``submission_id``
+    the web / API submission (review.submissions) that launched it, recorded on the run.
 
     A database that fails (full disk, damaged file, lost server) ends the run with a one-line
     :class:`~storage.database.DatabaseError` naming the database and the driver's reason."""
     settings = load_settings(overrides or {}, config=config)
     try:
-        return _campaign_run(brief_path, strict, settings, config, source, inputs_from)
+        return _campaign_run(brief_path, strict, settings, config, source, inputs_from, submission_id)
     except SQLAlchemyError as exc:
         raise database_failure(settings.db_url, exc) from exc
 
 
 def _campaign_run(brief_path: str, strict: bool, settings: Settings, config: str | None, source: str | None,
-                  inputs_from: str | None = None) -> dict:
+                  inputs_from: str | None = None, submission_id: int | None = None) -> dict:
     from prefect.runtime import flow_run
 
     t0 = time.perf_counter()
@@ -274,7 +283,8 @@ def _campaign_run(brief_path: str, strict: bool, settings: Settings, config: str
         plan_workers(settings.devices, settings.device)  # devices this machine lacks: refused before anything is recorded
     brief = validate_brief(brief_path, strict, settings.templates_dir, BriefLimits.from_settings(settings),
                            settings.blocklist)
-    planned = plan_run(brief, settings, strict, str(flow_run.id) if flow_run.id else None, source, inputs_from)
+    planned = plan_run(brief, settings, strict, str(flow_run.id) if flow_run.id else None, source, inputs_from,
+                       submission_id)
     _emit("planned", planned.planned)
     _emit("skipped", planned.already_done)
     t_plan = time.perf_counter() - t0
@@ -301,11 +311,15 @@ def _campaign_run(brief_path: str, strict: bool, settings: Settings, config: str
         db, _ = open_resources(settings)
         seconds = time.perf_counter() - t0
         timings = {"plan": round(t_plan, 4), **{k: round(v, 4) for k, v in result.seconds.items()}, "total": round(seconds, 4)}
+        if result.devices:  # device kind -> device-seconds, CUDA peak memory and utilisation (flows.device_use)
+            timings["devices"] = {kind: use.record() for kind, use in result.devices.items()}  # type: ignore[assignment]
         _finish(db, settings, planned.run_id, status, counts, timings, error)
     return RunSummary(
         run_id=planned.run_id, status=status, counts=counts, seconds=seconds, store_url=settings.store_url,
         db_url=settings.redacted()["db_url"], problems=planned.problems, timings=timings,
         flow_run_id=str(flow_run.id) if flow_run.id else None, shards=shards,
+        credentials=credentials_summary(settings),
+        image_filter=image_filter_label(settings.safety_checker),
     ).__dict__
 
 

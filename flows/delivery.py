@@ -35,6 +35,7 @@ from flows.counts import RenderCounts
 from flows.product_check import check_product
 from flows.recording import AssetRecord, record_assets, record_failure
 from flows.trust import TrustSteps, trust_for_run
+from flows.worker_metrics import count_failed, observe_batch, with_queue_wait
 from storage.assets import AssetStore, clean_storage_key
 from storage.database import Database
 from storage.image_metadata import CONTENT_TYPES, encode_image, xmp_packet
@@ -108,12 +109,16 @@ class RenderedBatch:
     layers: list[ProductLayer | None] = field(default_factory=list)  # each job's placed packshot, by position
     results: dict[int, GenerationResult] = field(default_factory=dict)  # by position in ``jobs``; absent: failed
     engine_seconds: float = 0.0  # requests, generate and hires fix of ``jobs``
+    # Wall time (it is compared with the run's start, across processes) at which the engine part began: made
+    # where flows.rendering starts it.
+    started: float = field(default_factory=time.time)
 
 
 def fail_variants(db: Database, jobs: Sequence[RenderJob], run_id: int, error: str, counts: RenderCounts,
                   on_event: EventFn | None) -> None:
     record_failure(db, [j.variant_id for j in jobs], run_id, error)
     counts.failed += len(jobs)
+    count_failed(len(jobs))
     if on_event:
         on_event("failed", len(jobs))
 
@@ -146,9 +151,12 @@ def deliver_batch(batch: RenderedBatch, *, store: AssetStore, db: Database, run_
             log.exception("variant %s failed after rendering", job.variant_id)
             fail_variants(db, [job], run_id, f"{type(exc).__name__}: {exc}", counts, on_event)
     t3 = time.perf_counter()
+    records = with_queue_wait(db, run_id, batch, records)
     record_assets(db, run_id, records)
     timings["record"] += time.perf_counter() - t3
     counts.rendered += len(records)
+    observe_batch(run_id, batch, records, counts)  # the device's use, this process's Prometheus metrics
+    counts.flagged += sum(1 for r in records if r.flagged)
     if on_event:
         on_event("rendered", len(records))
 
@@ -169,13 +177,15 @@ def _deliver_image(job: RenderJob, result: GenerationResult, layer: ProductLayer
         raise ValueError(f"post-processing made {image.width}x{image.height}, the channel needs {spec.out_width}x{spec.out_height}")
     if layer is not None:
         image = finish(image, layer, Placement.parse(job.inputs.product.placement).shadow)  # type: ignore[union-attr]
+    mark = None
+    if trust.watermark:
+        # Before the overlay: the brand's logo and text keep the kit's exact colours (and measured contrast), as
+        # the product keeps its pixels; the clean copy, also served, carries the same mark.
+        image, mark = trust.watermark.mark(image, job, None if layer is None else layer.box)
     clean, overlay = image, None
     if spec.overlay:
         image, overlay = overlays.apply(image, spec, None if layer is None else layer.box)
     finding = trust.image_filter.check([image])[0] if trust.image_filter else None
-    mark = None
-    if trust.watermark:
-        image, mark = trust.watermark.mark(image, job, None if layer is None else layer.box)
     signed: list[str] = []
 
     def sign(data: bytes) -> bytes:

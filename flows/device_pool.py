@@ -41,7 +41,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 
 from flows.counts import RenderCounts
@@ -145,6 +145,8 @@ class PoolConfig:
     worker_init: Callable[[], None] | None = None
     # Render unit k+1 while unit k is delivered (two units per worker at most); False: one unit at a time.
     overlap: bool = True
+    # > 0: each worker serves Prometheus /metrics on this port + its index in the pool (flows.worker_metrics).
+    metrics_port: int = 0
 
 
 def _cpu_threads() -> int:
@@ -242,7 +244,9 @@ class DevicePool:
 
     def _spawn(self, slot: _Slot) -> None:
         parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=_worker_main, args=(child, slot.spec, self.config, dict(os.environ)),
+        port = self.config.metrics_port and self.config.metrics_port + self._slots.index(slot)
+        proc = self._ctx.Process(target=_worker_main, args=(child, slot.spec, replace(self.config, metrics_port=port),
+                                                            dict(os.environ)),
                                  name=f"adforge-render-{slot.spec.name}", daemon=True)
         proc.start()
         child.close()

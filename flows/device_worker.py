@@ -62,6 +62,9 @@ def worker_main(conn: Connection, spec: WorkerSpec, config: PoolConfig, env: dic
             config.worker_init()
         db = open_database(config.db_url, upgrade=False)  # the coordinator's process has brought it to head
         store = open_store(config.store_url)
+        from flows.worker_metrics import serve_render_metrics
+
+        serve_render_metrics(config.metrics_port, spec.name, spec.device)
     except BaseException:
         conn.send(("fatal", None, f"render worker {spec.name} could not start:\n{traceback.format_exc()}"))
         raise

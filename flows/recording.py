@@ -9,6 +9,7 @@ exists is a no-op, so a run that was killed between storing a file and recording
 from __future__ import annotations
 
 from collections.abc import Iterable
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -22,10 +23,13 @@ from flows.planning import Plan
 from flows.settings import Settings
 from storage.assets import StoredAsset
 from storage.database import Database, audit, retry_transient
+from storage.review_schema import Submission
 from storage.schema import Asset, Brief, BriefRowRecord, Campaign, PromptRecord, Run, Variant, VariantUpscaler, utcnow
 
+log = logging.getLogger(__name__)
+
 __all__ = ["AssetRecord", "Claims", "VariantState", "abandon_run", "claim_variants", "finish_run", "mark_crashed_runs",
-           "record_assets", "record_failure", "release_claims", "start_run", "sync_plan"]
+           "note_plan", "record_assets", "record_failure", "release_claims", "start_run", "sync_plan"]
 
 RUN_ACTOR = "system:run"
 
@@ -46,15 +50,25 @@ def _row_data(row) -> dict:
 
 
 @retry_transient()
-def start_run(db: Database, brief_path: str, brief: ParsedBrief | None, settings: Settings, flow_run_id: str | None) -> int:
+def start_run(db: Database, brief_path: str, brief: ParsedBrief | None, settings: Settings, flow_run_id: str | None,
+              submission_id: int | None = None) -> int:
+    """Record a run's start; ``submission_id``: the web / API submission that launched it (its status is read from
+    this run). A submission id that names no submission is dropped rather than failing the run."""
     with db.session() as s:
         brief_id = _ensure_brief(s, brief, brief_path).id if brief is not None else None
+        if submission_id is not None and s.get(Submission, submission_id) is None:
+            log.warning("run of %s: no submission %s; recorded without it", brief_path, submission_id)
+            submission_id = None
         run = Run(flow_run_id=flow_run_id, brief_id=brief_id, brief_path=brief_path, status="running",
-                  settings=settings.redacted(), host=socket.gethostname(), pid=os.getpid())
+                  settings=settings.redacted(), host=socket.gethostname(), pid=os.getpid(), submission_id=submission_id)
         s.add(run)
         s.flush()
+        if submission_id is not None:
+            sub = s.get(Submission, submission_id)
+            sub.run_id = run.id  # type: ignore[union-attr]
         audit(s, actor=RUN_ACTOR, action="run.started", entity="run", entity_id=run.id, run_id=run.id,
-              after={"brief": brief_path, "flow_run_id": flow_run_id, "settings": run.settings})
+              after={"brief": brief_path, "flow_run_id": flow_run_id, "settings": run.settings,
+                     **({"submission_id": submission_id} if submission_id is not None else {})})
         return run.id
 
 
@@ -307,7 +321,7 @@ def record_assets(db: Database, run_id: int, records: list[AssetRecord]) -> int:
             s.flush()
             audit(s, actor=RUN_ACTOR, action="asset.stored", entity="variant", entity_id=r.variant_id, run_id=run_id,
                   before=before, after={"status": "done", "asset_id": asset.id, "key": r.stored.key,
-                                        "sha256": r.stored.sha256, "url": r.stored.url})
+                                        "sha256": r.stored.sha256, "url": r.stored.url, "flagged": r.flagged})
             have.add(r.variant_id)
             new += 1
         return new
@@ -324,6 +338,16 @@ def record_failure(db: Database, variant_ids: Iterable[int], run_id: int, error:
             variant.status, variant.error = "failed", error[:4000]
             audit(s, actor=RUN_ACTOR, action="variant.failed", entity="variant", entity_id=vid, run_id=run_id, before=before,
                   after={"status": "failed", "error": error[:4000]})
+
+
+def note_plan(db: Database, run_id: int, planned: int, skipped: int) -> None:
+    """The run's plan size and what existed already, recorded as soon as it is known, so that a run's progress
+    (the gallery's run page, ``GET /api/v1/runs/{id}``) can be read while it renders; :func:`finish_run` replaces
+    these counts with the final ones."""
+    with db.session() as s:
+        run = s.get(Run, run_id)
+        if run is not None:
+            run.counts = {"planned": planned, "skipped": skipped}
 
 
 @retry_transient()

@@ -36,6 +36,7 @@ from typing import Any
 from flows.brief_limits import BriefLimits
 from flows.content_filter import OFF, BlocklistError, load_blocklist
 from flows.fast_setting import FastModeError, canonical_fast
+from flows.image_filter import resolve_setting as resolve_safety_checker
 from storage.database import sqlite_url
 
 __all__ = ["ENV_VARS", "Settings", "SettingsError", "devices_problem", "load_settings"]
@@ -253,6 +254,27 @@ def load_settings(overrides: dict[str, Any] | None = None, *, config: str | os.P
         load_blocklist(settings.blocklist)
     except BlocklistError as exc:
         raise SettingsError(f"{sources.get('blocklist', 'default')}: 'blocklist': {exc}") from None
+    try:  # the invisible watermark's payload (storage.watermark)
+        from storage.watermark_payload import watermark_setting
+
+        settings = replace(settings, watermark=watermark_setting(settings.watermark))
+    except ValueError as exc:
+        raise SettingsError(f"{sources.get('watermark', 'default')}: 'watermark': {exc}") from None
+    # Metrics (flows.worker_metrics, storage.run_metrics): a price is money per device-hour; a port fits in 16 bits.
+    if not 0.0 <= settings.price_per_device_hour < float("inf"):  # NaN fails both comparisons
+        raise SettingsError(f"{sources.get('price_per_device_hour', 'default')}: 'price_per_device_hour' must be a "
+                            f"number >= 0 (0 = no cost shown), got {settings.price_per_device_hour!r}")
+    if not 0 <= settings.metrics_port <= 65535:
+        raise SettingsError(f"{sources.get('metrics_port', 'default')}: 'metrics_port' must be in 0 .. 65535 "
+                            f"(0 = no worker metrics), got {settings.metrics_port!r}")
+    if settings.c2pa_cert or settings.c2pa_key or settings.c2pa_trust:  # checked now, not at a run's first image
+        from flows.credentials_step import check_settings
+
+        settings = check_settings(settings, sources, base)
+    try:  # the image filter's weights: an absolute path, or "" for off (flows.image_filter)
+        settings = replace(settings, safety_checker=resolve_safety_checker(settings.safety_checker, base))
+    except ValueError as exc:
+        raise SettingsError(f"{sources.get('safety_checker', 'default')}: 'safety_checker': {exc}") from None
     problem = devices_problem(settings.devices)
     if problem:
         raise SettingsError(f"{sources.get('devices', 'default')}: 'devices' {problem}")

@@ -4,11 +4,12 @@ A run's steps follow from its settings as the run recorded them (``runs.settings
 for the run (the flow itself, a device worker, a shard on another machine) applies the same ones without the
 settings being handed down to it; each process builds them once per run (a detector's weights load once).
 
-In a delivery (:mod:`flows.delivery`), per image, after the post-processing, the product finish and the overlay:
+In a delivery (:mod:`flows.delivery`), per image, after the post-processing and the product finish:
 
-1. the image filter looks at the final picture (:class:`ImageCheck`): a flagged asset is still stored and recorded,
-   marked, and kept from export and the API until an admin releases it;
-2. the watermark goes into the pixels (:class:`Watermark`), outside the product packshot, which stays pixel-exact;
+1. the watermark goes into the pixels (:class:`Watermark`), outside the product packshot, which stays pixel-exact,
+   and before the brand overlay, whose logo and text keep the kit's exact colours;
+2. the image filter looks at the final picture, overlay included (:class:`ImageCheck`): a flagged asset is still
+   stored and recorded, marked, and kept from export and the API until an admin releases it;
 3. each encoding of the file is signed (:class:`Signer`) before the channel's size cap is checked, so the cap
    counts the manifest.
 """
@@ -42,8 +43,10 @@ class ImageCheck(Protocol):
 
 
 class Watermark(Protocol):
-    def mark(self, image: Image.Image, job: RenderJob, keep: tuple[int, int, int, int] | None) -> tuple[Image.Image, str]:
-        """The marked picture (pixels inside ``keep``, a product's box, unchanged) and the payload as hex."""
+    def mark(self, image: Image.Image, job: RenderJob,
+             keep: tuple[int, int, int, int] | None) -> tuple[Image.Image, str | None]:
+        """The marked picture (pixels inside ``keep``, a product's box, unchanged) and the payload as hex; the
+        picture unchanged and None when it is too small to carry the mark."""
         ...
 
 

@@ -16,6 +16,7 @@ from review.middleware import LimitedRoute
 from review.queries import campaign_of_variant, readiness, review_config, variant_detail
 from review.security import CurrentUser, current_user, require_role
 from review.thumbs import THUMB_WIDTHS
+from storage.releases import ReleaseError, release_asset, withheld, withheld_message
 from storage.schema import Asset
 
 __all__ = ["router"]
@@ -23,6 +24,7 @@ __all__ = ["router"]
 router = APIRouter(route_class=LimitedRoute)
 Viewer = Annotated[CurrentUser, Depends(current_user)]
 Reviewer = Annotated[CurrentUser, Depends(require_role("reviewer"))]
+Admin = Annotated[CurrentUser, Depends(require_role("admin"))]
 
 
 class ReviewBody(BaseModel):
@@ -103,10 +105,13 @@ def thumbnail(request: Request, asset_id: Id, user: Viewer,
     if w not in THUMB_WIDTHS:
         raise HTTPException(404, f"thumbnail widths are {', '.join(map(str, THUMB_WIDTHS))}")
     asset = _asset(request, asset_id)
+    blurred = withheld(asset)
     try:
-        path = request.app.state.thumbs.get(request.app.state.store, asset.storage_key, asset.sha256, w)
+        path = request.app.state.thumbs.get(request.app.state.store, asset.storage_key, asset.sha256, w, blurred=blurred)
     except KeyError:
         raise HTTPException(404, "the asset's file is missing from the store") from None
+    if blurred:  # the same URL shows the real thumbnail once released: the blurred one must not be kept
+        return FileResponse(path, media_type="image/webp", headers={"Cache-Control": "no-store", "X-Adforge-Flagged": "1"})
     # Content-addressed (sha256 + width): the browser may keep it as long as it likes, but only for this user.
     return FileResponse(path, media_type="image/webp", headers={"Cache-Control": "private, max-age=604800, immutable",
                                                                 "ETag": f'"{asset.sha256[:32]}-{w}"'})
@@ -114,6 +119,8 @@ def thumbnail(request: Request, asset_id: Id, user: Viewer,
 
 def _serve(request: Request, asset: Asset) -> Response:
     state = request.app.state
+    if withheld(asset):  # for every role, admins too: a release (audited) comes first
+        raise HTTPException(403, withheld_message(asset.id))
     try:
         return asset_response(state.store, asset.storage_key, asset.format, s3_delivery=state.s3_delivery,
                               presign_seconds=state.presign_seconds)
@@ -136,3 +143,14 @@ def by_key(request: Request, key: str, user: Viewer) -> Response:
     if asset is None:
         raise HTTPException(404, "no such file")
     return _serve(request, asset)
+
+
+@router.post("/api/assets/{asset_id}/release")
+def api_release(request: Request, asset_id: Id, user: Admin) -> dict[str, Any]:
+    """Release a flagged asset (admins only, audited as ``asset.released``): from then on it is served and exported."""
+    try:
+        done = release_asset(request.app.state.db, asset_id, actor=user.name)
+    except ReleaseError as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+    return {"asset_id": asset_id, "released": True, "changed": done.changed, "released_by": done.released_by,
+            "released_at": done.released_at}

@@ -28,12 +28,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
 from review.actions import ActionError, SamplerNames
+from review.api_auth import error_json
 from review.config import GalleryConfig
 from review.files import S3Delivery
 from review.ids import MAX_ID
 from review.middleware import ACCESS_LOGGER, AccessLog, BodyLimit, SecurityHeaders, SignedInGate, wants_json
 from review.queries import ReviewConfig
 from review.security import LoginRequired, csrf_guard, csrf_token, optional_user
+from review.submissions import run_context
 from review.thumbs import ThumbnailCache, default_cache_dir
 from storage.assets import S3AssetStore, open_store
 from storage.database import open_database
@@ -42,7 +44,8 @@ __all__ = ["create_app"]
 
 HERE = Path(__file__).resolve().parent
 # Routes that take files: they get GalleryConfig.max_upload_bytes, every other route max_body_bytes.
-UPLOAD_ROUTES = (("POST", re.compile(r"/campaigns/[^/]+/results")),)
+UPLOAD_ROUTES = (("POST", re.compile(r"/campaigns/[^/]+/results")), ("POST", re.compile(r"/runs/new")),
+                 ("POST", re.compile(r"/api/v1/(runs|plans)")))
 
 
 def _templates() -> Jinja2Templates:
@@ -85,6 +88,8 @@ def create_app(
     secure_cookies: bool = False,
     config: GalleryConfig | None = None,
     samplers: Mapping[str, str] | None = None,
+    price_per_device_hour: float = 0.0,
+    run_config: str | None = None,
 ) -> FastAPI:
     """The gallery for one database and asset store.
 
@@ -94,7 +99,9 @@ def create_app(
     ``secure_cookies`` marks the session cookie Secure (serve over HTTPS then); ``config``: limits and account
     rules; ``samplers``: the sampler names a re-render may ask for, each accepted spelling -> its display name
     (the caller takes them from the engine, which this package must not import; without them a re-render cannot
-    change the sampler).
+    change the sampler); ``price_per_device_hour``: for the cost of runs that recorded no price of their own
+    (the metrics page and ``/metrics``); ``run_config``: the adforge.toml that runs started from the web and
+    the REST API use (review.submissions).
     """
     if s3_delivery not in ("presign", "proxy"):
         raise ValueError(f"s3_delivery must be 'presign' or 'proxy', got {s3_delivery!r}")
@@ -124,6 +131,8 @@ def create_app(
     app.state.templates = _templates()
     app.state.config = config
     app.state.samplers = SamplerNames(samplers or {})
+    app.state.price_per_device_hour = price_per_device_hour
+    app.state.runs = run_context(db_url, store_url, config, run_config, price_per_device_hour)
     img_src = _img_sources(store, s3_delivery)
 
     # No inline script anywhere: with this policy an injected <script> would not run even if escaping failed.
@@ -139,6 +148,8 @@ def create_app(
         return wants_json(request.scope)
 
     def error_page(request: Request, status: int, message: str) -> Response:
+        if request.url.path.startswith("/api/v1/"):
+            return error_json(status, message)
         if machine(request):
             return JSONResponse({"detail": message}, status_code=status)
         return app.state.templates.TemplateResponse(
@@ -147,12 +158,16 @@ def create_app(
 
     @app.exception_handler(LoginRequired)
     async def login_required(request: Request, exc: LoginRequired) -> Response:
+        if request.url.path.startswith("/api/v1/"):
+            return error_json(401, "send Authorization: Bearer <token>, or sign in to the gallery", "unauthenticated")
         if machine(request):
             return JSONResponse({"detail": "sign in first"}, status_code=401)
         return RedirectResponse(f"/login?next={exc.next_url}", status_code=303)
 
     def refused(request: Request, exc: Exception) -> Response:
         if isinstance(exc, LoginRequired):
+            if request.url.path.startswith("/api/v1/"):
+                return error_json(401, "send Authorization: Bearer <token>, or sign in to the gallery", "unauthenticated")
             return JSONResponse({"detail": "sign in first"}, status_code=401) if machine(request) else \
                 RedirectResponse("/login", status_code=303)
         return error_page(request, getattr(exc, "status_code", 403), str(getattr(exc, "detail", exc)))
@@ -179,10 +194,16 @@ def create_app(
         in_body = any(tuple(e.get("loc", ()))[:1] == ("body",) for e in errors)
         return error_page(request, 422 if machine(request) and in_body else 400, problems or "invalid request")
 
-    from review import api, pages  # the routers need app.state only at request time
+    from review import api, api_v1, metrics_routes, pages  # the routers need app.state only at request time
 
     app.include_router(pages.router)
     app.include_router(api.router)
+    app.include_router(metrics_routes.router)
+    api_v1.install(app, rate_per_minute=config.api_rate_per_minute, burst=config.api_burst)  # /api/v1 (issue 25)
+    from review import run_pages, token_pages  # the run and token pages (issue 25)
+
+    app.include_router(run_pages.router)
+    app.include_router(token_pages.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
     # Each layer added wraps the ones added before it. Innermost the gate (the session is there, nothing has read

@@ -43,7 +43,7 @@ CSV_COLUMNS = [
     "model_name", "model_path", "model_sha256", "model_hash", "model_family", "model_licence", "model_commercial_use",
     "store_url", "storage_key", "sha256", "size_bytes", "infotext", "run_id", "flow_run_id", "run_settings",
     "review_status", "starred", "ab_group", "reviewed_by", "reviewed_at", "impressions", "clicks", "conversions",
-    "exported_as", "decision_count", "decisions", "row_data",
+    "exported_as", "decision_count", "decisions", "row_data", "flagged", "flags", "released_by", "released_at",
 ]
 _CHUNK = 500  # SQLite's bound-parameter limit is far above this; PostgreSQL's too
 
@@ -173,6 +173,9 @@ def audit_export(db: Database, campaign_ref: str | int) -> AuditExport:
                                                         "conversions": result.conversions, "source": result.source},
                 "exports": exports.get(asset.id, []),
                 "decisions": decisions,
+                # The image filter's verdict: a flagged asset is listed here (auditors see it) but never exported.
+                "filter": {"flagged": asset.flagged, "flags": json.loads(asset.flags) if asset.flags else None,
+                           "released_by": asset.released_by, "released_at": _iso(asset.released_at)},
             })
         return AuditExport(
             campaign={"id": campaign.id, "name": campaign.name, "created_at": _iso(campaign.created_at)},
@@ -210,6 +213,8 @@ def _csv_row(a: dict[str, Any]) -> dict[str, Any]:
         "impressions": res["impressions"] if res else None, "clicks": res["clicks"] if res else None,
         "conversions": res["conversions"] if res else None, "exported_as": compact([e["file_name"] for e in a["exports"]]),
         "decision_count": len(a["decisions"]), "decisions": compact(a["decisions"]), "row_data": compact(a["row"]["data"]),
+        "flagged": a["filter"]["flagged"], "flags": compact(a["filter"]["flags"]) if a["filter"]["flags"] else None,
+        "released_by": a["filter"]["released_by"], "released_at": a["filter"]["released_at"],
     }
 
 

@@ -14,6 +14,7 @@ __all__ = ["ConfigError", "GalleryConfig"]
 
 KB = 1024
 MB = 1024 * 1024
+MIN_TOKEN_CHARS = 24  # a guessable metrics token would hand the run figures to anyone who can reach the gallery
 
 
 class ConfigError(ValueError):
@@ -39,13 +40,45 @@ class GalleryConfig:
     failure_window_minutes: int = 15
     lock_minutes: int = 15
     access_log: str | None = None  # a file that gets the access log too (it always goes to logger adforge.access)
+    # A bearer token that lets a Prometheus scraper read GET /metrics (signed-in admins may read it anyway); None:
+    # no token is accepted. Also from ADFORGE_METRICS_TOKEN (adforge gallery), which keeps it out of a config file.
+    metrics_token: str | None = None
+    # Runs from the web and the REST API (review.submissions): the Prefect deployment ("flow/deployment") runs go
+    # to, None = a local worker process per run (ADFORGE_DEPLOYMENT); the HMAC secret completion webhooks are
+    # signed with, None = webhooks refused (ADFORGE_WEBHOOK_SECRET, which keeps it out of a config file); the folder
+    # uploaded briefs are kept in, None = ./adforge-data/briefs.
+    deployment: str | None = None
+    webhook_secret: str | None = None
+    briefs_dir: str | None = None
+    # Per API token: a token bucket of api_burst requests, refilled at api_rate_per_minute (429 with Retry-After).
+    api_rate_per_minute: int = 120
+    api_burst: int = 30
+    max_submissions_running: int = 4  # per user: queued or running submissions at once
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name in ("deployment", "briefs_dir"):
+                if value is not None and not (isinstance(value, str) and value.strip() and value.isprintable()):
+                    raise ConfigError(f"gallery setting {f.name!r} must be a non-empty string, got {value!r}")
+                if f.name == "deployment" and value is not None and value.count("/") != 1:
+                    raise ConfigError(f"gallery setting 'deployment' must be FLOW/DEPLOYMENT "
+                                      f"(e.g. 'campaign-run/campaign-run'), got {value!r}")
+                continue
+            if f.name == "webhook_secret":
+                if value is not None and not (isinstance(value, str) and len(value) >= MIN_TOKEN_CHARS):
+                    raise ConfigError(f"gallery setting 'webhook_secret' must be at least {MIN_TOKEN_CHARS} characters")
+                continue
             if f.name == "access_log":
                 if value is not None and not isinstance(value, str):
                     raise ConfigError(f"gallery setting 'access_log' must be a file path, got {value!r}")
+                continue
+            if f.name == "metrics_token":
+                if value is not None and not (isinstance(value, str) and len(value) >= MIN_TOKEN_CHARS
+                                              and value.isascii() and value.isprintable() and " " not in value):
+                    raise ConfigError(f"gallery setting 'metrics_token' must be at least {MIN_TOKEN_CHARS} printable "
+                                      f"ASCII characters without spaces (e.g. python -c 'import secrets; "
+                                      f"print(secrets.token_urlsafe(32))')")
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"gallery setting {f.name!r} must be a whole number >= 1, got {value!r}")

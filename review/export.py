@@ -9,7 +9,8 @@ Zip layout::
 Every file is checked against its recorded sha256 while it is read, so a zip never carries a file that changed in
 the store since it was recorded. Entries get a fixed timestamp: the same selection gives a byte-identical zip.
 Each export is recorded (``exports``: who, when, which asset under which file name) and audited; results files
-that name assets by file name are resolved through that record.
+that name assets by file name are resolved through that record. A flagged asset no admin has released
+(:mod:`storage.releases`) is never in a zip: the export leaves it out and says how many it left out.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from sqlalchemy.orm import Session
 from review.csvutil import safe_cell
 from storage.assets import AssetStore, validate_key
 from storage.database import Database, audit
+from storage.releases import withheld
 from storage.review_schema import ExportRecord, ReviewState
 from storage.schema import Asset, BriefRowRecord, Campaign, ModelRecord, Variant
 from storage.variants import with_joins
@@ -102,6 +104,7 @@ class ExportResult:
     files: list[ExportedFile]
     zip_sha256: str
     zip_bytes: int
+    withheld: tuple[int, ...] = ()  # flagged, unreleased assets left out (ids)
 
 
 def find_campaign(s: Session, ref: str | int) -> Campaign | None:
@@ -224,6 +227,7 @@ def _select(s: Session, campaign: Campaign, approved_only: bool) -> list[dict[st
     items = []
     for asset, variant, row_key, model, state in s.execute(stmt):
         items.append({
+            "withheld": withheld(asset),
             "asset_id": asset.id, "variant_id": variant.id, "identity": variant.identity, "campaign": campaign.name,
             "row": row_key, "channel": variant.channel, "group": state.ab_group if state else None,
             "status": state.status if state else "pending", "index": variant.variant_index, "seed": variant.seed,
@@ -254,8 +258,11 @@ def export_campaign(db: Database, store: AssetStore, campaign_ref: str | int, ou
             raise ExportError(f"no campaign {campaign_ref!r}")
         campaign_id, campaign_name = campaign.id, campaign.name
         items = _select(s, campaign, approved_only)
+    kept_out = tuple(item["asset_id"] for item in items if item["withheld"])
+    items = [item for item in items if not item["withheld"]]
     if not items:
-        raise ExportError(f"campaign {campaign_name!r} has no {'approved ' if approved_only else ''}assets to export")
+        flagged = f" ({len(kept_out)} flagged, awaiting an admin's release)" if kept_out else ""
+        raise ExportError(f"campaign {campaign_name!r} has no {'approved ' if approved_only else ''}assets to export{flagged}")
     names = _names(items, naming)
     files: list[ExportedFile] = []
     with zipfile.ZipFile(out, "w") as zf:
@@ -293,6 +300,6 @@ def export_campaign(db: Database, store: AssetStore, campaign_ref: str | int, ou
         s.flush()
         audit(s, actor=actor, action="campaign.exported", entity="campaign", entity_id=campaign_id,
               after={"export_id": record.id, "approved_only": approved_only, "file_count": len(files), "zip_sha256": digest,
-                     "asset_ids": [f.asset_id for f in files]})
+                     "asset_ids": [f.asset_id for f in files], "withheld_asset_ids": list(kept_out)})
         export_id = record.id
-    return ExportResult(export_id, campaign_name, files, digest, size)
+    return ExportResult(export_id, campaign_name, files, digest, size, kept_out)

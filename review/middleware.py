@@ -100,6 +100,9 @@ class BodyLimit:
     async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
         response: Response = JSONResponse({"detail": message}, status) if wants_json(scope) else \
             PlainTextResponse(message + "\n", status)
+        if scope["path"].startswith("/api/v1/"):  # the REST API's error shape (review.api_auth)
+            response = JSONResponse({"error": {"code": "too_large" if status == 413 else "bad_request",
+                                               "message": message}}, status)
         response.headers["Connection"] = "close"  # the unread body stays unread
         await response(scope, receive, send)
 
@@ -116,6 +119,15 @@ class SignedInGate:
         if scope["type"] != "http" or scope["method"] not in UNSAFE_METHODS or scope["path"] in self.open_paths:
             return await self.app(scope, receive, send)
         request = Request(scope)  # without receive: the body is not read here
+        if scope["path"].startswith("/api/v1/") and "authorization" in request.headers:
+            # A REST API token instead of a session (review.api_auth): checked here, before the body; no CSRF.
+            from review.api_auth import ApiError, bearer_token, error_json
+
+            try:
+                await run_in_threadpool(bearer_token, request)
+            except ApiError as exc:
+                return await error_json(exc.status, exc.message, exc.code)(scope, receive, send)
+            return await self.app(scope, receive, send)
         user = await run_in_threadpool(optional_user, request)
         if user is None:
             return await self.refuse(request, LoginRequired("/"))(scope, receive, send)

@@ -26,6 +26,7 @@ from review.security import (CurrentUser, client_address, csrf_token, current_us
                              require_role, start_session)
 from review.signin import sign_in
 from review.thumbs import THUMB_WIDTHS
+from storage.releases import ReleaseError, release_asset, withheld, withheld_message
 from storage.review_schema import REVIEW_STATUSES
 from storage.schema import Asset, Campaign
 
@@ -188,6 +189,8 @@ def clean_file(request: Request, asset_id: Id, user: Viewer) -> Response:
         asset = s.get(Asset, asset_id)
     if asset is None:
         raise HTTPException(404, "no such asset")
+    if withheld(asset):
+        raise HTTPException(403, withheld_message(asset.id))
     key = safe_key(asset.clean_key) if asset.clean_key else None
     if key is None:
         raise HTTPException(404, "this asset has no clean picture (it carries no brand overlay)")
@@ -196,6 +199,21 @@ def clean_file(request: Request, asset_id: Id, user: Viewer) -> Response:
                               presign_seconds=state.presign_seconds)
     except (KeyError, ValueError):
         raise HTTPException(404, "the asset's clean picture is missing from the store") from None
+
+
+@router.post("/assets/{asset_id}/release")
+def asset_release(request: Request, asset_id: Id, user: Admin) -> Response:
+    """The variant page's release button (a plain form; ``POST /api/assets/{id}/release`` is the same for scripts)."""
+    try:
+        done = release_asset(request.app.state.db, asset_id, actor=user.name)
+    except ReleaseError as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+    with request.app.state.db.session() as s:
+        asset = s.get(Asset, asset_id)
+        variant_id = asset.variant_id if asset is not None else None
+    flash(request, f"Asset {asset_id} released by {done.released_by}." if done.changed else
+          f"Asset {asset_id} had already been released by {done.released_by}.")
+    return back(f"/variants/{variant_id}")
 
 
 @router.post("/variants/{variant_id}/review")
@@ -267,7 +285,8 @@ def export(request: Request, campaign_id: Id, user: Viewer, approved: Annotated[
     name = f"{_slug(campaign.name)}-{'approved' if approved_only else 'all'}-export{result.export_id}.zip"
     return StreamingResponse(_stream(handle), media_type="application/zip",
                              headers={"Content-Disposition": f'attachment; filename="{name}"',
-                                      "X-Export-Id": str(result.export_id), "X-Export-Sha256": result.zip_sha256})
+                                      "X-Export-Id": str(result.export_id), "X-Export-Sha256": result.zip_sha256,
+                                      "X-Export-Withheld": str(len(result.withheld))})
 
 
 # ------------------------------------------------------------------------------------------------ results

@@ -190,6 +190,12 @@ class Card:
     group: str | None
     product_changed: bool | None = None  # a packshot variant whose delivered product pixels differ (must not)
     product_outline: str | None = None  # SVG path data in the file's pixels
+    flagged: bool | None = None  # the image filter's verdict (storage.releases)
+    released_at: Any = None
+
+    @property
+    def withheld(self) -> bool:
+        return bool(self.flagged) and self.released_at is None
 
 
 @dataclass
@@ -214,7 +220,7 @@ def gallery(s: Session, campaign_id: int, filters: Filters, needed: int) -> Gall
             Variant.id, Asset.id, Variant.row_id, BriefRowRecord.row_key, Variant.channel, Variant.variant_index,
             PromptRecord.template, ModelRecord.id, ModelRecord.name, Variant.seed, Asset.width, Asset.height, Asset.format,
             PromptRecord.prompt, _status(), func.coalesce(ReviewState.starred, False), ReviewState.ab_group,
-            Asset.product_changed, Asset.product_outline,
+            Asset.product_changed, Asset.product_outline, Asset.flagged, Asset.released_at,
         ), campaign_id)
         .order_by(BriefRowRecord.row_key, Variant.row_id, Variant.channel, Variant.variant_index, Variant.id)
     )
@@ -443,7 +449,18 @@ def variant_detail(s: Session, variant_id: int) -> dict[str, Any] | None:
                                "requested_at": _iso(r.requested_at)} for r in requests],
         "results": None if result is None else {"impressions": result.impressions, "clicks": result.clicks,
                                                 "conversions": result.conversions, "source": result.source},
+        "filter": _filter(asset),
     }
+
+
+def _filter(asset: Asset) -> dict[str, Any]:
+    """The image filter's verdict: flagged (None: not checked), withheld (flagged and not yet released), findings."""
+    try:
+        findings = json.loads(asset.flags) if asset.flags else None
+    except ValueError:
+        findings = {"unreadable": asset.flags[:200]}
+    return {"flagged": asset.flagged, "withheld": bool(asset.flagged) and asset.released_at is None, "findings": findings,
+            "released_by": asset.released_by, "released_at": _iso(asset.released_at)}
 
 
 def review_state_dict(state: ReviewState | None) -> dict[str, Any]:

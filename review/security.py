@@ -79,6 +79,8 @@ def csrf_matches(session: dict, sent: object) -> bool:
 async def csrf_guard(request: Request) -> None:
     if request.method not in UNSAFE_METHODS:
         return
+    if request.scope.get("state", {}).get("api_token") is not None:
+        return  # a verified bearer token (review.api_auth): no cookie authenticates it, so no CSRF is possible
     sent = request.headers.get(CSRF_HEADER)
     if sent is None and is_form(request.headers.get("content-type", "")):
         # The route's Form() parameters were parsed already (FastAPI reads the body before dependencies), within

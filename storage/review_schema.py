@@ -14,6 +14,11 @@
                        assets by those file names, so importing them needs this record.
 * ``ab_results``       delivery results per asset (impressions, clicks, conversions), the latest import wins; every
                        import is in the audit log with before/after.
+* ``submissions``      a run started from the web or the REST API (migration 0011): the stored brief, options, the
+                       plan shown before start, who, how it was launched (local worker process or Prefect flow run),
+                       its status, cancel and webhook state. Its id is the API's run id; ``runs.submission_id`` links
+                       the run the flow recorded.
+* ``api_tokens``       per-user REST API tokens, stored as sha256 only, with scopes ("read" or "read submit").
 
 Kept equal to migration ``0002_review`` by ``tests/storage/test_database.py`` (autogenerate finds no difference).
 """
@@ -23,13 +28,16 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from storage.schema import Base, utcnow
 
 __all__ = [
     "ABResult",
+    "ApiToken",
+    "SUBMISSION_STATUSES",
+    "Submission",
     "ExportRecord",
     "REVIEW_STATUSES",
     "ROLES",
@@ -43,6 +51,7 @@ __all__ = [
 
 ROLES = ("viewer", "reviewer", "admin")
 REVIEW_STATUSES = ("pending", "approved", "rejected")
+SUBMISSION_STATUSES = ("queued", "running", "completed", "completed_with_failures", "failed", "cancelled")
 
 
 class User(Base):
@@ -148,3 +157,54 @@ class ABResult(Base):
     source: Mapped[str] = mapped_column(Text)  # the imported file's name
     imported_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     imported_by: Mapped[str] = mapped_column(String(255))
+
+
+class ApiToken(Base):
+    """A REST API token: ``Authorization: Bearer adf_...`` acts as ``user_id``, capped by ``scopes`` and the user's
+    role. Only the sha256 of the (high-entropy, random) token is kept; ``prefix`` is what lists show."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    prefix: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[str] = mapped_column(String(64))  # space-separated: "read" | "read submit"
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(255))
+    revoked_at: Mapped[dt.datetime | None] = mapped_column()
+    last_used_at: Mapped[dt.datetime | None] = mapped_column()
+
+
+class Submission(Base):
+    """A run started from the web or the API (see the module docstring)."""
+
+    __tablename__ = "submissions"
+    __table_args__ = (UniqueConstraint("submitted_by", "idempotency_key", name="uq_submissions_submitter_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    brief_name: Mapped[str] = mapped_column(String(255))  # the uploaded file's name, made safe; never used as given
+    brief_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    brief_path: Mapped[str] = mapped_column(Text)
+    options: Mapped[dict[str, Any]] = mapped_column(JSON)
+    plan: Mapped[dict[str, Any]] = mapped_column(JSON)
+    submitted_by: Mapped[str] = mapped_column(String(64))
+    token_id: Mapped[int | None] = mapped_column(ForeignKey("api_tokens.id"))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # queued | running | completed | completed_with_failures | failed | cancelled
+    status: Mapped[str] = mapped_column(String(32), default="queued", index=True)
+    backend: Mapped[str] = mapped_column(String(255))  # "local" | "prefect:<deployment>"
+    flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    host: Mapped[str | None] = mapped_column(String(255))
+    run_id: Mapped[int | None] = mapped_column(Integer)  # runs.id (no FK: runs.submission_id points back here)
+    error: Mapped[str | None] = mapped_column(Text)
+    cancel_requested_by: Mapped[str | None] = mapped_column(String(64))
+    cancel_requested_at: Mapped[dt.datetime | None] = mapped_column()
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    # {"state": "pending|delivered|failed", "attempts": n, "last_status": code, "error": text, "at": iso}
+    webhook_state: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column()
+    finished_at: Mapped[dt.datetime | None] = mapped_column()

@@ -161,6 +161,9 @@ class Run(Base):
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column()
+    # The web or API submission that started this run (storage.review_schema.Submission), None for the CLI's runs.
+    # No foreign key: see migration 0011 (SQLite could not add one without copying the table).
+    submission_id: Mapped[int | None] = mapped_column(Integer, index=True)
 
     brief: Mapped[Brief | None] = relationship()
 

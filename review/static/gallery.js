@@ -182,7 +182,8 @@
       setField("row.key", v.row.key + " (" + v.row.brief.file_name + ":" + v.row.line + ")");
       setField("run.id", v.run ? v.run.id + " (" + v.run.status + ")" : null);
       fillPanelReview(v.review);
-      document.getElementById("detail-image").src = v.urls.full;
+      // A flagged, unreleased asset: the server-blurred thumbnail (its full-size route refuses).
+      document.getElementById("detail-image").src = v.filter && v.filter.withheld ? v.urls.thumb : v.urls.full;
       document.getElementById("detail-full-link").href = v.urls.full;
       document.getElementById("detail-page-link").href = v.urls.page;
     } catch (err) {

@@ -177,3 +177,27 @@ def test_outpaint_and_init_images_too_large_are_refused(tiny_checkpoint: Path, t
     monkeypatch.setattr("PIL.Image.MAX_IMAGE_PIXELS", 100)  # PIL refuses over twice this: a decompression bomb
     _one_line_usage_error(run("x", "--model", str(tiny_checkpoint), "--init-image", str(src)),
                           "--init-image", f"init image {src} is not a readable image (Image size (1280 pixels) exceeds limit")
+
+
+def test_generate_marks_its_files_with_the_invisible_watermark(tmp_path: Path) -> None:
+    """``on`` (the default): an adforge identifier of the image's infotext; ``text:``: the user's own; ``off``: none.
+    On the bundled model: a random checkpoint's pictures are saturated noise, no picture anyone ships."""
+    from storage.watermark import read
+    from storage.watermark_payload import adforge_payload, payload_text
+
+    common = ["a red circle on a blue background", "--steps", "4", "--seed", "3", "--width", "256", "--height", "256"]
+    assert run(*common, "--out", str(tmp_path / "on")).exit_code == 0
+    [on] = (tmp_path / "on").glob("*.png")
+    reading = read(Image.open(on).convert("RGB"))
+    assert reading is not None and reading.is_adforge
+    assert reading.payload == adforge_payload(read_png_metadata(on)[0])
+    assert run(*common, "--watermark", "text:ACME-7", "--out", str(tmp_path / "text")).exit_code == 0
+    [text] = (tmp_path / "text").glob("*.png")
+    reading = read(Image.open(text).convert("RGB"))
+    assert reading is not None and reading.confident and payload_text(reading.payload) == "ACME-7"
+    assert run(*common, "--watermark", "off", "--out", str(tmp_path / "off")).exit_code == 0
+    [off] = (tmp_path / "off").glob("*.png")
+    reading = read(Image.open(off).convert("RGB"))
+    assert reading is not None and not reading.confident
+    bad = runner.invoke(app, ["generate", *common, "--watermark", "maybe"])
+    assert bad.exit_code == 2 and "--watermark" in bad.output

@@ -8,7 +8,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from cli import errors, models, review, train, users
+from cli import errors, models, review, tokens, train, users
 from cli.app import app
 
 runner = CliRunner()
@@ -21,10 +21,11 @@ def _names(group: typer.Typer) -> list[str]:
 
 def test_the_joined_app_lists_the_documented_commands_in_order() -> None:
     assert _names(app) == ["generate", "run", "rerender", "plan", "runs", "assets", "gallery", "export",
-                           "models", "users", "results", "audit", "train", "brand"]
+                           "release", "verify", "models", "users", "tokens", "results", "audit", "train", "brand"]
     assert _names(models.app) == ["init-random", "init-random-upscaler", "inspect", "add", "list"]
     assert _names(users.app) == ["add", "list", "passwd", "role", "disable", "enable", "remove"]
-    assert _names(review.app) == ["gallery", "export"]
+    assert _names(review.app) == ["gallery", "export", "release"]
+    assert _names(tokens.app) == ["create", "list", "revoke"]
 
 
 def test_a_command_group_runs_on_its_own(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ FORBIDDEN = {
     "flows": {"review", "cli", "demo"},
     "review": {"engine", "cli", "demo", "prefect"},
 }
-# review/ reaches flows/ only to submit runs; today it does not at all.
+# review/ reaches flows/ only to submit runs (and Prefect only through flows.deployment_runs).
 MAX_LINES = 500
 
 

@@ -11,6 +11,7 @@ import boto3
 import pytest
 from sqlalchemy import func, select
 
+from flows.deployment_runs import cancel_flow_run, flow_run_state, start_flow_run
 from flows.inbox import inbox_run
 from storage.database import open_database
 from storage.schema import Asset, Run
@@ -51,6 +52,13 @@ def test_prefect_deploy_all(prefect_harness: str, tmp_path: Path, monkeypatch: p
             client.create_flow_run_from_deployment(run.id, parameters={})
         flow_run = client.create_flow_run_from_deployment(run.id, parameters={"brief_path": "briefs/x.csv"})
         client.delete_flow_run(flow_run.id)  # no worker in this test: it would wait forever
+        # The gallery's submissions start, watch and cancel flow runs of this deployment through flows.deployment_runs.
+        submitted = start_flow_run("campaign-run/campaign-run", {"brief_path": "briefs/x.csv", "submission_id": 7})
+        assert client.read_flow_run(submitted).parameters["submission_id"] == 7
+        assert flow_run_state(submitted) == "SCHEDULED"
+        cancel_flow_run(submitted)
+        assert flow_run_state(submitted) in ("CANCELLING", "CANCELLED")
+        client.delete_flow_run(submitted)
 
         assert (inbox.entrypoint, inbox.work_pool_name) == ("flows/inbox.py:inbox_run", "adforge")
         assert inbox.parameters == {"inbox": "briefs/inbox"}

@@ -77,13 +77,18 @@ def browser(service_missing: Callable[[str], None]) -> Iterator[Any]:
         pw.stop()
 
 
+def screenshots_folder(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """Where a browser test module's screenshots go: under ADFORGE_TEST_ARTIFACTS when set (CI keeps them)."""
+    root = os.environ.get("ADFORGE_TEST_ARTIFACTS")
+    path = Path(root) / name if root else tmp_path_factory.mktemp(name)
+    path.mkdir(parents=True, exist_ok=True)
+    print(f"\n{name.replace('-', ' ')} screenshots: {path}")
+    return path
+
+
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = os.environ.get("ADFORGE_TEST_ARTIFACTS")
-    path = Path(root) / "gallery-browser" if root else tmp_path_factory.mktemp("gallery-browser")
-    path.mkdir(parents=True, exist_ok=True)
-    print(f"\ngallery browser screenshots: {path}")
-    return path
+    return screenshots_folder(tmp_path_factory, "gallery-browser")
 
 
 @dataclass

@@ -75,7 +75,7 @@ def _add_audit_entry(db: Database, action: str = "test.appended") -> int:
 
 def test_open_database_upgrades_a_fresh_database_to_head(db: Database) -> None:
     """Opening a new database creates every table and stamps the newest revision."""
-    assert head_revision() == "0010"
+    assert head_revision() == "0011"
     assert db.revision() == head_revision()
     assert TABLES <= _tables(db)
     assert _audit_guard_count(db) >= 1
