@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import getpass
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -53,6 +54,19 @@ def open_db(url: str):
         return open_database(url)
     except DatabaseError as exc:
         raise fail(exc, 2) from None
+
+
+def with_database(db: str | None, config, do: Callable, errors: tuple[type[Exception], ...]) -> object:
+    """``do(database)`` on the settings' database, disposed after; one of ``errors`` (the user's mistake: no such user,
+    bad role, unknown token) is a one-line error, exit 2."""
+    settings = load_settings(config, db_url=db)
+    database = open_db(settings.db_url)
+    try:
+        return do(database)
+    except errors as exc:
+        raise fail(exc, 2) from None
+    finally:
+        database.dispose()
 
 
 def actor() -> str:

@@ -14,8 +14,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cli.errors import console, fail
-from cli.options import ConfigOpt, ReviewDbOpt, actor, load_settings, open_db
+from cli.errors import console
+from cli.options import ConfigOpt, ReviewDbOpt, actor, with_database
 
 __all__ = ["app", "tokens_create", "tokens_list", "tokens_revoke"]
 
@@ -25,14 +25,7 @@ app = typer.Typer(no_args_is_help=True, help="REST API tokens: create, list, rev
 def _with_db(db: str | None, config, do: Callable) -> object:
     from review.tokens import TokenError
 
-    settings = load_settings(config, db_url=db)
-    database = open_db(settings.db_url)
-    try:
-        return do(database)
-    except TokenError as exc:
-        raise fail(exc, 2) from None
-    finally:
-        database.dispose()
+    return with_database(db, config, do, (TokenError,))
 
 
 @app.command("create")

@@ -14,8 +14,8 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from cli.errors import console, fail
-from cli.options import ConfigOpt, ReviewDbOpt, actor, load_settings, open_db
+from cli.errors import console
+from cli.options import ConfigOpt, ReviewDbOpt, actor, load_settings, open_db, with_database
 
 __all__ = ["app", "users_add", "users_disable", "users_enable", "users_list", "users_passwd", "users_remove", "users_role"]
 
@@ -35,14 +35,7 @@ def _change(db: str | None, config, do: Callable) -> object:
     """Run ``do(database)``; an AuthError (no such user, bad role or password) is a one-line error, exit 2."""
     from review.auth import AuthError
 
-    settings = load_settings(config, db_url=db)
-    database = open_db(settings.db_url)
-    try:
-        return do(database)
-    except AuthError as exc:
-        raise fail(exc, 2) from None
-    finally:
-        database.dispose()
+    return with_database(db, config, do, (AuthError,))
 
 
 def _ended(n: int) -> str:
