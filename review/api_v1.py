@@ -176,6 +176,20 @@ def get_asset_file(request: Request, asset_id: Id, user: Reader) -> Response:
         raise ApiError(404, "file_missing", "the asset's file is missing from the store") from None
 
 
+@router.get("/assets/{asset_id}/thumb", tags=["assets"], summary="The asset's thumbnail (WebP; ?w= one of the widths)")
+def get_asset_thumb(request: Request, asset_id: Id, user: Reader, w: Annotated[int, Query()] = 320) -> Response:
+    from review.thumbs import THUMB_WIDTHS
+
+    if w not in THUMB_WIDTHS:
+        raise ApiError(422, "invalid_width", f"thumbnail widths are {', '.join(map(str, THUMB_WIDTHS))}")
+    asset, state = _asset(request, asset_id), request.app.state
+    try:
+        path = state.thumbs.get(state.store, asset.storage_key, asset.sha256, w)
+    except KeyError:
+        raise ApiError(404, "file_missing", "the asset's file is missing from the store") from None
+    return FileResponse(path, media_type="image/webp", headers={"Cache-Control": "private, max-age=604800, immutable"})
+
+
 @router.get("/me", tags=["tokens"], summary="Who this request acts as")
 def get_me(user: Reader) -> dict[str, Any]:
     return {"name": user.name, "role": user.role, "via": user.via, "scopes": list(user.scopes),

@@ -93,7 +93,7 @@ def _newest(state: Any, s: Any, run_id: int) -> list[dict[str, Any]]:
         if withheld(asset):
             continue
         out.append({"asset_id": asset.id, "variant_id": asset.variant_id, "channel": channel,
-                    "thumb": f"/thumbs/{asset.id}?w=320", "url": asset_url(state, asset)})
+                    "thumb": f"/api/v1/assets/{asset.id}/thumb?w=320", "url": asset_url(state, asset)})
         if len(out) == NEWEST:
             break
     return out
@@ -148,7 +148,7 @@ def asset_json(state: Any, s: Any, asset: Asset) -> dict[str, Any]:
             "variant_index": variant.variant_index if variant else None, "seed": variant.seed if variant else None,
             "width": asset.width, "height": asset.height, "format": asset.format, "size_bytes": asset.size_bytes,
             "sha256": asset.sha256, "status": review or "pending", "created_at": iso(asset.created_at),
-            "url": asset_url(state, asset), "thumb": f"/thumbs/{asset.id}?w=320"}
+            "url": asset_url(state, asset), "thumb": f"/api/v1/assets/{asset.id}/thumb?w=320"}
 
 
 def assets_page(state: Any, s: Any, sub: Submission, page: int, per_page: int) -> dict[str, Any]:

@@ -4,6 +4,7 @@ completion webhook received by a real HTTP server; idempotent re-submission; can
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import threading
@@ -12,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from sqlalchemy import func, select
 
 from review.run_launcher import process_alive
@@ -90,6 +92,10 @@ def test_submit_poll_list_download_and_webhook(world) -> None:
             r = client.get(a["url"])
             assert r.status_code == 200 and r.headers["content-type"].startswith("image/")
             assert client.get(f"/api/v1/assets/{a['id']}").json()["sha256"] == a["sha256"]
+            thumb = client.get(a["thumb"])  # a token client's thumbnail: no session cookie needed
+            assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/webp"
+            assert max(Image.open(io.BytesIO(thumb.content)).size) <= 320
+        assert client.get(f"/api/v1/assets/{assets[0]['id']}/thumb?w=123").json()["error"]["code"] == "invalid_width"
         assert client.get(f"/api/v1/runs/{run['id']}/brief").content == TINY_BRIEF.encode()
         assert [e.after["brief"] for e in audit_entries(db, action="submission.created")] == ["tiny.csv"]
 
