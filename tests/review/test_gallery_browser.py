@@ -139,8 +139,9 @@ class Tab:
         return self.page.evaluate("document.activeElement && document.activeElement.id")
 
 
-@pytest.fixture
-def tab(browser: Any, artifacts: Path, request: pytest.FixtureRequest) -> Iterator[Tab]:
+def open_tab(browser: Any, artifacts: Path, request: pytest.FixtureRequest, *, accept_confirm: bool = False) -> Iterator[Tab]:
+    """A page in a fresh context whose dialogs are recorded (confirm() accepted when ``accept_confirm``, else
+    dismissed), page errors and CSP violations collected and asserted absent, and a screenshot kept on failure."""
     context = browser.new_context(viewport={"width": 600, "height": 900}, accept_downloads=True)
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
@@ -150,7 +151,7 @@ def tab(browser: Any, artifacts: Path, request: pytest.FixtureRequest) -> Iterat
 
     def on_dialog(dialog: Any) -> None:
         t.dialogs.append(f"{dialog.type}: {dialog.message}")
-        dialog.dismiss()
+        dialog.accept() if accept_confirm and dialog.type == "confirm" else dialog.dismiss()
 
     page.on("dialog", on_dialog)
     page.on("pageerror", lambda exc: t.errors.append(f"page error: {exc}"))
@@ -167,6 +168,11 @@ def tab(browser: Any, artifacts: Path, request: pytest.FixtureRequest) -> Iterat
     finally:
         context.close()
     assert t.errors == [], t.errors
+
+
+@pytest.fixture
+def tab(browser: Any, artifacts: Path, request: pytest.FixtureRequest) -> Iterator[Tab]:
+    yield from open_tab(browser, artifacts, request)
 
 
 # ------------------------------------------------------------------------------------------------ the live gallery

@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from review.run_launcher import process_alive
 from review.submissions import get_submission
 from tests.review.runs_site import BAD_BRIEF, EXAMPLE_BRIEF, runs_site, stop_runs
-from tests.review.test_gallery_browser import TIMEOUT_MS, Tab, browser, screenshots_folder  # noqa: F401  (browser: the module's Chromium)
+from tests.review.test_gallery_browser import Tab, browser, open_tab, screenshots_folder  # noqa: F401  (browser: the module's Chromium)
 from tests.review.world import World, audit_entries, serve_app
 
 pytestmark = pytest.mark.usefixtures("cheap_password_hashes")
@@ -36,32 +36,8 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def tab(browser: Any, artifacts: Path, request: pytest.FixtureRequest) -> Iterator[Tab]:  # noqa: F811
-    """A page in a fresh context; confirm() dialogs (the Cancel button's) are accepted and recorded."""
-    context = browser.new_context(viewport={"width": 600, "height": 900}, accept_downloads=True)
-    context.set_default_timeout(TIMEOUT_MS)
-    page = context.new_page()
-    t = Tab(page, "", artifacts / re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name))
-    request.node.user_properties.append(("screenshots", str(t.folder)))
-
-    def on_dialog(dialog: Any) -> None:
-        t.dialogs.append(f"{dialog.type}: {dialog.message}")
-        dialog.accept() if dialog.type == "confirm" else dialog.dismiss()
-
-    page.on("dialog", on_dialog)
-    page.on("pageerror", lambda exc: t.errors.append(f"page error: {exc}"))
-    page.on("console", lambda msg: t.errors.append(f"console: {msg.text}")
-            if msg.type == "error" and "Content Security Policy" in msg.text else None)
-    failed_before = request.session.testsfailed
-    try:
-        yield t
-        if request.session.testsfailed > failed_before and t.base:
-            try:
-                t.shot("at-failure")
-            except Exception as exc:
-                print(f"no failure screenshot: {exc}")
-    finally:
-        context.close()
-    assert t.errors == [], t.errors
+    """confirm() dialogs (the Cancel button's) are accepted and recorded."""
+    yield from open_tab(browser, artifacts, request, accept_confirm=True)
 
 
 @pytest.fixture
